@@ -1,0 +1,59 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.api.observability import MetricsMiddleware, build_registry
+from service.api.routes import datasets, health, jobs, methods, models
+from service.core.artifacts import ArtifactStore
+from service.core.db import migrate
+from service.core.errors import ApiError
+from service.core.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def create_app(settings: Settings | None = None, *, run_migrations: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    if run_migrations:
+        migrate(settings.resolved_database_url)
+    app = FastAPI(
+        title="modelshrink",
+        version="0.1.0",
+        description="Compress neural networks: upload a model, submit a job of steps, download a smaller, faster, validated ONNX model with measured before/after metrics.",
+    )
+    app.state.settings = settings
+    app.state.store = ArtifactStore(settings.resolved_artifact_dir)
+    registry, requests, latency = build_registry(settings)
+    app.state.registry = registry
+    app.add_middleware(MetricsMiddleware, requests=requests, latency=latency)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"error": exc.as_dict()})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(status_code=exc.status_code, content={"error": {"code": code, "message": str(exc.detail)}})
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(status_code=500, content={"error": {"code": "internal_error", "message": "an unexpected error occurred; the operator's log has details"}})
+
+    for module in (models, datasets, jobs, methods, health):
+        app.include_router(module.router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """Entry point for `uvicorn --factory service.api.app:app_from_env`."""
+    return create_app()

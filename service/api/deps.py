@@ -1,0 +1,56 @@
+"""Dependencies shared by the routers, as Annotated aliases (SessionDep, CurrentTenant, ...)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from service.core.artifacts import ArtifactStore
+from service.core.db import get_sessionmaker
+from service.core.errors import Unauthorized
+from service.core.keys import tenant_for_key
+from service.core.settings import Settings
+from service.core.tables import Tenant
+
+bearer = HTTPBearer(auto_error=False, description="An API key from `modelshrink keys create --tenant NAME`.")
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = get_sessionmaker(settings.resolved_database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_store(request: Request) -> ArtifactStore:
+    return request.app.state.store
+
+
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
+
+
+def current_tenant(session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Tenant:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'")
+    tenant = tenant_for_key(session, credentials.credentials)
+    if tenant is None:
+        raise Unauthorized("the API key is not valid")
+    return tenant
+
+
+CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

@@ -1,0 +1,71 @@
+"""Prometheus metrics: request counts/latency from a middleware, and job counts, job durations and
+queue depth read from the job store and the broker at scrape time (so every API replica reports
+the same truth, whichever worker ran the job)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import func, select
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+
+from service.core.db import session_scope
+from service.core.queue import queue_depth
+from service.core.settings import Settings
+from service.core.tables import Job
+
+DURATION_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+
+class JobCollector:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def collect(self):  # noqa: ANN201
+        url = self.settings.resolved_database_url
+        by_status = GaugeMetricFamily("modelshrink_jobs", "Jobs in the job store by status", labels=["status"])
+        with session_scope(url) as session:
+            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            finished = session.execute(select(Job.started_at, Job.finished_at).where(Job.status == "succeeded", Job.started_at.is_not(None))).all()
+        for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+            by_status.add_metric([status], counts.get(status, 0))
+        yield by_status
+
+        durations = [(f - s).total_seconds() for s, f in finished if f is not None]
+        buckets = [(str(b), sum(1 for d in durations if d <= b)) for b in DURATION_BUCKETS] + [("+Inf", len(durations))]
+        hist = HistogramMetricFamily("modelshrink_job_duration_seconds", "Run time of succeeded jobs")
+        hist.add_metric([], buckets, sum_value=sum(durations))
+        yield hist
+
+        depth = GaugeMetricFamily("modelshrink_queue_depth", "Jobs waiting in the broker queue")
+        try:
+            depth.add_metric([], queue_depth(self.settings))
+        except Exception:
+            depth.add_metric([], float("nan"))
+        yield depth
+
+
+def build_registry(settings: Settings) -> tuple[CollectorRegistry, Counter, Histogram]:
+    registry = CollectorRegistry()
+    requests = Counter("modelshrink_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
+    latency = Histogram("modelshrink_http_request_duration_seconds", "HTTP request latency", ["method", "route"], registry=registry)
+    registry.register(JobCollector(settings))
+    return registry, requests, latency
+
+
+class MetricsMiddleware(BaseHTTPMiddleware):
+    def __init__(self, app, requests: Counter, latency: Histogram) -> None:  # noqa: ANN001
+        super().__init__(app)
+        self.requests, self.latency = requests, latency
+
+    async def dispatch(self, request: Request, call_next):  # noqa: ANN001, ANN201
+        start = time.perf_counter()
+        response = await call_next(request)
+        # The route template (/v1/jobs/{job_id}), not the path, keeps label cardinality bounded.
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        self.requests.labels(request.method, route, str(response.status_code)).inc()
+        self.latency.labels(request.method, route).observe(time.perf_counter() - start)
+        return response

@@ -1,0 +1,188 @@
+"""/v1/jobs: submit, list, show, cancel, follow (SSE) and download the artifacts of compression jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from service.api.routes.datasets import owned_dataset
+from service.api.routes.models import owned_model
+from service.api.schemas import ErrorResponse, JobCreate, JobPublic, JobsPublic, JobStatus
+from service.core.datasets import check_against_model
+from service.core.db import session_scope
+from service.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from service.core.jobstore import job_public, request_cancel
+from service.core.queue import enqueue_job, enqueue_webhook
+from service.core.specs import step_requires_dataset
+from service.core.tables import TERMINAL_STATUSES, Job, new_id
+from service.core.webhooks import check_webhook_url
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+POLL_INTERVAL_S = 0.25
+
+
+def owned_job(session, tenant_id: str, job_id: str) -> Job:  # noqa: ANN001
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def _fingerprint(body: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None:  # noqa: ANN001
+    model = owned_model(session, tenant_id, body.model_id)
+    for field, ds_id in (("dataset_id", body.dataset_id), ("eval_dataset_id", body.eval_dataset_id)):
+        if ds_id is not None:
+            dataset = owned_dataset(session, tenant_id, ds_id)
+            check_against_model(dataset.arrays, model.inputs, what=f"{field} {ds_id}")
+    for index, step in enumerate(body.steps):
+        if step_requires_dataset(step) and body.dataset_id is None:
+            raise InvalidInput(f"steps[{index}] ({step.method}, mode {step.mode}) needs calibration data: set dataset_id")
+    if body.webhook_url:
+        check_webhook_url(body.webhook_url, settings)
+
+
+def _created(job: Job) -> JSONResponse:
+    return JSONResponse(
+        status_code=202, content=JobPublic.model_validate(job_public(job)).model_dump(mode="json"), headers={"Location": f"/v1/jobs/{job.id}"}
+    )
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    settings: SettingsDep,
+    idempotency_key: Annotated[str | None, Header(max_length=255, description="Retries with the same key return the same job.")] = None,
+) -> JSONResponse:
+    """Submit a compression job: an ordered list of steps applied to the model. Answers 202 with the
+    queued job and `Location: /v1/jobs/{id}`."""
+    fingerprint = _fingerprint(body)
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.options.get("request_sha256") != fingerprint:
+                raise Conflict("this Idempotency-Key was already used for a different request", code="idempotency_key_reused")
+            return _created(existing)
+    _validate_inputs(session, tenant.id, body, settings)
+    job = Job(
+        id=new_id("job"),
+        tenant_id=tenant.id,
+        model_id=body.model_id,
+        dataset_id=body.dataset_id,
+        eval_dataset_id=body.eval_dataset_id,
+        steps=[s.model_dump(mode="json") for s in body.steps],
+        options={"measure": body.measure.model_dump(mode="json"), "request_sha256": fingerprint},
+        idempotency_key=idempotency_key,
+        webhook_url=body.webhook_url,
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:  # a concurrent request with the same Idempotency-Key won the race
+        session.rollback()
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+        if existing is None:
+            raise
+        return _created(existing)
+    try:
+        enqueue_job(settings, job.id)
+    except Exception as exc:
+        # Nothing was accepted: remove the row so a retry starts clean instead of a job that never runs.
+        session.delete(job)
+        session.commit()
+        raise ServiceUnavailable("the job queue (Redis) is unreachable; try again shortly", code="broker_unavailable") from exc
+    return _created(job)
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    status: JobStatus | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> dict:
+    conditions = [Job.tenant_id == tenant.id] + ([Job.status == status] if status else [])
+    rows = session.scalars(select(Job).where(*conditions).order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()
+    count = session.scalar(select(func.count()).select_from(Job).where(*conditions))
+    return {"data": [job_public(j) for j in rows], "count": count}
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict:
+    return job_public(owned_job(session, tenant.id, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses={409: {"model": ErrorResponse}})
+def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> dict:
+    """A queued job is cancelled at once and never starts; a running one stops at its next step or
+    epoch boundary (`cancel_requested` is true until then)."""
+    job = owned_job(session, tenant.id, job_id)
+    if job.status in TERMINAL_STATUSES:
+        raise Conflict(f"job {job_id} already ended ({job.status})")
+    if request_cancel(session, job) == "cancelled" and job.webhook_url:
+        try:
+            enqueue_webhook(settings, job.id)
+        except Exception:  # the cancel itself succeeded; a lost notification must not undo it
+            pass
+    return job_public(job)
+
+
+@router.get("/{job_id}/events", response_class=EventSourceResponse, responses={200: {"content": {"text/event-stream": {}}}})
+async def job_events(job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> EventSourceResponse:
+    """Server-sent events: a `progress` event whenever the job changes, then one `end` event with the final job."""
+    owned_job(session, tenant.id, job_id)
+    url = settings.resolved_database_url
+
+    def snapshot() -> dict[str, Any]:
+        with session_scope(url) as s:
+            return JobPublic.model_validate(job_public(s.get(Job, job_id))).model_dump(mode="json")
+
+    async def stream():  # noqa: ANN202
+        last = None
+        while not await request.is_disconnected():
+            job = await run_in_threadpool(snapshot)
+            state = (job["status"], job["progress"], job["cancel_requested"])
+            if state != last:
+                last = state
+                yield {"event": "progress", "data": json.dumps({"status": job["status"], "progress": job["progress"]})}
+            if job["status"] in TERMINAL_STATUSES:
+                yield {"event": "end", "data": json.dumps(job)}
+                return
+            await asyncio.sleep(POLL_INTERVAL_S)
+
+    return EventSourceResponse(stream(), ping=15)
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}, 404: {"model": ErrorResponse}},
+)
+def download_artifact(job_id: str, name: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> Response:
+    """Download an artifact of a succeeded job: `model.onnx` (the compressed model) or `report.json`."""
+    job = owned_job(session, tenant.id, job_id)
+    if name not in {a["name"] for a in job.artifacts or []}:
+        raise NotFound(f"job {job_id} has no artifact '{name}'" + ("" if job.status == "succeeded" else f" (status: {job.status})"))
+    media = "application/json" if name.endswith(".json") else "application/octet-stream"
+    return FileResponse(store.path(f"jobs/{tenant.id}/{job_id}/{name}"), media_type=media, filename=name)

@@ -1,0 +1,76 @@
+"""/v1/models: upload, list, show and delete models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request, Response
+from sqlalchemy import func, select
+
+from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from service.api.routes.uploads_common import accept_upload, move_into_store, multipart_body
+from service.api.schemas import ModelPublic, ModelsPublic
+from service.core.errors import Conflict, NotFound
+from service.core.onnx_probe import probe_onnx
+from service.core.tables import Job, StoredModel, new_id
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:  # noqa: ANN001
+    model = session.get(StoredModel, model_id)
+    if model is None or model.tenant_id != tenant_id:
+        raise NotFound(f"model {model_id} not found")
+    return model
+
+
+@router.post("", status_code=201, response_model=ModelPublic, openapi_extra=multipart_body("A single-file ONNX model."))
+async def upload_model(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredModel:
+    """Upload an ONNX model (multipart field `file`). It is checked with onnx.checker and loaded and
+    run in ONNX Runtime in a sandboxed child process before it is accepted."""
+
+    def check(path):  # noqa: ANN001, ANN202
+        return probe_onnx(path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes)
+
+    upload, info = await accept_upload(request, settings, store, check)
+    model_id = new_id("mdl")
+    key = f"models/{tenant.id}/{model_id}/model.onnx"
+    move_into_store(upload, store, key)
+    model = StoredModel(
+        id=model_id,
+        tenant_id=tenant.id,
+        name=upload.fields.get("name") or upload.filename,
+        format="onnx",
+        size_bytes=upload.size_bytes,
+        sha256=upload.sha256,
+        artifact_key=key,
+        inputs=info["inputs"],
+        outputs=info["outputs"],
+        parameters=info["parameters"],
+        opset=info["opset"],
+    )
+    session.add(model)
+    session.commit()
+    return model
+
+
+@router.get("", response_model=ModelsPublic)
+def list_models(session: SessionDep, tenant: CurrentTenant, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+    where = StoredModel.tenant_id == tenant.id
+    rows = session.scalars(select(StoredModel).where(where).order_by(StoredModel.created_at.desc()).limit(limit).offset(offset)).all()
+    return {"data": rows, "count": session.scalar(select(func.count()).select_from(StoredModel).where(where))}
+
+
+@router.get("/{model_id}", response_model=ModelPublic)
+def get_model(model_id: str, session: SessionDep, tenant: CurrentTenant) -> StoredModel:
+    return owned_model(session, tenant.id, model_id)
+
+
+@router.delete("/{model_id}", status_code=204)
+def delete_model(model_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> Response:
+    model = owned_model(session, tenant.id, model_id)
+    active = session.scalar(select(func.count()).select_from(Job).where(Job.model_id == model_id, Job.status.in_(("queued", "running"))))
+    if active:
+        raise Conflict(f"model {model_id} is used by {active} queued or running job(s); cancel them first")
+    session.delete(model)
+    session.commit()
+    store.delete_prefix(f"models/{tenant.id}/{model_id}")
+    return Response(status_code=204)

@@ -1,0 +1,216 @@
+"""The `modelshrink` command: run the service or its parts, manage keys, submit and follow jobs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from service.core.settings import get_settings
+
+app = typer.Typer(help="modelshrink: compress neural networks through a REST service.", no_args_is_help=True)
+keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+err = Console(stderr=True)
+out = Console()
+
+
+def _child_env() -> dict[str, str]:
+    settings = get_settings()
+    # Children must agree with the parent on every location, including defaults it resolved.
+    return {**os.environ, "MODELSHRINK_DATA_DIR": str(settings.data_dir), "MODELSHRINK_BROKER_URL": settings.resolved_broker_url}
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the whole single-machine service: API + embedded Redis + one worker."""
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.core.db import migrate
+    from service.processes import Supervised, embedded_redis_command, wait_for_redis, worker_command
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate(settings.resolved_database_url)
+    children: list[Supervised] = []
+    if settings.uses_embedded_redis:
+        children.append(
+            Supervised("redis", lambda: embedded_redis_command(settings), dict(os.environ), lambda: wait_for_redis(settings.embedded_redis_socket))
+        )
+    children.append(Supervised("worker", lambda: worker_command(settings), _child_env()))
+    try:
+        for child in children:
+            child.start()
+        err.print(f"modelshrink serving on [bold]http://{host}:{port}[/bold] (data in {settings.data_dir})")
+        print(f"http://{host}:{port}", flush=True)
+        uvicorn.run(create_app(settings, run_migrations=False), host=host, port=port, log_level="info")
+    finally:
+        for child in reversed(children):  # worker first, then the broker it talks to
+            child.stop()
+
+
+@app.command()
+def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Run the API alone (scale-out: MODELSHRINK_DATABASE_URL, MODELSHRINK_BROKER_URL, MODELSHRINK_ARTIFACT_DIR)."""
+    import uvicorn
+
+    from service.core.db import migrate
+
+    migrate(get_settings().resolved_database_url)
+    uvicorn.run("service.api.app:app_from_env", factory=True, host=host, port=port, workers=workers)
+
+
+@app.command()
+def worker(hostname: str = "worker@%h") -> None:
+    """Run one Celery worker alone (one per GPU; configured like `api`)."""
+    from service.core.db import migrate
+    from service.processes import worker_command
+
+    settings = get_settings()
+    migrate(settings.resolved_database_url)
+    command = worker_command(settings, hostname)
+    os.execve(command[0], command, _child_env())
+
+
+@keys_app.command("create")
+def keys_create(tenant: Annotated[str, typer.Option(help="Tenant name; created if new.")]) -> None:
+    """Create an API key for TENANT and print it, alone, on stdout (it is stored only as a hash)."""
+    from service.core.db import migrate, session_scope
+    from service.core.keys import create_key
+
+    url = get_settings().resolved_database_url
+    migrate(url)
+    with session_scope(url) as session:
+        key = create_key(session, tenant)
+    print(key)
+
+
+def _client():  # noqa: ANN202
+    from service.client import Client
+
+    try:
+        return Client()
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}{unit}"
+    return f"{value}{unit}"
+
+
+def print_metrics(metrics: dict[str, Any]) -> None:
+    o, c = metrics["original"], metrics["compressed"]
+    table = Table(title="modelshrink metrics")
+    table.add_column("metric")
+    table.add_column("original", justify="right")
+    table.add_column("compressed", justify="right")
+    table.add_row("size (bytes)", _fmt(o["size_bytes"]), _fmt(c["size_bytes"]))
+    table.add_row("parameters", _fmt(o["parameters"]), _fmt(c["parameters"]))
+    table.add_row("MACs / sample", _fmt(o.get("macs")), _fmt(c.get("macs")))
+    for lo, lc in zip(o["latency_by_batch"], c["latency_by_batch"]):
+        table.add_row(f"latency p50 / p95 (ms), batch {lo['batch']}", f"{lo['p50']:.3f} / {lo['p95']:.3f}", f"{lc['p50']:.3f} / {lc['p95']:.3f}")
+    table.add_row("accuracy", _fmt(o.get("accuracy")), _fmt(c.get("accuracy")))
+    fid = c.get("fidelity", {})
+    table.add_row("top-1 agreement / cosine", "", f"{_fmt(fid.get('top1_agreement'))} / {_fmt(fid.get('cosine'))}")
+    out.print(table)
+    out.print(f"compression ratio {metrics['compression_ratio']:.2f}x, speedup {metrics['speedup']:.2f}x")
+    for warning in metrics.get("warnings", []):
+        out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+@app.command()
+def submit(
+    model: Path,
+    step: Annotated[list[str], typer.Option(help='A step as JSON, e.g. \'{"method":"quantize","mode":"int8_static"}\'; repeat for more.')],
+    dataset: Annotated[Path | None, typer.Option(help=".npz calibration/training data")] = None,
+    eval_dataset: Annotated[Path | None, typer.Option(help=".npz evaluation data")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow progress, print the metrics and save the model.")] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where --wait saves the compressed model.")] = None,
+) -> None:
+    """Upload MODEL (and datasets), submit a job, and with --wait follow it to the end."""
+    from service.client import ApiFailure
+
+    client = _client()
+    try:
+        steps = [json.loads(s) for s in step]
+    except json.JSONDecodeError as exc:
+        err.print(f"[red]--step is not valid JSON: {exc}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        body: dict[str, Any] = {"model_id": client.upload_model(model)["id"], "steps": steps}
+        if dataset:
+            body["dataset_id"] = client.upload_dataset(dataset)["id"]
+        if eval_dataset:
+            body["eval_dataset_id"] = client.upload_dataset(eval_dataset)["id"]
+        job = client.submit(body)
+        err.print(f"job {job['id']} {job['status']}")
+        if not wait:
+            print(job["id"])
+            return
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(), console=err) as bar:
+            task = bar.add_task("queued", total=1.0)
+            for event, data in client.events(job["id"]):
+                progress = data["progress"]
+                bar.update(task, completed=progress["fraction"], description=f"{data['status']}: {progress.get('message') or ''}"[:60])
+                if event == "end":
+                    job = data
+        if job["status"] != "succeeded":
+            err.print(f"[red]job {job['id']} {job['status']}: {(job.get('error') or {}).get('message', '')}[/red]")
+            raise typer.Exit(1)
+        print_metrics(job["metrics"])
+        dest = output or model.with_name(model.stem + ".compressed.onnx")
+        client.download(job["id"], "model.onnx", dest)
+        err.print(f"saved {dest}")
+        print(job["id"])
+    except ApiFailure as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """Show a job: status, progress, error, metrics."""
+    from service.client import ApiFailure
+
+    try:
+        job = _client().job(job_id)
+    except ApiFailure as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    out.print(f"{job['id']}: {job['status']} ({job['progress']['fraction']:.0%} {job['progress'].get('message') or ''})")
+    if job.get("error"):
+        out.print(f"[red]{job['error']['code']}: {job['error']['message']}[/red]")
+    if job.get("metrics"):
+        print_metrics(job["metrics"])
+
+
+@app.command()
+def download(job_id: str, output: Annotated[Path, typer.Option("-o", "--output")], artifact: str = "model.onnx") -> None:
+    """Save an artifact of a finished job (model.onnx or report.json)."""
+    from service.client import ApiFailure
+
+    try:
+        _client().download(job_id, artifact, output)
+    except ApiFailure as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    err.print(f"saved {output}")
+
+
+if __name__ == "__main__":
+    app(sys.argv[1:])

@@ -1,0 +1,158 @@
+"""Check an untrusted ONNX file in a child process with memory and time limits.
+
+A malformed model can crash onnx's C++ checker or ONNX Runtime; running them in a child means such a
+model fails its upload (or job) with a clear error instead of taking the API or a worker down.
+The child prints one JSON object on stdout: {"ok": true, ...description} or {"ok": false, code, message}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.core.errors import InvalidInput
+
+
+def probe_onnx(path: Path, *, timeout_s: float, memory_bytes: int, run: bool = True) -> dict[str, Any]:
+    """Describe a valid model, or raise InvalidInput saying what is wrong with it."""
+
+    def limit() -> None:  # runs in the child before exec
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    args = [sys.executable, "-m", "service.core.onnx_probe", str(path)] + ([] if run else ["--no-run"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(args, capture_output=True, timeout=timeout_s, preexec_fn=limit, env=env, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise InvalidInput(f"checking the model took longer than {timeout_s:.0f} s", code="model_check_timeout") from exc
+    if proc.returncode < 0:
+        sig = signal.Signals(-proc.returncode).name
+        raise InvalidInput(f"the model crashed the ONNX checker or runtime ({sig})", code="model_crashed")
+    try:
+        result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError) as exc:
+        if b"MemoryError" in proc.stderr or b"bad_alloc" in proc.stderr:
+            raise InvalidInput("checking the model exceeded the memory limit", code="model_too_large") from exc
+        raise InvalidInput("the model could not be checked (the checker exited abnormally)", code="model_crashed") from exc
+    if not result.get("ok"):
+        raise InvalidInput(result["message"], code=result["code"])
+    result.pop("ok")
+    return result
+
+
+# ---- child side: imports onnx/onnxruntime only here, never in the API process itself ----
+
+def _all_tensors(graph):  # noqa: ANN001, ANN202
+    import onnx
+
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_tensors(g)
+
+
+def _value_info(vi) -> dict[str, Any]:  # noqa: ANN001
+    import onnx
+
+    tt = vi.type.tensor_type
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else "unknown"
+    shape: list[int | str | None] = []
+    for dim in tt.shape.dim:
+        if dim.HasField("dim_value"):
+            shape.append(int(dim.dim_value))
+        elif dim.HasField("dim_param"):
+            shape.append(dim.dim_param)
+        else:
+            shape.append(None)
+    return {"name": vi.name, "dtype": dtype, "shape": shape}
+
+
+def _fail(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "code": code, "message": message}
+
+
+def describe(path: Path, run: bool) -> dict[str, Any]:
+    import numpy as np
+    import onnx
+
+    if path.stat().st_size == 0:
+        return _fail("invalid_model", "the file is empty")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception:
+        return _fail("invalid_model", "the file is not an ONNX model (it could not be parsed as an ONNX protobuf)")
+    if not model.graph.node and not model.graph.output:
+        return _fail("invalid_model", "the file is not an ONNX model (no graph found)")
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph)):
+        return _fail(
+            "external_data_not_supported",
+            "the model references external data files; upload a single-file ONNX model "
+            "(torch.onnx.export(..., external_data=False) or onnx.save_model(..., save_as_external_data=False))",
+        )
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        return _fail("invalid_model", f"the ONNX checker rejected the model: {str(exc).splitlines()[0][:300]}")
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        return _fail("model_not_runnable", f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}")
+
+    initializer_names = {t.name for t in model.graph.initializer}
+    inputs = [_value_info(vi) for vi in model.graph.input if vi.name not in initializer_names]
+    outputs = [_value_info(vi) for vi in model.graph.output]
+    if run:
+        feed = {}
+        for meta in session.get_inputs():
+            shape = [d if isinstance(d, int) and d > 0 else 1 for d in meta.shape]
+            feed[meta.name] = np.zeros(shape, dtype=np.dtype(_ort_np(meta.type)))
+        try:
+            session.run(None, feed)
+        except Exception as exc:
+            return _fail("model_not_runnable", f"ONNX Runtime cannot run the model on zero inputs: {str(exc).splitlines()[0][:300]}")
+    parameters = int(sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in model.graph.initializer))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return {"ok": True, "inputs": inputs, "outputs": outputs, "parameters": parameters, "opset": opset}
+
+
+def _ort_np(ort_type: str) -> str:
+    # ORT describes types as "tensor(float)"; map the few names that differ from numpy's.
+    name = ort_type.removeprefix("tensor(").removesuffix(")")
+    return {"float": "float32", "double": "float64", "float16": "float16", "bool": "bool"}.get(name, name)
+
+
+def main() -> None:
+    path = Path(sys.argv[1])
+    run = "--no-run" not in sys.argv[2:]
+    try:
+        result = describe(path, run)
+    except MemoryError:
+        result = _fail("model_too_large", "checking the model exceeded the memory limit")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""One Settings object for every process (API, worker, CLI), read from MODELSHRINK_* variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path.home() / ".modelshrink"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELSHRINK_", extra="ignore")
+
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description="Root of the embedded defaults: SQLite file, artifacts, embedded Redis.")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/modelshrink.db")
+    broker_url: str | None = Field(None, description="Redis URL; default: the embedded redis-server's unix socket in data_dir")
+    artifact_dir: Path | None = Field(None, description="Artifact store root (a shared filesystem when scaling out); default <data_dir>/artifacts")
+
+    max_upload_bytes: int = 2 * 1024**3
+    # A dataset is loaded whole by the worker, so its decompressed size is capped separately.
+    max_dataset_decompressed_bytes: int = 1024**3
+    max_dataset_members: int = 64
+
+    # Sandbox for checking untrusted ONNX uploads (child process limits).
+    probe_timeout_s: float = 60.0
+    probe_memory_bytes: int = 8 * 1024**3
+
+    # Reliability: a job's worker holds a lease it renews; a redelivered job whose lease expired is
+    # taken over, and a job taken over more than max_attempts times fails.
+    max_attempts: int = 3
+    lease_ttl_s: float = 60.0
+    # Kombu's Redis transport re-queues an unacked job (its worker died) after this long. Short is safe:
+    # a redelivery that finds a live lease only re-schedules itself.
+    visibility_timeout_s: float = 300.0
+    unacked_restore_interval_s: float = 10.0
+
+    queue_name: str = "modelshrink"
+    worker_concurrency: int = 1
+
+    # Webhooks: only hosts listed here, and never private/loopback addresses unless allowed.
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_allow_private: bool = False
+    webhook_secret: str | None = None
+    webhook_max_retries: int = 5
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> list[str]:
+        # A comma-separated variable is easier to set in a unit file than a JSON list.
+        if isinstance(value, str):
+            return [h.strip().lower() for h in value.split(",") if h.strip()]
+        return [str(h).lower() for h in value or []]
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'modelshrink.db'}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or self.data_dir / "artifacts"
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        return self.data_dir / "redis" / "redis.sock"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or f"redis+socket://{self.embedded_redis_socket}"
+
+    @property
+    def uses_embedded_redis(self) -> bool:
+        return self.broker_url is None
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,76 @@
+"""Job step specs: one pydantic model per method, joined in a discriminated union on `method`.
+
+These are shared by the API (validation, /v1/methods, OpenAPI) and the workers (which re-parse a
+job's stored steps), so a spec is checked by the same code on both sides.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+
+class StrictModel(BaseModel):
+    # An unknown field is a typo a user wants to hear about, not silently ignore.
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationSpec(StrictModel):
+    method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="How activation ranges are chosen from the calibration data."
+    )
+    max_samples: int = Field(256, ge=1, le=100_000, description="Cap on calibration samples taken from the dataset.")
+    percentile: float = Field(
+        99.99, gt=50.0, le=100.0, description="percentile method: the kept fraction of |activations|, in percent."
+    )
+    num_bins: int = Field(
+        2048, ge=128, le=65536, description="entropy/percentile: histogram bins (more than num_quantized_bins, or entropy equals minmax)."
+    )
+    num_quantized_bins: int = Field(128, ge=16, le=4096, description="entropy: bins of the quantized distribution.")
+    symmetric: bool | None = Field(None, description="Symmetric activation ranges; default: the method's own default.")
+
+    @model_validator(mode="after")
+    def _bins_must_differ(self) -> "CalibrationSpec":
+        if self.method == "entropy" and self.num_bins <= self.num_quantized_bins:
+            raise ValueError("entropy calibration needs num_bins > num_quantized_bins (otherwise it equals minmax)")
+        return self
+
+
+class QuantizeStep(StrictModel):
+    """Quantize an ONNX model with ONNX Runtime's quantization tools."""
+
+    method: Literal["quantize"] = "quantize"
+    mode: Literal["auto", "int8_dynamic", "int8_static", "fp16"] = Field(
+        "auto",
+        description=(
+            "auto: int8_static (QDQ, per-channel) when the job has a dataset; without one, int8_dynamic on "
+            "MatMul/Gemm only, because dynamic int8 convolutions (ConvInteger) are much slower on CPU."
+        ),
+    )
+    per_channel: bool = Field(True, description="Per-channel weight scales where the operator supports them.")
+    reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI that saturate in int8 math.")
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    op_types: list[str] | None = Field(None, description="Only quantize these operator types (default: all supported).")
+    exclude_op_types: list[str] = Field(default_factory=list, description="Operator types left in float.")
+    exclude_nodes: list[str] = Field(default_factory=list, description="Node names left in float.")
+    keep_io_types: bool = Field(True, description="fp16: keep float32 model inputs/outputs so callers need no change.")
+
+
+StepSpec = Annotated[Union[QuantizeStep], Field(discriminator="method")]
+STEP_TYPES: tuple[type[StrictModel], ...] = (QuantizeStep,)
+step_adapter: TypeAdapter[StepSpec] = TypeAdapter(StepSpec)
+
+
+class MeasureSpec(StrictModel):
+    """How the before/after metrics are measured (same settings for both models)."""
+
+    warmup: int = Field(5, ge=0, le=1000)
+    runs: int = Field(50, ge=5, le=100_000, description="Timed runs per batch size.")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1, max_length=4)
+    threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads for both models.")
+    max_eval_samples: int = Field(1000, ge=1, le=1_000_000, description="Cap on samples for accuracy and fidelity.")
+
+
+def step_requires_dataset(step: StrictModel) -> bool:
+    return isinstance(step, QuantizeStep) and step.mode == "int8_static"

@@ -1,0 +1,70 @@
+"""The one interface every compression method implements.
+
+A method is a function of (model, spec, data, context) -> StepResult. It never touches Celery, HTTP
+or the database: progress and cancellation reach it only through `StepContext`, so methods are
+tested directly on in-memory models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass
+class StepData:
+    """The job's dataset as model feeds (input name -> batch), plus labels when it has them."""
+
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: np.ndarray | None = None
+    # Set when the model's batch axis is a fixed number (often 1): every feed must use that batch.
+    fixed_batch: int | None = None
+
+    def batch_size(self, preferred: int) -> int:
+        return self.fixed_batch or preferred
+
+    @property
+    def available(self) -> bool:
+        return bool(self.inputs)
+
+    @property
+    def samples(self) -> int:
+        return len(next(iter(self.inputs.values()))) if self.inputs else 0
+
+    def batches(self, batch_size: int, limit: int | None = None) -> Iterator[Feed]:
+        n = self.samples if limit is None else min(limit, self.samples)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            yield {name: arr[start:stop] for name, arr in self.inputs.items()}
+
+
+@dataclass
+class StepContext:
+    """What a method may use from the job around it."""
+
+    work_dir: Path
+    report_progress: Callable[[float, str], None] = lambda fraction, message: None
+    seed: int = 0
+
+    def progress(self, fraction: float, message: str) -> None:
+        """Report progress within this step (0..1). Raises JobCancelled if the user cancelled."""
+        self.report_progress(max(0.0, min(1.0, fraction)), message)
+
+
+@dataclass
+class StepResult:
+    model: onnx.ModelProto
+    report: dict[str, Any]
+
+
+class Method(Protocol):
+    name: str
+
+    def apply(self, model: onnx.ModelProto, spec: Any, data: StepData, ctx: StepContext) -> StepResult: ...

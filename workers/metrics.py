@@ -1,0 +1,118 @@
+"""Before/after metrics, measured the same way for both models: same data, same runtime, same threads."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from service.core.specs import MeasureSpec
+from workers.methods.base import StepData
+
+EVAL_BATCH = 32
+
+
+def parameter_counts(model: onnx.ModelProto) -> tuple[int, int]:
+    """Every stored initializer element (quantization scales and zero points included), and the non-zero ones."""
+    total = nonzero = 0
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        total += arr.size
+        nonzero += int(np.count_nonzero(arr))
+    return total, nonzero
+
+
+def _dims(value_info: onnx.ValueInfoProto | None) -> list[int] | None:
+    if value_info is None:
+        return None
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1 for d in value_info.type.tensor_type.shape.dim]
+
+
+def macs_per_sample(model: onnx.ModelProto) -> int | None:
+    """Multiply-accumulates of Conv/Gemm/MatMul (and their integer forms) at batch 1, from inferred shapes."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        return None
+    g = inferred.graph
+    infos = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
+    shapes = {name: _dims(vi) for name, vi in infos.items()}
+    shapes.update({t.name: list(t.dims) for t in g.initializer})
+    total = 0
+    for node in g.node:
+        out = shapes.get(node.output[0]) if node.output else None
+        a = shapes.get(node.input[0]) if node.input else None
+        w = shapes.get(node.input[1]) if len(node.input) > 1 else None
+        if out is None or a is None or w is None:
+            continue
+        if node.op_type in ("MatMul", "MatMulInteger", "Gemm") and a:
+            k = a[-1]
+            if node.op_type == "Gemm" and any(at.name == "transA" and at.i for at in node.attribute):
+                k = a[0]
+            total += int(np.prod(out)) * k
+        elif node.op_type in ("Conv", "ConvInteger") and len(w) >= 3:
+            total += int(np.prod(out)) * int(np.prod(w[1:]))
+    return int(total)
+
+
+def make_session(path: Path, threads: int):  # noqa: ANN201
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _feed_of_batch(data: StepData, batch: int) -> dict[str, np.ndarray]:
+    # Repeat samples if the data holds fewer than one batch: latency depends on shapes, not values.
+    return {name: np.resize(arr, (batch, *arr.shape[1:])) for name, arr in data.inputs.items()}
+
+
+def latency(session, data: StepData, spec: MeasureSpec, progress: Callable[[float, str], None]) -> list[dict[str, Any]]:  # noqa: ANN001
+    batches = [data.fixed_batch] if data.fixed_batch else spec.batch_sizes
+    results = []
+    for bi, batch in enumerate(batches):
+        feed = _feed_of_batch(data, batch)
+        for _ in range(spec.warmup):
+            session.run(None, feed)
+        times = []
+        for r in range(spec.runs):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append((time.perf_counter() - start) * 1000.0)
+            if r % 10 == 9:
+                progress((bi + (r + 1) / spec.runs) / len(batches), f"timing batch {batch}: run {r + 1}/{spec.runs}")
+        results.append({"batch": batch, "p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)), "runs": spec.runs})
+    return results
+
+
+def first_outputs(session, data: StepData, limit: int) -> np.ndarray:  # noqa: ANN001
+    batch = data.batch_size(EVAL_BATCH)
+    outs = [session.run(None, feed)[0] for feed in data.batches(batch, limit=limit)]
+    return np.concatenate(outs, axis=0).astype(np.float64)
+
+
+def _is_classifier(out: np.ndarray) -> bool:
+    return out.ndim >= 2 and out.shape[-1] > 1
+
+
+def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float | None]:
+    ref, cand = reference.reshape(len(reference), -1), candidate.reshape(len(candidate), -1)
+    denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    cosine = np.where(denom > 0, (ref * cand).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0)
+    agreement = None
+    if _is_classifier(reference):
+        agreement = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
+    return {"top1_agreement": agreement, "max_abs_diff": float(np.abs(ref - cand).max()), "cosine": float(cosine.mean())}
+
+
+def accuracy(outputs: np.ndarray, labels: np.ndarray | None) -> float | None:
+    if labels is None or not _is_classifier(outputs) or outputs.ndim != 2:
+        return None
+    return float((outputs.argmax(-1) == labels[: len(outputs)]).mean())

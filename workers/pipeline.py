@@ -1,0 +1,146 @@
+"""Runs a job's steps on its model and measures the result: the part of a job that knows about
+models, not about queues or leases (those are in workers.runner)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from service.core.artifacts import ArtifactStore
+from service.core.errors import CompressionFailed, InvalidInput
+from service.core.onnx_probe import probe_onnx
+from service.core.settings import Settings
+from service.core.specs import MeasureSpec, step_adapter
+from workers import metrics as m
+from workers.data import load_step_data, synthetic_data
+from workers.methods import METHODS
+from workers.methods.base import StepContext, StepData
+
+# Share of the progress bar: the steps, then measuring both models.
+STEPS_SHARE = 0.6
+
+Progress = Callable[[float, str | None, str], None]
+
+
+@dataclass
+class JobInput:
+    job_id: str
+    tenant_id: str
+    model: dict[str, Any]  # artifact_key, inputs, outputs, name
+    dataset: dict[str, Any] | None  # artifact_key, arrays
+    eval_dataset: dict[str, Any] | None
+    steps: list[dict[str, Any]]
+    options: dict[str, Any]
+
+
+def _load_data(job: JobInput, store: ArtifactStore, spec: MeasureSpec) -> tuple[StepData, StepData, str]:
+    inputs = job.model["inputs"]
+    train = StepData()
+    if job.dataset:
+        train = load_step_data(store.path(job.dataset["artifact_key"]), job.dataset["arrays"], inputs, "dataset")
+    if job.eval_dataset:
+        return train, load_step_data(store.path(job.eval_dataset["artifact_key"]), job.eval_dataset["arrays"], inputs, "eval dataset"), "eval_dataset"
+    if train.available:
+        return train, train, "dataset"
+    return train, synthetic_data(inputs, min(spec.max_eval_samples, 64), seed=0), "synthetic"
+
+
+def _measure(path: Path, data: StepData, spec: MeasureSpec, progress: Callable[[float, str], None]) -> tuple[dict[str, Any], Any]:
+    model = onnx.load_model(str(path))
+    params, nonzero = m.parameter_counts(model)
+    session = m.make_session(path, spec.threads)
+    outputs = m.first_outputs(session, data, spec.max_eval_samples)
+    lat = m.latency(session, data, spec, progress)
+    result = {
+        "size_bytes": path.stat().st_size,
+        "parameters": params,
+        "nonzero_parameters": nonzero,
+        "macs": m.macs_per_sample(model),
+        "latency_ms": {"p50": lat[0]["p50"], "p95": lat[0]["p95"], "batch": lat[0]["batch"]},
+        "latency_by_batch": lat,
+        "accuracy": m.accuracy(outputs, data.labels),
+    }
+    return result, outputs
+
+
+def _warnings(original: dict[str, Any], compressed: dict[str, Any], ratio: float) -> list[str]:
+    notes = []
+    for o, c in zip(original["latency_by_batch"], compressed["latency_by_batch"]):
+        if c["p50"] > o["p50"]:
+            notes.append(
+                f"The compressed model is slower than the original on ONNX Runtime (CPU) at batch {o['batch']}: "
+                f"p50 {c['p50']:.3f} ms vs {o['p50']:.3f} ms ({o['p50'] / c['p50']:.2f}x)."
+            )
+    if ratio < 1:
+        notes.append(f"The compressed model file is larger than the original ({ratio:.2f}x).")
+    return notes
+
+
+def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_dir: Path, progress: Progress) -> tuple[dict, list]:
+    spec = MeasureSpec.model_validate(job.options.get("measure", {}))
+    train, evaluation, source = _load_data(job, store, spec)
+    original_path = store.path(job.model["artifact_key"])
+    model = onnx.load_model(str(original_path))
+
+    reports = []
+    n = len(job.steps)
+    for index, raw in enumerate(job.steps):
+        step = step_adapter.validate_python(raw)
+        label = f"{index + 1}/{n} {step.method}"
+
+        def report(fraction: float, message: str, index: int = index, label: str = label) -> None:
+            progress(STEPS_SHARE * (index + fraction) / n, label, message)
+
+        ctx = StepContext(work_dir=work_dir / f"step{index}", report_progress=report, seed=index)
+        ctx.work_dir.mkdir(parents=True, exist_ok=True)
+        result = METHODS[step.method].apply(model, step, train, ctx)
+        model = result.model
+        reports.append({"index": index, "method": step.method, **result.report})
+
+    compressed_path = work_dir / "model.onnx"
+    try:
+        onnx.save_model(model, str(compressed_path))
+    except ValueError as exc:  # protobuf's 2 GB limit
+        raise CompressionFailed("the compressed model is too large for a single-file ONNX artifact") from exc
+    progress(STEPS_SHARE, "validate", "checking the compressed model with onnx.checker and ONNX Runtime")
+    try:
+        probe_onnx(compressed_path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes)
+    except InvalidInput as exc:
+        raise CompressionFailed(f"the compressed model failed validation: {exc.message}", code="invalid_output") from exc
+
+    def measuring(which: str, base: float) -> Callable[[float, str], None]:
+        return lambda f, msg: progress(base + f * (0.98 - STEPS_SHARE) / 2, "measure", f"{which}: {msg}")
+
+    original, ref_out = _measure(original_path, evaluation, spec, measuring("original", STEPS_SHARE))
+    compressed, out = _measure(compressed_path, evaluation, spec, measuring("compressed", (0.98 + STEPS_SHARE) / 2))
+    compressed["fidelity"] = m.fidelity(ref_out, out)
+    ratio = original["size_bytes"] / compressed["size_bytes"]
+    import onnxruntime
+
+    metrics = {
+        "original": original,
+        "compressed": compressed,
+        "compression_ratio": ratio,
+        "speedup": original["latency_ms"]["p50"] / compressed["latency_ms"]["p50"],
+        "evaluation": {
+            "data": source,
+            "samples": min(evaluation.samples, spec.max_eval_samples),
+            "labels": evaluation.labels is not None,
+            "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
+            "threads": spec.threads,
+        },
+        "warnings": _warnings(original, compressed, ratio),
+    }
+    report = {"job_id": job.job_id, "model": job.model.get("name"), "steps": reports, "metrics": metrics}
+    base = f"jobs/{job.tenant_id}/{job.job_id}"
+    stored = [
+        ("model.onnx", store.put_file(f"{base}/model.onnx", compressed_path)),
+        ("report.json", store.put_bytes(f"{base}/report.json", json.dumps(report, indent=2, default=str).encode())),
+    ]
+    artifacts = [{"name": name, "size_bytes": f.size_bytes, "sha256": f.sha256} for name, f in stored]
+    return {**metrics, "step_reports": reports}, artifacts

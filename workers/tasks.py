@@ -1,0 +1,63 @@
+"""Celery tasks: thin wrappers that hand a job id to the runner. All state lives in the job store."""
+
+from __future__ import annotations
+
+import logging
+
+from service.core.db import session_scope
+from service.core.jobstore import job_public
+from service.core.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, enqueue_job, enqueue_webhook
+from service.core.settings import get_settings
+from service.core.tables import Job
+from workers.celery_app import app
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name=RUN_JOB_TASK)
+def run_job(job_id: str) -> None:
+    from workers.runner import run_job as run  # heavy imports stay in the worker child
+
+    settings = get_settings()
+    outcome = run(job_id, settings)
+    if outcome.retry_after_s:
+        # Another worker holds a live lease: look again once it would have expired, so the job is
+        # never left without a message in the queue if that worker dies.
+        enqueue_job(settings, job_id, countdown=outcome.retry_after_s)
+    if outcome.finished:
+        with session_scope(settings.resolved_database_url) as session:
+            job = session.get(Job, job_id)
+            if job is not None and job.webhook_url:
+                enqueue_webhook(settings, job_id)
+
+
+class WebhookRetry(Exception):
+    pass
+
+
+@app.task(
+    name=DELIVER_WEBHOOK_TASK,
+    bind=True,
+    autoretry_for=(WebhookRetry,),
+    retry_backoff=2,
+    retry_backoff_max=600,
+    retry_jitter=True,
+    max_retries=get_settings().webhook_max_retries,
+)
+def deliver_webhook(self, job_id: str) -> None:  # noqa: ANN001
+    from service.core.webhooks import WebhookRefused, deliver
+
+    settings = get_settings()
+    with session_scope(settings.resolved_database_url) as session:
+        job = session.get(Job, job_id)
+        if job is None or not job.webhook_url:
+            return
+        payload, url = job_public(job), job.webhook_url
+    try:
+        status = deliver(url, payload, settings)
+        log.info("webhook for %s answered %s", job_id, status)
+    except WebhookRefused as exc:
+        log.warning("webhook for %s refused: %s", job_id, exc)
+    except Exception as exc:
+        log.info("webhook for %s failed (%s); retrying", job_id, exc)
+        raise WebhookRetry(str(exc)) from exc
