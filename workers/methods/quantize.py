@@ -115,7 +115,7 @@ def _quantize_static(model_path: Path, out: Path, spec: QuantizeStep, data: Step
         str(out),
         quant_format=QuantFormat.QDQ,
         op_types_to_quantize=op_types,
-        per_channel=spec.per_channel,
+        per_channel=True if spec.per_channel is None else spec.per_channel,
         reduce_range=spec.reduce_range,
         activation_type=QuantType.QInt8,
         weight_type=QuantType.QInt8,
@@ -123,7 +123,7 @@ def _quantize_static(model_path: Path, out: Path, spec: QuantizeStep, data: Step
         calibrate_method=method,
         calibration_cache_path=str(cache),
     )
-    return {"calibration": {"method": spec.calibration.method, "samples": seen}, "format": "QDQ"}
+    return {"calibration": {"method": spec.calibration.method, "samples": seen}, "format": "QDQ", "per_channel": spec.per_channel is not False}
 
 
 def _quantize_dynamic(model_path: Path, out: Path, spec: QuantizeStep, auto: bool) -> dict[str, Any]:
@@ -135,12 +135,12 @@ def _quantize_dynamic(model_path: Path, out: Path, spec: QuantizeStep, auto: boo
         str(model_path),
         str(out),
         op_types_to_quantize=op_types,
-        per_channel=spec.per_channel,
+        per_channel=bool(spec.per_channel),
         reduce_range=spec.reduce_range,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=spec.exclude_nodes,
     )
-    return {"op_types": op_types}
+    return {"op_types": op_types, "per_channel": bool(spec.per_channel)}
 
 
 def _to_fp16(model: onnx.ModelProto, spec: QuantizeStep) -> onnx.ModelProto:
@@ -178,7 +178,6 @@ def apply(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepC
     report = {
         "mode": mode,
         "reason": reason,
-        "per_channel": spec.per_channel if mode != "fp16" else None,
         "ops_before": _op_counts(model),
         "ops_after": _op_counts(result),
         **details,
