@@ -18,6 +18,7 @@ from workers.methods.base import StepContext, StepData
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    onnx.checker.check_model(model, full_check=True)  # every output must be a valid model, not just runnable
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x})[0]
 

@@ -145,13 +145,19 @@ def _quantize_dynamic(model_path: Path, out: Path, spec: QuantizeStep, auto: boo
 
 def _to_fp16(model: onnx.ModelProto, spec: QuantizeStep) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
-    return convert_float_to_float16(
+    converted = convert_float_to_float16(
         model,
         keep_io_types=spec.keep_io_types,
         op_block_list=spec.exclude_op_types or None,
         node_block_list=spec.exclude_nodes or None,
     )
+    # The converter appends its input/output Casts at the end of the node list; ONNX Runtime runs
+    # that, but onnx.checker (and other runtimes) require topological order.
+    wrapper = OnnxModel(converted)
+    wrapper.topological_sort()
+    return wrapper.model
 
 
 def apply(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepContext) -> StepResult:

@@ -1,0 +1,15 @@
+"""openapi/openapi.json is generated from the app; regenerate with `python -m service.api.openapi_dump`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from service.api.openapi_dump import render
+
+OPENAPI = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
+
+
+def test_openapi_json_is_up_to_date() -> None:
+    assert OPENAPI.exists(), "run: python -m service.api.openapi_dump"
+    assert json.loads(OPENAPI.read_text()) == json.loads(render()), "openapi/openapi.json is stale: run python -m service.api.openapi_dump"
