@@ -9,8 +9,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select
-from starlette.middleware.base import BaseHTTPMiddleware
-from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.db import session_scope
 from service.core.queue import queue_depth
@@ -56,16 +55,29 @@ def build_registry(settings: Settings) -> tuple[CollectorRegistry, Counter, Hist
     return registry, requests, latency
 
 
-class MetricsMiddleware(BaseHTTPMiddleware):
-    def __init__(self, app, requests: Counter, latency: Histogram) -> None:  # noqa: ANN001
-        super().__init__(app)
-        self.requests, self.latency = requests, latency
+class MetricsMiddleware:
+    """Plain ASGI middleware (Starlette's BaseHTTPMiddleware costs a task group per request and
+    buffers streaming responses such as the SSE endpoint)."""
 
-    async def dispatch(self, request: Request, call_next):  # noqa: ANN001, ANN201
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+        self.app, self.requests, self.latency = app, requests, latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
-        response = await call_next(request)
-        # The route template (/v1/jobs/{job_id}), not the path, keeps label cardinality bounded.
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        self.requests.labels(request.method, route, str(response.status_code)).inc()
-        self.latency.labels(request.method, route).observe(time.perf_counter() - start)
-        return response
+        status = [500]
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            # The route template (/v1/jobs/{job_id}), not the path, keeps label cardinality bounded.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.labels(scope["method"], route, str(status[0])).inc()
+            self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -61,6 +62,8 @@ def backend_settings(name: str, tmp_path: Path, embedded: Settings | None) -> Se
     if name == "sqlite+embedded-redis":
         return embedded
     if not (postgres_available() and system_redis_available()):
+        if os.environ.get("MODELSHRINK_TEST_REQUIRE_SERVICES"):
+            pytest.fail("PostgreSQL on 5432 and Redis on 6379 must be running (scripts/ensure-services.sh)")
         pytest.skip("PostgreSQL on 5432 and Redis on 6379 are needed for the scale-out configuration")
     return fast_settings(tmp_path, database_url=POSTGRES)
 

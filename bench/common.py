@@ -1,0 +1,73 @@
+"""Shared by the benchmarks: start a real `modelshrink serve` in a temp data dir, print and save results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_service(extra_env: dict[str, str] | None = None, command: str = "serve") -> Iterator[dict[str, Any]]:
+    data_dir = Path(tempfile.mkdtemp(prefix="modelshrink-bench-"))
+    port = free_port()
+    env = {**os.environ, "MODELSHRINK_DATA_DIR": str(data_dir), **(extra_env or {})}
+    exe = str(Path(sys.executable).parent / "modelshrink")
+    key = subprocess.run([exe, "keys", "create", "--tenant", "bench"], env=env, capture_output=True, text=True, check=True).stdout.strip()
+    proc = subprocess.Popen([exe, command, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=open(data_dir / "service.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            ready = httpx.get(f"{url}/readyz" if command == "serve" else f"{url}/healthz", timeout=2)
+            if ready.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    else:
+        proc.terminate()
+        raise RuntimeError(f"service did not become ready; see {data_dir / 'service.log'}")
+    try:
+        yield {"url": url, "key": key, "pid": proc.pid, "data_dir": data_dir, "env": env}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def machine() -> dict[str, Any]:
+    return {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
+
+
+def report(name: str, title: str, columns: list[str], rows: list[list[Any]], extra: dict[str, Any]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row])
+    Console().print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "machine": machine(), "columns": columns, "rows": rows, **extra}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str))
