@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -48,6 +49,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
             Supervised("redis", lambda: embedded_redis_command(settings), dict(os.environ), lambda: wait_for_redis(settings.embedded_redis_socket))
         )
     children.append(Supervised("worker", lambda: worker_command(settings), _child_env()))
+    # uvicorn re-raises SIGTERM after its own graceful shutdown; turn that into SystemExit so the
+    # `finally` below still stops the worker and Redis instead of the process dying around them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         for child in children:
             child.start()

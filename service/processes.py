@@ -80,6 +80,14 @@ def worker_command(settings: Settings, hostname: str = "worker1@%h") -> list[str
     ]
 
 
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class Supervised:
     """A child process restarted when it exits unexpectedly, until `stop()`."""
 
@@ -95,8 +103,9 @@ class Supervised:
 
     def _spawn(self) -> None:
         # Own process group, so Ctrl-C in the terminal reaches only the supervisor, which then
-        # stops children in order (worker before redis).
-        self.process = subprocess.Popen(self.command(), env=self.env, start_new_session=True)
+        # stops children in order (worker before redis). If the supervisor itself is killed
+        # outright, the kernel sends the child SIGTERM (PR_SET_PDEATHSIG), so nothing is orphaned.
+        self.process = subprocess.Popen(self.command(), env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
         if self.ready:
             self.ready()
 

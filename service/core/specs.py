@@ -63,8 +63,52 @@ class QuantizeStep(StrictModel):
     keep_io_types: bool = Field(True, description="fp16: keep float32 model inputs/outputs so callers need no change.")
 
 
-StepSpec = Annotated[Union[QuantizeStep], Field(discriminator="method")]
-STEP_TYPES: tuple[type[StrictModel], ...] = (QuantizeStep,)
+class TrainingSpec(StrictModel):
+    """How fine-tuning runs (labels when the data has them, otherwise the original model's outputs)."""
+
+    batch_size: int = Field(64, ge=1, le=65536)
+    lr: float = Field(1e-3, gt=0, le=10)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    seed: int = 0
+
+
+class PruneStep(StrictModel):
+    """Prune weights (unstructured: stored sparse, so the file shrinks) or whole neurons/channels
+    (structured: layers physically narrower), optionally in rounds of prune -> fine-tune."""
+
+    method: Literal["prune"] = "prune"
+    kind: Literal["unstructured", "structured"] = "unstructured"
+    amount: float = Field(0.5, gt=0, lt=1, description="Fraction of weights (unstructured) or channels/neurons (structured) to remove.")
+    scope: Literal["global", "layer"] = Field("global", description="One threshold across layers, or the same fraction in every layer.")
+    importance: Literal["l1", "l2", "apoz", "taylor"] = Field(
+        "l1", description="l1/l2 weight magnitude; apoz: how often a neuron outputs zero on the data (structured only); taylor: |weight x gradient|."
+    )
+    layer_amounts: dict[str, float] = Field(default_factory=dict, description="Per-layer overrides of `amount`, by layer name (see the step report).")
+    skip_layers: list[str] = Field(default_factory=list, description="Layers left untouched.")
+    prune_output_layer: bool = Field(False, description="Also prune the last layer (structured pruning never narrows the model's outputs).")
+    iterations: int = Field(1, ge=1, le=50, description="Rounds of prune -> fine-tune; the pruned fraction grows to `amount` over the rounds.")
+    finetune_epochs: int = Field(0, ge=0, le=1000, description="Fine-tuning epochs after each round (needs a dataset).")
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="Stop before accuracy (absolute, on the evaluation data) drops more than this; keep the best model within it."
+    )
+    lottery_ticket: bool = Field(False, description="Iterative magnitude pruning with rewinding to the uploaded weights (Frankle & Carbin).")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PruneStep":
+        if self.importance == "apoz" and self.kind != "structured":
+            raise ValueError("importance 'apoz' ranks neurons, so it needs kind 'structured'")
+        if self.lottery_ticket and (self.kind != "unstructured" or self.finetune_epochs < 1):
+            raise ValueError("lottery_ticket needs kind 'unstructured' and finetune_epochs >= 1 (the ticket is trained)")
+        for name, amount in self.layer_amounts.items():
+            if not 0 <= amount < 1:
+                raise ValueError(f"layer_amounts['{name}'] must be in [0, 1)")
+        return self
+
+
+StepSpec = Annotated[Union[QuantizeStep, PruneStep], Field(discriminator="method")]
+STEP_TYPES: tuple[type[StrictModel], ...] = (QuantizeStep, PruneStep)
 step_adapter: TypeAdapter[StepSpec] = TypeAdapter(StepSpec)
 
 
@@ -79,4 +123,8 @@ class MeasureSpec(StrictModel):
 
 
 def step_requires_dataset(step: StrictModel) -> bool:
-    return isinstance(step, QuantizeStep) and step.mode == "int8_static"
+    if isinstance(step, QuantizeStep):
+        return step.mode == "int8_static"
+    if isinstance(step, PruneStep):
+        return step.finetune_epochs > 0 or step.importance in ("apoz", "taylor") or step.max_accuracy_drop is not None
+    return False

@@ -52,6 +52,9 @@ def test_static_quantization_without_dataset_is_422(client: TestClient, model_id
     response = client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"method": "quantize", "mode": "int8_static"}]})
     assert response.status_code == 422
     assert "set dataset_id" in response.json()["error"]["message"]
+    finetune = {"method": "prune", "amount": 0.5, "finetune_epochs": 1}
+    response = client.post("/v1/jobs", json={"model_id": model_id, "steps": [finetune]})
+    assert response.status_code == 422 and "steps[0] (prune)" in response.json()["error"]["message"]
 
 
 def test_dataset_that_does_not_fit_the_model_is_422_naming_the_input(client: TestClient, model_id: str) -> None:

@@ -50,7 +50,7 @@ def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None
             check_against_model(dataset.arrays, model.inputs, what=f"{field} {ds_id}")
     for index, step in enumerate(body.steps):
         if step_requires_dataset(step) and body.dataset_id is None:
-            raise InvalidInput(f"steps[{index}] ({step.method}, mode {step.mode}) needs calibration data: set dataset_id")
+            raise InvalidInput(f"steps[{index}] ({step.method}) needs data (calibration, fine-tuning or importance): set dataset_id")
     if body.webhook_url:
         check_webhook_url(body.webhook_url, settings)
 

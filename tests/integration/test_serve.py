@@ -1,0 +1,79 @@
+"""`modelshrink serve` as a user runs it: one command, embedded Redis, a worker; SIGTERM stops every
+child; a second start finds the data intact."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from service.client import Client
+from tests.builders import mlp, save
+
+pytestmark = pytest.mark.integration
+EXE = str(Path(sys.executable).parent / "modelshrink")
+
+
+def start(env: dict[str, str], port: int) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([EXE, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    url = proc.stdout.readline().strip()  # serve prints its URL once it is about to listen
+    assert url == f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("serve did not become ready")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert any("celery" in " ".join(c.cmdline()) for c in children)
+    assert any("redis-server" in " ".join(c.cmdline()) for c in children)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert alive == [], f"children left running: {alive}"
+
+
+def test_serve_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
+    from tests.conftest import ROOT
+    from bench.common import free_port
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELSHRINK_")}, "MODELSHRINK_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
+    key = subprocess.run([EXE, "keys", "create", "--tenant", "acme"], env=env, capture_output=True, text=True, check=True).stdout
+    assert re.fullmatch(r"msk_[A-Za-z0-9_-]{40,}\n", key)
+    key = key.strip()
+
+    port = free_port()
+    proc, url = start(env, port)
+    try:
+        client = Client(url, key)
+        model_id = client.upload_model(save(mlp(), tmp_path / "m.onnx"))["id"]
+        job = client.submit({"model_id": model_id, "steps": [{"method": "quantize", "mode": "fp16"}], "measure": {"runs": 5, "warmup": 1}})
+        final = [data for event, data in client.events(job["id"]) if event == "end"][0]
+        assert final["status"] == "succeeded", final["error"]
+        client.download(job["id"], "model.onnx", tmp_path / "first.onnx")
+    finally:
+        stop(proc)
+
+    proc, url = start(env, port)
+    try:
+        client = Client(url, key)
+        assert client.job(job["id"])["status"] == "succeeded"
+        client.download(job["id"], "model.onnx", tmp_path / "second.onnx")
+        assert (tmp_path / "first.onnx").read_bytes() == (tmp_path / "second.onnx").read_bytes()
+    finally:
+        stop(proc)

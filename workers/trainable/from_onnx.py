@@ -1,0 +1,231 @@
+"""ONNX -> trainable PyTorch module, with our own converter for a documented operator set.
+
+Why not onnx2torch: it reads opset <= 17 only (the dynamo exporter writes 18+), imports torchvision
+(whose install replaces the CPU torch with a multi-GB CUDA build here), and turns MatMul+Add into
+generic ops that torch-pruning cannot narrow. This converter builds real nn.Conv*/nn.Linear/
+nn.BatchNorm* modules for every weighted layer (MatMul with a constant weight plus its bias Add
+becomes one nn.Linear), runs every other node through `onnx_ops.OPS`, and names the operator it
+cannot handle. Supported operators: the weighted layers above plus everything in `onnx_ops.OPS`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from service.core.errors import CompressionFailed
+from workers.trainable.onnx_ops import OPS
+
+WEIGHTED = {"Conv", "Gemm", "BatchNormalization"}
+
+
+class UnsupportedModel(CompressionFailed):
+    code = "unsupported_operator"
+
+
+def supported_operators() -> list[str]:
+    return sorted(set(OPS) | WEIGHTED | {"Constant"})
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out = {}
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, onnx.TensorProto):
+            value = numpy_helper.to_array(value)
+        elif isinstance(value, list):
+            value = [v.decode() if isinstance(v, bytes) else v for v in value]
+        out[attr.name] = value
+    return out
+
+
+def _key(name: str, taken: set[str]) -> str:
+    key = re.sub(r"\W", "_", name).strip("_") or "layer"
+    key = key if not key[0].isdigit() else f"l_{key}"
+    base, n = key, 1
+    while key in taken:
+        n += 1
+        key = f"{base}_{n}"
+    taken.add(key)
+    return key
+
+
+def _layer_name(weight_name: str, node: onnx.NodeProto) -> str:
+    # torch exports name weights "fc1.weight": "fc1" is what a user recognises and can reference.
+    if weight_name and not weight_name.startswith("onnx::"):
+        return weight_name.removesuffix(".weight")
+    return node.name or weight_name
+
+
+class OnnxGraphModule(nn.Module):
+    """Runs the ONNX graph node by node; weighted layers are submodules in `self.layers`."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__()
+        graph = model.graph
+        self.layers = nn.ModuleDict()
+        self.layer_names: dict[str, str] = {}  # module key -> user-facing layer name
+        consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant":
+                attrs = _attrs(node)
+                if "value" not in attrs:
+                    raise UnsupportedModel(f"Constant node '{node.name}' without a tensor value is not supported")
+                consts[node.output[0]] = np.asarray(attrs["value"])
+        self.input_names = [i.name for i in graph.input if i.name not in consts]
+        self.output_names = [o.name for o in graph.output]
+        ranks = self._ranks(model)
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+
+        taken: set[str] = set()
+        self.plan: list[tuple] = []
+        used_consts: set[str] = set()
+        skipped: set[int] = set()
+        for node in graph.node:
+            if id(node) in skipped or node.op_type == "Constant":
+                continue
+            op, attrs = node.op_type, _attrs(node)
+            if op == "Conv" and node.input[1] in consts:
+                key = _key(_layer_name(node.input[1], node), taken)
+                self.layers[key], pre_pad = self._conv(node, attrs, consts)
+                self.layer_names[key] = _layer_name(node.input[1], node)
+                self.plan.append(("layer", key, [node.input[0]], list(node.output), pre_pad))
+            elif op == "Gemm" and node.input[1] in consts and not attrs.get("transA", 0):
+                key = _key(_layer_name(node.input[1], node), taken)
+                self.layers[key] = self._gemm(node, attrs, consts)
+                self.layer_names[key] = _layer_name(node.input[1], node)
+                self.plan.append(("layer", key, [node.input[0]], list(node.output), None))
+            elif op == "MatMul" and node.input[1] in consts and consts[node.input[1]].ndim == 2 and node.input[0] not in consts:
+                weight = consts[node.input[1]]
+                bias, output = None, node.output[0]
+                users = consumers.get(output, [])
+                if len(users) == 1 and users[0].op_type == "Add":
+                    other = [i for i in users[0].input if i != output]
+                    if other and other[0] in consts and consts[other[0]].shape == (weight.shape[1],):
+                        bias, output = consts[other[0]], users[0].output[0]
+                        skipped.add(id(users[0]))
+                linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
+                with torch.no_grad():
+                    linear.weight.copy_(torch.from_numpy(weight.T.copy()))
+                    if bias is not None:
+                        linear.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+                key = _key(_layer_name(node.input[1], node), taken)
+                self.layers[key] = linear
+                self.layer_names[key] = _layer_name(node.input[1], node)
+                self.plan.append(("layer", key, [node.input[0]], [output], None))
+            elif op == "BatchNormalization" and all(n in consts for n in node.input[1:5]):
+                key = _key(node.name or f"bn_{node.output[0]}", taken)
+                self.layers[key] = self._batchnorm(node, attrs, consts, ranks.get(node.input[0], 4))
+                self.layer_names[key] = node.name or key
+                self.plan.append(("layer", key, [node.input[0]], [node.output[0]], None))
+            elif op in OPS:
+                self.plan.append(("op", op, list(node.input), list(node.output), attrs))
+                used_consts.update(i for i in node.input if i in consts)
+            else:
+                raise UnsupportedModel(
+                    f"operator {op} (node '{node.name}') is not supported for training; supported: {', '.join(supported_operators())}"
+                )
+        self._const_keys: dict[str, str] = {}
+        for name in sorted(used_consts):
+            key = _key(f"const_{name}", taken)
+            value = consts[name]
+            tensor = torch.from_numpy(np.array(value, dtype=np.float32 if value.dtype == np.float64 else value.dtype))
+            self.register_buffer(key, tensor, persistent=True)
+            self._const_keys[name] = key
+
+    @staticmethod
+    def _ranks(model: onnx.ModelProto) -> dict[str, int]:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:
+            return {}
+        infos = list(inferred.graph.value_info) + list(inferred.graph.input)
+        return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in infos if vi.type.tensor_type.HasField("shape")}
+
+    @staticmethod
+    def _conv(node: onnx.NodeProto, attrs: dict[str, Any], consts: dict[str, np.ndarray]) -> tuple[nn.Module, list[int] | None]:
+        weight = consts[node.input[1]]
+        nd = weight.ndim - 2
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            raise UnsupportedModel(f"Conv '{node.name}' uses auto_pad={attrs['auto_pad']}; export with explicit pads")
+        pads = attrs.get("pads", [0] * 2 * nd)
+        symmetric = pads[:nd] == pads[nd:]
+        groups = attrs.get("group", 1)
+        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        conv = cls(
+            weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+            stride=tuple(attrs.get("strides", [1] * nd)), padding=tuple(pads[:nd]) if symmetric else 0,
+            dilation=tuple(attrs.get("dilations", [1] * nd)), groups=groups, bias=has_bias,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(torch.from_numpy(weight.copy()))
+            if has_bias:
+                conv.bias.copy_(torch.from_numpy(consts[node.input[2]].copy()))
+        pre_pad = None if symmetric else [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])]
+        return conv, pre_pad
+
+    @staticmethod
+    def _gemm(node: onnx.NodeProto, attrs: dict[str, Any], consts: dict[str, np.ndarray]) -> nn.Module:
+        b = consts[node.input[1]] * attrs.get("alpha", 1.0)
+        weight = b if attrs.get("transB", 0) else b.T
+        bias = None
+        if len(node.input) > 2 and node.input[2]:
+            if node.input[2] not in consts:
+                raise UnsupportedModel(f"Gemm '{node.name}' with a computed bias is not supported")
+            bias = np.broadcast_to(consts[node.input[2]] * attrs.get("beta", 1.0), (weight.shape[0],))
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32)))
+            if bias is not None:
+                linear.bias.copy_(torch.from_numpy(np.array(bias, dtype=np.float32)))
+        return linear
+
+    @staticmethod
+    def _batchnorm(node: onnx.NodeProto, attrs: dict[str, Any], consts: dict[str, np.ndarray], rank: int) -> nn.Module:
+        scale, bias, mean, var = (consts[n] for n in node.input[1:5])
+        cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, nn.BatchNorm2d)
+        bn = cls(scale.shape[0], eps=attrs.get("epsilon", 1e-5), momentum=1.0 - attrs.get("momentum", 0.9))
+        with torch.no_grad():
+            bn.weight.copy_(torch.from_numpy(scale.copy()))
+            bn.bias.copy_(torch.from_numpy(bias.copy()))
+            bn.running_mean.copy_(torch.from_numpy(mean.copy()))
+            bn.running_var.copy_(torch.from_numpy(var.copy()))
+        return bn
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        env: dict[str, Any] = {name: getattr(self, key) for name, key in self._const_keys.items()}
+        env.update(zip(self.input_names, inputs))
+        env[""] = None
+        for kind, target, ins, outs, extra in self.plan:
+            args = [env[i] for i in ins]
+            if kind == "layer":
+                x = args[0]
+                if extra is not None:
+                    x = nn.functional.pad(x, extra)
+                results = [self.layers[target](x)]
+            else:
+                results = OPS[target](args, extra)
+            env.update(zip(outs, results))
+        outputs = tuple(env[name] for name in self.output_names)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def to_torch(model: onnx.ModelProto) -> OnnxGraphModule:
+    try:
+        return OnnxGraphModule(model)
+    except CompressionFailed:
+        raise
+    except Exception as exc:
+        raise UnsupportedModel(f"the model could not be converted to a trainable form: {str(exc).splitlines()[0][:300]}") from exc

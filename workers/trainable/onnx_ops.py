@@ -1,0 +1,203 @@
+"""Torch implementations of the ONNX operators the trainable-model converter accepts.
+
+Each entry takes (inputs, attrs) and returns the node's outputs. Layers with weights (Conv, Gemm,
+MatMul with a constant weight, BatchNormalization) are *not* here: the converter turns them into
+real nn.Conv2d / nn.Linear / nn.BatchNorm modules, so that optimisers train them and torch-pruning's
+dependency graph can narrow them. Both opset 17 and the opset 18+ forms (axes as an input instead
+of an attribute) are handled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Op = Callable[[list[Any], dict[str, Any]], list[Any]]
+
+
+def _axes(inputs: list[Any], attrs: dict[str, Any], index: int = 1) -> list[int] | None:
+    if len(inputs) > index and inputs[index] is not None:
+        return [int(a) for a in inputs[index].tolist()]
+    return attrs.get("axes")
+
+
+def _reduce(fn: Callable[..., torch.Tensor]) -> Op:
+    def op(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+        axes = _axes(inputs, attrs)
+        keep = bool(attrs.get("keepdims", 1))
+        x = inputs[0]
+        if not axes:
+            if attrs.get("noop_with_empty_axes", 0):
+                return [x]
+            axes = list(range(x.dim()))
+        return [fn(x, dim=axes, keepdim=keep)]
+
+    return op
+
+
+def _reshape(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x, shape = inputs[0], [int(s) for s in inputs[1].tolist()]
+    if not attrs.get("allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    # Keep the batch axis symbolic so the exported model keeps a dynamic batch.
+    if shape and shape[0] not in (-1,) and -1 not in shape[1:] and x.dim() > 0 and shape[0] == x.shape[0]:
+        return [x.reshape(-1, *shape[1:])]
+    return [x.reshape(shape)]
+
+
+def _flatten(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x, axis = inputs[0], attrs.get("axis", 1)
+    axis = axis if axis >= 0 else x.dim() + axis
+    if axis == 0:
+        return [x.reshape(1, -1)]
+    return [torch.flatten(x, start_dim=axis) if axis == 1 else x.reshape(*x.shape[:axis], -1)]
+
+
+def _pool(kind: str) -> Op:
+    def op(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+        x = inputs[0]
+        kernel = attrs["kernel_shape"]
+        nd = len(kernel)
+        pads = attrs.get("pads", [0] * 2 * nd)
+        if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+            raise NotImplementedError(f"{kind}Pool auto_pad={attrs['auto_pad']}")
+        stride = attrs.get("strides", [1] * nd)
+        ceil = bool(attrs.get("ceil_mode", 0))
+        if pads[:nd] != pads[nd:]:
+            x = F.pad(x, [p for i in reversed(range(nd)) for p in (pads[i], pads[i + nd])], value=float("-inf") if kind == "Max" else 0.0)
+            pads = [0] * 2 * nd
+        if kind == "Max":
+            fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
+            return [fn(x, kernel, stride, pads[:nd], dilation=attrs.get("dilations", [1] * nd), ceil_mode=ceil)]
+        fn = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
+        return [fn(x, kernel, stride, pads[:nd], ceil_mode=ceil, count_include_pad=bool(attrs.get("count_include_pad", 0)))]
+
+    return op
+
+
+def _slice(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x = inputs[0]
+    starts, ends = inputs[1].tolist(), inputs[2].tolist()
+    axes = inputs[3].tolist() if len(inputs) > 3 and inputs[3] is not None else list(range(len(starts)))
+    steps = inputs[4].tolist() if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
+    index: list[Any] = [slice(None)] * x.dim()
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        if st <= 0:
+            raise NotImplementedError("Slice with a non-positive step")
+        index[a] = slice(int(s), None if e >= 2**62 else int(e), int(st))
+    return [x[tuple(index)]]
+
+
+def _split(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x, axis = inputs[0], attrs.get("axis", 0)
+    if len(inputs) > 1 and inputs[1] is not None:
+        sizes = [int(s) for s in inputs[1].tolist()]
+    elif "split" in attrs:
+        sizes = attrs["split"]
+    else:
+        parts = attrs["num_outputs"]
+        sizes = [-(-x.shape[axis] // parts)] * parts
+    return list(torch.split(x, sizes, dim=axis))
+
+
+def _gather(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x, idx, axis = inputs[0], inputs[1].long(), attrs.get("axis", 0)
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    return [torch.index_select(x, axis, idx.reshape(-1)).reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])]
+
+
+def _clip(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    lo = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs.get("min")
+    hi = inputs[2] if len(inputs) > 2 and inputs[2] is not None else attrs.get("max")
+    lo = float(lo) if lo is not None else None
+    hi = float(hi) if hi is not None else None
+    return [torch.clamp(inputs[0], lo, hi)]
+
+
+def _layer_norm(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x, scale = inputs[0], inputs[1]
+    bias = inputs[2] if len(inputs) > 2 else None
+    axis = attrs.get("axis", -1)
+    axis = axis if axis >= 0 else x.dim() + axis
+    return [F.layer_norm(x, x.shape[axis:], scale, bias, attrs.get("epsilon", 1e-5))]
+
+
+def _softmax(fn: Callable[..., torch.Tensor]) -> Op:
+    return lambda i, a: [fn(i[0], dim=a.get("axis", -1))]
+
+
+def _unsqueeze(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x = inputs[0]
+    for axis in sorted(_axes(inputs, attrs)):
+        x = x.unsqueeze(axis if axis >= 0 else axis + x.dim() + 1)
+    return [x]
+
+
+def _squeeze(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    axes = _axes(inputs, attrs)
+    x = inputs[0]
+    if axes is None:
+        return [x.squeeze()]
+    for axis in sorted((a if a >= 0 else a + x.dim() for a in axes), reverse=True):
+        x = x.squeeze(axis)
+    return [x]
+
+
+def _pad(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x = inputs[0]
+    pads = inputs[1].tolist() if len(inputs) > 1 else attrs["pads"]
+    value = float(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else attrs.get("value", 0.0)
+    n = x.dim()
+    torch_pads = [int(p) for i in reversed(range(n)) for p in (pads[i], pads[i + n])]
+    mode = attrs.get("mode", "constant")
+    return [F.pad(x, torch_pads, mode=mode, value=value) if mode == "constant" else F.pad(x, torch_pads, mode=mode)]
+
+
+OPS: dict[str, Op] = {
+    "Identity": lambda i, a: [i[0]],
+    "Dropout": lambda i, a: [i[0]],
+    "Add": lambda i, a: [i[0] + i[1]],
+    "Sub": lambda i, a: [i[0] - i[1]],
+    "Mul": lambda i, a: [i[0] * i[1]],
+    "Div": lambda i, a: [i[0] / i[1]],
+    "Pow": lambda i, a: [torch.pow(i[0], i[1])],
+    "Sqrt": lambda i, a: [torch.sqrt(i[0])],
+    "Exp": lambda i, a: [torch.exp(i[0])],
+    "Log": lambda i, a: [torch.log(i[0])],
+    "Neg": lambda i, a: [-i[0]],
+    "Abs": lambda i, a: [torch.abs(i[0])],
+    "Erf": lambda i, a: [torch.erf(i[0])],
+    "Relu": lambda i, a: [F.relu(i[0])],
+    "LeakyRelu": lambda i, a: [F.leaky_relu(i[0], a.get("alpha", 0.01))],
+    "Sigmoid": lambda i, a: [torch.sigmoid(i[0])],
+    "HardSigmoid": lambda i, a: [torch.clamp(i[0] * a.get("alpha", 0.2) + a.get("beta", 0.5), 0, 1)],
+    "HardSwish": lambda i, a: [F.hardswish(i[0])],
+    "Tanh": lambda i, a: [torch.tanh(i[0])],
+    "Gelu": lambda i, a: [F.gelu(i[0], approximate=a.get("approximate", "none"))],
+    "Softmax": _softmax(torch.softmax),
+    "LogSoftmax": _softmax(torch.log_softmax),
+    "Clip": _clip,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Transpose": lambda i, a: [i[0].permute(*a["perm"]) if "perm" in a else i[0].permute(*reversed(range(i[0].dim())))],
+    "Concat": lambda i, a: [torch.cat(i, dim=a["axis"])],
+    "Split": _split,
+    "Slice": _slice,
+    "Gather": _gather,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+    "Shape": lambda i, a: [torch._shape_as_tensor(i[0])[a.get("start", 0):a.get("end", None)]],
+    "Pad": _pad,
+    "MaxPool": _pool("Max"),
+    "AveragePool": _pool("Average"),
+    "GlobalAveragePool": lambda i, a: [i[0].mean(dim=tuple(range(2, i[0].dim())), keepdim=True)],
+    "GlobalMaxPool": lambda i, a: [torch.amax(i[0], dim=tuple(range(2, i[0].dim())), keepdim=True)],
+    "ReduceMean": _reduce(torch.mean),
+    "ReduceSum": _reduce(torch.sum),
+    "ReduceMax": _reduce(torch.amax),
+    "LayerNormalization": _layer_norm,
+    "MatMul": lambda i, a: [torch.matmul(i[0], i[1])],
+}

@@ -1,0 +1,115 @@
+"""Fine-tuning and evaluation of trainable modules on a job's data.
+
+Labels, when the data has them, give a cross-entropy loss; without labels the original model's
+outputs are the targets (soft-target distillation at temperature T, loss scaled by T^2, for
+classifiers; mean squared error otherwise), so an unlabelled production sample still trains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.methods.base import StepData
+
+DISTILL_TEMPERATURE = 2.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+def tensors(data: StepData, names: list[str]) -> list[torch.Tensor]:
+    return [torch.from_numpy(data.inputs[name]) for name in names]
+
+
+@torch.no_grad()
+def predict(module: nn.Module, inputs: list[torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+    module.eval()
+    n = len(inputs[0])
+    outs = []
+    for start in range(0, n, batch_size):
+        out = module(*(t[start:start + batch_size] for t in inputs))
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return torch.cat(outs)
+
+
+def is_classifier(outputs: torch.Tensor) -> bool:
+    return outputs.dim() == 2 and outputs.shape[1] > 1
+
+
+def quality(outputs: torch.Tensor, labels: np.ndarray | None, reference: torch.Tensor) -> float:
+    """Accuracy against labels when there are labels; otherwise top-1 agreement with the original
+    model (or, for a non-classifier, cosine similarity to it)."""
+    if is_classifier(outputs):
+        target = torch.from_numpy(labels) if labels is not None else reference.argmax(1)
+        return float((outputs.argmax(1) == target[: len(outputs)]).float().mean())
+    return float(F.cosine_similarity(outputs.flatten(1), reference.flatten(1)).mean())
+
+
+def _loss(student: torch.Tensor, labels: torch.Tensor | None, teacher: torch.Tensor) -> torch.Tensor:
+    if labels is not None and is_classifier(student):
+        return F.cross_entropy(student, labels)
+    if is_classifier(student):
+        t = DISTILL_TEMPERATURE
+        return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+    return F.mse_loss(student, teacher)
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:  # noqa: ANN001
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train(
+    module: nn.Module,
+    inputs: list[torch.Tensor],
+    labels: np.ndarray | None,
+    teacher: torch.Tensor,
+    config: TrainConfig,
+    on_epoch: Callable[[int, float], None],
+    after_step: Callable[[], None] | None = None,
+    fixed_batch: int | None = None,
+) -> list[float]:
+    """Train for config.epochs; `on_epoch(epoch, loss)` runs after each epoch (progress, cancel);
+    `after_step` after each optimiser step (e.g. re-applying pruning masks)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], config)
+    label_tensor = torch.from_numpy(labels).long() if labels is not None else None
+    n = len(inputs[0])
+    batch = fixed_batch or config.batch_size
+    losses = []
+    for epoch in range(config.epochs):
+        module.train()
+        order = torch.randperm(n, generator=generator)
+        total, count = 0.0, 0
+        for start in range(0, n - (n % batch if fixed_batch else 0), batch):
+            idx = order[start:start + batch]
+            if len(idx) < 2 and not fixed_batch:
+                continue  # batch norm cannot train on one sample
+            out = module(*(t[idx] for t in inputs))
+            out = out[0] if isinstance(out, tuple) else out
+            loss = _loss(out, label_tensor[idx] if label_tensor is not None else None, teacher[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if after_step:
+                after_step()
+            total += float(loss) * len(idx)
+            count += len(idx)
+        losses.append(total / max(1, count))
+        on_epoch(epoch, losses[-1])
+    module.eval()
+    return losses
