@@ -84,6 +84,8 @@ def _warnings(original: dict[str, Any], compressed: dict[str, Any], ratio: float
 def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_dir: Path, progress: Progress) -> tuple[dict, list]:
     spec = MeasureSpec.model_validate(job.options.get("measure", {}))
     train, evaluation, source = _load_data(job, store, spec)
+    if evaluation is not train and source != "synthetic":
+        train.evaluation = evaluation
     original_path = store.path(job.model["artifact_key"])
     model = onnx.load_model(str(original_path))
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from workers.methods import quantize
+from workers.methods import prune, quantize
 
 METHODS: dict[str, ModuleType] = {
     "quantize": quantize,
+    "prune": prune,
 }

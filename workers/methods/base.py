@@ -26,6 +26,8 @@ class StepData:
     labels: np.ndarray | None = None
     # Set when the model's batch axis is a fixed number (often 1): every feed must use that batch.
     fixed_batch: int | None = None
+    # Held-out data for methods that check accuracy while they work (None: evaluate on this data).
+    evaluation: "StepData | None" = None
 
     def batch_size(self, preferred: int) -> int:
         return self.fixed_batch or preferred

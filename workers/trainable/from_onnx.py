@@ -71,20 +71,30 @@ class OnnxGraphModule(nn.Module):
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__()
         graph = model.graph
+        # One list of node objects for every pass: protobuf may hand out fresh wrappers on each
+        # iteration, so identities (used below to mark fused/folded nodes) must come from one list.
+        nodes = list(graph.node)
         self.layers = nn.ModuleDict()
         self.layer_names: dict[str, str] = {}  # module key -> user-facing layer name
         consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        for node in graph.node:
+        folded: set[int] = set()
+        for node in nodes:
             if node.op_type == "Constant":
                 attrs = _attrs(node)
                 if "value" not in attrs:
                     raise UnsupportedModel(f"Constant node '{node.name}' without a tensor value is not supported")
                 consts[node.output[0]] = np.asarray(attrs["value"])
+                folded.add(id(node))
+            elif node.op_type == "Identity" and node.input[0] in consts:
+                # The TorchScript exporter de-duplicates equal initializers through Identity nodes
+                # (e.g. a fresh BatchNorm's running_var aliasing its weight).
+                consts[node.output[0]] = consts[node.input[0]]
+                folded.add(id(node))
         self.input_names = [i.name for i in graph.input if i.name not in consts]
         self.output_names = [o.name for o in graph.output]
         ranks = self._ranks(model)
         consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
+        for node in nodes:
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
 
@@ -92,8 +102,8 @@ class OnnxGraphModule(nn.Module):
         self.plan: list[tuple] = []
         used_consts: set[str] = set()
         skipped: set[int] = set()
-        for node in graph.node:
-            if id(node) in skipped or node.op_type == "Constant":
+        for node in nodes:
+            if id(node) in skipped or id(node) in folded:
                 continue
             op, attrs = node.op_type, _attrs(node)
             if op == "Conv" and node.input[1] in consts:
@@ -224,7 +234,7 @@ class OnnxGraphModule(nn.Module):
 
 def to_torch(model: onnx.ModelProto) -> OnnxGraphModule:
     try:
-        return OnnxGraphModule(model)
+        return OnnxGraphModule(model).eval()  # inference semantics (batch norm running statistics) until trained
     except CompressionFailed:
         raise
     except Exception as exc:

@@ -107,7 +107,7 @@ def train(
             optimizer.step()
             if after_step:
                 after_step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
             count += len(idx)
         losses.append(total / max(1, count))
         on_epoch(epoch, losses[-1])

@@ -1,0 +1,78 @@
+"""Real MNIST (../shared/data/mnist, idx format, gzip) and LeNet-300-100 trained on it, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import gzip
+import io
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def available() -> bool:
+    return (MNIST_DIR / "train-images.idx3-ubyte.gz").exists()
+
+
+def _idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+@lru_cache(maxsize=2)
+def load(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images as float32 [N, 784] scaled to 0..1, labels int64)."""
+    prefix = "train" if split == "train" else "t10k"
+    images = _idx(MNIST_DIR / f"{prefix}-images.idx3-ubyte.gz").reshape(-1, 784).astype(np.float32) / 255.0
+    labels = _idx(MNIST_DIR / f"{prefix}-labels.idx1-ubyte.gz").astype(np.int64)
+    return images, labels
+
+
+def lenet_300_100(epochs: int = 4, seed: int = 0, dynamo: bool = False) -> bytes:
+    """Train LeNet-300-100 (784-300-100-10, ReLU) on the training split; return it as ONNX bytes."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    x, y = (torch.from_numpy(a) for a in load("train"))
+    model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 128):
+            idx = order[start:start + 128]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return export(model, torch.zeros(2, 784), dynamo)
+
+
+def export(model, example, dynamo: bool = False) -> bytes:  # noqa: ANN001
+    import torch
+
+    buffer = io.BytesIO()
+    if dynamo:
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=["x"], output_names=["logits"],
+                                    dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False)
+        program.save(buffer, external_data=False) if hasattr(program, "save") else None
+        return program.model_proto.SerializeToString()
+    torch.onnx.export(model, (example,), buffer, dynamo=False, opset_version=17, input_names=["x"], output_names=["logits"],
+                      dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    return buffer.getvalue()
+
+
+def npz(images: np.ndarray, labels: np.ndarray | None) -> bytes:
+    buffer = io.BytesIO()
+    arrays = {"x": images}
+    if labels is not None:
+        arrays["labels"] = labels
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()

@@ -1,0 +1,95 @@
+"""ONNX -> trainable torch module: same outputs as ONNX Runtime, for hand-built graphs and for what
+torch.onnx.export writes at opset 17 and with the dynamo exporter (opset 18+)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from tests.builders import cnn, mlp, reference_outputs
+from workers.trainable.from_onnx import UnsupportedModel, to_torch
+from workers.trainable.to_onnx import export
+
+
+def roundtrip_error(model: onnx.ModelProto, x: np.ndarray) -> float:
+    module = to_torch(model)
+    out = module(torch.from_numpy(x)).detach().numpy()
+    return float(np.abs(out - reference_outputs(model, x)).max())
+
+
+@pytest.mark.parametrize(("model", "shape"), [(mlp(), (5, 16)), (cnn(), (5, 1, 8, 8))])
+def test_hand_built_graphs(model: onnx.ModelProto, shape: tuple) -> None:
+    assert roundtrip_error(model, np.random.default_rng(0).standard_normal(shape).astype(np.float32)) < 1e-5
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        y = torch.cat([y, torch.relu(self.conv2(y))], dim=1)[:, :8] + y
+        y = nn.functional.max_pool2d(y, 2)
+        return torch.softmax(self.fc(y.flatten(1)), dim=-1)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["opset17", "dynamo"])
+def test_torch_exports(dynamo: bool) -> None:
+    torch.manual_seed(0)
+    block = Block().eval()
+    with torch.no_grad():
+        block.bn.running_mean.uniform_(-0.5, 0.5)
+        block.bn.running_var.uniform_(0.5, 2.0)
+    buffer = io.BytesIO()
+    example = torch.randn(2, 3, 8, 8)
+    if dynamo:
+        program = torch.onnx.export(block, (example,), dynamo=True, input_names=["x"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+        model = program.model_proto
+        assert model.opset_import[0].version >= 18
+    else:
+        torch.onnx.export(block, (example,), buffer, dynamo=False, opset_version=17, do_constant_folding=False, input_names=["x"], dynamic_axes={"x": {0: "N"}})
+        model = onnx.load_model_from_string(buffer.getvalue())
+    x = np.random.default_rng(1).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    assert roundtrip_error(model, x) < 1e-5
+    module = to_torch(model)
+    assert sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules()) == 3
+    again = export(module, (torch.from_numpy(x[:2]),), module.input_names, module.output_names, dynamic_batch=True)
+    onnx.checker.check_model(again, full_check=True)
+    np.testing.assert_allclose(reference_outputs(again, x), reference_outputs(model, x), atol=1e-5)
+
+
+def test_matmul_and_bias_add_become_one_linear() -> None:
+    module = to_torch(mlp())
+    linears = [m for m in module.layers.values() if isinstance(m, nn.Linear)]
+    assert len(linears) == 3 and all(m.bias is not None for m in linears)
+    assert [tuple(m.weight.shape) for m in linears] == [(32, 16), (32, 32), (4, 32)]
+
+
+def test_unsupported_operator_is_named() -> None:
+    node = helper.make_node("NonMaxSuppression", ["boxes", "scores"], ["selected"])
+    graph = helper.make_graph(
+        [node], "g",
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, 4]), helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 4])],
+        [helper.make_tensor_value_info("selected", TensorProto.INT64, [None, 3])],
+    )
+    with pytest.raises(UnsupportedModel) as info:
+        to_torch(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert info.value.code == "unsupported_operator" and "NonMaxSuppression" in info.value.message
+
+
+def test_constant_nodes_and_reshape() -> None:
+    shape = helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([0, -1], np.int64)))
+    nodes = [shape, helper.make_node("Reshape", ["x", "shape"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    assert roundtrip_error(model, np.arange(12, dtype=np.float32).reshape(2, 2, 3)) == 0.0

@@ -1,0 +1,270 @@
+"""prune: unstructured or structured pruning, one shot or in rounds of prune -> fine-tune, or the
+lottery-ticket procedure; the result goes back out as ONNX (sparse weights packed, narrower layers
+really narrower)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from service.core.errors import CompressionFailed
+from service.core.specs import PruneStep
+from workers import sparse_pack
+from workers.methods.base import StepContext, StepData, StepResult
+from workers.pruning import structured, unstructured
+from workers.pruning.layers import selected_layers, weighted_layers
+from workers.trainable.from_onnx import OnnxGraphModule, to_torch
+from workers.trainable.to_onnx import export
+from workers.trainable.training import TrainConfig, predict, quality, tensors, train
+
+name = "prune"
+SPEC = PruneStep
+TAYLOR_BATCHES = 8
+
+
+class _Run:
+    """The state one prune step works on: the module, its data, the original's outputs as reference."""
+
+    def __init__(self, model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepContext) -> None:
+        self.spec, self.ctx = spec, ctx
+        self.module: OnnxGraphModule = to_torch(model)
+        self.has_data = data.available
+        self.fixed_batch = data.fixed_batch
+        self.dynamic_batch = not isinstance(_batch_dim(model), int)
+        names = self.module.input_names
+        if data.available:
+            self.inputs, self.labels = tensors(data, names), data.labels
+            held_out = data.evaluation or data
+            self.eval_inputs, self.eval_labels = tensors(held_out, names), held_out.labels
+            self.evaluated_on = "evaluation data" if data.evaluation else "training data (no evaluation dataset)"
+        else:
+            self.inputs = self.eval_inputs = [torch.from_numpy(_example(model, i)) for i in names]
+            self.labels = self.eval_labels = None
+            self.evaluated_on = "synthetic inputs"
+        self.teacher = predict(self.module, self.inputs)
+        self.eval_teacher = predict(self.module, self.eval_inputs)
+        self.metric = "accuracy" if self.eval_labels is not None and self.eval_teacher.dim() == 2 else "agreement_with_original"
+        self.baseline = self.quality()
+        self.config = TrainConfig(epochs=spec.finetune_epochs, **spec.training.model_dump())
+
+    def quality(self) -> float:
+        return quality(predict(self.module, self.eval_inputs), self.eval_labels, self.eval_teacher)
+
+    def finetune(self, round_index: int, rounds: int, after_step=None) -> list[float]:  # noqa: ANN001
+        if self.spec.finetune_epochs == 0:
+            return []
+
+        def on_epoch(epoch: int, loss: float) -> None:
+            fraction = (round_index + (epoch + 1) / self.spec.finetune_epochs) / rounds
+            self.ctx.progress(0.05 + 0.9 * fraction, f"round {round_index + 1}/{rounds}: fine-tuned epoch {epoch + 1}/{self.spec.finetune_epochs}, loss {loss:.4f}")
+
+        config = dataclasses.replace(self.config, seed=self.config.seed + round_index)
+        return train(self.module, self.inputs, self.labels, self.teacher, config, on_epoch, after_step, self.fixed_batch)
+
+    def taylor_gradients(self) -> None:
+        """Accumulate dLoss/dw over a few batches (for Taylor importance)."""
+        import torch.nn.functional as F
+
+        self.module.zero_grad()
+        self.module.train()
+        n = len(self.inputs[0])
+        batch = self.fixed_batch or self.config.batch_size
+        for i, start in enumerate(range(0, n, batch)):
+            if i == TAYLOR_BATCHES:
+                break
+            out = self.module(*(t[start:start + batch] for t in self.inputs))
+            target = torch.from_numpy(self.labels[start:start + batch]).long() if self.labels is not None else self.teacher[start:start + batch].argmax(1)
+            F.cross_entropy(out, target).backward()
+        self.module.eval()
+
+    def exceeds_budget(self, value: float) -> bool:
+        return self.spec.max_accuracy_drop is not None and self.baseline - value > self.spec.max_accuracy_drop + 1e-12
+
+
+def _batch_dim(model: onnx.ModelProto) -> int | str | None:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if not dims:
+        return None
+    return dims[0].dim_value if dims[0].HasField("dim_value") else dims[0].dim_param
+
+
+def _example(model: onnx.ModelProto, input_name: str) -> np.ndarray:
+    vi = next(i for i in model.graph.input if i.name == input_name)
+    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in vi.type.tensor_type.shape.dim]
+    return np.random.default_rng(0).standard_normal(shape).astype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+
+
+def _layer_table(before: dict[str, tuple], run: _Run, thresholds: dict[str, float] | None) -> list[dict[str, Any]]:
+    rows = []
+    for layer_name, layer in weighted_layers(run.module).items():
+        w = layer.weight.detach()
+        row = {
+            "layer": layer_name,
+            "shape_before": list(before[layer_name]),
+            "shape_after": list(w.shape),
+            "sparsity": float((w == 0).float().mean()),
+            "removed_fraction": 1.0 - w.numel() / float(np.prod(before[layer_name])),
+        }
+        if thresholds is not None:
+            row["importance_threshold"] = thresholds.get(layer_name)
+        rows.append(row)
+    return rows
+
+
+def _iterate(run: _Run, prune_round, after_step_for) -> tuple[list[dict], bool, str | None]:  # noqa: ANN001
+    """Rounds of prune -> fine-tune; keeps the best module that met the accuracy budget."""
+    spec, rounds = run.spec, []
+    best = None
+    stopped = None
+    for r in range(spec.iterations):
+        run.ctx.progress(0.05 + 0.9 * r / spec.iterations, f"round {r + 1}/{spec.iterations}: pruning")
+        achieved = prune_round(r)
+        losses = run.finetune(r, spec.iterations, after_step_for())
+        value = run.quality()
+        rounds.append({"round": r + 1, **achieved, run.metric: value, "finetune_loss": losses})
+        if run.exceeds_budget(value):
+            stopped = f"round {r + 1} lost {run.baseline - value:.4f} {run.metric} (budget {spec.max_accuracy_drop}); kept round {r}"
+            break
+        best = copy.deepcopy(run.module.state_dict()), r + 1
+    if best is None:
+        raise CompressionFailed(
+            f"even the first pruning round lost more {run.metric} than max_accuracy_drop allows "
+            f"({run.baseline:.4f} -> {rounds[0][run.metric]:.4f}); lower `amount`, raise `iterations` or fine-tune longer",
+            code="accuracy_budget_exceeded",
+        )
+    return rounds, best, stopped
+
+
+def _unstructured(run: _Run) -> dict[str, Any]:
+    spec = run.spec
+    layers = selected_layers(run.module, spec)
+    state: dict[str, Any] = {"masks": None, "thresholds": {}}
+
+    def prune_round(r: int) -> dict[str, Any]:
+        grads = None
+        if spec.importance == "taylor":
+            run.taylor_gradients()
+            grads = {n: l.weight.grad.detach().clone() for n, l in layers.items()}
+        masks, thresholds = unstructured.masks_for(layers, unstructured.scores(layers, spec.importance, grads), spec, (r + 1) / spec.iterations, state["masks"])
+        unstructured.apply_masks(layers, masks)
+        state["masks"], state["thresholds"] = masks, thresholds
+        return {"sparsity": unstructured.sparsity(layers)}
+
+    def after_step():  # noqa: ANN202
+        masks = state["masks"]
+        return (lambda: unstructured.apply_masks(layers, masks)) if masks else None
+
+    rounds, best, stopped = _iterate(run, prune_round, after_step)
+    run.module.load_state_dict(best[0])
+    return {"rounds": rounds, "kept_round": best[1], "stopped": stopped, "thresholds": state["thresholds"], "achieved": unstructured.sparsity(layers)}
+
+
+def _lottery(run: _Run) -> dict[str, Any]:
+    spec = run.spec
+    layers = selected_layers(run.module, spec)
+    initial = copy.deepcopy(run.module.state_dict())
+    masks, thresholds, rounds = None, {}, []
+    for r in range(spec.iterations):
+        current = masks
+        losses = run.finetune(r, spec.iterations + 1, (lambda: unstructured.apply_masks(layers, current)) if current else None)
+        value = run.quality()
+        rounds.append({"round": r + 1, "sparsity": unstructured.sparsity(layers), run.metric: value, "finetune_loss": losses})
+        masks, thresholds = unstructured.masks_for(layers, unstructured.scores(layers, "l1", None), spec, (r + 1) / spec.iterations, masks)
+        run.module.load_state_dict(initial)  # rewind the survivors to the uploaded weights
+        unstructured.apply_masks(layers, masks)
+    final_masks = masks
+    losses = run.finetune(spec.iterations, spec.iterations + 1, lambda: unstructured.apply_masks(layers, final_masks))
+    value = run.quality()
+    rounds.append({"round": "ticket", "sparsity": unstructured.sparsity(layers), run.metric: value, "finetune_loss": losses})
+    stopped = None if not run.exceeds_budget(value) else f"the retrained ticket lost {run.baseline - value:.4f} {run.metric}, over the budget"
+    return {"rounds": rounds, "kept_round": "ticket", "stopped": stopped, "thresholds": thresholds, "achieved": unstructured.sparsity(layers)}
+
+
+def _structured(run: _Run) -> dict[str, Any]:
+    spec = run.spec
+    all_layers = weighted_layers(run.module)
+    selected = selected_layers(run.module, spec)
+    example = tuple(t[:2] for t in run.inputs) if not run.fixed_batch else tuple(t[: run.fixed_batch] for t in run.inputs)
+    try:
+        pruner, importance = structured.make_pruner(run.module, example, spec, selected, all_layers)
+    except Exception as exc:
+        raise CompressionFailed(f"torch-pruning could not build the layer dependency graph: {str(exc).splitlines()[0][:300]}", code="structured_pruning_failed") from exc
+    params_before = sum(p.numel() for p in run.module.parameters())
+
+    def prune_round(r: int) -> dict[str, Any]:
+        if spec.importance == "taylor":
+            run.taylor_gradients()
+        if spec.importance == "apoz":
+            with importance.measure(run.module):
+                predict(run.module, [t[:2048] for t in run.inputs])
+        pruner.step()
+        return {"parameters": sum(p.numel() for p in run.module.parameters()), "parameters_removed": 1 - sum(p.numel() for p in run.module.parameters()) / params_before}
+
+    # Structured rounds change shapes, so the best model is kept as a whole module, not a state dict.
+    spec_rounds, best_module, stopped, rounds = spec.iterations, None, None, []
+    for r in range(spec_rounds):
+        run.ctx.progress(0.05 + 0.9 * r / spec_rounds, f"round {r + 1}/{spec_rounds}: pruning channels")
+        achieved = prune_round(r)
+        losses = run.finetune(r, spec_rounds)
+        value = run.quality()
+        rounds.append({"round": r + 1, **achieved, run.metric: value, "finetune_loss": losses})
+        if run.exceeds_budget(value):
+            stopped = f"round {r + 1} lost {run.baseline - value:.4f} {run.metric} (budget {spec.max_accuracy_drop}); kept round {r}"
+            break
+        best_module = (copy.deepcopy(run.module), r + 1)
+    if best_module is None:
+        raise CompressionFailed(
+            f"even the first pruning round lost more {run.metric} than max_accuracy_drop allows; lower `amount` or raise `iterations`",
+            code="accuracy_budget_exceeded",
+        )
+    run.module = best_module[0]
+    return {"rounds": rounds, "kept_round": best_module[1], "stopped": stopped, "thresholds": None,
+            "achieved": 1 - sum(p.numel() for p in run.module.parameters()) / params_before}
+
+
+def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepContext) -> StepResult:
+    needs_data = spec.finetune_epochs > 0 or spec.importance in ("apoz", "taylor") or spec.max_accuracy_drop is not None
+    if needs_data and not data.available:
+        raise CompressionFailed("this prune step fine-tunes or measures importance on data: submit the job with a dataset_id", code="dataset_required")
+    ctx.progress(0.0, "converting the model to a trainable form")
+    run = _Run(model, spec, data, ctx)
+    before = {n: tuple(l.weight.shape) for n, l in weighted_layers(run.module).items()}
+    torch.manual_seed(spec.training.seed)
+    if spec.lottery_ticket:
+        outcome = _lottery(run)
+    elif spec.kind == "unstructured":
+        outcome = _unstructured(run)
+    else:
+        outcome = _structured(run)
+    ctx.progress(0.97, "exporting to ONNX")
+    example = tuple(t[:2] for t in run.inputs) if not run.fixed_batch else tuple(t[: run.fixed_batch] for t in run.inputs)
+    result = export(run.module, example, run.module.input_names, run.module.output_names, run.dynamic_batch)
+    packing: dict[str, Any] = {"packed_tensors": []}
+    if spec.kind == "unstructured":
+        result, packing = sparse_pack.pack(result)
+    final = run.quality()
+    target_reached = outcome["stopped"] is None
+    report = {
+        "kind": spec.kind,
+        "lottery_ticket": spec.lottery_ticket,
+        "importance": spec.importance,
+        "scope": spec.scope,
+        "target_amount": spec.amount,
+        "achieved": outcome["achieved"],
+        "target_reached": target_reached,
+        "stopped": outcome["stopped"],
+        "quality_metric": run.metric,
+        "evaluated_on": run.evaluated_on,
+        "baseline": run.baseline,
+        "final": final,
+        "rounds": outcome["rounds"],
+        "kept_round": outcome["kept_round"],
+        "layers": _layer_table(before, run, outcome["thresholds"]),
+        "storage": packing,
+    }
+    return StepResult(model=result, report=report)

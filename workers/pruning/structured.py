@@ -1,0 +1,81 @@
+"""Structured pruning with torch-pruning's DepGraph: whole neurons/channels removed, with every
+coupled layer (residual adds, concatenations, batch norm, grouped/depthwise convs) narrowed with them."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.pruner import function
+
+from service.core.specs import PruneStep
+
+
+class APoZImportance(tp.importance.GroupMagnitudeImportance):
+    """1 - APoZ (average percentage of zeros) of each channel, measured on the data at the inputs of
+    the layers that consume it: a channel that is almost always zero after its activation matters least.
+    Hooks accumulate over every batch (torch-pruning's ActivationImportance keeps only the last)."""
+
+    @contextmanager
+    def measure(self, model: nn.Module):  # noqa: ANN201
+        counts: dict[nn.Module, list] = {}
+
+        @torch.no_grad()
+        def hook(module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
+            x = inputs[0]
+            nonzero = (x != 0).float()
+            per_channel = nonzero.reshape(-1, x.shape[-1]).sum(0) if isinstance(module, nn.Linear) else nonzero.transpose(0, 1).reshape(x.shape[1], -1).sum(1)
+            seen = x.numel() // per_channel.numel()
+            total = counts.setdefault(module, [torch.zeros_like(per_channel), 0])
+            total[0] += per_channel
+            total[1] += seen
+
+        hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            for module, (nonzero, seen) in counts.items():
+                module._importance = nonzero / max(1, seen)
+
+    @torch.no_grad()
+    def __call__(self, group):  # noqa: ANN001, ANN204
+        group_imp, group_idxs = [], []
+        for i, (dep, idxs) in enumerate(group):
+            layer, handler = dep.target.module, dep.handler
+            if handler in (function.prune_conv_in_channels, function.prune_linear_in_channels) and hasattr(layer, "_importance"):
+                group_imp.append(layer._importance[sorted(idxs)])
+                group_idxs.append(group[i].root_idxs)
+        if not group_imp:
+            return None
+        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+
+
+def importance_for(name: str) -> tp.importance.Importance:
+    if name == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if name == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    return APoZImportance()
+
+
+def make_pruner(module: nn.Module, example: tuple[torch.Tensor, ...], spec: PruneStep, selected: dict[str, nn.Module], all_layers: dict[str, nn.Module]) -> tuple[tp.pruner.MetaPruner, tp.importance.Importance]:
+    importance = importance_for(spec.importance)
+    ignored = [layer for name, layer in all_layers.items() if name not in selected]
+    ratios = {all_layers[name]: amount for name, amount in spec.layer_amounts.items() if name in selected}
+    pruner = tp.pruner.MetaPruner(
+        module,
+        example_inputs=example,
+        importance=importance,
+        pruning_ratio=spec.amount,
+        pruning_ratio_dict=ratios or None,
+        iterative_steps=spec.iterations,
+        ignored_layers=ignored,
+        global_pruning=spec.scope == "global",
+    )
+    return pruner, importance

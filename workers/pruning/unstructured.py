@@ -1,0 +1,67 @@
+"""Unstructured (weight-level) pruning: masks from magnitude or Taylor scores, global or per layer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from service.core.specs import PruneStep
+
+
+def scores(layers: dict[str, nn.Module], importance: str, grads: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    """Per-weight importance: |w| (l1 and l2 rank single weights identically) or |w * dL/dw| (taylor)."""
+    out = {}
+    for name, layer in layers.items():
+        w = layer.weight.detach()
+        out[name] = (w * grads[name]).abs() if importance == "taylor" and grads is not None else w.abs()
+    return out
+
+
+def _kth(values: torch.Tensor, fraction: float) -> float:
+    k = int(round(fraction * values.numel()))
+    if k <= 0:
+        return float("-inf")
+    return float(torch.kthvalue(values.flatten().float(), min(k, values.numel())).values)
+
+
+def masks_for(
+    layers: dict[str, nn.Module], layer_scores: dict[str, torch.Tensor], spec: PruneStep, fraction_of_target: float, current: dict[str, torch.Tensor] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Masks that prune `fraction_of_target` of each layer's target amount (global threshold over the
+    layers without an override). Already-pruned weights stay pruned (scored below everything)."""
+
+    def target(amount: float) -> float:
+        return 1.0 - (1.0 - amount) ** fraction_of_target  # geometric: each round removes a share of what is left
+
+    masked_scores = {}
+    for name, s in layer_scores.items():
+        s = s.clone()
+        if current is not None:
+            s[current[name] == 0] = -1.0
+        masked_scores[name] = s
+    masks, thresholds = {}, {}
+    pooled = [n for n in layers if n not in spec.layer_amounts]
+    if spec.scope == "global" and pooled:
+        flat = torch.cat([masked_scores[n].flatten() for n in pooled])
+        threshold = _kth(flat, target(spec.amount))
+        for n in pooled:
+            masks[n], thresholds[n] = (masked_scores[n] > threshold).float(), threshold
+    for n in layers:
+        if n in masks:
+            continue
+        amount = spec.layer_amounts.get(n, spec.amount)
+        threshold = _kth(masked_scores[n], target(amount))
+        masks[n], thresholds[n] = (masked_scores[n] > threshold).float(), threshold
+    return masks, thresholds
+
+
+@torch.no_grad()
+def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
+    for name, mask in masks.items():
+        layers[name].weight.mul_(mask)
+
+
+def sparsity(layers: dict[str, nn.Module]) -> float:
+    total = sum(layer.weight.numel() for layer in layers.values())
+    zeros = sum(int((layer.weight == 0).sum()) for layer in layers.values())
+    return zeros / max(1, total)
