@@ -20,11 +20,12 @@ from workers import metrics as m
 from workers.data import load_step_data, synthetic_data
 from workers.methods import METHODS
 from workers.methods.base import StepContext, StepData
+from workers.sparse_pack import unpack
 
 # Share of the progress bar: the steps, then measuring both models.
 STEPS_SHARE = 0.6
 
-Progress = Callable[[float, str | None, str], None]
+Progress = Callable[..., None]  # (fraction, step label, message, milestone=False)
 
 
 @dataclass
@@ -51,7 +52,8 @@ def _load_data(job: JobInput, store: ArtifactStore, spec: MeasureSpec) -> tuple[
 
 
 def _measure(path: Path, data: StepData, spec: MeasureSpec, progress: Callable[[float, str], None]) -> tuple[dict[str, Any], Any]:
-    model = onnx.load_model(str(path))
+    # Count parameters and MACs on the dense model a sparse-packed file stands for; size_bytes is the file.
+    model = unpack(onnx.load_model(str(path)))
     params, nonzero = m.parameter_counts(model)
     session = m.make_session(path, spec.threads)
     outputs = m.first_outputs(session, data, spec.max_eval_samples)
@@ -95,8 +97,8 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
         step = step_adapter.validate_python(raw)
         label = f"{index + 1}/{n} {step.method}"
 
-        def report(fraction: float, message: str, index: int = index, label: str = label) -> None:
-            progress(STEPS_SHARE * (index + fraction) / n, label, message)
+        def report(fraction: float, message: str, milestone: bool = False, index: int = index, label: str = label) -> None:
+            progress(STEPS_SHARE * (index + fraction) / n, label, message, milestone)
 
         ctx = StepContext(work_dir=work_dir / f"step{index}", report_progress=report, seed=index)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +111,7 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
         onnx.save_model(model, str(compressed_path))
     except ValueError as exc:  # protobuf's 2 GB limit
         raise CompressionFailed("the compressed model is too large for a single-file ONNX artifact") from exc
-    progress(STEPS_SHARE, "validate", "checking the compressed model with onnx.checker and ONNX Runtime")
+    progress(STEPS_SHARE, "validate", "checking the compressed model with onnx.checker and ONNX Runtime", True)
     try:
         probe_onnx(compressed_path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes)
     except InvalidInput as exc:

@@ -21,6 +21,7 @@ from pathlib import Path
 from service.core.artifacts import ArtifactStore
 from service.core.db import session_scope
 from service.core.errors import JobCancelled, JobFailure, ModelshrinkError
+from service.core.events import publish
 from service.core.jobstore import finish, renew_lease, set_progress, take_lease
 from service.core.settings import Settings
 from service.core.tables import StoredDataset, StoredModel
@@ -109,17 +110,21 @@ def run_job(job_id: str, settings: Settings) -> Outcome:
 
     heartbeat = _Heartbeat(settings, job_id, owner)
     heartbeat.start()
-    last_write = [0.0]
+    last_write, last_publish = [0.0], [0.0]
 
-    def progress(fraction: float, step: str | None, message: str) -> None:
+    def progress(fraction: float, step: str | None, message: str, milestone: bool = False) -> None:
         if heartbeat.lost:
             raise LeaseLost()
+        state = {"fraction": round(fraction, 4), "step": step, "message": message}
         now = time.monotonic()
-        if now - last_write[0] < 0.25 and fraction < 1.0:
-            return  # throttle database writes; cancellation is still seen within a quarter second
+        if milestone or now - last_publish[0] >= 0.05:
+            last_publish[0] = now
+            publish(settings, job_id, {"status": "running", "progress": state})
+        if not milestone and now - last_write[0] < 0.25:
+            return  # thin out database writes; cancellation is still seen within a quarter second
         last_write[0] = now
         with session_scope(url) as s:
-            if set_progress(s, job_id, owner, {"fraction": round(fraction, 4), "step": step, "message": message}):
+            if set_progress(s, job_id, owner, state):
                 raise JobCancelled("cancelled by the user")
 
     work_dir = Path(tempfile.mkdtemp(prefix=f"modelshrink-{job_id}-"))
@@ -146,4 +151,5 @@ def run_job(job_id: str, settings: Settings) -> Outcome:
         shutil.rmtree(work_dir, ignore_errors=True)
     with session_scope(url) as session:
         finished = finish(session, job_id, status, owner=owner, **fields)
+    publish(settings, job_id, {"status": status, "progress": fields.get("progress") or {"fraction": 0.0, "step": None, "message": status}})
     return Outcome(finished=finished)

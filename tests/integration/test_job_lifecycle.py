@@ -246,3 +246,29 @@ def test_readyz_sees_the_worker(embedded_redis: Settings, start_worker) -> None:
         response = client.get("/readyz")
         assert response.status_code == 200
         assert response.json()["checks"]["workers"] == {"ok": True, "count": 1}
+
+
+def test_prune_job_reports_epochs_and_honours_cancel(settings: Settings, start_worker) -> None:  # noqa: ANN001
+    start_worker(settings)
+    with make_client(settings) as client:
+        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+        model = mlp(in_features=32, hidden=128)
+        model_id, dataset_id = upload(client, model, samples=256)
+        step = {"method": "prune", "kind": "unstructured", "amount": 0.8, "iterations": 2, "finetune_epochs": 2}
+        body = {"model_id": model_id, "dataset_id": dataset_id, "steps": [step], "measure": QUICK_MEASURE}
+        job, events = follow(client, client.post("/v1/jobs", json=body).json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        messages = [e["progress"]["message"] for e in events]
+        assert any("round 2/2: fine-tuned epoch 2/2" in m for m in messages)
+        original, compressed = job["metrics"]["original"], job["metrics"]["compressed"]
+        assert compressed["parameters"] == original["parameters"]
+        assert compressed["nonzero_parameters"] < 0.35 * original["nonzero_parameters"]
+        assert compressed["size_bytes"] < original["size_bytes"] / 2
+        assert job["metrics"]["step_reports"][0]["rounds"][1]["sparsity"] == pytest.approx(0.8, abs=0.01)
+
+        long_step = {**step, "iterations": 1, "finetune_epochs": 1000}
+        job_id = client.post("/v1/jobs", json={**body, "steps": [long_step]}).json()["id"]
+        wait_for(lambda: "fine-tuned epoch" in (job_state(client, job_id)["progress"]["message"] or ""))
+        client.post(f"/v1/jobs/{job_id}/cancel")
+        job, _ = follow(client, job_id)
+        assert job["status"] == "cancelled"

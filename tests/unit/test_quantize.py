@@ -121,7 +121,7 @@ def test_static_without_data_fails_clearly(ctx: StepContext) -> None:
 
 
 def test_cancellation_during_calibration_propagates(tmp_path: Path) -> None:
-    def cancel(fraction: float, message: str) -> None:
+    def cancel(fraction: float, message: str, milestone: bool = False) -> None:
         if "calibrating" in message:
             raise JobCancelled("cancelled by the user")
 

@@ -52,12 +52,13 @@ class StepContext:
     """What a method may use from the job around it."""
 
     work_dir: Path
-    report_progress: Callable[[float, str], None] = lambda fraction, message: None
+    report_progress: Callable[..., None] = lambda fraction, message, milestone=False: None
     seed: int = 0
 
-    def progress(self, fraction: float, message: str) -> None:
-        """Report progress within this step (0..1). Raises JobCancelled if the user cancelled."""
-        self.report_progress(max(0.0, min(1.0, fraction)), message)
+    def progress(self, fraction: float, message: str, milestone: bool = False) -> None:
+        """Report progress within this step (0..1); a milestone (an epoch or round finished) is
+        always recorded, other updates may be thinned. Raises JobCancelled if the user cancelled."""
+        self.report_progress(max(0.0, min(1.0, fraction)), message, milestone)
 
 
 @dataclass

@@ -61,7 +61,7 @@ class _Run:
 
         def on_epoch(epoch: int, loss: float) -> None:
             fraction = (round_index + (epoch + 1) / self.spec.finetune_epochs) / rounds
-            self.ctx.progress(0.05 + 0.9 * fraction, f"round {round_index + 1}/{rounds}: fine-tuned epoch {epoch + 1}/{self.spec.finetune_epochs}, loss {loss:.4f}")
+            self.ctx.progress(0.05 + 0.9 * fraction, f"round {round_index + 1}/{rounds}: fine-tuned epoch {epoch + 1}/{self.spec.finetune_epochs}, loss {loss:.4f}", milestone=True)
 
         config = dataclasses.replace(self.config, seed=self.config.seed + round_index)
         return train(self.module, self.inputs, self.labels, self.teacher, config, on_epoch, after_step, self.fixed_batch)

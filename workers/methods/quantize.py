@@ -180,7 +180,7 @@ def apply(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepC
         raise
     except Exception as exc:
         raise CompressionFailed(f"ONNX Runtime could not quantize the model ({mode}): {str(exc).splitlines()[0][:300]}") from exc
-    ctx.progress(1.0, f"quantized ({mode})")
+    ctx.progress(1.0, f"quantized ({mode})", milestone=True)
     report = {
         "mode": mode,
         "reason": reason,

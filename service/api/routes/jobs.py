@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from typing import Annotated, Any
 
+import redis.asyncio as aioredis
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import func, select
@@ -20,6 +20,7 @@ from service.api.routes.models import owned_model
 from service.api.schemas import ErrorResponse, JobCreate, JobPublic, JobsPublic, JobStatus
 from service.core.datasets import check_against_model
 from service.core.db import session_scope
+from service.core.events import channel, publish, redis_url
 from service.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from service.core.jobstore import job_public, request_cancel
 from service.core.queue import enqueue_job, enqueue_webhook
@@ -28,7 +29,7 @@ from service.core.tables import TERMINAL_STATUSES, Job, new_id
 from service.core.webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-POLL_INTERVAL_S = 0.25
+RECHECK_INTERVAL_S = 2.0
 
 
 def owned_job(session, tenant_id: str, job_id: str) -> Job:  # noqa: ANN001
@@ -140,7 +141,9 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings
     job = owned_job(session, tenant.id, job_id)
     if job.status in TERMINAL_STATUSES:
         raise Conflict(f"job {job_id} already ended ({job.status})")
-    if request_cancel(session, job) == "cancelled" and job.webhook_url:
+    status = request_cancel(session, job)
+    publish(settings, job.id, {"status": status, "progress": job.progress or {}})
+    if status == "cancelled" and job.webhook_url:
         try:
             enqueue_webhook(settings, job.id)
         except Exception:  # the cancel itself succeeded; a lost notification must not undo it
@@ -150,7 +153,8 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse, responses={200: {"content": {"text/event-stream": {}}}})
 async def job_events(job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> EventSourceResponse:
-    """Server-sent events: a `progress` event whenever the job changes, then one `end` event with the final job."""
+    """Server-sent events: `progress` events as the worker reports them (every epoch, round and
+    step), then one `end` event with the final job."""
     owned_job(session, tenant.id, job_id)
     url = settings.resolved_database_url
 
@@ -159,17 +163,32 @@ async def job_events(job_id: str, request: Request, session: SessionDep, tenant:
             return JobPublic.model_validate(job_public(s.get(Job, job_id))).model_dump(mode="json")
 
     async def stream():  # noqa: ANN202
-        last = None
-        while not await request.is_disconnected():
+        client = aioredis.Redis.from_url(redis_url(settings))
+        pubsub = client.pubsub()
+        try:
+            # Subscribe before reading the row, so nothing between the two is missed.
+            await pubsub.subscribe(channel(job_id))
             job = await run_in_threadpool(snapshot)
-            state = (job["status"], job["progress"], job["cancel_requested"])
-            if state != last:
-                last = state
-                yield {"event": "progress", "data": json.dumps({"status": job["status"], "progress": job["progress"]})}
+            last = (job["status"], job["progress"])
+            yield {"event": "progress", "data": json.dumps({"status": job["status"], "progress": job["progress"]})}
+            while job["status"] not in TERMINAL_STATUSES and not await request.is_disconnected():
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=RECHECK_INTERVAL_S)
+                if message is not None:
+                    update = json.loads(message["data"])
+                    if (update["status"], update["progress"]) != last and update["status"] not in TERMINAL_STATUSES:
+                        last = (update["status"], update["progress"])
+                        yield {"event": "progress", "data": json.dumps(update)}
+                    if update["status"] not in TERMINAL_STATUSES:
+                        continue
+                # A terminal message, or quiet for a while: the job row decides (it also catches
+                # changes nobody published, such as a cancel of a queued job).
+                job = await run_in_threadpool(snapshot)
             if job["status"] in TERMINAL_STATUSES:
+                yield {"event": "progress", "data": json.dumps({"status": job["status"], "progress": job["progress"]})}
                 yield {"event": "end", "data": json.dumps(job)}
-                return
-            await asyncio.sleep(POLL_INTERVAL_S)
+        finally:
+            await pubsub.aclose()
+            await client.aclose()
 
     return EventSourceResponse(stream(), ping=15)
 

@@ -1,0 +1,34 @@
+"""Live job progress over Redis pub/sub: workers publish every milestone (each epoch, round, step),
+the SSE endpoint forwards them as they happen. The job store stays the source of truth; a lost
+message only delays an update until the endpoint's next look at the job row."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import redis
+
+from service.core.settings import Settings
+
+_clients: dict[str, redis.Redis] = {}
+
+
+def redis_url(settings: Settings) -> str:
+    # Celery/kombu spell a unix socket "redis+socket:///path"; redis-py spells it "unix:///path".
+    url = settings.resolved_broker_url
+    return "unix://" + url.removeprefix("redis+socket://") if url.startswith("redis+socket://") else url
+
+
+def channel(job_id: str) -> str:
+    return f"modelshrink:job:{job_id}"
+
+
+def publish(settings: Settings, job_id: str, payload: dict[str, Any]) -> None:
+    """Best effort: progress must never fail a job because the broker blinked."""
+    url = redis_url(settings)
+    try:
+        client = _clients.get(url) or _clients.setdefault(url, redis.Redis.from_url(url, socket_timeout=2))
+        client.publish(channel(job_id), json.dumps(payload, default=str))
+    except redis.RedisError:
+        pass

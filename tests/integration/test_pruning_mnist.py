@@ -1,0 +1,74 @@
+"""Pruning's acceptance numbers on real MNIST (../shared/data/mnist): the train split fine-tunes,
+the test split evaluates."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from service.core.specs import PruneStep
+from tests import mnist
+from tests.builders import reference_outputs
+from tests.cnn_models import downsample, train_residual_cnn
+from workers.methods import prune
+from workers.methods.base import StepContext, StepData
+from workers.metrics import macs_per_sample, parameter_counts
+
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(not mnist.available(), reason="../shared/data/mnist is missing")]
+
+
+def error_rate(model: onnx.ModelProto, images: np.ndarray, labels: np.ndarray) -> float:
+    return float((reference_outputs(model, images).argmax(-1) != labels).mean())
+
+
+@pytest.fixture(scope="module")
+def lenet() -> onnx.ModelProto:
+    return onnx.load_model_from_string(mnist.lenet_300_100(epochs=4))
+
+
+def test_lenet_300_100_unstructured_92_percent(lenet: onnx.ModelProto, tmp_path: Path) -> None:
+    train_x, train_y = mnist.load("train")
+    test_x, test_y = mnist.load("test")
+    data = StepData(inputs={"x": train_x}, labels=train_y, evaluation=StepData(inputs={"x": test_x}, labels=test_y))
+    spec = PruneStep(kind="unstructured", amount=0.92, iterations=3, finetune_epochs=2, training={"lr": 5e-4, "batch_size": 128})
+    result = prune.apply(lenet, spec, data, StepContext(work_dir=tmp_path))
+
+    onnx.checker.check_model(result.model, full_check=True)
+    before, after = error_rate(lenet, test_x, test_y), error_rate(result.model, test_x, test_y)
+    assert after - before <= 0.002, f"test error {before:.4f} -> {after:.4f}"
+    stored_ratio = len(lenet.SerializeToString()) / len(result.model.SerializeToString())
+    assert stored_ratio >= 5, stored_ratio
+    assert result.report["achieved"] == pytest.approx(0.92, abs=0.005)
+    hidden = [row for row in result.report["layers"] if row["layer"] != "4"]
+    assert all(row["sparsity"] > 0.8 for row in hidden)
+
+
+def test_residual_cnn_with_batch_norm_structured_half_the_channels(tmp_path: Path) -> None:
+    train_x, train_y = mnist.load("train")
+    test_x, test_y = mnist.load("test")
+    train_x, test_x = downsample(train_x[:8000]), downsample(test_x[:2000])
+    train_y, test_y = train_y[:8000], test_y[:2000]
+    net = train_residual_cnn(train_x, train_y)
+    buffer = io.BytesIO()
+    # do_constant_folding=False keeps BatchNormalization nodes (folding would fuse them into the convs).
+    torch.onnx.export(net, (torch.zeros(2, 1, 14, 14),), buffer, dynamo=False, opset_version=17, do_constant_folding=False,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    model = onnx.load_model_from_string(buffer.getvalue())
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 4
+    assert any(n.op_type == "Add" for n in model.graph.node)
+
+    data = StepData(inputs={"x": train_x}, labels=train_y, evaluation=StepData(inputs={"x": test_x}, labels=test_y))
+    spec = PruneStep(kind="structured", amount=0.5, scope="layer", finetune_epochs=2, max_accuracy_drop=0.03, training={"lr": 1e-3})
+    result = prune.apply(model, spec, data, StepContext(work_dir=tmp_path))
+
+    onnx.checker.check_model(result.model, full_check=True)
+    assert parameter_counts(result.model)[0] <= 0.5 * parameter_counts(model)[0]
+    assert macs_per_sample(result.model) <= 0.5 * macs_per_sample(model)
+    assert error_rate(result.model, test_x, test_y) - error_rate(model, test_x, test_y) <= 0.03
+    widths = {row["layer"]: row["shape_after"][0] for row in result.report["layers"]}
+    assert widths["stem.0"] == widths["block.3"] == 8  # the residual add keeps both branches equally wide

@@ -1,0 +1,130 @@
+"""The prune method on small models, called directly: structure, sizes and the loop's rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from service.core.errors import CompressionFailed, InvalidInput, JobCancelled
+from service.core.specs import PruneStep
+from tests.builders import cnn, mlp, reference_outputs
+from workers.methods import prune
+from workers.methods.base import StepContext, StepData
+from workers.metrics import macs_per_sample, parameter_counts
+
+
+@pytest.fixture
+def data() -> StepData:
+    model = mlp(in_features=32, hidden=64)
+    x = np.random.default_rng(0).standard_normal((256, 32)).astype(np.float32)
+    return StepData(inputs={"x": x}, labels=reference_outputs(model, x).argmax(-1))
+
+
+def run(model: onnx.ModelProto, data: StepData, tmp_path: Path, progress=None, **spec):  # noqa: ANN001, ANN003, ANN201
+    ctx = StepContext(work_dir=tmp_path, report_progress=progress or (lambda f, m, milestone=False: None))
+    result = prune.apply(model, PruneStep(**spec), data, ctx)
+    onnx.checker.check_model(result.model, full_check=True)
+    return result
+
+
+def test_unstructured_global_reaches_target_and_shrinks_file(data: StepData, tmp_path: Path) -> None:
+    model = mlp(in_features=32, hidden=64)
+    result = run(model, data, tmp_path, kind="unstructured", amount=0.8)
+    layers = {row["layer"]: row for row in result.report["layers"]}
+    assert result.report["achieved"] == pytest.approx(0.8, abs=0.01)
+    assert layers["w2"]["sparsity"] == 0.0  # the output layer is skipped by default
+    assert all(row["shape_after"] == row["shape_before"] for row in layers.values())
+    assert layers["w0"]["importance_threshold"] == layers["w1"]["importance_threshold"]  # one global threshold
+    assert len(result.model.SerializeToString()) < len(model.SerializeToString()) / 2
+    total, nonzero = parameter_counts(prune.sparse_pack.unpack(result.model))
+    assert nonzero < total * 0.35
+
+
+def test_per_layer_scope_overrides_and_skips(data: StepData, tmp_path: Path) -> None:
+    result = run(mlp(in_features=32, hidden=64), data, tmp_path, kind="unstructured", amount=0.5, scope="layer",
+                 layer_amounts={"w1": 0.9}, skip_layers=["w0"], prune_output_layer=True)
+    sparsity = {row["layer"]: row["sparsity"] for row in result.report["layers"]}
+    assert sparsity["w0"] == 0.0
+    assert sparsity["w1"] == pytest.approx(0.9, abs=0.01)
+    assert sparsity["w2"] == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "apoz", "taylor"])
+def test_structured_really_narrows_layers(data: StepData, tmp_path: Path, importance: str) -> None:
+    model = mlp(in_features=32, hidden=64)
+    result = run(model, data, tmp_path, kind="structured", amount=0.5, scope="layer", importance=importance)
+    shapes = {row["layer"]: row["shape_after"] for row in result.report["layers"]}
+    assert shapes == {"w0": [32, 32], "w1": [32, 32], "w2": [4, 32]}
+    assert parameter_counts(result.model)[0] < parameter_counts(model)[0] * 0.6
+    assert macs_per_sample(result.model) < macs_per_sample(model) * 0.6
+    out = reference_outputs(result.model, data.inputs["x"][:4])
+    assert out.shape == (4, 4)
+
+
+def test_structured_conv_net_keeps_output_channels(tmp_path: Path) -> None:
+    model = cnn(channels=16)
+    x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    result = run(model, StepData(inputs={"x": x}), tmp_path, kind="structured", amount=0.5)
+    assert reference_outputs(result.model, x[:3]).shape == (3, 10)
+    assert macs_per_sample(result.model) < macs_per_sample(model) * 0.5
+
+
+def test_iterative_rounds_report_progress_per_epoch(data: StepData, tmp_path: Path) -> None:
+    messages: list[str] = []
+    result = run(mlp(in_features=32, hidden=64), data, tmp_path, progress=lambda f, m, milestone=False: messages.append(m),
+                 kind="unstructured", amount=0.75, iterations=3, finetune_epochs=2)
+    rounds = result.report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert [round(r["sparsity"], 2) for r in rounds] == [0.37, 0.6, 0.75]
+    assert all(len(r["finetune_loss"]) == 2 for r in rounds)
+    assert sum("fine-tuned epoch" in m for m in messages) == 6
+
+
+def test_budget_stops_early_and_keeps_the_last_good_round(data: StepData, tmp_path: Path) -> None:
+    result = run(mlp(in_features=32, hidden=64), data, tmp_path, kind="unstructured", amount=0.95, iterations=10, max_accuracy_drop=0.2)
+    report = result.report
+    assert report["target_reached"] is False and "budget" in report["stopped"]
+    assert report["kept_round"] == len(report["rounds"]) - 1
+    assert report["baseline"] - report["final"] <= 0.2 + 1e-9
+    assert report["final"] == report["rounds"][-2]["accuracy"]
+
+
+def test_budget_exceeded_in_first_round_fails_clearly(data: StepData, tmp_path: Path) -> None:
+    with pytest.raises(CompressionFailed) as info:
+        run(mlp(in_features=32, hidden=64), data, tmp_path, kind="unstructured", amount=0.99, max_accuracy_drop=0.0)
+    assert info.value.code == "accuracy_budget_exceeded"
+
+
+def test_lottery_ticket_rewinds_and_reports_each_round(data: StepData, tmp_path: Path) -> None:
+    model = mlp(in_features=32, hidden=64)
+    result = run(model, data, tmp_path, kind="unstructured", amount=0.8, iterations=2, finetune_epochs=1, lottery_ticket=True)
+    rounds = result.report["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, "ticket"]
+    assert rounds[-1]["sparsity"] == pytest.approx(0.8, abs=0.01)
+
+
+def test_cancel_between_epochs(data: StepData, tmp_path: Path) -> None:
+    def progress(fraction: float, message: str, milestone: bool = False) -> None:
+        if "fine-tuned epoch 1" in message:
+            raise JobCancelled("cancelled by the user")
+
+    with pytest.raises(JobCancelled):
+        run(mlp(in_features=32, hidden=64), data, tmp_path, progress=progress, kind="unstructured", amount=0.5, finetune_epochs=3)
+
+
+def test_unknown_layer_and_missing_data(data: StepData, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="unknown layer"):
+        run(mlp(in_features=32, hidden=64), data, tmp_path, kind="unstructured", skip_layers=["nope"])
+    with pytest.raises(CompressionFailed) as info:
+        run(mlp(), StepData(), tmp_path, kind="unstructured", finetune_epochs=1)
+    assert info.value.code == "dataset_required"
+
+
+def test_spec_rejects_inconsistent_options() -> None:
+    with pytest.raises(ValueError, match="apoz"):
+        PruneStep(kind="unstructured", importance="apoz")
+    with pytest.raises(ValueError, match="lottery_ticket"):
+        PruneStep(lottery_ticket=True)
