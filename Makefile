@@ -28,3 +28,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.service_overhead
 	$(BIN)/python -m bench.status_load
 	$(BIN)/python -m bench.upload_throughput
+	$(BIN)/python -m bench.pruning_mnist

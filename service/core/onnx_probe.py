@@ -95,6 +95,16 @@ def describe(path: Path, run: bool) -> dict[str, Any]:
 
     if path.stat().st_size == 0:
         return _fail("invalid_model", "the file is empty")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic.startswith(b"PK"):
+        # A zip archive: a PyTorch .pt2 / .pt file. torch 2.13's torch.export.load unpickles the
+        # weights and constants with weights_only=False, so loading one can run code from the file.
+        return _fail(
+            "unsupported_format",
+            "PyTorch archives (.pt2/.pt) are not accepted: loading them unpickles objects, which can run code "
+            "from the file. Export the model to ONNX (torch.onnx.export(..., external_data=False)) and upload that.",
+        )
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except Exception:

@@ -85,3 +85,13 @@ def test_memory_hungry_model_fails_without_harming_the_caller(tmp_path: Path) ->
     with pytest.raises(InvalidInput) as info:
         probe_onnx(tmp_path / "m.onnx", timeout_s=60, memory_bytes=300 * 1024**2)
     assert info.value.code in ("model_too_large", "model_crashed", "model_not_runnable", "invalid_model")
+
+
+def test_pytorch_archives_are_refused_without_loading(tmp_path: Path) -> None:
+    import torch
+
+    program = torch.export.export(torch.nn.Linear(4, 2), (torch.zeros(1, 4),))
+    torch.export.save(program, tmp_path / "model.pt2")
+    with pytest.raises(InvalidInput) as info:
+        probe_onnx(tmp_path / "model.pt2", **LIMITS)
+    assert info.value.code == "unsupported_format" and "unpickles" in info.value.message
