@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ class JobInput:
     eval_dataset: dict[str, Any] | None
     steps: list[dict[str, Any]]
     options: dict[str, Any]
+    referenced_models: dict[str, str] = field(default_factory=dict)  # model id -> artifact key (e.g. students)
 
 
 def _load_data(job: JobInput, store: ArtifactStore, spec: MeasureSpec) -> tuple[StepData, StepData, str]:
@@ -91,6 +92,11 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
     original_path = store.path(job.model["artifact_key"])
     model = onnx.load_model(str(original_path))
 
+    def load_referenced(model_id: str) -> onnx.ModelProto:
+        if model_id not in job.referenced_models:
+            raise CompressionFailed(f"model {model_id} not found", code="input_deleted")
+        return onnx.load_model(str(store.path(job.referenced_models[model_id])))
+
     reports = []
     n = len(job.steps)
     for index, raw in enumerate(job.steps):
@@ -100,7 +106,7 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
         def report(fraction: float, message: str, milestone: bool = False, index: int = index, label: str = label) -> None:
             progress(STEPS_SHARE * (index + fraction) / n, label, message, milestone)
 
-        ctx = StepContext(work_dir=work_dir / f"step{index}", report_progress=report, seed=index)
+        ctx = StepContext(work_dir=work_dir / f"step{index}", report_progress=report, seed=index, load_model=load_referenced)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         result = METHODS[step.method].apply(model, step, train, ctx)
         model = result.model

@@ -71,6 +71,14 @@ def _job_input(session, job) -> JobInput:  # noqa: ANN001
     model = row(StoredModel, job.model_id)
     dataset, eval_ds = row(StoredDataset, job.dataset_id), row(StoredDataset, job.eval_dataset_id)
     as_ds = lambda d: d and {"artifact_key": d.artifact_key, "arrays": d.arrays}  # noqa: E731
+    referenced = {}
+    for step in job.steps:
+        other_id = step.get("student_model_id")
+        if other_id:
+            other = row(StoredModel, other_id)
+            if other.tenant_id != job.tenant_id:  # never another tenant's model, whatever the row says
+                raise JobFailure(f"model {other_id} was deleted before the job ran", code="input_deleted")
+            referenced[other_id] = other.artifact_key
     return JobInput(
         job_id=job.id,
         tenant_id=job.tenant_id,
@@ -79,6 +87,7 @@ def _job_input(session, job) -> JobInput:  # noqa: ANN001
         eval_dataset=as_ds(eval_ds),
         steps=job.steps,
         options=job.options or {},
+        referenced_models=referenced,
     )
 
 

@@ -107,8 +107,41 @@ class PruneStep(StrictModel):
         return self
 
 
-StepSpec = Annotated[Union[QuantizeStep, PruneStep], Field(discriminator="method")]
-STEP_TYPES: tuple[type[StrictModel], ...] = (QuantizeStep, PruneStep)
+class StudentSpec(StrictModel):
+    """How the service derives the student from the teacher."""
+
+    kind: Literal["width", "depth", "low_rank"] = "width"
+    width: float = Field(0.5, gt=0, lt=1, description="width: fraction of every hidden layer's neurons/channels kept (the teacher's most important, by L2 norm).")
+    drop_layers: list[str] = Field(default_factory=list, description="depth: layers to remove (each must map its input shape to itself, e.g. a residual block's conv).")
+    drop_count: int = Field(1, ge=1, le=100, description="depth, when drop_layers is empty: remove this many shape-preserving layers, last first.")
+    rank: int | None = Field(None, ge=1, description="low_rank: rank of every factorised linear layer.")
+    energy: float = Field(0.9, gt=0, le=1, description="low_rank, when rank is unset: keep the singular values holding this share of the energy.")
+
+
+class HintSpec(StrictModel):
+    teacher_layer: str
+    student_layer: str
+
+
+class DistillStep(StrictModel):
+    """Train a smaller student on the uploaded model's outputs (knowledge distillation)."""
+
+    method: Literal["distill"] = "distill"
+    student_model_id: str | None = Field(None, description="Use this uploaded model as the student (same inputs and outputs as the teacher).")
+    student: StudentSpec = Field(default_factory=StudentSpec, description="How to derive the student when student_model_id is not given.")
+    temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature of the soft targets; the soft loss is scaled by T^2.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the hard-label cross-entropy when the data has labels (soft loss: 1 - alpha).")
+    hints: list[HintSpec] = Field(default_factory=list, description="Feature distillation: match these intermediate outputs (a learned projection bridges different widths).")
+    hint_weight: float = Field(1.0, ge=0)
+    epochs: int = Field(10, ge=1, le=1000)
+    patience: int | None = Field(None, ge=1, description="Early stopping: stop after this many epochs without a better validation score.")
+    schedule: Literal["cosine", "constant"] = "cosine"
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    compare_baseline: bool = Field(False, description="Also train the same student from scratch on hard labels with the same budget, and report both.")
+
+
+StepSpec = Annotated[Union[QuantizeStep, PruneStep, DistillStep], Field(discriminator="method")]
+STEP_TYPES: tuple[type[StrictModel], ...] = (QuantizeStep, PruneStep, DistillStep)
 step_adapter: TypeAdapter[StepSpec] = TypeAdapter(StepSpec)
 
 
@@ -125,6 +158,8 @@ class MeasureSpec(StrictModel):
 def step_requires_dataset(step: StrictModel) -> bool:
     if isinstance(step, QuantizeStep):
         return step.mode == "int8_static"
+    if isinstance(step, DistillStep):
+        return True
     if isinstance(step, PruneStep):
         return step.finetune_epochs > 0 or step.importance in ("apoz", "taylor") or step.max_accuracy_drop is not None
     return False

@@ -123,3 +123,19 @@ def test_prometheus_metrics(client: TestClient, model_id: str) -> None:
     assert "modelshrink_queue_depth 1.0" in text
     assert 'modelshrink_http_requests_total{method="POST",route="/v1/jobs",status="202"}' in text
     assert "modelshrink_job_duration_seconds_bucket" in text
+
+
+def test_distill_specs_are_checked_at_submit(client: TestClient, model_id: str) -> None:
+    unlabelled = client.post("/v1/datasets", files={"file": ("d.npz", dataset_npz(mlp(), samples=8, labels=False))}).json()["id"]
+    cases = [
+        ({"steps": [{"method": "distill", "temperature": 0}]}, "temperature"),
+        ({"steps": [{"method": "distill"}]}, "set dataset_id"),
+        ({"dataset_id": unlabelled, "steps": [{"method": "distill", "compare_baseline": True}]}, "labels"),
+    ]
+    other = client.post("/v1/models", files={"file": ("s.onnx", to_bytes(mlp(in_features=16, classes=3)))}).json()["id"]
+    cases.append(({"dataset_id": unlabelled, "steps": [{"method": "distill", "student_model_id": other}]}, "output shape"))
+    cases.append(({"dataset_id": unlabelled, "steps": [{"method": "distill", "student_model_id": "mdl_nope"}]}, "not found"))
+    for extra, fragment in cases:
+        response = client.post("/v1/jobs", json={"model_id": model_id, **extra})
+        assert response.status_code in (404, 422), response.text
+        assert fragment in response.text, (fragment, response.text)

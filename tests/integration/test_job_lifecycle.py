@@ -272,3 +272,21 @@ def test_prune_job_reports_epochs_and_honours_cancel(settings: Settings, start_w
         client.post(f"/v1/jobs/{job_id}/cancel")
         job, _ = follow(client, job_id)
         assert job["status"] == "cancelled"
+
+
+def test_distill_cnn_into_half_width_student_over_http(settings: Settings, start_worker) -> None:  # noqa: ANN001
+    start_worker(settings)
+    with make_client(settings) as client:
+        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+        teacher = cnn(channels=16)
+        model_id, dataset_id = upload(client, teacher, samples=256)
+        step = {"method": "distill", "student": {"kind": "width", "width": 0.5}, "epochs": 3, "compare_baseline": True}
+        job, events = follow(client, client.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "steps": [step], "measure": QUICK_MEASURE}).json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        assert sum("distilling: epoch" in e["progress"]["message"] for e in events) == 3
+        report = job["metrics"]["step_reports"][0]
+        assert report["student_parameters"] < report["teacher_parameters"] / 2
+        assert "baseline_from_scratch" in report
+        metrics = job["metrics"]
+        assert metrics["compressed"]["parameters"] < metrics["original"]["parameters"] / 2
+        assert metrics["compressed"]["fidelity"]["top1_agreement"] is not None

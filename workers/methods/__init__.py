@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from workers.methods import prune, quantize
+from workers.methods import distill, prune, quantize
 
 METHODS: dict[str, ModuleType] = {
     "quantize": quantize,
     "prune": prune,
+    "distill": distill,
 }

@@ -54,6 +54,8 @@ class StepContext:
     work_dir: Path
     report_progress: Callable[..., None] = lambda fraction, message, milestone=False: None
     seed: int = 0
+    # Loads another of the tenant's uploaded models by id (e.g. a distillation student).
+    load_model: Callable[[str], onnx.ModelProto] | None = None
 
     def progress(self, fraction: float, message: str, milestone: bool = False) -> None:
         """Report progress within this step (0..1); a milestone (an epoch or round finished) is

@@ -24,7 +24,7 @@ from service.core.events import channel, publish, redis_url
 from service.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from service.core.jobstore import job_public, request_cancel
 from service.core.queue import enqueue_job, enqueue_webhook
-from service.core.specs import step_requires_dataset
+from service.core.specs import DistillStep, step_requires_dataset
 from service.core.tables import TERMINAL_STATUSES, Job, new_id
 from service.core.webhooks import check_webhook_url
 
@@ -49,11 +49,28 @@ def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None
         if ds_id is not None:
             dataset = owned_dataset(session, tenant_id, ds_id)
             check_against_model(dataset.arrays, model.inputs, what=f"{field} {ds_id}")
+    dataset = owned_dataset(session, tenant_id, body.dataset_id) if body.dataset_id else None
     for index, step in enumerate(body.steps):
         if step_requires_dataset(step) and body.dataset_id is None:
             raise InvalidInput(f"steps[{index}] ({step.method}) needs data (calibration, fine-tuning or importance): set dataset_id")
+        if isinstance(step, DistillStep):
+            _validate_distill(session, tenant_id, index, step, model, dataset)
     if body.webhook_url:
         check_webhook_url(body.webhook_url, settings)
+
+
+def _validate_distill(session, tenant_id: str, index: int, step: DistillStep, teacher, dataset) -> None:  # noqa: ANN001
+    if step.compare_baseline and dataset is not None and not dataset.has_labels:
+        raise InvalidInput(f"steps[{index}]: compare_baseline trains on hard labels, but the dataset has no 'labels' array")
+    if step.student_model_id:
+        student = owned_model(session, tenant_id, step.student_model_id)
+        t_in = [(i["name"], i["shape"][1:]) for i in teacher.inputs]
+        s_in = [(i["name"], i["shape"][1:]) for i in student.inputs]
+        if t_in != s_in:
+            raise InvalidInput(f"steps[{index}]: the student's inputs {s_in} do not match the teacher's {t_in}", code="invalid_student")
+        t_out, s_out = teacher.outputs[0]["shape"][1:], student.outputs[0]["shape"][1:]
+        if t_out != s_out:
+            raise InvalidInput(f"steps[{index}]: the student's output shape {s_out} does not match the teacher's {t_out}", code="invalid_student")
 
 
 def _created(job: Job) -> JSONResponse:

@@ -72,3 +72,30 @@ def test_residual_cnn_with_batch_norm_structured_half_the_channels(tmp_path: Pat
     assert error_rate(result.model, test_x, test_y) - error_rate(model, test_x, test_y) <= 0.03
     widths = {row["layer"]: row["shape_after"][0] for row in result.report["layers"]}
     assert widths["stem.0"] == widths["block.3"] == 8  # the residual add keeps both branches equally wide
+
+
+@pytest.fixture(scope="module")
+def mnist_data() -> StepData:
+    train_x, train_y = mnist.load("train")
+    test_x, test_y = mnist.load("test")
+    return StepData(inputs={"x": train_x}, labels=train_y, evaluation=StepData(inputs={"x": test_x}, labels=test_y))
+
+
+def test_lenet_distilled_into_a_quarter_size_student(lenet: onnx.ModelProto, mnist_data: StepData, tmp_path: Path) -> None:
+    from service.core.specs import DistillStep
+    from workers.methods import distill
+
+    spec = DistillStep(student={"kind": "width", "width": 0.25}, epochs=10, compare_baseline=True, training={"lr": 2e-3, "batch_size": 128})
+    labelled = distill.apply(lenet, spec, mnist_data, StepContext(work_dir=tmp_path))
+    report = labelled.report
+    assert report["student_parameters"] <= report["teacher_parameters"] / 4
+    test_x, test_y = mnist_data.evaluation.inputs["x"], mnist_data.evaluation.labels
+    teacher_error, student_error = error_rate(lenet, test_x, test_y), error_rate(labelled.model, test_x, test_y)
+    assert student_error - teacher_error <= 0.005, f"{teacher_error:.4f} -> {student_error:.4f}"
+    assert report["baseline_from_scratch"]["score"] > 0.9  # the from-scratch student is reported next to it
+    assert len(report["curve"]) == 10 and report["best_epoch"] >= 1
+
+    unlabelled_data = StepData(inputs=mnist_data.inputs, labels=None, evaluation=mnist_data.evaluation)
+    unlabelled = distill.apply(lenet, spec.model_copy(update={"compare_baseline": False}), unlabelled_data, StepContext(work_dir=tmp_path))
+    assert unlabelled.report["labels_used"] is False
+    assert (1 - error_rate(unlabelled.model, test_x, test_y)) >= 0.97 * (1 - student_error)

@@ -1,0 +1,109 @@
+"""Students derived from the teacher: narrower (its most important neurons/channels), shallower
+(shape-preserving layers removed) or low-rank (linear layers factorised by SVD)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from service.core.errors import InvalidInput
+from service.core.specs import StudentSpec
+from workers.pruning.layers import output_layer, weighted_layers
+from workers.trainable.from_onnx import OnnxGraphModule
+
+
+def by_width(teacher: OnnxGraphModule, width: float, example: tuple[torch.Tensor, ...]) -> OnnxGraphModule:
+    """Keep `width` of every hidden layer's channels, chosen by L2 norm; coupled layers shrink together."""
+    student = copy.deepcopy(teacher)
+    layers = weighted_layers(student)
+    keep_out = [layers[output_layer(student)]]
+    pruner = tp.pruner.MetaPruner(
+        student, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=1.0 - width, ignored_layers=keep_out, global_pruning=False,
+    )
+    pruner.step()
+    return student
+
+
+def _shape_preserving(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features == layer.out_features
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        same_padding = all(p == (k - 1) // 2 * d for p, k, d in zip(layer.padding, layer.kernel_size, layer.dilation)) if not isinstance(layer.padding, str) else False
+        return layer.in_channels == layer.out_channels and all(s == 1 for s in layer.stride) and same_padding and all(k % 2 == 1 for k in layer.kernel_size)
+    return False
+
+
+def by_depth(teacher: OnnxGraphModule, spec: StudentSpec) -> tuple[OnnxGraphModule, list[str]]:
+    """Replace shape-preserving layers by identities (a residual block's branch then adds only its skip)."""
+    student = copy.deepcopy(teacher)
+    names = {student.layer_names[k]: k for k in student.layers}
+    droppable = [n for n, k in names.items() if _shape_preserving(student.layers[k]) and n != output_layer(student)]
+    chosen = spec.drop_layers or droppable[-spec.drop_count:]
+    bad = [n for n in chosen if n not in droppable]
+    if bad or not chosen:
+        raise InvalidInput(
+            f"cannot drop {bad or 'any layer'}: only layers that map their input shape to itself can be removed; this model has {droppable or 'none'}",
+            code="invalid_student",
+        )
+    for name in chosen:
+        key = names[name]
+        student.layers[key] = nn.Identity()
+        # A batch norm right after a dropped layer would normalise statistics that no longer exist.
+        outputs = next(step[3] for step in student.plan if step[0] == "layer" and step[1] == key)
+        for kind, target, ins, _outs, _extra in student.plan:
+            if kind == "layer" and ins == outputs and isinstance(student.layers[target], nn.modules.batchnorm._BatchNorm):
+                student.layers[target] = nn.Identity()
+    return student, chosen
+
+
+def _rank_for(s: torch.Tensor, spec: StudentSpec) -> int:
+    if spec.rank is not None:
+        return min(spec.rank, len(s))
+    energy = torch.cumsum(s**2, 0) / torch.sum(s**2)
+    return int(torch.searchsorted(energy, torch.tensor(spec.energy)).item()) + 1
+
+
+def by_low_rank(teacher: OnnxGraphModule, spec: StudentSpec) -> tuple[OnnxGraphModule, dict[str, int]]:
+    """Factorise each linear layer W (out x in) as (U_r S_r)(V_r^T) when that stores fewer numbers."""
+    student = copy.deepcopy(teacher)
+    ranks = {}
+    for key, layer in list(student.layers.items()):
+        if not isinstance(layer, nn.Linear):
+            continue
+        u, s, vh = torch.linalg.svd(layer.weight.detach(), full_matrices=False)
+        r = _rank_for(s, spec)
+        if r * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
+            continue
+        first = nn.Linear(layer.in_features, r, bias=False)
+        second = nn.Linear(r, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            first.weight.copy_(vh[:r])
+            second.weight.copy_(u[:, :r] * s[:r])
+            if layer.bias is not None:
+                second.bias.copy_(layer.bias)
+        student.layers[key] = nn.Sequential(first, second)
+        ranks[student.layer_names[key]] = r
+    if not ranks:
+        raise InvalidInput("no linear layer gets smaller at that rank/energy; lower `rank` or `energy`", code="invalid_student")
+    return student, ranks
+
+
+def reinitialise(module: nn.Module, seed: int) -> None:
+    """Fresh random weights, for the from-scratch baseline."""
+    torch.manual_seed(seed)
+    for m in module.modules():
+        if hasattr(m, "reset_parameters") and m is not module:
+            m.reset_parameters()
+
+
+def architecture(module: OnnxGraphModule) -> list[dict]:
+    rows = []
+    for key, layer in module.layers.items():
+        shapes = [list(p.shape) for name, p in layer.named_parameters() if name.endswith("weight")]
+        rows.append({"layer": module.layer_names[key], "type": type(layer).__name__, "weights": shapes,
+                     "parameters": sum(p.numel() for p in layer.parameters())})
+    return rows

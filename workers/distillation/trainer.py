@@ -1,0 +1,143 @@
+"""The distillation training loop: soft targets at temperature T (loss x T^2), mixed with hard
+labels by alpha when there are labels, optional hint (feature) losses through learned projections,
+a cosine or constant schedule, validation every epoch, early stopping, best epoch kept."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.core.specs import DistillStep
+from workers.trainable.training import TrainConfig, make_optimizer, predict, quality
+
+
+@dataclass
+class Data:
+    inputs: list[torch.Tensor]
+    labels: np.ndarray | None
+    teacher: torch.Tensor  # the teacher's outputs on `inputs`
+
+
+@dataclass
+class History:
+    epochs: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = float("-inf")
+    stopped_early: bool = False
+
+
+class _Hooks:
+    """Capture named modules' outputs during a forward pass."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
+
+    def _hook(self, name: str):  # noqa: ANN202
+        def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            self.values[name] = output
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _projection(student_dim: int, teacher_dim: int, conv: bool) -> nn.Module:
+    if student_dim == teacher_dim:
+        return nn.Identity()
+    return nn.Conv2d(student_dim, teacher_dim, 1) if conv else nn.Linear(student_dim, teacher_dim)
+
+
+def distill(
+    student: nn.Module,
+    train: Data,
+    validation: Data,
+    spec: DistillStep,
+    on_epoch: Callable[[int, dict], None],
+    hint_pairs: list[tuple[nn.Module, nn.Module, torch.Tensor]] | None = None,
+    hard_labels_only: bool = False,
+) -> History:
+    """Train `student` in place; it ends holding the best epoch's weights."""
+    config = TrainConfig(epochs=spec.epochs, **spec.training.model_dump())
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    labels = torch.from_numpy(train.labels).long() if train.labels is not None else None
+    t = spec.temperature
+
+    projections = nn.ModuleList()
+    teacher_feats: list[torch.Tensor] = []
+    student_hooks = None
+    if hint_pairs and not hard_labels_only:
+        student_hooks = _Hooks({str(i): s for i, (_, s, _) in enumerate(hint_pairs)})
+        with torch.no_grad():
+            student(*(x[:2] for x in train.inputs))
+        for i, (_, _, feats) in enumerate(hint_pairs):
+            s_out = student_hooks.values[str(i)]
+            projections.append(_projection(s_out.shape[1], feats.shape[1], s_out.dim() == 4))
+            teacher_feats.append(feats)
+
+    params = list(student.parameters()) + list(projections.parameters())
+    optimizer = make_optimizer(params, config)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs) if spec.schedule == "cosine" else None
+    history = History()
+    best_state = copy.deepcopy(student.state_dict())
+    n = len(train.inputs[0])
+    for epoch in range(spec.epochs):
+        student.train()
+        order = torch.randperm(n, generator=generator)
+        totals = {"loss": 0.0, "soft": 0.0, "hard": 0.0, "hint": 0.0}
+        seen = 0
+        for start in range(0, n, config.batch_size):
+            idx = order[start:start + config.batch_size]
+            if len(idx) < 2:
+                continue
+            out = student(*(x[idx] for x in train.inputs))
+            out = out[0] if isinstance(out, tuple) else out
+            parts = {}
+            if hard_labels_only:
+                parts["hard"] = F.cross_entropy(out, labels[idx])
+                loss = parts["hard"]
+            else:
+                soft = F.kl_div(F.log_softmax(out / t, 1), F.softmax(train.teacher[idx] / t, 1), reduction="batchmean") * t * t
+                parts["soft"] = soft
+                if labels is not None and spec.alpha > 0:
+                    parts["hard"] = F.cross_entropy(out, labels[idx])
+                    loss = spec.alpha * parts["hard"] + (1 - spec.alpha) * soft
+                else:
+                    loss = soft
+                if student_hooks is not None:
+                    hint = sum(F.mse_loss(p(student_hooks.values[str(i)]), teacher_feats[i][idx]) for i, p in enumerate(projections))
+                    parts["hint"] = hint
+                    loss = loss + spec.hint_weight * hint
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seen += len(idx)
+            totals["loss"] += loss.item() * len(idx)
+            for k, v in parts.items():
+                totals[k] += v.item() * len(idx)
+        if scheduler:
+            scheduler.step()
+        score = quality(predict(student, validation.inputs), validation.labels, validation.teacher)
+        record = {"epoch": epoch + 1, **{k: v / max(1, seen) for k, v in totals.items() if v}, "validation": score}
+        history.epochs.append(record)
+        if score > history.best_score:
+            history.best_score, history.best_epoch = score, epoch + 1
+            best_state = copy.deepcopy(student.state_dict())
+        on_epoch(epoch, record)
+        if spec.patience is not None and epoch + 1 - history.best_epoch >= spec.patience:
+            history.stopped_early = True
+            break
+    if student_hooks is not None:
+        student_hooks.remove()
+    student.load_state_dict(best_state)
+    student.eval()
+    return history
