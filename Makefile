@@ -29,3 +29,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.status_load
 	$(BIN)/python -m bench.upload_throughput
 	$(BIN)/python -m bench.pruning_mnist
+	$(BIN)/python -m bench.distill_mnist
