@@ -216,5 +216,18 @@ def download(job_id: str, output: Annotated[Path, typer.Option("-o", "--output")
     err.print(f"saved {output}")
 
 
+@app.command()
+def unpack(bundle: Path, output: Annotated[Path, typer.Option("-o", "--output")]) -> None:
+    """Decode a .msz bundle (the huffman step's artifact) back to its exact ONNX model."""
+    from workers.bundle import BundleError, decode
+
+    try:
+        output.write_bytes(decode(bundle.read_bytes()))
+    except (BundleError, OSError, ValueError) as exc:
+        err.print(f"[red]cannot unpack {bundle}: {exc}[/red]")
+        raise typer.Exit(1) from None
+    err.print(f"wrote {output} ({output.stat().st_size} bytes)")
+
+
 if __name__ == "__main__":
     app(sys.argv[1:])

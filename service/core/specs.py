@@ -37,17 +37,33 @@ class CalibrationSpec(StrictModel):
         return self
 
 
+class TrainingSpec(StrictModel):
+    """How fine-tuning runs (labels when the data has them, otherwise the original model's outputs)."""
+
+    batch_size: int = Field(64, ge=1, le=65536)
+    lr: float = Field(1e-3, gt=0, le=10)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    seed: int = 0
+
+
 class QuantizeStep(StrictModel):
     """Quantize an ONNX model with ONNX Runtime's quantization tools."""
 
     method: Literal["quantize"] = "quantize"
-    mode: Literal["auto", "int8_dynamic", "int8_static", "fp16"] = Field(
+    mode: Literal["auto", "int8_dynamic", "int8_static", "fp16", "int4_weight_only", "binary"] = Field(
         "auto",
         description=(
             "auto: int8_static (QDQ, per-channel) when the job has a dataset; without one, int8_dynamic on "
-            "MatMul/Gemm only, because dynamic int8 convolutions (ConvInteger) are much slower on CPU."
+            "MatMul/Gemm only, because dynamic int8 convolutions (ConvInteger) are much slower on CPU. "
+            "int4_weight_only: ONNX Runtime's MatMulNBits (4-bit blocks) for matrix products. "
+            "binary: weights = sign x per-channel scale, 1 bit per weight stored, fine-tuned with a straight-through estimator."
         ),
     )
+    block_size: int = Field(32, ge=16, le=256, description="int4_weight_only: weights per quantization block (a power of two).")
+    binary_keep_first_last: bool = Field(True, description="binary: leave the first and last layers in float (as XNOR-Net and most binary networks do).")
+    finetune_epochs: int = Field(0, ge=0, le=1000, description="binary: straight-through fine-tuning epochs (needs a dataset).")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
     per_channel: bool | None = Field(
         None,
         description=(
@@ -61,16 +77,6 @@ class QuantizeStep(StrictModel):
     exclude_op_types: list[str] = Field(default_factory=list, description="Operator types left in float.")
     exclude_nodes: list[str] = Field(default_factory=list, description="Node names left in float.")
     keep_io_types: bool = Field(True, description="fp16: keep float32 model inputs/outputs so callers need no change.")
-
-
-class TrainingSpec(StrictModel):
-    """How fine-tuning runs (labels when the data has them, otherwise the original model's outputs)."""
-
-    batch_size: int = Field(64, ge=1, le=65536)
-    lr: float = Field(1e-3, gt=0, le=10)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    seed: int = 0
 
 
 class PruneStep(StrictModel):
@@ -140,8 +146,48 @@ class DistillStep(StrictModel):
     compare_baseline: bool = Field(False, description="Also train the same student from scratch on hard labels with the same budget, and report both.")
 
 
-StepSpec = Annotated[Union[QuantizeStep, PruneStep, DistillStep], Field(discriminator="method")]
-STEP_TYPES: tuple[type[StrictModel], ...] = (QuantizeStep, PruneStep, DistillStep)
+class ClusterStep(StrictModel):
+    """Weight sharing: k-means per layer; the model stores a codebook and bit-packed indices."""
+
+    method: Literal["cluster"] = "cluster"
+    bits: int = Field(5, ge=2, le=8, description="2^bits centroids per layer (a pruned layer reserves one for zero).")
+    init: Literal["linear", "density", "kmeans++"] = Field("linear", description="Centroid initialisation (Han et al. found linear best).")
+    layer_bits: dict[str, int] = Field(default_factory=dict, description="Per-layer overrides of `bits`, by layer name.")
+    skip_layers: list[str] = Field(default_factory=list)
+    min_elements: int = Field(256, ge=1, description="Smaller weight tensors stay float32.")
+    finetune_epochs: int = Field(0, ge=0, le=1000, description="Fine-tune the centroids (gradients summed per cluster); needs a dataset.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    @model_validator(mode="after")
+    def _bits(self) -> "ClusterStep":
+        for name, bits in self.layer_bits.items():
+            if not 2 <= bits <= 8:
+                raise ValueError(f"layer_bits['{name}'] must be between 2 and 8")
+        return self
+
+
+class HuffmanStep(StrictModel):
+    """Entropy-code the model's integer tensors (cluster indices, sparse gaps) into a .msz bundle that
+    decodes to exactly the same ONNX model (`modelshrink unpack`). Must be the last step."""
+
+    method: Literal["huffman"] = "huffman"
+
+
+class DeepCompressionStep(StrictModel):
+    """The Deep Compression recipe (Han, Mao & Dally, ICLR 2016): prune with fine-tuning, cluster with
+    centroid fine-tuning, Huffman-code; a per-stage table of size and accuracy. Must be the last step."""
+
+    method: Literal["deep_compression"] = "deep_compression"
+    prune: PruneStep = Field(default_factory=lambda: PruneStep(kind="unstructured", amount=0.92, iterations=3, finetune_epochs=3))
+    cluster: ClusterStep = Field(default_factory=lambda: ClusterStep(bits=5, finetune_epochs=2))
+    huffman: bool = True
+
+
+StepSpec = Annotated[
+    Union[QuantizeStep, PruneStep, DistillStep, ClusterStep, HuffmanStep, DeepCompressionStep], Field(discriminator="method")
+]
+STEP_TYPES: tuple[type[StrictModel], ...] = (QuantizeStep, PruneStep, DistillStep, ClusterStep, HuffmanStep, DeepCompressionStep)
+BUNDLE_STEPS = ("huffman", "deep_compression")
 step_adapter: TypeAdapter[StepSpec] = TypeAdapter(StepSpec)
 
 
@@ -157,9 +203,13 @@ class MeasureSpec(StrictModel):
 
 def step_requires_dataset(step: StrictModel) -> bool:
     if isinstance(step, QuantizeStep):
-        return step.mode == "int8_static"
+        return step.mode == "int8_static" or (step.mode == "binary" and step.finetune_epochs > 0)
     if isinstance(step, DistillStep):
         return True
+    if isinstance(step, ClusterStep):
+        return step.finetune_epochs > 0
+    if isinstance(step, DeepCompressionStep):
+        return step_requires_dataset(step.prune) or step_requires_dataset(step.cluster)
     if isinstance(step, PruneStep):
         return step.finetune_epochs > 0 or step.importance in ("apoz", "taylor") or step.max_accuracy_drop is not None
     return False

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from workers.methods import distill, prune, quantize
+from workers.methods import cluster, deep_compression, distill, huffman, prune, quantize
 
 METHODS: dict[str, ModuleType] = {
     "quantize": quantize,
     "prune": prune,
     "distill": distill,
+    "cluster": cluster,
+    "huffman": huffman,
+    "deep_compression": deep_compression,
 }

@@ -67,6 +67,8 @@ class StepContext:
 class StepResult:
     model: onnx.ModelProto
     report: dict[str, Any]
+    # A storage bundle that decodes to exactly `model` (the huffman step); shipped as model.msz.
+    bundle: bytes | None = None
 
 
 class Method(Protocol):

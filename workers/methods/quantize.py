@@ -17,6 +17,7 @@ import onnx
 
 from service.core.errors import CompressionFailed, JobFailure
 from service.core.specs import QuantizeStep
+from workers.methods import quantize_lowbit
 from workers.methods.base import StepContext, StepData, StepResult
 
 name = "quantize"
@@ -170,6 +171,10 @@ def apply(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepC
         if mode == "int8_static":
             details = _quantize_static(source, out, spec, data, ctx)
             result = onnx.load_model(str(out))
+        elif mode == "int4_weight_only":
+            result, details = quantize_lowbit.int4_weight_only(model, spec)
+        elif mode == "binary":
+            result, details = quantize_lowbit.binary(model, spec, data, ctx)
         elif mode == "int8_dynamic":
             details = _quantize_dynamic(source, out, spec, auto=spec.mode == "auto")
             result = onnx.load_model(str(out))

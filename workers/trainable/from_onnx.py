@@ -20,6 +20,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from service.core.errors import CompressionFailed
+from workers.constant_folding import fold
 from workers.trainable.onnx_ops import OPS
 
 WEIGHTED = {"Conv", "Gemm", "BatchNormalization"}
@@ -234,7 +235,8 @@ class OnnxGraphModule(nn.Module):
 
 def to_torch(model: onnx.ModelProto) -> OnnxGraphModule:
     try:
-        return OnnxGraphModule(model).eval()  # inference semantics (batch norm running statistics) until trained
+        # fold(): weights stored compactly (sparse gaps, cluster indices) become dense tensors first.
+        return OnnxGraphModule(fold(model)).eval()  # inference semantics (batch norm running statistics) until trained
     except CompressionFailed:
         raise
     except Exception as exc:

@@ -14,7 +14,16 @@ from service.core.errors import CompressionFailed
 OPSET = 17
 
 
-def export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str], dynamic_batch: bool) -> onnx.ModelProto:
+def export(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_batch: bool,
+    fold_constants: bool = True,
+) -> onnx.ModelProto:
+    """fold_constants=False keeps each layer's weight exactly as trained (no batch norm folded into
+    it), for methods that re-encode specific weights after export."""
     module.eval()
     buffer = io.BytesIO()
     # The exporter rejects some valid ONNX names (e.g. "34"): export under placeholders, rename after.
@@ -26,12 +35,32 @@ def export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], input_nam
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module, example, buffer, dynamo=False, opset_version=OPSET,
-                input_names=safe_in, output_names=safe_out, dynamic_axes=axes, do_constant_folding=True,
+                input_names=safe_in, output_names=safe_out, dynamic_axes=axes, do_constant_folding=fold_constants,
             )
     except Exception as exc:
         raise CompressionFailed(f"exporting the compressed model to ONNX failed: {str(exc).splitlines()[0][:300]}", code="export_failed") from exc
     model = onnx.load_model_from_string(buffer.getvalue())
-    _rename(model, dict(zip(safe_in + safe_out, input_names + output_names)))
+    names = dict(zip(safe_in + safe_out, input_names + output_names))
+    # Weights keep the layer names users know from the original model ("fc1.weight", not
+    # "layers.fc1.weight"), so a later step's report and per-layer options use the same names.
+    layer_names = getattr(module, "layer_names", {})
+    for init in model.graph.initializer:
+        head, _, tail = init.name.partition(".")
+        key, _, param = tail.partition(".")
+        if head == "layers" and key in layer_names and param:
+            names[init.name] = f"{layer_names[key]}.{param}"
+    # Intermediate values get short names and nodes none: in a compressed model, the exporter's long
+    # names ("/layers.fc1/Gemm_output_0") are a visible share of the file.
+    keep = set(names) | {i.name for i in model.graph.initializer}
+    counter = 0
+    for node in model.graph.node:
+        node.name = ""
+        for out in node.output:
+            if out and out not in keep and out not in names:
+                names[out] = f"v{counter}"
+                counter += 1
+    _rename(model, names)
+    del model.graph.value_info[:]
     return model
 
 
@@ -39,6 +68,8 @@ def _rename(model: onnx.ModelProto, names: dict[str, str]) -> None:
     graph = model.graph
     for value in list(graph.input) + list(graph.output):
         value.name = names.get(value.name, value.name)
+    for init in graph.initializer:
+        init.name = names.get(init.name, init.name)
     for node in graph.node:
         for i, name in enumerate(node.input):
             node.input[i] = names.get(name, name)

@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.methods.base import StepData
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # methods import this module; a runtime import would be circular
+    from workers.methods.base import StepData
 
 DISTILL_TEMPERATURE = 2.0
 
@@ -30,7 +33,7 @@ class TrainConfig:
     seed: int = 0
 
 
-def tensors(data: StepData, names: list[str]) -> list[torch.Tensor]:
+def tensors(data: "StepData", names: list[str]) -> list[torch.Tensor]:
     return [torch.from_numpy(data.inputs[name]) for name in names]
 
 

@@ -24,7 +24,7 @@ from service.core.events import channel, publish, redis_url
 from service.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from service.core.jobstore import job_public, request_cancel
 from service.core.queue import enqueue_job, enqueue_webhook
-from service.core.specs import DistillStep, step_requires_dataset
+from service.core.specs import BUNDLE_STEPS, DistillStep, step_requires_dataset
 from service.core.tables import TERMINAL_STATUSES, Job, new_id
 from service.core.webhooks import check_webhook_url
 
@@ -55,6 +55,8 @@ def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None
             raise InvalidInput(f"steps[{index}] ({step.method}) needs data (calibration, fine-tuning or importance): set dataset_id")
         if isinstance(step, DistillStep):
             _validate_distill(session, tenant_id, index, step, model, dataset)
+        if step.method in BUNDLE_STEPS and index != len(body.steps) - 1:
+            raise InvalidInput(f"steps[{index}] ({step.method}) writes the final storage bundle, so it must be the last step")
     if body.webhook_url:
         check_webhook_url(body.webhook_url, settings)
 

@@ -1,0 +1,135 @@
+"""Weight clustering, the Huffman bundle, and the low-bit quantize modes, on small models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from service.core.specs import ClusterStep, HuffmanStep, QuantizeStep
+from tests.builders import cnn, mlp, reference_outputs
+from workers import bundle
+from workers.clustering.kmeans import kmeans_1d
+from workers.clustering.storage import pack_nibbles, unpack_nibbles
+from workers.constant_folding import fold
+from workers.methods import cluster, huffman, prune, quantize
+from workers.methods.base import StepContext, StepData
+from workers.metrics import parameter_counts
+from service.core.specs import PruneStep
+
+
+def data_for(model: onnx.ModelProto, n: int = 128) -> StepData:
+    dims = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+    x = np.random.default_rng(0).standard_normal((n, *dims)).astype(np.float32)
+    return StepData(inputs={"x": x}, labels=reference_outputs(model, x).argmax(-1))
+
+
+def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: onnx.numpy_helper.to_array(i) for i in fold(model).graph.initializer}
+
+
+def test_density_init_crowds_where_weights_are_dense() -> None:
+    # Han et al.: density initialisation spends centroids on the many small weights, few on the rare large ones.
+    values = np.concatenate([np.full(100, -1.0), np.full(50, 0.5), np.full(10, 3.0)])
+    centroids, _ = kmeans_1d(values, 3, "density")
+    assert (centroids < 0).sum() == 2 and centroids.max() < 3.0
+
+
+@pytest.mark.parametrize("init", ["linear", "kmeans++"])
+def test_kmeans_1d_finds_separated_clusters(init: str) -> None:
+    values = np.concatenate([np.full(100, -1.0), np.full(50, 0.5), np.full(10, 3.0)]) + np.random.default_rng(0).normal(0, 0.01, 160)
+    centroids, labels = kmeans_1d(values, 3, init)
+    np.testing.assert_allclose(centroids, [-1.0, 0.5, 3.0], atol=0.01)
+    assert np.bincount(labels).tolist() == [100, 50, 10]
+
+
+def test_nibble_packing_round_trips() -> None:
+    idx = np.random.default_rng(0).integers(0, 16, 101)
+    assert np.array_equal(unpack_nibbles(pack_nibbles(idx), 101), idx)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 6])
+def test_clustered_model_holds_codebook_and_indices(bits: int, tmp_path: Path) -> None:
+    model = cnn(channels=16)
+    result = cluster.apply(model, ClusterStep(bits=bits, min_elements=64), StepData(), StepContext(work_dir=tmp_path))
+    onnx.checker.check_model(result.model, full_check=True)
+    dense = weights(result.model)
+    for row in result.report["layers"]:
+        assert row["centroids"] == 2**bits
+    conv = next(w for name, w in dense.items() if w.shape == (16, 16, 3, 3))
+    assert len(np.unique(conv)) <= 2**bits
+    integer_tensors = [i for i in result.model.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and i.name.startswith("cl")]
+    assert integer_tensors, "indices must be stored as integers"
+    x = data_for(model).inputs["x"][:4]
+    assert reference_outputs(result.model, x).shape == (4, 10)
+    if bits == 4:
+        assert len(model.SerializeToString()) / len(result.model.SerializeToString()) > 2.5
+
+
+def test_pruned_layers_keep_their_zeros_when_clustered(tmp_path: Path) -> None:
+    model = mlp(in_features=64, hidden=128)
+    data = data_for(model)
+    pruned = prune.apply(model, PruneStep(kind="unstructured", amount=0.9), data, StepContext(work_dir=tmp_path))
+    clustered = cluster.apply(pruned.model, ClusterStep(bits=4, finetune_epochs=1), data, StepContext(work_dir=tmp_path))
+    onnx.checker.check_model(clustered.model, full_check=True)
+    sparse_rows = [r for r in clustered.report["layers"] if r["sparse"]]
+    assert sparse_rows
+    before = parameter_counts(fold(pruned.model))[1]
+    after = parameter_counts(fold(clustered.model))[1]
+    assert after <= before  # fine-tuning the centroids never revives a pruned weight
+    assert len(clustered.model.SerializeToString()) < len(pruned.model.SerializeToString())
+
+
+def test_huffman_bundle_decodes_to_the_exact_model(tmp_path: Path) -> None:
+    model = mlp(in_features=64, hidden=128)
+    data = data_for(model)
+    pruned = prune.apply(model, PruneStep(kind="unstructured", amount=0.9), data, StepContext(work_dir=tmp_path))
+    clustered = cluster.apply(pruned.model, ClusterStep(bits=4), data, StepContext(work_dir=tmp_path))
+    result = huffman.apply(clustered.model, HuffmanStep(), data, StepContext(work_dir=tmp_path))
+    original = clustered.model.SerializeToString()
+    assert result.bundle is not None and len(result.bundle) < len(original)
+    assert bundle.decode(result.bundle) == original
+    decoded = onnx.load_model_from_string(bundle.decode(result.bundle))
+    x = data.inputs["x"]
+    assert np.array_equal(reference_outputs(decoded, x), reference_outputs(clustered.model, x))
+    (tmp_path / "m.msz").write_bytes(result.bundle)
+    subprocess.run([sys.executable, "-m", "service.cli", "unpack", str(tmp_path / "m.msz"), "-o", str(tmp_path / "m.onnx")], check=True)
+    assert (tmp_path / "m.onnx").read_bytes() == original
+
+
+def test_corrupt_bundle_is_refused() -> None:
+    packed, _ = bundle.encode(mlp().SerializeToString())
+    with pytest.raises(bundle.BundleError):
+        bundle.decode(b"not a bundle")
+    tampered = bytearray(packed)
+    tampered[-1] ^= 0xFF
+    with pytest.raises((bundle.BundleError, Exception)):
+        bundle.decode(bytes(tampered))
+
+
+def test_int4_weight_only_uses_matmulnbits(tmp_path: Path) -> None:
+    model = mlp(in_features=256, hidden=256)
+    result = quantize.apply(model, QuantizeStep(mode="int4_weight_only"), StepData(), StepContext(work_dir=tmp_path))
+    assert result.report["matmuls_quantized"] == 3
+    assert len(model.SerializeToString()) / len(result.model.SerializeToString()) > 4
+    x = data_for(model).inputs["x"][:8]
+    ref, out = reference_outputs(model, x), reference_outputs(result.model, x)
+    assert (ref * out).sum() / (np.linalg.norm(ref) * np.linalg.norm(out)) > 0.98
+
+
+def test_binary_stores_one_bit_per_weight(tmp_path: Path) -> None:
+    model = mlp(in_features=256, hidden=256)
+    data = data_for(model)
+    result = quantize.apply(model, QuantizeStep(mode="binary", binary_keep_first_last=False, finetune_epochs=1), data, StepContext(work_dir=tmp_path))
+    onnx.checker.check_model(result.model, full_check=True)
+    dense = weights(result.model)
+    hidden = next(w for w in dense.values() if w.shape == (256, 256))
+    assert all(len(np.unique(np.abs(row))) == 1 for row in hidden)  # sign x one scale per output channel
+    packed = [i for i in result.model.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and i.name.startswith("bn")]
+    assert sum(int(np.prod(i.dims)) for i in packed) * 8 >= 256 * 256 + 256 * 256 + 256 * 4
+    assert sum(int(np.prod(i.dims)) for i in packed) <= (256 * 256 * 2 + 256 * 4) // 8 + 3
+    assert result.report["quality"]["after"] is not None

@@ -1,0 +1,140 @@
+"""cluster: Deep Compression's weight sharing. Each layer's weights are replaced by the nearest of
+2^bits shared values (1-D k-means; a pruned layer keeps its zeros as a reserved zero centroid),
+the centroids are optionally fine-tuned with the gradients of their weights summed (Han et al.),
+and the ONNX file stores the codebook plus bit-packed indices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from service.core.errors import CompressionFailed, InvalidInput
+from service.core.specs import ClusterStep
+from workers.clustering import storage
+from workers.clustering.kmeans import kmeans_1d
+from workers.methods.base import StepContext, StepData, StepResult
+from workers.pruning.layers import weighted_layers
+from workers.trainable.from_onnx import to_torch
+from workers.trainable.to_onnx import export
+from workers.trainable.training import TrainConfig, predict, quality, tensors, train
+
+name = "cluster"
+SPEC = ClusterStep
+SPARSE_LAYER = 0.1  # a layer with more zeros than this was pruned: its zeros keep a centroid of their own
+
+
+class SharedWeight(nn.Module):
+    """Parametrization weight = codebook[labels]: autograd sums each cluster's weight gradients into its centroid."""
+
+    def __init__(self, codebook: np.ndarray, labels: np.ndarray, fixed_zero: bool) -> None:
+        super().__init__()
+        self.codebook = nn.Parameter(torch.from_numpy(codebook.copy()))
+        self.register_buffer("labels", torch.from_numpy(labels.astype(np.int64)))
+        self.fixed_zero = fixed_zero
+
+    def forward(self, _original: torch.Tensor) -> torch.Tensor:
+        return self.codebook[self.labels]
+
+    @torch.no_grad()
+    def keep_zero(self) -> None:
+        if self.fixed_zero:
+            self.codebook[0] = 0.0
+
+
+def _cluster_layer(weight: np.ndarray, bits: int, init: str, seed: int) -> storage.Clustered:
+    flat = weight.ravel()
+    zeros = flat == 0
+    if zeros.mean() > SPARSE_LAYER:
+        centroids, labels_nz = kmeans_1d(flat[~zeros], 2**bits - 1, init, seed=seed)
+        labels = np.zeros(flat.shape, np.int64)
+        labels[~zeros] = labels_nz + 1
+        codebook = np.concatenate([[0.0], centroids]).astype(np.float32)
+        return storage.Clustered(codebook, labels.reshape(weight.shape), bits, sparse=True)
+    codebook, labels = kmeans_1d(flat, 2**bits, init, seed=seed)
+    return storage.Clustered(codebook, labels.reshape(weight.shape), bits, sparse=False)
+
+
+def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepContext) -> StepResult:
+    if spec.finetune_epochs and not data.available:
+        raise CompressionFailed("centroid fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
+    ctx.progress(0.0, "clustering weights")
+    module = to_torch(model)
+    layers = weighted_layers(module)
+    unknown = sorted((set(spec.skip_layers) | set(spec.layer_bits)) - set(layers))
+    if unknown:
+        raise InvalidInput(f"unknown layer name(s) {unknown}; the model's layers are {sorted(layers)}", code="unknown_layer")
+    chosen = {n: l for n, l in layers.items() if n not in spec.skip_layers and l.weight.numel() >= spec.min_elements}
+    if not chosen:
+        raise CompressionFailed("no layer is large enough to cluster (see min_elements)", code="nothing_to_cluster")
+
+    shared: dict[str, SharedWeight] = {}
+    for i, (layer_name, layer) in enumerate(chosen.items()):
+        clustered = _cluster_layer(layer.weight.detach().numpy(), spec.layer_bits.get(layer_name, spec.bits), spec.init, spec.training.seed + i)
+        shared[layer_name] = SharedWeight(clustered.codebook, clustered.labels, clustered.sparse)
+        parametrize.register_parametrization(layer, "weight", shared[layer_name], unsafe=True)
+        layer.parametrizations.weight.original.requires_grad_(False)
+        ctx.progress(0.3 * (i + 1) / len(chosen), f"clustered {layer_name}", milestone=True)
+
+    before_score = after_score = None
+    curve: list[float] = []
+    if data.available:
+        names = module.input_names
+        held_out = data.evaluation or data
+        eval_inputs = tensors(held_out, names)
+        reference = predict(to_torch(model), eval_inputs)
+        before_score = quality(predict(module, eval_inputs), held_out.labels, reference)
+        if spec.finetune_epochs:
+            train_inputs = tensors(data, names)
+            teacher = predict(to_torch(model), train_inputs)
+            for s in shared.values():
+                s.keep_zero()
+
+            def on_epoch(epoch: int, loss: float) -> None:
+                ctx.progress(0.3 + 0.6 * (epoch + 1) / spec.finetune_epochs, f"fine-tuning centroids: epoch {epoch + 1}/{spec.finetune_epochs}, loss {loss:.4f}", milestone=True)
+
+            config = TrainConfig(epochs=spec.finetune_epochs, **spec.training.model_dump())
+            curve = train(module, train_inputs, data.labels, teacher, config, on_epoch, lambda: [s.keep_zero() for s in shared.values()], data.fixed_batch)
+        after_score = quality(predict(module, eval_inputs), held_out.labels, reference)
+
+    clustered_now = {n: storage.Clustered(s.codebook.detach().numpy().astype(np.float32), s.labels.numpy(), spec.layer_bits.get(n, spec.bits), s.fixed_zero) for n, s in shared.items()}
+    for layer in chosen.values():
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    ctx.progress(0.92, "exporting with codebooks and packed indices", milestone=True)
+    names = module.input_names
+    example = tuple(torch.from_numpy(_example(model, n)) for n in names)
+    dynamic = not model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    exported = export(module, example, names, module.output_names, dynamic, fold_constants=False)
+
+    replacements, rows = {}, []
+    for index, (layer_name, c) in enumerate(clustered_now.items()):
+        dense = c.codebook[c.labels]
+        found = storage.find_initializer(exported, dense)
+        if found is None:
+            raise CompressionFailed(f"could not locate layer {layer_name}'s weight in the exported model", code="export_failed")
+        init_name, transposed = found
+        if transposed:
+            c = storage.Clustered(c.codebook, c.labels.T.copy(), c.bits, c.sparse)
+        replacements[init_name] = storage.encode(init_name, c, prefix=f"cl{index}")
+        rows.append({"layer": layer_name, "shape": list(dense.shape), "bits": c.bits, "centroids": len(c.codebook),
+                     "sparse": c.sparse, "stored_bytes": storage.stored_bytes(c) + 4 * len(c.codebook), "dense_bytes": dense.size * 4})
+    result = storage.replace_initializers(exported, replacements)
+    report: dict[str, Any] = {
+        "bits": spec.bits,
+        "init": spec.init,
+        "layers": rows,
+        "quality_before_finetune": before_score,
+        "quality_after": after_score,
+        "finetune_loss": curve,
+    }
+    return StepResult(model=result, report=report)
+
+
+def _example(model: onnx.ModelProto, input_name: str) -> np.ndarray:
+    vi = next(i for i in model.graph.input if i.name == input_name)
+    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in vi.type.tensor_type.shape.dim]
+    return np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))

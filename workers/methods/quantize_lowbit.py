@@ -1,0 +1,158 @@
+"""The two quantize modes below 8 bits: int4 weight-only (ONNX Runtime's MatMulNBits) and binary
+weights (sign x per-channel scale, trained with a straight-through estimator, stored at 1 bit)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+from torch.nn.utils import parametrize
+
+from service.core.errors import CompressionFailed
+from service.core.specs import QuantizeStep
+from workers.clustering.storage import find_initializer, replace_initializers
+from workers.methods.base import StepContext, StepData
+from workers.pruning.layers import weighted_layers
+from workers.trainable.from_onnx import to_torch
+from workers.trainable.to_onnx import export
+from workers.trainable.training import TrainConfig, predict, quality, tensors, train
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Gemm(A, B const, C) -> MatMul(A, B') + Add(C): MatMulNBits only replaces MatMul nodes."""
+    out = copy.deepcopy(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    nodes = []
+    for node in out.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(node)
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        weight = weight.T if attrs.get("transB", 0) else weight
+        name = f"{node.input[1]}__kn"
+        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = f"{node.output[0]}__mm" if has_bias else node.output[0]
+        nodes.append(helper.make_node("MatMul", [node.input[0], name], [mm_out]))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]]))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    used = {i for n in out.graph.node for i in n.input}
+    kept = [i for i in out.graph.initializer if i.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
+
+
+def int4_weight_only(model: onnx.ModelProto, spec: QuantizeStep) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    prepared = gemm_to_matmul(model)  # the quantizer edits its input in place: work on a copy
+    quantizer = MatMulNBitsQuantizer(prepared, bits=4, block_size=spec.block_size, is_symmetric=True, nodes_to_exclude=spec.exclude_nodes or None)
+    quantizer.process()
+    result = quantizer.model.model
+    converted = sum(n.op_type == "MatMulNBits" for n in result.graph.node)
+    if converted == 0:
+        raise CompressionFailed("int4_weight_only found no MatMul/Gemm with a constant weight to quantize (convolutions are not supported by MatMulNBits)", code="nothing_to_quantize")
+    left = sum(n.op_type in ("MatMul", "Conv") for n in result.graph.node)
+    return result, {"block_size": spec.block_size, "matmuls_quantized": converted, "float_ops_left": left}
+
+
+class Binarize(nn.Module):
+    """weight -> alpha * sign(weight) with alpha the per-output-channel mean |weight|; the backward
+    pass treats it as identity (straight-through), so the latent float weights keep learning."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        alpha = w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
+        binary = torch.where(w >= 0, alpha, -alpha)
+        return w + (binary - w).detach()
+
+
+BITS = "bin__table"
+
+
+def _encode_binary(name: str, weight: np.ndarray, prefix: str) -> tuple[list, list]:
+    """Nodes computing `name` from packed sign bits and per-channel scales."""
+    alpha = np.abs(weight).reshape(weight.shape[0], -1).max(axis=1).astype(np.float32)
+    bits = np.packbits(weight.ravel() > 0)
+    n = weight.size
+    scale_shape = [weight.shape[0]] + [1] * (weight.ndim - 1)
+    inits = [
+        numpy_helper.from_array(bits, f"{prefix}b"),
+        numpy_helper.from_array(alpha.reshape(scale_shape), f"{prefix}s"),
+        numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}f"),
+        numpy_helper.from_array(np.array([0], np.int64), f"{prefix}0"),
+        numpy_helper.from_array(np.array([n], np.int64), f"{prefix}n"),
+        numpy_helper.from_array(np.array(weight.shape, np.int64), f"{prefix}h"),
+        numpy_helper.from_array(np.array(2.0, np.float32), f"{prefix}2"),
+        numpy_helper.from_array(np.array(1.0, np.float32), f"{prefix}1"),
+    ]
+    nodes = [
+        helper.make_node("Cast", [f"{prefix}b"], [f"{prefix}B"], to=TensorProto.INT32),
+        helper.make_node("Gather", [BITS, f"{prefix}B"], [f"{prefix}G"], axis=0),  # byte -> its 8 bits
+        helper.make_node("Reshape", [f"{prefix}G", f"{prefix}f"], [f"{prefix}R"]),
+        helper.make_node("Slice", [f"{prefix}R", f"{prefix}0", f"{prefix}n"], [f"{prefix}S"]),
+        helper.make_node("Cast", [f"{prefix}S"], [f"{prefix}F"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{prefix}F", f"{prefix}2"], [f"{prefix}M"]),
+        helper.make_node("Sub", [f"{prefix}M", f"{prefix}1"], [f"{prefix}P"]),  # {0,1} -> {-1,+1}
+        helper.make_node("Reshape", [f"{prefix}P", f"{prefix}h"], [f"{prefix}W"]),
+        helper.make_node("Mul", [f"{prefix}W", f"{prefix}s"], [name]),
+    ]
+    return nodes, inits
+
+
+def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    if spec.finetune_epochs and not data.available:
+        raise CompressionFailed("binary fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
+    module = to_torch(model)
+    layers = weighted_layers(module)
+    names = list(layers)
+    chosen = names[1:-1] if spec.binary_keep_first_last and len(names) > 2 else names
+    if not chosen:
+        raise CompressionFailed("no layer left to binarize (the first and last are kept in float)", code="nothing_to_quantize")
+    for layer_name in chosen:
+        parametrize.register_parametrization(layers[layer_name], "weight", Binarize())
+    scores: dict[str, Any] = {}
+    if data.available:
+        held_out = data.evaluation or data
+        eval_inputs = tensors(held_out, module.input_names)
+        reference = predict(to_torch(model), eval_inputs)
+        scores["before_finetune"] = quality(predict(module, eval_inputs), held_out.labels, reference)
+        if spec.finetune_epochs:
+            train_inputs = tensors(data, module.input_names)
+            config = TrainConfig(epochs=spec.finetune_epochs, **spec.training.model_dump())
+
+            def on_epoch(epoch: int, loss: float) -> None:
+                ctx.progress(0.1 + 0.8 * (epoch + 1) / spec.finetune_epochs, f"straight-through fine-tuning: epoch {epoch + 1}/{spec.finetune_epochs}, loss {loss:.4f}", milestone=True)
+
+            train(module, train_inputs, data.labels, predict(to_torch(model), train_inputs), config, on_epoch, None, data.fixed_batch)
+        scores["after"] = quality(predict(module, eval_inputs), held_out.labels, reference)
+    for layer_name in chosen:
+        parametrize.remove_parametrizations(layers[layer_name], "weight", leave_parametrized=True)
+    example = tuple(t[:2] for t in tensors(data, module.input_names)) if data.available else tuple(torch.zeros([2] + [d if isinstance(d, int) else 1 for d in _shape(model, n)[1:]]) for n in module.input_names)
+    dynamic = not model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
+    exported = export(module, example, module.input_names, module.output_names, dynamic, fold_constants=False)
+    replacements = {}
+    for index, layer_name in enumerate(chosen):
+        weight = layers[layer_name].weight.detach().numpy()
+        found = find_initializer(exported, weight)
+        if found is None:
+            raise CompressionFailed(f"could not locate layer {layer_name}'s weight in the exported model", code="export_failed")
+        init_name, transposed = found
+        replacements[init_name] = _encode_binary(init_name, weight.T.copy() if transposed else weight, f"bn{index}")
+    result = replace_initializers(exported, replacements)
+    table = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)
+    result.graph.initializer.append(numpy_helper.from_array(table, BITS))
+    return result, {"binarized_layers": chosen, "float_layers": [n for n in names if n not in chosen], "quality": scores}
+
+
+def _shape(model: onnx.ModelProto, input_name: str) -> list:
+    vi = next(i for i in model.graph.input if i.name == input_name)
+    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
