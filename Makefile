@@ -30,3 +30,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.upload_throughput
 	$(BIN)/python -m bench.pruning_mnist
 	$(BIN)/python -m bench.distill_mnist
+	$(BIN)/python -m bench.deep_compression_mnist

@@ -179,7 +179,7 @@ class DeepCompressionStep(StrictModel):
 
     method: Literal["deep_compression"] = "deep_compression"
     prune: PruneStep = Field(default_factory=lambda: PruneStep(kind="unstructured", amount=0.92, iterations=3, finetune_epochs=3))
-    cluster: ClusterStep = Field(default_factory=lambda: ClusterStep(bits=5, finetune_epochs=2))
+    cluster: ClusterStep = Field(default_factory=lambda: ClusterStep(bits=4, finetune_epochs=2, training=TrainingSpec(lr=1e-4)))
     huffman: bool = True
 
 

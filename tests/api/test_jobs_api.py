@@ -139,3 +139,8 @@ def test_distill_specs_are_checked_at_submit(client: TestClient, model_id: str) 
         response = client.post("/v1/jobs", json={"model_id": model_id, **extra})
         assert response.status_code in (404, 422), response.text
         assert fragment in response.text, (fragment, response.text)
+
+
+def test_bundle_steps_must_come_last(client: TestClient, model_id: str) -> None:
+    response = client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"method": "huffman"}, {"method": "quantize", "mode": "fp16"}]})
+    assert response.status_code == 422 and "must be the last step" in response.json()["error"]["message"]

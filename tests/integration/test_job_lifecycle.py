@@ -290,3 +290,22 @@ def test_distill_cnn_into_half_width_student_over_http(settings: Settings, start
         metrics = job["metrics"]
         assert metrics["compressed"]["parameters"] < metrics["original"]["parameters"] / 2
         assert metrics["compressed"]["fidelity"]["top1_agreement"] is not None
+
+
+@pytest.mark.parametrize("step", [
+    {"method": "quantize", "mode": "int4_weight_only"},
+    {"method": "quantize", "mode": "binary", "binary_keep_first_last": False, "finetune_epochs": 1},
+    {"method": "cluster", "bits": 4},
+], ids=["int4", "binary", "cluster"])
+def test_low_bit_steps_end_to_end(settings: Settings, start_worker, step: dict) -> None:  # noqa: ANN001
+    start_worker(settings)
+    with make_client(settings) as client:
+        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+        model_id, dataset_id = upload(client, mlp(in_features=128, hidden=256), samples=128)
+        body = {"model_id": model_id, "dataset_id": dataset_id, "steps": [step], "measure": QUICK_MEASURE}
+        job, _ = follow(client, client.post("/v1/jobs", json=body).json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        metrics = job["metrics"]
+        assert metrics["compression_ratio"] > 3
+        assert metrics["compressed"]["accuracy"] is not None  # honest accuracy, whatever it is
+        assert metrics["compressed"]["parameters"] >= 128 * 256  # counted on the dense weights the runtime uses

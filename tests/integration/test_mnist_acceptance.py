@@ -99,3 +99,23 @@ def test_lenet_distilled_into_a_quarter_size_student(lenet: onnx.ModelProto, mni
     unlabelled = distill.apply(lenet, spec.model_copy(update={"compare_baseline": False}), unlabelled_data, StepContext(work_dir=tmp_path))
     assert unlabelled.report["labels_used"] is False
     assert (1 - error_rate(unlabelled.model, test_x, test_y)) >= 0.97 * (1 - student_error)
+
+
+def test_residual_cnn_clustered_at_4_bits(tmp_path: Path) -> None:
+    from service.core.specs import ClusterStep
+    from workers.methods import cluster
+
+    train_x, train_y = mnist.load("train")
+    test_x, test_y = mnist.load("test")
+    train_x, test_x = downsample(train_x[:8000]), downsample(test_x[:2000])
+    train_y, test_y = train_y[:8000], test_y[:2000]
+    net = train_residual_cnn(train_x, train_y)
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (torch.zeros(2, 1, 14, 14),), buffer, dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    model = onnx.load_model_from_string(buffer.getvalue())
+    data = StepData(inputs={"x": train_x}, labels=train_y, evaluation=StepData(inputs={"x": test_x}, labels=test_y))
+    result = cluster.apply(model, ClusterStep(bits=4, finetune_epochs=2, min_elements=64), data, StepContext(work_dir=tmp_path))
+    onnx.checker.check_model(result.model, full_check=True)
+    assert len(model.SerializeToString()) / len(result.model.SerializeToString()) >= 6
+    assert error_rate(result.model, test_x, test_y) - error_rate(model, test_x, test_y) <= 0.01
