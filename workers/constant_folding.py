@@ -12,7 +12,11 @@ from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 # Ops whose output depends only on their inputs; anything else is left in place.
-_NEVER_FOLD = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+# Quantization nodes stay: they are the quantized model's storage format, as ONNX Runtime keeps them.
+_NEVER_FOLD = {
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear",
+}
 
 
 def fold(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -40,7 +44,10 @@ def fold(model: onnx.ModelProto) -> onnx.ModelProto:
         [i for i in graph.initializer if i.name in needed_inits],
     )
     sub_model = helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
-    values = ReferenceEvaluator(sub_model).run(None, {})
+    try:
+        values = ReferenceEvaluator(sub_model).run(None, {})
+    except Exception:  # an operator the reference evaluator lacks: leave the graph as it is
+        return model
 
     out = onnx.ModelProto()
     out.CopyFrom(model)

@@ -113,7 +113,8 @@ def test_broker_down_is_503_and_leaves_no_job(tmp_path: Path) -> None:
 def test_methods_are_listed_with_their_schema(client: TestClient) -> None:
     body = client.get("/v1/methods").json()
     quantize = next(m for m in body["data"] if m["name"] == "quantize")
-    assert set(quantize["schema"]["properties"]["mode"]["enum"]) == {"auto", "int8_dynamic", "int8_static", "fp16"}
+    assert set(quantize["schema"]["properties"]["mode"]["enum"]) == {"auto", "int8_dynamic", "int8_static", "fp16", "int4_weight_only", "binary"}
+    assert {m["name"] for m in body["data"]} == {"quantize", "prune", "distill", "cluster", "huffman", "deep_compression"}
 
 
 def test_prometheus_metrics(client: TestClient, model_id: str) -> None:
