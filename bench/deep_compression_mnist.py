@@ -13,12 +13,7 @@ from tests import mnist
 
 
 def main() -> None:
-    work = Path(tempfile.mkdtemp())
-    train_x, train_y = mnist.load("train")
-    test_x, test_y = mnist.load("test")
-    (work / "lenet.onnx").write_bytes(mnist.lenet_300_100(epochs=4))
-    (work / "train.npz").write_bytes(mnist.npz(train_x, train_y))
-    (work / "test.npz").write_bytes(mnist.npz(test_x, test_y))
+    files = mnist.write_files(Path(tempfile.mkdtemp()))
     step = {
         "method": "deep_compression",
         "prune": {"kind": "unstructured", "amount": 0.92, "iterations": 3, "finetune_epochs": 3, "training": {"lr": 5e-4, "batch_size": 128}},
@@ -26,7 +21,7 @@ def main() -> None:
     }
     env = {"MODELSHRINK_MAX_DATASET_DECOMPRESSED_BYTES": str(2 * 1024**3)}
     with running_service(env) as svc:
-        job = run_job(Client(svc["url"], svc["key"], timeout=600), work / "lenet.onnx", work / "train.npz", work / "test.npz", step)
+        job = run_job(Client(svc["url"], svc["key"], timeout=600), files["lenet"], files["train"], files["test"], step)
     stages = job["metrics"]["step_reports"][0]["stages"]
     rows = [[s["stage"], s["size_bytes"] / 1000, s["ratio"], 100 * (1 - s["accuracy"])] for s in stages]
     rows.append(["paper: original -> Deep Compression", "1070 -> 27", 40.0, "1.64 -> 1.58"])

@@ -13,19 +13,13 @@ from tests import mnist
 
 
 def main() -> None:
-    work = Path(tempfile.mkdtemp())
-    train_x, train_y = mnist.load("train")
-    test_x, test_y = mnist.load("test")
-    (work / "lenet.onnx").write_bytes(mnist.lenet_300_100(epochs=4))
-    (work / "train.npz").write_bytes(mnist.npz(train_x, train_y))
-    (work / "train_unlabelled.npz").write_bytes(mnist.npz(train_x, None))
-    (work / "test.npz").write_bytes(mnist.npz(test_x, test_y))
+    files = mnist.write_files(Path(tempfile.mkdtemp()), unlabelled=True)
     step = {"method": "distill", "student": {"kind": "width", "width": 0.25}, "epochs": 10, "training": {"lr": 2e-3, "batch_size": 128}}
     env = {"MODELSHRINK_MAX_DATASET_DECOMPRESSED_BYTES": str(2 * 1024**3)}
     with running_service(env) as svc:
         client = Client(svc["url"], svc["key"], timeout=600)
-        labelled = run_job(client, work / "lenet.onnx", work / "train.npz", work / "test.npz", {**step, "compare_baseline": True})
-        unlabelled = run_job(client, work / "lenet.onnx", work / "train_unlabelled.npz", work / "test.npz", step)
+        labelled = run_job(client, files["lenet"], files["train"], files["test"], {**step, "compare_baseline": True})
+        unlabelled = run_job(client, files["lenet"], files["train_unlabelled"], files["test"], step)
     rows = []
     for name, job in (("distilled, labels (alpha 0.5, T 4)", labelled), ("distilled, no labels (soft targets only)", unlabelled)):
         m, r = job["metrics"], job["metrics"]["step_reports"][0]

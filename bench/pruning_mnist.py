@@ -61,9 +61,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     train_x, train_y = mnist.load("train")
     test_x, test_y = mnist.load("test")
-    (work / "lenet.onnx").write_bytes(mnist.lenet_300_100(epochs=LENET_EPOCHS))
-    (work / "train.npz").write_bytes(mnist.npz(train_x, train_y))
-    (work / "test.npz").write_bytes(mnist.npz(test_x, test_y))
+    files = mnist.write_files(work, lenet_epochs=LENET_EPOCHS)
 
     net = train_residual_cnn(downsample(train_x[:8000]), train_y[:8000])
     buffer = io.BytesIO()
@@ -80,7 +78,7 @@ def main() -> None:
     env = {"MODELSHRINK_MAX_DATASET_DECOMPRESSED_BYTES": str(2 * 1024**3)}
     with running_service(env) as svc:
         client = Client(svc["url"], svc["key"], timeout=600)
-        lenet = run_job(client, work / "lenet.onnx", work / "train.npz", work / "test.npz", unstructured)
+        lenet = run_job(client, files["lenet"], files["train"], files["test"], unstructured)
         cnn = run_job(client, work / "rescnn.onnx", work / "train14.npz", work / "test14.npz", structured)
     rows = [
         row("LeNet-300-100, unstructured 92%", lenet),

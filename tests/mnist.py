@@ -76,3 +76,17 @@ def npz(images: np.ndarray, labels: np.ndarray | None) -> bytes:
         arrays["labels"] = labels
     np.savez(buffer, **arrays)
     return buffer.getvalue()
+
+
+def write_files(work: Path, lenet_epochs: int = 4, unlabelled: bool = False) -> dict[str, Path]:
+    """LeNet-300-100 as ONNX plus the train/test splits as .npz files, for the HTTP benchmarks."""
+    train_x, train_y = load("train")
+    test_x, test_y = load("test")
+    paths = {"lenet": work / "lenet.onnx", "train": work / "train.npz", "test": work / "test.npz"}
+    paths["lenet"].write_bytes(lenet_300_100(epochs=lenet_epochs))
+    paths["train"].write_bytes(npz(train_x, train_y))
+    paths["test"].write_bytes(npz(test_x, test_y))
+    if unlabelled:
+        paths["train_unlabelled"] = work / "train_unlabelled.npz"
+        paths["train_unlabelled"].write_bytes(npz(train_x, None))
+    return paths

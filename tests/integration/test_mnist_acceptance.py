@@ -48,12 +48,17 @@ def test_lenet_300_100_unstructured_92_percent(lenet: onnx.ModelProto, tmp_path:
     assert all(row["sparsity"] > 0.8 for row in hidden)
 
 
-def test_residual_cnn_with_batch_norm_structured_half_the_channels(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def small_mnist():  # noqa: ANN201
+    """MNIST at 14x14 (8,000 training and 2,000 test images) and a residual CNN trained on it."""
     train_x, train_y = mnist.load("train")
     test_x, test_y = mnist.load("test")
-    train_x, test_x = downsample(train_x[:8000]), downsample(test_x[:2000])
-    train_y, test_y = train_y[:8000], test_y[:2000]
-    net = train_residual_cnn(train_x, train_y)
+    train = (downsample(train_x[:8000]), train_y[:8000])
+    return train, (downsample(test_x[:2000]), test_y[:2000]), train_residual_cnn(*train)
+
+
+def test_residual_cnn_with_batch_norm_structured_half_the_channels(small_mnist, tmp_path: Path) -> None:  # noqa: ANN001
+    (train_x, train_y), (test_x, test_y), net = small_mnist
     buffer = io.BytesIO()
     # do_constant_folding=False keeps BatchNormalization nodes (folding would fuse them into the convs).
     torch.onnx.export(net, (torch.zeros(2, 1, 14, 14),), buffer, dynamo=False, opset_version=17, do_constant_folding=False,
@@ -101,15 +106,11 @@ def test_lenet_distilled_into_a_quarter_size_student(lenet: onnx.ModelProto, mni
     assert (1 - error_rate(unlabelled.model, test_x, test_y)) >= 0.97 * (1 - student_error)
 
 
-def test_residual_cnn_clustered_at_4_bits(tmp_path: Path) -> None:
+def test_residual_cnn_clustered_at_4_bits(small_mnist, tmp_path: Path) -> None:  # noqa: ANN001
     from service.core.specs import ClusterStep
     from workers.methods import cluster
 
-    train_x, train_y = mnist.load("train")
-    test_x, test_y = mnist.load("test")
-    train_x, test_x = downsample(train_x[:8000]), downsample(test_x[:2000])
-    train_y, test_y = train_y[:8000], test_y[:2000]
-    net = train_residual_cnn(train_x, train_y)
+    (train_x, train_y), (test_x, test_y), net = small_mnist
     buffer = io.BytesIO()
     torch.onnx.export(net, (torch.zeros(2, 1, 14, 14),), buffer, dynamo=False, opset_version=17,
                       input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})

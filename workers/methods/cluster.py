@@ -20,7 +20,7 @@ from workers.clustering.kmeans import kmeans_1d
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.pruning.layers import weighted_layers
 from workers.trainable.from_onnx import to_torch
-from workers.trainable.to_onnx import export
+from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.training import TrainConfig, predict, quality, tensors, train
 
 name = "cluster"
@@ -106,9 +106,8 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     ctx.progress(0.92, "exporting with codebooks and packed indices", milestone=True)
     names = module.input_names
-    example = tuple(torch.from_numpy(_example(model, n)) for n in names)
-    dynamic = not model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
-    exported = export(module, example, names, module.output_names, dynamic, fold_constants=False)
+    example = tuple(torch.from_numpy(example_input(model, n)) for n in names)
+    exported = export(module, example, names, module.output_names, has_dynamic_batch(model), fold_constants=False)
 
     replacements, rows = {}, []
     for index, (layer_name, c) in enumerate(clustered_now.items()):
@@ -133,8 +132,3 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     }
     return StepResult(model=result, report=report)
 
-
-def _example(model: onnx.ModelProto, input_name: str) -> np.ndarray:
-    vi = next(i for i in model.graph.input if i.name == input_name)
-    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in vi.type.tensor_type.shape.dim]
-    return np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))

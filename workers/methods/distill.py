@@ -15,9 +15,8 @@ from service.core.specs import DistillStep
 from workers.distillation import students
 from workers.distillation.trainer import Data, distill
 from workers.methods.base import StepContext, StepData, StepResult
-from workers.pruning.layers import weighted_layers
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
-from workers.trainable.to_onnx import export
+from workers.trainable.to_onnx import export, has_dynamic_batch
 from workers.trainable.training import is_classifier, predict, quality, tensors
 
 name = "distill"
@@ -123,9 +122,5 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
         report["baseline_from_scratch"] = {"score": baseline.best_score, "best_epoch": baseline.best_epoch, "curve": baseline.epochs}
         report["distillation_gain"] = history.best_score - baseline.best_score
     ctx.progress(0.97, "exporting the student to ONNX", milestone=True)
-    dynamic = not (model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value"))
-    result = export(student, example, teacher.input_names, teacher.output_names, dynamic)
-    report["layers_before_after"] = [
-        {"layer": n, "teacher": list(w.weight.shape)} for n, w in weighted_layers(teacher).items()
-    ]
+    result = export(student, example, teacher.input_names, teacher.output_names, has_dynamic_batch(model))
     return StepResult(model=result, report=report)

@@ -19,7 +19,7 @@ from workers.methods.base import StepContext, StepData, StepResult
 from workers.pruning import structured, unstructured
 from workers.pruning.layers import selected_layers, weighted_layers
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
-from workers.trainable.to_onnx import export
+from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.training import TrainConfig, predict, quality, tensors, train
 
 name = "prune"
@@ -35,7 +35,7 @@ class _Run:
         self.module: OnnxGraphModule = to_torch(model)
         self.has_data = data.available
         self.fixed_batch = data.fixed_batch
-        self.dynamic_batch = not isinstance(_batch_dim(model), int)
+        self.dynamic_batch = has_dynamic_batch(model)
         names = self.module.input_names
         if data.available:
             self.inputs, self.labels = tensors(data, names), data.labels
@@ -43,7 +43,7 @@ class _Run:
             self.eval_inputs, self.eval_labels = tensors(held_out, names), held_out.labels
             self.evaluated_on = "evaluation data" if data.evaluation else "training data (no evaluation dataset)"
         else:
-            self.inputs = self.eval_inputs = [torch.from_numpy(_example(model, i)) for i in names]
+            self.inputs = self.eval_inputs = [torch.from_numpy(np.random.default_rng(0).standard_normal(example_input(model, i).shape).astype(example_input(model, i).dtype)) for i in names]
             self.labels = self.eval_labels = None
             self.evaluated_on = "synthetic inputs"
         self.teacher = predict(self.module, self.inputs)
@@ -84,19 +84,6 @@ class _Run:
 
     def exceeds_budget(self, value: float) -> bool:
         return self.spec.max_accuracy_drop is not None and self.baseline - value > self.spec.max_accuracy_drop + 1e-12
-
-
-def _batch_dim(model: onnx.ModelProto) -> int | str | None:
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    if not dims:
-        return None
-    return dims[0].dim_value if dims[0].HasField("dim_value") else dims[0].dim_param
-
-
-def _example(model: onnx.ModelProto, input_name: str) -> np.ndarray:
-    vi = next(i for i in model.graph.input if i.name == input_name)
-    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 2 for d in vi.type.tensor_type.shape.dim]
-    return np.random.default_rng(0).standard_normal(shape).astype(onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
 
 
 def _layer_table(before: dict[str, tuple], run: _Run, thresholds: dict[str, float] | None) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from workers.clustering.storage import find_initializer, replace_initializers
 from workers.methods.base import StepContext, StepData
 from workers.pruning.layers import weighted_layers
 from workers.trainable.from_onnx import to_torch
-from workers.trainable.to_onnx import export
+from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.training import TrainConfig, predict, quality, tensors, train
 
 
@@ -136,9 +136,8 @@ def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: Step
         scores["after"] = quality(predict(module, eval_inputs), held_out.labels, reference)
     for layer_name in chosen:
         parametrize.remove_parametrizations(layers[layer_name], "weight", leave_parametrized=True)
-    example = tuple(t[:2] for t in tensors(data, module.input_names)) if data.available else tuple(torch.zeros([2] + [d if isinstance(d, int) else 1 for d in _shape(model, n)[1:]]) for n in module.input_names)
-    dynamic = not model.graph.input[0].type.tensor_type.shape.dim[0].HasField("dim_value")
-    exported = export(module, example, module.input_names, module.output_names, dynamic, fold_constants=False)
+    example = tuple(torch.from_numpy(example_input(model, n)) for n in module.input_names)
+    exported = export(module, example, module.input_names, module.output_names, has_dynamic_batch(model), fold_constants=False)
     replacements = {}
     for index, layer_name in enumerate(chosen):
         weight = layers[layer_name].weight.detach().numpy()
@@ -152,7 +151,3 @@ def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: Step
     result.graph.initializer.append(numpy_helper.from_array(table, BITS))
     return result, {"binarized_layers": chosen, "float_layers": [n for n in names if n not in chosen], "quality": scores}
 
-
-def _shape(model: onnx.ModelProto, input_name: str) -> list:
-    vi = next(i for i in model.graph.input if i.name == input_name)
-    return [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]

@@ -6,12 +6,25 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 import onnx
 import torch
 
 from service.core.errors import CompressionFailed
 
 OPSET = 17
+
+
+def example_input(model: onnx.ModelProto, input_name: str, batch: int = 2) -> np.ndarray:
+    """Zeros shaped like one of the model's inputs (dynamic axes -> `batch`), to trace an export."""
+    vi = next(i for i in model.graph.input if i.name == input_name)
+    shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else batch for d in vi.type.tensor_type.shape.dim]
+    return np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+
+
+def has_dynamic_batch(model: onnx.ModelProto) -> bool:
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return bool(dims) and not dims[0].HasField("dim_value")
 
 
 def export(
