@@ -123,8 +123,9 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     table.add_column("metric")
     table.add_column("original", justify="right")
     table.add_column("compressed", justify="right")
-    table.add_row("size (bytes)", _fmt(o["size_bytes"]), _fmt(c["size_bytes"]))
+    table.add_row("size (bytes)", _fmt(o["size_bytes"]), _fmt(c["size_bytes"]) + (" (bundle)" if c.get("onnx_size_bytes", c["size_bytes"]) != c["size_bytes"] else ""))
     table.add_row("parameters", _fmt(o["parameters"]), _fmt(c["parameters"]))
+    table.add_row("non-zero parameters", _fmt(o.get("nonzero_parameters")), _fmt(c.get("nonzero_parameters")))
     table.add_row("MACs / sample", _fmt(o.get("macs")), _fmt(c.get("macs")))
     for lo, lc in zip(o["latency_by_batch"], c["latency_by_batch"]):
         table.add_row(f"latency p50 / p95 (ms), batch {lo['batch']}", f"{lo['p50']:.3f} / {lo['p95']:.3f}", f"{lc['p50']:.3f} / {lc['p95']:.3f}")
@@ -180,6 +181,10 @@ def submit(
         dest = output or model.with_name(model.stem + ".compressed.onnx")
         client.download(job["id"], "model.onnx", dest)
         err.print(f"saved {dest}")
+        if any(a["name"] == "model.msz" for a in job["artifacts"]):
+            bundle = dest.with_suffix(".msz")
+            client.download(job["id"], "model.msz", bundle)
+            err.print(f"saved {bundle} (the Huffman bundle; `modelshrink unpack` restores the ONNX model)")
         print(job["id"])
     except ApiFailure as exc:
         err.print(f"[red]{exc}[/red]")

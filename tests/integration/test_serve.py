@@ -66,6 +66,20 @@ def test_serve_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         final = [data for event, data in client.events(job["id"]) if event == "end"][0]
         assert final["status"] == "succeeded", final["error"]
         client.download(job["id"], "model.onnx", tmp_path / "first.onnx")
+
+        # The CLI a person scripts with: submit --wait prints the metrics table and saves the model.
+        cli_env = {**env, "MODELSHRINK_URL": url, "MODELSHRINK_API_KEY": key}
+        step = '{"method":"quantize","mode":"int8_dynamic"}'
+        submitted = subprocess.run([EXE, "submit", str(tmp_path / "m.onnx"), "--step", step, "--wait", "-o", str(tmp_path / "cli.onnx")],
+                                   env=cli_env, capture_output=True, text=True, timeout=120)
+        assert submitted.returncode == 0, submitted.stderr
+        cli_job = submitted.stdout.strip().splitlines()[-1]
+        assert cli_job.startswith("job_") and "compression ratio" in submitted.stdout
+        assert (tmp_path / "cli.onnx").stat().st_size > 0
+        shown = subprocess.run([EXE, "status", cli_job], env=cli_env, capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and "succeeded" in shown.stdout
+        missing = subprocess.run([EXE, "status", "job_nope"], env=cli_env, capture_output=True, text=True, timeout=60)
+        assert missing.returncode == 1 and "not_found" in missing.stderr
     finally:
         stop(proc)
 
