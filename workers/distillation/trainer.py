@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.core.specs import DistillStep
+from workers.trainable.device import training_device
 from workers.trainable.training import TrainConfig, make_optimizer, predict, quality
 
 
@@ -84,6 +85,9 @@ def distill(
             projections.append(_projection(s_out.shape[1], feats.shape[1], s_out.dim() == 4))
             teacher_feats.append(feats)
 
+    device = training_device()
+    student.to(device)
+    projections.to(device)
     params = list(student.parameters()) + list(projections.parameters())
     optimizer = make_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=spec.epochs) if spec.schedule == "cosine" else None
@@ -91,7 +95,7 @@ def distill(
     best_state = copy.deepcopy(student.state_dict())
     n = len(train.inputs[0])
     for epoch in range(spec.epochs):
-        student.train()
+        student.to(device).train()
         order = torch.randperm(n, generator=generator)
         totals = {"loss": 0.0, "soft": 0.0, "hard": 0.0, "hint": 0.0}
         seen = 0
@@ -99,22 +103,22 @@ def distill(
             idx = order[start:start + config.batch_size]
             if len(idx) < 2:
                 continue
-            out = student(*(x[idx] for x in train.inputs))
+            out = student(*(x[idx].to(device) for x in train.inputs))
             out = out[0] if isinstance(out, tuple) else out
             parts = {}
             if hard_labels_only:
-                parts["hard"] = F.cross_entropy(out, labels[idx])
+                parts["hard"] = F.cross_entropy(out, labels[idx].to(device))
                 loss = parts["hard"]
             else:
-                soft = F.kl_div(F.log_softmax(out / t, 1), F.softmax(train.teacher[idx] / t, 1), reduction="batchmean") * t * t
+                soft = F.kl_div(F.log_softmax(out / t, 1), F.softmax(train.teacher[idx].to(device) / t, 1), reduction="batchmean") * t * t
                 parts["soft"] = soft
                 if labels is not None and spec.alpha > 0:
-                    parts["hard"] = F.cross_entropy(out, labels[idx])
+                    parts["hard"] = F.cross_entropy(out, labels[idx].to(device))
                     loss = spec.alpha * parts["hard"] + (1 - spec.alpha) * soft
                 else:
                     loss = soft
                 if student_hooks is not None:
-                    hint = sum(F.mse_loss(p(student_hooks.values[str(i)]), teacher_feats[i][idx]) for i, p in enumerate(projections))
+                    hint = sum(F.mse_loss(p(student_hooks.values[str(i)]), teacher_feats[i][idx].to(device)) for i, p in enumerate(projections))
                     parts["hint"] = hint
                     loss = loss + spec.hint_weight * hint
             optimizer.zero_grad()
@@ -126,6 +130,7 @@ def distill(
                 totals[k] += v.item() * len(idx)
         if scheduler:
             scheduler.step()
+        student.to("cpu")
         score = quality(predict(student, validation.inputs), validation.labels, validation.teacher)
         record = {"epoch": epoch + 1, **{k: v / max(1, seen) for k, v in totals.items() if v}, "validation": score}
         history.epochs.append(record)
@@ -138,6 +143,7 @@ def distill(
             break
     if student_hooks is not None:
         student_hooks.remove()
+    student.to("cpu")
     student.load_state_dict(best_state)
     student.eval()
     return history

@@ -19,6 +19,7 @@ from workers.clustering import storage
 from workers.clustering.kmeans import kmeans_1d
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.pruning.layers import weighted_layers
+from workers.trainable.device import training_device
 from workers.trainable.from_onnx import to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.training import TrainConfig, predict, quality, tensors, train
@@ -125,6 +126,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     report: dict[str, Any] = {
         "bits": spec.bits,
         "init": spec.init,
+        "device": str(training_device()),
         "layers": rows,
         "quality_before_finetune": before_score,
         "quality_after": after_score,

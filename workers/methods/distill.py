@@ -15,6 +15,7 @@ from service.core.specs import DistillStep
 from workers.distillation import students
 from workers.distillation.trainer import Data, distill
 from workers.methods.base import StepContext, StepData, StepResult
+from workers.trainable.device import training_device
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 from workers.trainable.to_onnx import export, has_dynamic_batch
 from workers.trainable.training import is_classifier, predict, quality, tensors
@@ -97,6 +98,7 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
     history = distill(student, train, validation, spec, on_epoch, hint_pairs)
     report: dict[str, Any] = {
         "student": derivation,
+        "device": str(training_device()),
         "teacher_architecture": students.architecture(teacher),
         "student_architecture": students.architecture(student),
         "teacher_parameters": _params(teacher),

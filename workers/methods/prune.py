@@ -18,6 +18,7 @@ from workers import sparse_pack
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.pruning import structured, unstructured
 from workers.pruning.layers import selected_layers, weighted_layers
+from workers.trainable.device import training_device
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.training import TrainConfig, predict, quality, tensors, train
@@ -238,6 +239,7 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
     target_reached = outcome["stopped"] is None
     report = {
         "kind": spec.kind,
+        "device": str(training_device()),
         "lottery_ticket": spec.lottery_ticket,
         "importance": spec.importance,
         "scope": spec.scope,

@@ -58,7 +58,8 @@ def masks_for(
 @torch.no_grad()
 def apply_masks(layers: dict[str, nn.Module], masks: dict[str, torch.Tensor]) -> None:
     for name, mask in masks.items():
-        layers[name].weight.mul_(mask)
+        weight = layers[name].weight
+        weight.mul_(mask.to(weight.device))
 
 
 def sparsity(layers: dict[str, nn.Module]) -> float:

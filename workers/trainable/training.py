@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.trainable.device import training_device
+
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # methods import this module; a runtime import would be circular
@@ -39,12 +41,15 @@ def tensors(data: "StepData", names: list[str]) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def predict(module: nn.Module, inputs: list[torch.Tensor], batch_size: int = 256) -> torch.Tensor:
-    module.eval()
+    """First output over all inputs, computed on the training device, returned on the CPU."""
+    device = training_device()
+    module.to(device).eval()
     n = len(inputs[0])
     outs = []
     for start in range(0, n, batch_size):
-        out = module(*(t[start:start + batch_size] for t in inputs))
-        outs.append(out[0] if isinstance(out, tuple) else out)
+        out = module(*(t[start:start + batch_size].to(device) for t in inputs))
+        outs.append((out[0] if isinstance(out, tuple) else out).cpu())
+    module.to("cpu")
     return torch.cat(outs)
 
 
@@ -89,6 +94,8 @@ def train(
     """Train for config.epochs; `on_epoch(epoch, loss)` runs after each epoch (progress, cancel);
     `after_step` after each optimiser step (e.g. re-applying pruning masks)."""
     generator = torch.Generator().manual_seed(config.seed)
+    device = training_device()
+    module.to(device)  # before the optimiser is built, so it holds the device's parameters
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], config)
     label_tensor = torch.from_numpy(labels).long() if labels is not None else None
     n = len(inputs[0])
@@ -102,9 +109,9 @@ def train(
             idx = order[start:start + batch]
             if len(idx) < 2 and not fixed_batch:
                 continue  # batch norm cannot train on one sample
-            out = module(*(t[idx] for t in inputs))
+            out = module(*(t[idx].to(device) for t in inputs))
             out = out[0] if isinstance(out, tuple) else out
-            loss = _loss(out, label_tensor[idx] if label_tensor is not None else None, teacher[idx])
+            loss = _loss(out, label_tensor[idx].to(device) if label_tensor is not None else None, teacher[idx].to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -113,6 +120,8 @@ def train(
             total += loss.item() * len(idx)
             count += len(idx)
         losses.append(total / max(1, count))
+        module.to("cpu")  # callbacks (evaluation, cancellation) and exports expect the CPU module
         on_epoch(epoch, losses[-1])
-    module.eval()
+        module.to(device)
+    module.to("cpu").eval()
     return losses
