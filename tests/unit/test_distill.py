@@ -99,3 +99,12 @@ def test_bad_specs(tmp_path: Path) -> None:
     with pytest.raises(CompressionFailed) as info:
         distill.apply(teacher, DistillStep(compare_baseline=True), data_for(teacher, labels=False), StepContext(work_dir=tmp_path))
     assert info.value.code == "labels_required"
+
+
+def test_same_seed_gives_the_same_student(tmp_path: Path) -> None:
+    teacher = mlp(in_features=32, hidden=64)
+    data = data_for(teacher)
+    first, _ = run(teacher, data, tmp_path, epochs=2, training={"seed": 7})
+    second, _ = run(teacher, data, tmp_path, epochs=2, training={"seed": 7})
+    assert first.model.SerializeToString() == second.model.SerializeToString()
+    assert first.report["curve"] == second.report["curve"]
