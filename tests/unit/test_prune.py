@@ -58,6 +58,8 @@ def test_structured_really_narrows_layers(data: StepData, tmp_path: Path, import
     result = run(model, data, tmp_path, kind="structured", amount=0.5, scope="layer", importance=importance)
     shapes = {row["layer"]: row["shape_after"] for row in result.report["layers"]}
     assert shapes == {"w0": [32, 32], "w1": [32, 32], "w2": [4, 32]}
+    thresholds = {row["layer"]: row["importance_threshold"] for row in result.report["layers"]}
+    assert thresholds["w0"] is not None and thresholds["w1"] is not None and thresholds["w2"] is None
     assert parameter_counts(result.model)[0] < parameter_counts(model)[0] * 0.6
     assert macs_per_sample(result.model) < macs_per_sample(model) * 0.6
     out = reference_outputs(result.model, data.inputs["x"][:4])

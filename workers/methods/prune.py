@@ -183,6 +183,7 @@ def _structured(run: _Run) -> dict[str, Any]:
     except Exception as exc:
         raise CompressionFailed(f"torch-pruning could not build the layer dependency graph: {str(exc).splitlines()[0][:300]}", code="structured_pruning_failed") from exc
     params_before = sum(p.numel() for p in run.module.parameters())
+    thresholds: dict[str, float] = {}
 
     def prune_round(r: int) -> dict[str, Any]:
         if spec.importance == "taylor":
@@ -190,7 +191,23 @@ def _structured(run: _Run) -> dict[str, Any]:
         if spec.importance == "apoz":
             with importance.measure(run.module):
                 predict(run.module, [t[:2048] for t in run.inputs])
+        # Score every channel group before the step; after it, a layer's threshold is the score of
+        # the most important channel that was still removed (its k-th smallest, k = channels removed).
+        raw = copy.copy(importance)
+        raw.normalizer = None
+        owners = {id(layer): layer_name for layer_name, layer in all_layers.items()}
+        scores: dict[str, torch.Tensor] = {}
+        for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers, root_module_types=pruner.root_module_types):
+            owner = owners.get(id(group[0][0].target.module))
+            value = raw(group) if owner is not None else None
+            if value is not None:
+                scores[owner] = value.detach().flatten()
+        widths = {n: all_layers[n].weight.shape[0] for n in scores}
         pruner.step()
+        for layer_name, value in scores.items():
+            removed = widths[layer_name] - all_layers[layer_name].weight.shape[0]
+            if removed > 0:
+                thresholds[layer_name] = float(torch.sort(value).values[removed - 1])
         return {"parameters": sum(p.numel() for p in run.module.parameters()), "parameters_removed": 1 - sum(p.numel() for p in run.module.parameters()) / params_before}
 
     # Structured rounds change shapes, so the best model is kept as a whole module, not a state dict.
@@ -211,7 +228,7 @@ def _structured(run: _Run) -> dict[str, Any]:
             code="accuracy_budget_exceeded",
         )
     run.module = best_module[0]
-    return {"rounds": rounds, "kept_round": best_module[1], "stopped": stopped, "thresholds": None,
+    return {"rounds": rounds, "kept_round": best_module[1], "stopped": stopped, "thresholds": thresholds,
             "achieved": 1 - sum(p.numel() for p in run.module.parameters()) / params_before}
 
 
