@@ -55,6 +55,32 @@ def lenet_300_100(epochs: int = 4, seed: int = 0, dynamo: bool = False) -> bytes
     return export(model, torch.zeros(2, 784), dynamo)
 
 
+def lenet_5(epochs: int = 3, seed: int = 0) -> bytes:
+    """Train Caffe's LeNet-5 (conv 20 -> pool -> conv 50 -> pool -> fc 500 -> fc 10); return ONNX bytes."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    x, y = load("train")
+    x, y = torch.from_numpy(x.reshape(-1, 1, 28, 28)), torch.from_numpy(y)
+    model = nn.Sequential(
+        nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 128):
+            idx = order[start:start + 128]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return export(model, torch.zeros(2, 1, 28, 28))
+
+
 def export(model, example, dynamo: bool = False) -> bytes:  # noqa: ANN001
     import torch
 

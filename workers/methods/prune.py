@@ -44,7 +44,9 @@ class _Run:
             self.eval_inputs, self.eval_labels = tensors(held_out, names), held_out.labels
             self.evaluated_on = "evaluation data" if data.evaluation else "training data (no evaluation dataset)"
         else:
-            self.inputs = self.eval_inputs = [torch.from_numpy(np.random.default_rng(0).standard_normal(example_input(model, i).shape).astype(example_input(model, i).dtype)) for i in names]
+            rng = np.random.default_rng(0)
+            shapes = [example_input(model, i) for i in names]
+            self.inputs = self.eval_inputs = [torch.from_numpy(rng.standard_normal(e.shape).astype(e.dtype)) for e in shapes]
             self.labels = self.eval_labels = None
             self.evaluated_on = "synthetic inputs"
         self.teacher = predict(self.module, self.inputs)
@@ -104,8 +106,9 @@ def _layer_table(before: dict[str, tuple], run: _Run, thresholds: dict[str, floa
     return rows
 
 
-def _iterate(run: _Run, prune_round, after_step_for) -> tuple[list[dict], bool, str | None]:  # noqa: ANN001
-    """Rounds of prune -> fine-tune; keeps the best module that met the accuracy budget."""
+def _iterate(run: _Run, prune_round, after_step_for, snapshot) -> tuple[list[dict], tuple[Any, int], str | None]:  # noqa: ANN001
+    """Rounds of prune -> fine-tune; returns the rounds, (snapshot of the last round within the
+    accuracy budget, its number) and why it stopped early, if it did."""
     spec, rounds = run.spec, []
     best = None
     stopped = None
@@ -118,7 +121,7 @@ def _iterate(run: _Run, prune_round, after_step_for) -> tuple[list[dict], bool, 
         if run.exceeds_budget(value):
             stopped = f"round {r + 1} lost {run.baseline - value:.4f} {run.metric} (budget {spec.max_accuracy_drop}); kept round {r}"
             break
-        best = copy.deepcopy(run.module.state_dict()), r + 1
+        best = snapshot(), r + 1
     if best is None:
         raise CompressionFailed(
             f"even the first pruning round lost more {run.metric} than max_accuracy_drop allows "
@@ -147,7 +150,7 @@ def _unstructured(run: _Run) -> dict[str, Any]:
         masks = state["masks"]
         return (lambda: unstructured.apply_masks(layers, masks)) if masks else None
 
-    rounds, best, stopped = _iterate(run, prune_round, after_step)
+    rounds, best, stopped = _iterate(run, prune_round, after_step, lambda: copy.deepcopy(run.module.state_dict()))
     run.module.load_state_dict(best[0])
     return {"rounds": rounds, "kept_round": best[1], "stopped": stopped, "thresholds": state["thresholds"], "achieved": unstructured.sparsity(layers)}
 
@@ -211,24 +214,9 @@ def _structured(run: _Run) -> dict[str, Any]:
         return {"parameters": sum(p.numel() for p in run.module.parameters()), "parameters_removed": 1 - sum(p.numel() for p in run.module.parameters()) / params_before}
 
     # Structured rounds change shapes, so the best model is kept as a whole module, not a state dict.
-    spec_rounds, best_module, stopped, rounds = spec.iterations, None, None, []
-    for r in range(spec_rounds):
-        run.ctx.progress(0.05 + 0.9 * r / spec_rounds, f"round {r + 1}/{spec_rounds}: pruning channels")
-        achieved = prune_round(r)
-        losses = run.finetune(r, spec_rounds)
-        value = run.quality()
-        rounds.append({"round": r + 1, **achieved, run.metric: value, "finetune_loss": losses})
-        if run.exceeds_budget(value):
-            stopped = f"round {r + 1} lost {run.baseline - value:.4f} {run.metric} (budget {spec.max_accuracy_drop}); kept round {r}"
-            break
-        best_module = (copy.deepcopy(run.module), r + 1)
-    if best_module is None:
-        raise CompressionFailed(
-            f"even the first pruning round lost more {run.metric} than max_accuracy_drop allows; lower `amount` or raise `iterations`",
-            code="accuracy_budget_exceeded",
-        )
-    run.module = best_module[0]
-    return {"rounds": rounds, "kept_round": best_module[1], "stopped": stopped, "thresholds": thresholds,
+    rounds, best, stopped = _iterate(run, prune_round, lambda: None, lambda: copy.deepcopy(run.module))
+    run.module = best[0]
+    return {"rounds": rounds, "kept_round": best[1], "stopped": stopped, "thresholds": thresholds,
             "achieved": 1 - sum(p.numel() for p in run.module.parameters()) / params_before}
 
 
