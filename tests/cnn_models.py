@@ -30,17 +30,7 @@ def downsample(images):  # noqa: ANN001, ANN201
 
 
 def train_residual_cnn(images, labels, epochs: int = 2, seed: int = 0) -> ResidualCNN:  # noqa: ANN001
+    from tests.mnist import fit
+
     torch.manual_seed(seed)
-    model = ResidualCNN()
-    x, y = torch.from_numpy(images), torch.from_numpy(labels)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(x))
-        for start in range(0, len(x), 64):
-            idx = order[start:start + 64]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
+    return fit(ResidualCNN(), torch.from_numpy(images), torch.from_numpy(labels), epochs, lr=3e-3, batch=64, seed=seed)

@@ -33,6 +33,25 @@ def load(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def fit(model, x, y, epochs: int, lr: float = 1e-3, batch: int = 128, seed: int = 0):  # noqa: ANN001, ANN201
+    """Adam on shuffled mini-batches with cross-entropy; returns the model in eval mode."""
+    import torch
+    from torch import nn
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), batch):
+            idx = order[start:start + batch]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
 def lenet_300_100(epochs: int = 4, seed: int = 0, dynamo: bool = False) -> bytes:
     """Train LeNet-300-100 (784-300-100-10, ReLU) on the training split; return it as ONNX bytes."""
     import torch
@@ -41,18 +60,7 @@ def lenet_300_100(epochs: int = 4, seed: int = 0, dynamo: bool = False) -> bytes
     torch.manual_seed(seed)
     x, y = (torch.from_numpy(a) for a in load("train"))
     model = nn.Sequential(nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100), nn.ReLU(), nn.Linear(100, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), 128):
-            idx = order[start:start + 128]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    return export(model, torch.zeros(2, 784), dynamo)
+    return export(fit(model, x, y, epochs, seed=seed), torch.zeros(2, 784), dynamo)
 
 
 def lenet_5(epochs: int = 3, seed: int = 0) -> bytes:
@@ -67,18 +75,7 @@ def lenet_5(epochs: int = 3, seed: int = 0) -> bytes:
         nn.Conv2d(1, 20, 5), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.MaxPool2d(2), nn.Flatten(),
         nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, 10),
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        for start in range(0, len(x), 128):
-            idx = order[start:start + 128]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
-    return export(model, torch.zeros(2, 1, 28, 28))
+    return export(fit(model, x, y, epochs, seed=seed), torch.zeros(2, 1, 28, 28))
 
 
 def export(model, example, dynamo: bool = False) -> bytes:  # noqa: ANN001
