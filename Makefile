@@ -31,3 +31,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.pruning_mnist
 	$(BIN)/python -m bench.distill_mnist
 	$(BIN)/python -m bench.deep_compression_mnist
+	$(BIN)/python -m bench.lowbit_mnist
