@@ -82,7 +82,8 @@ def postgres_available() -> bool:
 def settings(tmp_path: Path) -> Iterator[Settings]:
     s = fast_settings(tmp_path)
     yield s
-    redis.Redis.from_url(SYSTEM_REDIS).delete(s.queue_name)
+    # Leave the shared Redis as we found it: the queue and kombu's bindings for it.
+    redis.Redis.from_url(SYSTEM_REDIS).delete(s.queue_name, f"_kombu.binding.{s.queue_name}", f"_kombu.binding_permanent.{s.queue_name}")
 
 
 def make_client(settings: Settings) -> TestClient:
