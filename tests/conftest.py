@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -98,10 +99,17 @@ def new_key(settings: Settings, tenant: str = "acme") -> str:
         return create_key(session, tenant)
 
 
+@contextmanager
+def authed_client(settings: Settings, tenant: str = "acme") -> Iterator[TestClient]:
+    """An in-process API client carrying a new key of `tenant`."""
+    with make_client(settings) as c:
+        c.headers["Authorization"] = f"Bearer {new_key(settings, tenant=tenant)}"
+        yield c
+
+
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    with make_client(settings) as c:
-        c.headers["Authorization"] = f"Bearer {new_key(settings)}"
+    with authed_client(settings) as c:
         yield c
 
 

@@ -7,7 +7,8 @@ weight as its non-zero values plus uint8 *gaps* between consecutive non-zero pos
 
     positions = CumSum(Cast<int64>(gaps)); flat = ScatterElements(zeros[n], positions, values); W = Reshape(flat, shape)
 
-All inputs are constants, so ONNX Runtime folds this subgraph once when the session is created:
+All inputs are constants, so ONNX Runtime folds this subgraph once when the session is created
+(and `workers.constant_folding.fold` does the same offline):
 inference runs on the same dense weights, bit for bit. About 5 bytes per non-zero instead of 4 per
 weight; a tensor is packed only when that is smaller.
 """
@@ -43,6 +44,25 @@ def decode_gaps(values: np.ndarray, gaps: np.ndarray, size: int) -> np.ndarray:
     return dense
 
 
+def scatter_nodes(prefix: str, values: str, gaps: str, size: int, shape: str, output: str, dtype: np.dtype) -> tuple[list, list]:
+    """Nodes (and their small constants) that place `values` at the positions the uint8 `gaps`
+    encode inside zeros[size], reshaped to `shape`: the dense tensor `output`."""
+    inits = [
+        numpy_helper.from_array(np.array([size], dtype=np.int64), f"{prefix}z"),
+        numpy_helper.from_array(np.array(0, dtype=np.int64), f"{prefix}a"),
+        numpy_helper.from_array(np.array(1, dtype=np.int64), f"{prefix}o"),
+    ]
+    nodes = [
+        helper.make_node("Cast", [gaps], [f"{prefix}G"], to=onnx.TensorProto.INT64),
+        helper.make_node("CumSum", [f"{prefix}G", f"{prefix}a"], [f"{prefix}P"]),
+        helper.make_node("Sub", [f"{prefix}P", f"{prefix}o"], [f"{prefix}Q"]),
+        helper.make_node("ConstantOfShape", [f"{prefix}z"], [f"{prefix}Z"], value=numpy_helper.from_array(np.zeros(1, dtype=dtype))),
+        helper.make_node("ScatterElements", [f"{prefix}Z", f"{prefix}Q", values], [f"{prefix}F"], axis=0),
+        helper.make_node("Reshape", [f"{prefix}F", shape], [output]),
+    ]
+    return nodes, inits
+
+
 def pack(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Replace sparse float initializers by gap-encoded ones plus a decoding subgraph."""
     packed = onnx.ModelProto()
@@ -60,23 +80,14 @@ def pack(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
             kept.append(init)
             continue
         name = init.name
+        nodes, consts = scatter_nodes(f"{name}__", f"{name}__values", f"{name}__gaps", arr.size, f"{name}__shape", name, arr.dtype)
         kept += [
             numpy_helper.from_array(values, f"{name}__values"),
             numpy_helper.from_array(gaps, f"{name}__gaps"),
             numpy_helper.from_array(np.array(arr.shape, dtype=np.int64), f"{name}__shape"),
-            numpy_helper.from_array(np.array([arr.size], dtype=np.int64), f"{name}__size"),
+            *consts,
         ]
-        decoders += [
-            helper.make_node("Cast", [f"{name}__gaps"], [f"{name}__gaps64"], to=onnx.TensorProto.INT64),
-            helper.make_node("CumSum", [f"{name}__gaps64", f"{name}__axis"], [f"{name}__pos1"]),
-            helper.make_node("Sub", [f"{name}__pos1", f"{name}__one"], [f"{name}__pos"]),
-            helper.make_node("ConstantOfShape", [f"{name}__size"], [f"{name}__zeros"],
-                             value=numpy_helper.from_array(np.zeros(1, dtype=arr.dtype))),
-            helper.make_node("ScatterElements", [f"{name}__zeros", f"{name}__pos", f"{name}__values"], [f"{name}__flat"], axis=0),
-            helper.make_node("Reshape", [f"{name}__flat", f"{name}__shape"], [name]),
-        ]
-        kept += [numpy_helper.from_array(np.array(0, dtype=np.int64), f"{name}__axis"),
-                 numpy_helper.from_array(np.array(1, dtype=np.int64), f"{name}__one")]
+        decoders += nodes
         report.append({"tensor": name, "elements": int(arr.size), "nonzero": int(np.count_nonzero(arr)),
                        "dense_bytes": int(arr.nbytes), "packed_bytes": int(packed_bytes)})
     if not report:
@@ -88,22 +99,3 @@ def pack(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any]]:
     graph.node.extend(nodes)
     return packed, {"packed_tensors": report}
 
-
-def unpack(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The dense model a packed one stands for (for tools that want plain initializers)."""
-    inits = {i.name: i for i in model.graph.initializer}
-    dense = onnx.ModelProto()
-    dense.CopyFrom(model)
-    targets = {n.output[0] for n in model.graph.node if n.op_type == "Reshape" and n.input[1].endswith("__shape") and n.output[0] + "__values" in inits}
-    new_inits = [i for i in model.graph.initializer if not any(i.name.startswith(t + "__") for t in targets)]
-    for t in targets:
-        values = numpy_helper.to_array(inits[t + "__values"])
-        gaps = numpy_helper.to_array(inits[t + "__gaps"])
-        shape = numpy_helper.to_array(inits[t + "__shape"])
-        new_inits.append(numpy_helper.from_array(decode_gaps(values, gaps, int(np.prod(shape))).reshape(shape), t))
-    del dense.graph.initializer[:]
-    dense.graph.initializer.extend(new_inits)
-    nodes = [n for n in model.graph.node if not any(o.startswith(t + "__") or o == t for o in n.output for t in targets)]
-    del dense.graph.node[:]
-    dense.graph.node.extend(nodes)
-    return dense

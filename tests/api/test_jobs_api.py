@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.builders import cnn, dataset_npz, mlp, to_bytes
-from tests.conftest import fast_settings, make_client, new_key
+from tests.conftest import authed_client, fast_settings
 
 
 @pytest.fixture
@@ -100,8 +100,7 @@ def test_model_in_use_cannot_be_deleted(client: TestClient, model_id: str) -> No
 
 def test_broker_down_is_503_and_leaves_no_job(tmp_path: Path) -> None:
     settings = fast_settings(tmp_path, broker_url="redis://127.0.0.1:1/0")
-    with make_client(settings) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+    with authed_client(settings) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
         response = client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"method": "quantize"}]})
         assert response.status_code == 503

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.core.settings import Settings
 from tests.builders import dataset_npz, mlp, to_bytes
-from tests.conftest import make_client, new_key
+from tests.conftest import authed_client
 
 
 def upload_model(client: TestClient, content: bytes, name: str = "m.onnx"):  # noqa: ANN201
@@ -61,8 +61,7 @@ def test_upload_over_the_limit_is_413_and_removed(tmp_path: Path) -> None:
     from tests.conftest import fast_settings
 
     settings = fast_settings(tmp_path, max_upload_bytes=10_000)
-    with make_client(settings) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+    with authed_client(settings) as client:
 
         def chunks():  # streamed without Content-Length, so the limit must hold while streaming
             yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.onnx"\r\n\r\n'

@@ -15,7 +15,7 @@ import pytest
 from service.core.settings import Settings
 from tests import mnist
 from tests.builders import reference_outputs
-from tests.conftest import fast_settings, make_client, new_key
+from tests.conftest import authed_client, fast_settings
 from tests.integration.test_job_lifecycle import follow
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not mnist.available(), reason="../shared/data/mnist is missing")]
@@ -27,8 +27,7 @@ def test_lenet_300_100_deep_compression_over_http(tmp_path: Path, start_worker) 
     train_x, train_y = mnist.load("train")
     test_x, test_y = mnist.load("test")
     lenet = mnist.lenet_300_100(epochs=4)
-    with make_client(settings) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+    with authed_client(settings) as client:
         model_id = client.post("/v1/models", files={"file": ("lenet.onnx", lenet)}).json()["id"]
         train_id = client.post("/v1/datasets", files={"file": ("train.npz", mnist.npz(train_x, train_y))}).json()["id"]
         test_id = client.post("/v1/datasets", files={"file": ("test.npz", mnist.npz(test_x, test_y))}).json()["id"]

@@ -7,9 +7,7 @@ import hashlib
 import io
 import json
 import os
-import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,8 @@ from fastapi.testclient import TestClient
 from service.core.settings import Settings
 from service.core.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from tests.builders import cnn, dataset_npz, mlp, to_bytes
-from tests.conftest import POSTGRES, fast_settings, make_client, new_key, postgres_available, system_redis_available, wait_for
+from tests.webhook_receiver import webhook_receiver
+from tests.conftest import POSTGRES, authed_client, fast_settings, make_client, postgres_available, system_redis_available, wait_for
 
 pytestmark = pytest.mark.integration
 QUICK_MEASURE = {"warmup": 1, "runs": 5, "batch_sizes": [1, 8]}
@@ -76,8 +75,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 
 def test_int8_job_end_to_end(backend: Settings, start_worker) -> None:  # noqa: ANN001
     start_worker(backend)
-    with make_client(backend) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(backend, tenant=f't-{uuid.uuid4().hex[:8]}')}"
+    with authed_client(backend, tenant=f't-{uuid.uuid4().hex[:8]}') as client:
         model = mlp(in_features=32, hidden=128)
         model_id, dataset_id = upload(client, model, samples=128)
         body = {
@@ -126,8 +124,7 @@ def test_int8_job_end_to_end(backend: Settings, start_worker) -> None:  # noqa: 
 
 def test_conv_net_job_without_dataset_uses_synthetic_data_and_flags_slowdowns(embedded_redis: Settings, start_worker) -> None:  # noqa: ANN001
     start_worker(embedded_redis)
-    with make_client(embedded_redis) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(embedded_redis)}"
+    with authed_client(embedded_redis) as client:
         model_id = client.post("/v1/models", files={"file": ("cnn.onnx", to_bytes(cnn()))}).json()["id"]
         body = {"model_id": model_id, "steps": [{"method": "quantize", "mode": "int8_dynamic", "per_channel": False}], "measure": QUICK_MEASURE}
         job, _ = follow(client, client.post("/v1/jobs", json=body).json()["id"])
@@ -140,8 +137,7 @@ def test_conv_net_job_without_dataset_uses_synthetic_data_and_flags_slowdowns(em
 
 def test_cancel_running_job(embedded_redis: Settings, start_worker) -> None:  # noqa: ANN001
     start_worker(embedded_redis)
-    with make_client(embedded_redis) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(embedded_redis)}"
+    with authed_client(embedded_redis) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
         body = {"model_id": model_id, "steps": [{"method": "quantize", "mode": "int8_dynamic"}], "measure": SLOW_MEASURE}
         job_id = client.post("/v1/jobs", json=body).json()["id"]
@@ -154,8 +150,7 @@ def test_cancel_running_job(embedded_redis: Settings, start_worker) -> None:  # 
 
 
 def test_cancelled_queued_job_never_starts(settings: Settings, start_worker) -> None:  # noqa: ANN001
-    with make_client(settings) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+    with authed_client(settings) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
         body = {"model_id": model_id, "steps": [{"method": "quantize", "mode": "fp16"}], "measure": QUICK_MEASURE}
         cancelled = client.post("/v1/jobs", json=body).json()["id"]
@@ -169,8 +164,7 @@ def test_cancelled_queued_job_never_starts(settings: Settings, start_worker) -> 
 
 def test_killed_worker_job_is_redelivered_and_succeeds(settings: Settings, start_worker) -> None:  # noqa: ANN001
     first = start_worker(settings)
-    with make_client(settings) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+    with authed_client(settings) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
         body = {"model_id": model_id, "steps": [{"method": "quantize", "mode": "int8_dynamic"}], "measure": {**SLOW_MEASURE, "runs": 6000}}
         job_id = client.post("/v1/jobs", json=body).json()["id"]
@@ -186,8 +180,7 @@ def test_killed_worker_job_is_redelivered_and_succeeds(settings: Settings, start
 def test_job_fails_after_max_attempts_instead_of_hanging(tmp_path: Path, start_worker) -> None:  # noqa: ANN001
     settings = fast_settings(tmp_path, max_attempts=1)
     first = start_worker(settings)
-    with make_client(settings) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+    with authed_client(settings) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
         body = {"model_id": model_id, "steps": [{"method": "quantize", "mode": "int8_dynamic"}], "measure": SLOW_MEASURE}
         job_id = client.post("/v1/jobs", json=body).json()["id"]
@@ -202,41 +195,15 @@ def test_job_fails_after_max_attempts_instead_of_hanging(tmp_path: Path, start_w
 
 
 def test_webhook_is_delivered_signed_when_the_job_ends(settings: Settings, start_worker) -> None:  # noqa: ANN001
-    received: dict = {}
-    done = threading.Event()
-
-    class Hook(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            received["body"] = self.rfile.read(int(self.headers["Content-Length"]))
-            received["headers"] = dict(self.headers)
-            self.send_response(200)
-            self.end_headers()
-            done.set()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Hook)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     start_worker(settings)
-    try:
-        with make_client(settings) as client:
-            client.headers["Authorization"] = f"Bearer {new_key(settings)}"
-            model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
-            body = {
-                "model_id": model_id,
-                "steps": [{"method": "quantize", "mode": "fp16"}],
-                "measure": QUICK_MEASURE,
-                "webhook_url": f"http://127.0.0.1:{server.server_port}/hooks/modelshrink",
-            }
-            job_id = client.post("/v1/jobs", json=body).json()["id"]
-            assert done.wait(90), "the webhook never arrived"
-    finally:
-        server.shutdown()
-    payload = json.loads(received["body"])
+    with webhook_receiver(path="/hooks/modelshrink") as hook, authed_client(settings) as client:
+        model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
+        body = {"model_id": model_id, "steps": [{"method": "quantize", "mode": "fp16"}], "measure": QUICK_MEASURE, "webhook_url": hook.url}
+        job_id = client.post("/v1/jobs", json=body).json()["id"]
+        assert hook.arrived.wait(90), "the webhook never arrived"
+    payload = json.loads(hook.body)
     assert payload["id"] == job_id and payload["status"] == "succeeded"
-    headers = received["headers"]
-    assert headers[SIGNATURE_HEADER] == sign(received["body"], headers[TIMESTAMP_HEADER], settings.webhook_secret)
+    assert hook.headers[SIGNATURE_HEADER] == sign(hook.body, hook.headers[TIMESTAMP_HEADER], settings.webhook_secret)
 
 
 def test_readyz_sees_the_worker(embedded_redis: Settings, start_worker) -> None:  # noqa: ANN001
@@ -250,8 +217,7 @@ def test_readyz_sees_the_worker(embedded_redis: Settings, start_worker) -> None:
 
 def test_prune_job_reports_epochs_and_honours_cancel(settings: Settings, start_worker) -> None:  # noqa: ANN001
     start_worker(settings)
-    with make_client(settings) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+    with authed_client(settings) as client:
         model = mlp(in_features=32, hidden=128)
         model_id, dataset_id = upload(client, model, samples=256)
         step = {"method": "prune", "kind": "unstructured", "amount": 0.8, "iterations": 2, "finetune_epochs": 2}
@@ -276,8 +242,7 @@ def test_prune_job_reports_epochs_and_honours_cancel(settings: Settings, start_w
 
 def test_distill_cnn_into_half_width_student_over_http(settings: Settings, start_worker) -> None:  # noqa: ANN001
     start_worker(settings)
-    with make_client(settings) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+    with authed_client(settings) as client:
         teacher = cnn(channels=16)
         model_id, dataset_id = upload(client, teacher, samples=256)
         step = {"method": "distill", "student": {"kind": "width", "width": 0.5}, "epochs": 3, "compare_baseline": True}
@@ -299,8 +264,7 @@ def test_distill_cnn_into_half_width_student_over_http(settings: Settings, start
 ], ids=["int4", "binary", "cluster"])
 def test_low_bit_steps_end_to_end(settings: Settings, start_worker, step: dict) -> None:  # noqa: ANN001
     start_worker(settings)
-    with make_client(settings) as client:
-        client.headers["Authorization"] = f"Bearer {new_key(settings)}"
+    with authed_client(settings) as client:
         model_id, dataset_id = upload(client, mlp(in_features=128, hidden=256), samples=128)
         body = {"model_id": model_id, "dataset_id": dataset_id, "steps": [step], "measure": QUICK_MEASURE}
         job, _ = follow(client, client.post("/v1/jobs", json=body).json()["id"])

@@ -7,7 +7,8 @@ import onnx
 from onnx import numpy_helper
 
 from tests.builders import mlp, reference_outputs
-from workers.sparse_pack import decode_gaps, encode_gaps, pack, unpack
+from workers.constant_folding import fold
+from workers.sparse_pack import decode_gaps, encode_gaps, pack
 
 
 def sparse_mlp(sparsity: float) -> onnx.ModelProto:
@@ -38,7 +39,7 @@ def test_packed_model_is_smaller_valid_and_bit_exact() -> None:
     assert {r["tensor"] for r in report["packed_tensors"]} == {"w0", "w1", "w2"} - {"w2"} | {r["tensor"] for r in report["packed_tensors"]}
     x = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)
     assert np.array_equal(reference_outputs(packed, x), reference_outputs(model, x))
-    dense = unpack(packed)
+    dense = fold(packed)
     for name in ("w0", "w1"):
         original = next(numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name)
         restored = next(numpy_helper.to_array(i) for i in dense.graph.initializer if i.name == name)

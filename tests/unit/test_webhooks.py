@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
 from service.core.errors import InvalidInput
 from service.core.settings import Settings
+from tests.webhook_receiver import webhook_receiver
 from service.core.webhooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookRefused, check_webhook_url, deliver, sign
 
 
@@ -38,23 +37,9 @@ def test_allowed_host_resolving_to_loopback_is_refused() -> None:
 
 
 def test_delivery_is_signed() -> None:
-    received = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            received["body"] = self.rfile.read(int(self.headers["Content-Length"]))
-            received["headers"] = dict(self.headers)
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.handle_request, daemon=True).start()
     s = settings(webhook_allowed_hosts=["127.0.0.1"], webhook_allow_private=True)
-    status = deliver(f"http://127.0.0.1:{server.server_port}/hook", {"id": "job_1", "status": "succeeded"}, s)
-    server.server_close()
+    with webhook_receiver(status=204) as hook:
+        status = deliver(hook.url, {"id": "job_1", "status": "succeeded"}, s)
     assert status == 204
-    assert json.loads(received["body"]) == {"id": "job_1", "status": "succeeded"}
-    assert received["headers"][SIGNATURE_HEADER] == sign(received["body"], received["headers"][TIMESTAMP_HEADER], "s3cret")
+    assert json.loads(hook.body) == {"id": "job_1", "status": "succeeded"}
+    assert hook.headers[SIGNATURE_HEADER] == sign(hook.body, hook.headers[TIMESTAMP_HEADER], "s3cret")

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from workers.sparse_pack import encode_gaps
+from workers.sparse_pack import encode_gaps, scatter_nodes
 
 
 @dataclass
@@ -99,17 +99,9 @@ def encode(name: str, c: Clustered, prefix: str | None = None) -> tuple[list, li
     entry_labels, gaps = encode_gaps(c.labels.ravel())
     stored = pack_nibbles(entry_labels) if packed else entry_labels.astype(np.uint8)
     nodes, more, idx = _indices_nodes(name, stored, len(gaps), packed)
-    inits += more + [_const(f"{name}g", gaps), _const(f"{name}z", np.array([n], np.int64)),
-                     _const(f"{name}a", np.array(0, np.int64)), _const(f"{name}o", np.array(1, np.int64))]
-    nodes += [
-        helper.make_node("Gather", [f"{name}c", idx], [f"{name}v"], axis=0),
-        helper.make_node("Cast", [f"{name}g"], [f"{name}G"], to=TensorProto.INT64),
-        helper.make_node("CumSum", [f"{name}G", f"{name}a"], [f"{name}P"]),
-        helper.make_node("Sub", [f"{name}P", f"{name}o"], [f"{name}Q"]),
-        helper.make_node("ConstantOfShape", [f"{name}z"], [f"{name}Z"], value=numpy_helper.from_array(np.zeros(1, np.float32))),
-        helper.make_node("ScatterElements", [f"{name}Z", f"{name}Q", f"{name}v"], [f"{name}F"], axis=0),
-        helper.make_node("Reshape", [f"{name}F", f"{name}h"], [out_name]),
-    ]
+    scatter, consts = scatter_nodes(name, f"{name}v", f"{name}g", n, f"{name}h", out_name, np.dtype(np.float32))
+    inits += more + [_const(f"{name}g", gaps), *consts]
+    nodes += [helper.make_node("Gather", [f"{name}c", idx], [f"{name}v"], axis=0), *scatter]
     return nodes, inits
 
 

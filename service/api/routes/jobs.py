@@ -45,11 +45,12 @@ def _fingerprint(body: JobCreate) -> str:
 
 def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None:  # noqa: ANN001
     model = owned_model(session, tenant_id, body.model_id)
+    datasets = {}
     for field, ds_id in (("dataset_id", body.dataset_id), ("eval_dataset_id", body.eval_dataset_id)):
         if ds_id is not None:
-            dataset = owned_dataset(session, tenant_id, ds_id)
-            check_against_model(dataset.arrays, model.inputs, what=f"{field} {ds_id}")
-    dataset = owned_dataset(session, tenant_id, body.dataset_id) if body.dataset_id else None
+            datasets[field] = owned_dataset(session, tenant_id, ds_id)
+            check_against_model(datasets[field].arrays, model.inputs, what=f"{field} {ds_id}")
+    dataset = datasets.get("dataset_id")
     for index, step in enumerate(body.steps):
         if step_requires_dataset(step) and body.dataset_id is None:
             raise InvalidInput(f"steps[{index}] ({step.method}) needs data (calibration, fine-tuning or importance): set dataset_id")
