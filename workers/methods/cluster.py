@@ -87,11 +87,12 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
         names = module.input_names
         held_out = data.evaluation or data
         eval_inputs = tensors(held_out, names)
-        reference = predict(to_torch(model), eval_inputs)
+        original = to_torch(model)  # converted once: the reference for evaluation and the teacher for fine-tuning
+        reference = predict(original, eval_inputs)
         before_score = quality(predict(module, eval_inputs), held_out.labels, reference)
         if spec.finetune_epochs:
             train_inputs = tensors(data, names)
-            teacher = predict(to_torch(model), train_inputs)
+            teacher = predict(original, train_inputs)
             for s in shared.values():
                 s.keep_zero()
 

@@ -123,7 +123,8 @@ def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: Step
     if data.available:
         held_out = data.evaluation or data
         eval_inputs = tensors(held_out, module.input_names)
-        reference = predict(to_torch(model), eval_inputs)
+        original = to_torch(model)  # converted once: the reference for evaluation and the teacher for fine-tuning
+        reference = predict(original, eval_inputs)
         scores["before_finetune"] = quality(predict(module, eval_inputs), held_out.labels, reference)
         if spec.finetune_epochs:
             train_inputs = tensors(data, module.input_names)
@@ -132,7 +133,7 @@ def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: Step
             def on_epoch(epoch: int, loss: float) -> None:
                 ctx.progress(0.1 + 0.8 * (epoch + 1) / spec.finetune_epochs, f"straight-through fine-tuning: epoch {epoch + 1}/{spec.finetune_epochs}, loss {loss:.4f}", milestone=True)
 
-            train(module, train_inputs, data.labels, predict(to_torch(model), train_inputs), config, on_epoch, None, data.fixed_batch)
+            train(module, train_inputs, data.labels, predict(original, train_inputs), config, on_epoch, None, data.fixed_batch)
         scores["after"] = quality(predict(module, eval_inputs), held_out.labels, reference)
     for layer_name in chosen:
         parametrize.remove_parametrizations(layers[layer_name], "weight", leave_parametrized=True)
