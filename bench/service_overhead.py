@@ -20,7 +20,8 @@ from service.core.specs import QuantizeStep
 from tests.builders import dataset_npz, mlp, save
 from workers.methods import quantize
 from workers.methods.base import StepContext
-from workers.pipeline import JobInput, run_pipeline
+from workers.job_input import JobInput
+from workers.pipeline import run_pipeline
 
 REPEATS = 3
 STEP = {"method": "quantize", "mode": "int8_static", "calibration": {"method": "minmax", "max_samples": 256}}

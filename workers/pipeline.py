@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from service.core.settings import Settings
 from service.core.specs import MeasureSpec, step_adapter
 from workers import metrics as m
 from workers.data import load_step_data, synthetic_data
+from workers.job_input import JobInput
 from workers.methods import METHODS
 from workers.methods.base import StepContext, StepData
 from workers.constant_folding import fold
@@ -26,18 +26,6 @@ from workers.constant_folding import fold
 STEPS_SHARE = 0.6
 
 Progress = Callable[..., None]  # (fraction, step label, message, milestone=False)
-
-
-@dataclass
-class JobInput:
-    job_id: str
-    tenant_id: str
-    model: dict[str, Any]  # artifact_key, inputs, outputs, name
-    dataset: dict[str, Any] | None  # artifact_key, arrays
-    eval_dataset: dict[str, Any] | None
-    steps: list[dict[str, Any]]
-    options: dict[str, Any]
-    referenced_models: dict[str, str] = field(default_factory=dict)  # model id -> artifact key (e.g. students)
 
 
 def _load_data(job: JobInput, store: ArtifactStore, spec: MeasureSpec) -> tuple[StepData, StepData, str]:
@@ -82,6 +70,21 @@ def _warnings(original: dict[str, Any], compressed: dict[str, Any], ratio: float
     if ratio < 1:
         notes.append(f"The compressed model file is larger than the original ({ratio:.2f}x).")
     return notes
+
+
+def _refuse_non_finite(reference: Any, candidate: Any) -> None:
+    # A model that answers NaN or infinity where the original answered numbers is broken, whatever
+    # the fidelity arithmetic would make of it (NaN norms used to read as cosine 1.0).
+    import numpy as np
+
+    bad = ~np.isfinite(candidate) & np.isfinite(reference)
+    if bad.any():
+        samples = int(bad.reshape(len(bad), -1).any(axis=1).sum())
+        raise CompressionFailed(
+            f"the compressed model produces non-finite outputs (NaN or infinity) on {samples} evaluation sample(s) "
+            "where the original's are finite; lower the learning rate or the loss weights",
+            code="non_finite",
+        )
 
 
 def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_dir: Path, progress: Progress) -> tuple[dict, list]:
@@ -130,6 +133,7 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
 
     original, ref_out = _measure(original_path, evaluation, spec, measuring("original", STEPS_SHARE))
     compressed, out = _measure(compressed_path, evaluation, spec, measuring("compressed", (0.98 + STEPS_SHARE) / 2))
+    _refuse_non_finite(ref_out, out)
     compressed["fidelity"] = m.fidelity(ref_out, out)
     compressed["onnx_size_bytes"] = compressed["size_bytes"]
     if final_bundle is not None:

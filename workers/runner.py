@@ -1,37 +1,47 @@
-"""One delivery of a job: take its lease, keep it alive, run the pipeline, record the outcome.
+"""One delivery of a job: take its lease, keep it alive, run the job in a child process it watches,
+record the outcome.
 
 A delivery that finds the job already ended does nothing; one that finds another live worker
 holding the lease asks to be retried after that lease would expire; one that finds an expired lease
-(the previous worker died) takes over, counting the attempt, and gives up after max_attempts.
+(the previous worker died) takes over, counting the attempt, and gives up after max_attempts. A
+delivery that finds a cancelled job whose worker died ends it as cancelled.
+
+The job itself runs in `workers.job_process`, so its memory (resident set of the whole process tree)
+and wall-clock time are limited from outside and a cancel stops it even inside a long ONNX Runtime
+call: the child is killed, the job ends with `resource_limit`, `timed_out` or `cancelled`, and this
+Celery worker takes the next job.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from service.core.artifacts import ArtifactStore
+import psutil
+
 from service.core.db import session_scope
-from service.core.errors import JobCancelled, JobFailure, ModelshrinkError
+from service.core.errors import JobFailure
 from service.core.events import publish
-from service.core.jobstore import finish, renew_lease, set_progress, take_lease
+from service.core.jobstore import cancel_requested, finish, renew_lease, take_lease
 from service.core.settings import Settings
 from service.core.tables import StoredDataset, StoredModel
-from workers.pipeline import JobInput, run_pipeline
+from workers.job_process import RESULT_FILE
+from workers.job_input import JobInput
 
 log = logging.getLogger(__name__)
-
-
-class LeaseLost(Exception):
-    """Another worker took the job over (our heartbeats stopped reaching the database)."""
+WATCH_INTERVAL_S = 0.05
+CANCEL_POLL_S = 1.0
 
 
 @dataclass
@@ -93,16 +103,20 @@ def _job_input(session, job) -> JobInput:  # noqa: ANN001
 
 def run_job(job_id: str, settings: Settings) -> Outcome:
     url = settings.resolved_database_url
-    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
     with session_scope(url) as session:
         lease = take_lease(session, job_id, owner, settings.lease_ttl_s)
         job = lease.job
         if job is None:
             return Outcome()
         if not lease.acquired:
-            if job.status == "queued" and job.cancel_requested:
-                finish(session, job_id, "cancelled", error={"code": "cancelled", "message": "cancelled by the user before it started"})
-                return Outcome(finished=True)
+            if job.status in ("queued", "running") and job.cancel_requested and not lease.held_by_other:
+                # Cancelled, and nobody holds a live lease (never started, or its worker died).
+                message = "cancelled by the user" + (" before it started" if job.status == "queued" else "")
+                done = finish(session, job_id, "cancelled", error={"code": "cancelled", "message": message},
+                              progress={"fraction": 0.0, "step": None, "message": "cancelled"})
+                publish(settings, job_id, {"status": "cancelled", "progress": {"fraction": 0.0, "step": None, "message": "cancelled"}})
+                return Outcome(finished=done)
             return Outcome(retry_after_s=lease.retry_after_s or None)
         if job.attempts > settings.max_attempts:
             finish(
@@ -116,49 +130,121 @@ def run_job(job_id: str, settings: Settings) -> Outcome:
         except JobFailure as exc:
             finish(session, job_id, "failed", owner=owner, error=exc.as_dict())
             return Outcome(finished=True)
+        limits = job_limits(job.options or {}, settings)
 
     heartbeat = _Heartbeat(settings, job_id, owner)
     heartbeat.start()
-    last_write, last_publish = [0.0], [0.0]
-
-    def progress(fraction: float, step: str | None, message: str, milestone: bool = False) -> None:
-        if heartbeat.lost:
-            raise LeaseLost()
-        state = {"fraction": round(fraction, 4), "step": step, "message": message}
-        now = time.monotonic()
-        if milestone or now - last_publish[0] >= 0.05:
-            last_publish[0] = now
-            publish(settings, job_id, {"status": "running", "progress": state})
-        if not milestone and now - last_write[0] < 0.25:
-            return  # thin out database writes; cancellation is still seen within a quarter second
-        last_write[0] = now
-        with session_scope(url) as s:
-            if set_progress(s, job_id, owner, state):
-                raise JobCancelled("cancelled by the user")
-
-    work_dir = Path(tempfile.mkdtemp(prefix=f"modelshrink-{job_id}-"))
-    store = ArtifactStore(settings.resolved_artifact_dir)
-    status, fields = "failed", {}
+    work_dir = Path(tempfile.mkdtemp(prefix=f"modelshrink-{job_id}-", dir=settings.resolved_work_dir))
     try:
-        metrics, artifacts = run_pipeline(job_input, store, settings, work_dir, progress)
-        status = "succeeded"
-        fields = {"metrics": metrics, "artifacts": artifacts, "progress": {"fraction": 1.0, "step": None, "message": "done"}}
-    except LeaseLost:
-        log.warning("lost the lease on %s; another worker has taken it over", job_id)
-        return Outcome()
-    except JobCancelled as exc:
-        status, fields = "cancelled", {"error": exc.as_dict(), "progress": {"fraction": 0.0, "step": None, "message": "cancelled"}}
-    except ModelshrinkError as exc:
-        fields = {"error": exc.as_dict()}
-    except MemoryError:
-        fields = {"error": {"code": "out_of_memory", "message": "the worker ran out of memory running this job"}}
-    except Exception:
-        log.exception("job %s failed unexpectedly", job_id)
-        fields = {"error": {"code": "internal_error", "message": f"an unexpected error stopped the job; the operator's worker log has the details (job {job_id})"}}
+        status, fields = _run_in_child(job_input, owner, work_dir, limits, settings, heartbeat)
     finally:
         heartbeat.stop_event.set()
         shutil.rmtree(work_dir, ignore_errors=True)
+    if status == "lease_lost":
+        log.warning("lost the lease on %s; another worker has taken it over", job_id)
+        return Outcome()
     with session_scope(url) as session:
         finished = finish(session, job_id, status, owner=owner, **fields)
     publish(settings, job_id, {"status": status, "progress": fields.get("progress") or {"fraction": 0.0, "step": None, "message": status}})
     return Outcome(finished=finished)
+
+
+@dataclass(frozen=True)
+class Limits:
+    memory_bytes: int
+    time_s: float
+
+
+def job_limits(options: dict, settings: Settings) -> Limits:
+    """The job's own limits (checked against the operator's caps at submit), else the operator's."""
+    asked = options.get("limits") or {}
+    memory = asked.get("memory_limit_mb")
+    seconds = asked.get("time_limit_s")
+    return Limits(
+        memory_bytes=min(settings.job_memory_limit_bytes, memory * 1024**2) if memory else settings.job_memory_limit_bytes,
+        time_s=min(settings.job_time_limit_s, float(seconds)) if seconds else settings.job_time_limit_s,
+    )
+
+
+def _child_setup() -> None:  # runs in the child before exec
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        # If this worker dies, its job process must not run on unsupervised.
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _tree_rss(proc: psutil.Process) -> int:
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # exited between listing and reading
+            pass
+    return total
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    for p in [*children]:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.kill()
+    proc.wait()
+
+
+def _run_in_child(job: JobInput, owner: str, work_dir: Path, limits: Limits, settings: Settings, heartbeat: _Heartbeat) -> tuple[str, dict]:
+    request_path = work_dir / "request.json"
+    request_path.write_text(json.dumps({"job": asdict(job), "owner": owner, "work_dir": str(work_dir)}))
+    # The job's working directory and TMPDIR are its work dir: whatever a library writes beside it
+    # (ONNX Runtime's quantizer leaves sym_shape_infer_temp.onnx and <uuid>.data files) goes with it.
+    env = {**os.environ, "TMPDIR": str(work_dir), "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-m", "workers.job_process", str(request_path)], cwd=work_dir, env=env, preexec_fn=_child_setup)
+    watched = psutil.Process(proc.pid)
+    started = time.monotonic()
+    cancel_seen_at: float | None = None
+    next_cancel_poll = started + CANCEL_POLL_S
+    verdict: tuple[str, dict] | None = None
+    while proc.poll() is None:
+        now = time.monotonic()
+        if heartbeat.lost:
+            _kill_tree(proc)
+            return "lease_lost", {}
+        rss = _tree_rss(watched)
+        if rss > limits.memory_bytes:
+            verdict = ("failed", {"error": {"code": "resource_limit", "message":
+                       f"the job used more than its memory limit of {limits.memory_bytes / 1024**2:.0f} MiB "
+                       f"({rss / 1024**2:.0f} MiB resident) and was stopped; use a smaller evaluation batch or dataset, or ask the operator for a higher limit"}})
+        elif now - started > limits.time_s:
+            verdict = ("failed", {"error": {"code": "timed_out", "message": f"the job ran longer than its time limit of {limits.time_s:.0f} s and was stopped"}})
+        elif cancel_seen_at is not None and now - cancel_seen_at > settings.cancel_grace_s:
+            # The job did not reach a step/epoch boundary in time (e.g. inside one long ONNX Runtime call).
+            verdict = ("cancelled", {"error": {"code": "cancelled", "message": "cancelled by the user"},
+                                     "progress": {"fraction": 0.0, "step": None, "message": "cancelled"}})
+        if verdict is not None:
+            _kill_tree(proc)
+            return verdict
+        if cancel_seen_at is None and now >= next_cancel_poll:
+            next_cancel_poll = now + CANCEL_POLL_S
+            try:
+                with session_scope(settings.resolved_database_url) as session:
+                    if cancel_requested(session, job.job_id):
+                        cancel_seen_at = now
+            except Exception:  # the database blinked; the child's own progress writes also see a cancel
+                log.warning("cancel check failed for %s", job.job_id, exc_info=True)
+        try:
+            proc.wait(WATCH_INTERVAL_S)
+        except subprocess.TimeoutExpired:
+            pass
+    result_path = work_dir / RESULT_FILE
+    if result_path.is_file():
+        outcome = json.loads(result_path.read_text())
+        return outcome.pop("status"), outcome
+    how = f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+    code, hint = ("resource_limit", " (the system may have run out of memory)") if proc.returncode == -signal.SIGKILL else ("job_crashed", "")
+    return "failed", {"error": {"code": code, "message": f"the job's process ended abruptly ({how}){hint}; the model or data may be too large or malformed"}}

@@ -68,6 +68,12 @@ class DatasetsPublic(BaseModel):
     count: int
 
 
+class JobLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    time_limit_s: int | None = Field(None, ge=1, le=30 * 24 * 3600, description="Wall-clock limit; default and maximum: the operator's MODELSHRINK_JOB_TIME_LIMIT_S.")
+    memory_limit_mb: int | None = Field(None, ge=64, le=1024**2, description="Resident memory limit of the job's process tree; default and maximum: the operator's MODELSHRINK_JOB_MEMORY_LIMIT_BYTES.")
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_id: str
@@ -76,6 +82,7 @@ class JobCreate(BaseModel):
     steps: list[StepSpec] = Field(min_length=1, max_length=16, description="Applied in order.")
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     webhook_url: str | None = Field(None, max_length=2048, description="POSTed the final job JSON (signed) when the job ends.")
+    limits: JobLimits = Field(default_factory=JobLimits, description="Stop the job (error `timed_out` / `resource_limit`) when it runs longer or uses more memory.")
 
 
 class Progress(BaseModel):

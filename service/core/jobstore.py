@@ -50,6 +50,7 @@ class LeaseResult:
     acquired: bool
     job: Job | None
     retry_after_s: float = 0.0
+    held_by_other: bool = False  # another delivery holds a live lease
 
 
 def take_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> LeaseResult:
@@ -77,10 +78,11 @@ def take_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> Lease
     job = session.get(Job, job_id, populate_existing=True)
     if result.rowcount == 1:
         return LeaseResult(True, job)
-    retry = 0.0
+    retry, held = 0.0, False
     if job is not None and job.status == "running" and job.lease_expires_at is not None:
-        retry = max(1.0, (aware(job.lease_expires_at) - now).total_seconds() + 0.5)
-    return LeaseResult(False, job, retry)
+        remaining = (aware(job.lease_expires_at) - now).total_seconds()
+        retry, held = max(1.0, remaining + 0.5), remaining > 0
+    return LeaseResult(False, job, retry, held)
 
 
 def renew_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> bool:
@@ -95,15 +97,22 @@ def renew_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> bool
     return result.rowcount == 1
 
 
-def set_progress(session: Session, job_id: str, owner: str, progress: dict[str, Any]) -> bool:
-    """Record progress; returns True when the user asked to cancel."""
-    session.execute(
+def set_progress(session: Session, job_id: str, owner: str, progress: dict[str, Any]) -> str:
+    """Record progress. Returns "ok", "cancel" (the user asked to stop) or "lost" (our lease is gone:
+    another delivery took the job over, or the job was ended by someone else)."""
+    result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
         .values(progress=progress)
         .execution_options(synchronize_session=False)
     )
     session.commit()
+    if result.rowcount != 1:
+        return "lost"
+    return "cancel" if cancel_requested(session, job_id) else "ok"
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 
 

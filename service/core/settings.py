@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     visibility_timeout_s: float = 300.0
     unacked_restore_interval_s: float = 10.0
 
+    # Every job runs in a child process of the worker, limited from outside: its resident memory
+    # (whole process tree) and wall-clock time. A job may ask for less, never more.
+    job_memory_limit_bytes: int = Field(8 * 1024**3, ge=64 * 1024**2)
+    job_time_limit_s: float = Field(6 * 3600.0, gt=0)
+    # After a cancel, how long a running job has to reach a step/epoch boundary before it is killed.
+    cancel_grace_s: float = Field(10.0, ge=0)
+    work_dir: Path | None = Field(None, description="Jobs' scratch directories; default <data_dir>/work")
+
     queue_name: str = "modelshrink"
     worker_concurrency: int = 1
 
@@ -62,6 +70,12 @@ class Settings(BaseSettings):
     @property
     def resolved_artifact_dir(self) -> Path:
         return self.artifact_dir or self.data_dir / "artifacts"
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        path = self.work_dir or self.data_dir / "work"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     @property
     def embedded_redis_socket(self) -> Path:

@@ -60,6 +60,11 @@ def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None
             raise InvalidInput(f"steps[{index}] ({step.method}) writes the final storage bundle, so it must be the last step")
     if body.webhook_url:
         check_webhook_url(body.webhook_url, settings)
+    limits = body.limits
+    if limits.time_limit_s is not None and limits.time_limit_s > settings.job_time_limit_s:
+        raise InvalidInput(f"limits.time_limit_s: at most {settings.job_time_limit_s:.0f} s on this service", code="limit_too_high")
+    if limits.memory_limit_mb is not None and limits.memory_limit_mb * 1024**2 > settings.job_memory_limit_bytes:
+        raise InvalidInput(f"limits.memory_limit_mb: at most {settings.job_memory_limit_bytes // 1024**2} MiB on this service", code="limit_too_high")
 
 
 def _validate_distill(session, tenant_id: str, index: int, step: DistillStep, teacher, dataset) -> None:  # noqa: ANN001
@@ -112,7 +117,7 @@ def create_job(
         dataset_id=body.dataset_id,
         eval_dataset_id=body.eval_dataset_id,
         steps=[s.model_dump(mode="json") for s in body.steps],
-        options={"measure": body.measure.model_dump(mode="json"), "request_sha256": fingerprint},
+        options={"measure": body.measure.model_dump(mode="json"), "limits": body.limits.model_dump(mode="json"), "request_sha256": fingerprint},
         idempotency_key=idempotency_key,
         webhook_url=body.webhook_url,
     )
