@@ -57,7 +57,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
             child.start()
         err.print(f"modelshrink serving on [bold]http://{host}:{port}[/bold] (data in {settings.data_dir})")
         print(f"http://{host}:{port}", flush=True)
-        uvicorn.run(create_app(settings, run_migrations=False), host=host, port=port, log_level="info")
+        # Open event streams must not hold a shutdown up for ever.
+        uvicorn.run(create_app(settings, run_migrations=False), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
     finally:
         for child in reversed(children):  # worker first, then the broker it talks to
             child.stop()
@@ -71,7 +72,7 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     from service.core.db import migrate
 
     migrate(get_settings().resolved_database_url)
-    uvicorn.run("service.api.app:app_from_env", factory=True, host=host, port=port, workers=workers)
+    uvicorn.run("service.api.app:app_from_env", factory=True, host=host, port=port, workers=workers, timeout_graceful_shutdown=10)
 
 
 @app.command()

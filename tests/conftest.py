@@ -59,6 +59,9 @@ def fast_settings(tmp: Path, **overrides: object) -> Settings:
         webhook_allow_private=True,
         webhook_secret="test-secret",
         webhook_max_retries=2,
+        readiness_interval_s=0.5,
+        reconcile_interval_s=1.0,
+        reconcile_grace_s=3.0,
     )
     values.update(overrides)
     return Settings(**values)

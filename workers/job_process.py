@@ -26,6 +26,8 @@ class LeaseLost(Exception):
 
 
 def _progress_reporter(settings, job_id: str, owner: str):  # noqa: ANN001, ANN202
+    from sqlalchemy.exc import DBAPIError
+
     from service.core.db import session_scope
     from service.core.errors import JobCancelled
     from service.core.events import publish
@@ -42,8 +44,14 @@ def _progress_reporter(settings, job_id: str, owner: str):  # noqa: ANN001, ANN2
         if not milestone and now - last_write[0] < 0.25:
             return  # thin out database writes; cancellation is still seen within a quarter second
         last_write[0] = now
-        with session_scope(settings.resolved_database_url) as session:
-            verdict = set_progress(session, job_id, owner, state)
+        try:
+            with session_scope(settings.resolved_database_url) as session:
+                verdict = set_progress(session, job_id, owner, state)
+        except DBAPIError:
+            # Progress is best effort: a database blip must not fail the job. The runner's lease
+            # heartbeat decides whether the job is still ours.
+            log.warning("progress write for %s failed", job_id, exc_info=True)
+            return
         if verdict == "lost":
             raise LeaseLost()
         if verdict == "cancel":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from sqlalchemy.exc import DBAPIError
+
 from service.core.db import session_scope
 from service.core.jobstore import job_public
 from service.core.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, enqueue_job, enqueue_webhook
@@ -12,6 +14,7 @@ from service.core.tables import Job
 from workers.celery_app import app
 
 log = logging.getLogger(__name__)
+DB_RETRY_S = 5.0
 
 
 @app.task(name=RUN_JOB_TASK)
@@ -19,7 +22,15 @@ def run_job(job_id: str) -> None:
     from workers.runner import run_job as run  # heavy imports stay in the worker child
 
     settings = get_settings()
-    outcome = run(job_id, settings)
+    try:
+        outcome = run(job_id, settings)
+    except DBAPIError:
+        # The job store is unavailable: put the job back rather than let this message be
+        # acknowledged as failed and the job sit queued forever (the reconciler is the backstop
+        # when the broker is out too).
+        log.warning("job store unavailable while starting %s; re-queued in %.0f s", job_id, DB_RETRY_S, exc_info=True)
+        enqueue_job(settings, job_id, countdown=DB_RETRY_S)
+        return
     if outcome.retry_after_s:
         # Another worker holds a live lease: look again once it would have expired, so the job is
         # never left without a message in the queue if that worker dies.

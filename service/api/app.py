@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.streams import StreamLimiter
 from service.api.observability import MetricsMiddleware, build_registry
 from service.api.routes import datasets, health, jobs, methods, models
 from service.core.artifacts import ArtifactStore
 from service.core.db import migrate
 from service.core.errors import ApiError
+from service.core.readiness import ReadinessMonitor
+from service.core.reconciler import Reconciler
 from service.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -24,13 +29,26 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     settings = settings or get_settings()
     if run_migrations:
         migrate(settings.resolved_database_url)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        background = [app.state.readiness, Reconciler(settings)]
+        for task in background:
+            task.start()
+        yield
+        for task in background:
+            task.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="modelshrink",
         version="0.1.0",
         description="Compress neural networks: upload a model, submit a job of steps, download a smaller, faster, validated ONNX model with measured before/after metrics.",
     )
     app.state.settings = settings
     app.state.store = ArtifactStore(settings.resolved_artifact_dir)
+    app.state.readiness = ReadinessMonitor(settings)  # checking starts with the app (lifespan)
+    app.state.streams = StreamLimiter(settings.max_event_streams, settings.max_event_streams_per_tenant)
     registry, requests, latency = build_registry(settings)
     app.state.registry = registry
     app.add_middleware(MetricsMiddleware, requests=requests, latency=latency)

@@ -20,15 +20,19 @@ def redis_url(settings: Settings) -> str:
     return "unix://" + url.removeprefix("redis+socket://") if url.startswith("redis+socket://") else url
 
 
+def redis_client(settings: Settings) -> redis.Redis:
+    """A shared client (its own growing connection pool, short timeouts) for quick reads and publishes."""
+    url = redis_url(settings)
+    return _clients.get(url) or _clients.setdefault(url, redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2))
+
+
 def channel(job_id: str) -> str:
     return f"modelshrink:job:{job_id}"
 
 
 def publish(settings: Settings, job_id: str, payload: dict[str, Any]) -> None:
     """Best effort: progress must never fail a job because the broker blinked."""
-    url = redis_url(settings)
     try:
-        client = _clients.get(url) or _clients.setdefault(url, redis.Redis.from_url(url, socket_timeout=2))
-        client.publish(channel(job_id), json.dumps(payload, default=str))
+        redis_client(settings).publish(channel(job_id), json.dumps(payload, default=str))
     except redis.RedisError:
         pass

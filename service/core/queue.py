@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from service.core.events import redis_client
 from service.core.settings import Settings
 
 RUN_JOB_TASK = "modelshrink.run_job"
@@ -59,8 +60,8 @@ def enqueue_webhook(settings: Settings, job_id: str) -> None:
 
 
 def queue_depth(settings: Settings) -> int:
-    with _producer(settings).connection_for_write() as conn:
-        return int(conn.default_channel.client.llen(settings.queue_name))
+    # redis-py directly, not kombu's bounded connection pool: a burst of scrapes must not queue up on it.
+    return int(redis_client(settings).llen(settings.queue_name))
 
 
 def ping_workers(settings: Settings, timeout: float = 1.0) -> int:

@@ -46,6 +46,14 @@ class Settings(BaseSettings):
     cancel_grace_s: float = Field(10.0, ge=0)
     work_dir: Path | None = Field(None, description="Jobs' scratch directories; default <data_dir>/work")
 
+    # Availability: readiness is checked in the background; a reconciler re-queues jobs that lost
+    # their broker message (see service.core.reconciler).
+    readiness_interval_s: float = Field(5.0, gt=0)
+    max_event_streams: int = Field(1000, ge=1)
+    max_event_streams_per_tenant: int = Field(50, ge=1)
+    reconcile_interval_s: float = Field(30.0, gt=0)
+    reconcile_grace_s: float = Field(60.0, ge=0)
+
     queue_name: str = "modelshrink"
     worker_concurrency: int = 1
 

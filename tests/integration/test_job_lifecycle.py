@@ -208,11 +208,13 @@ def test_webhook_is_delivered_signed_when_the_job_ends(settings: Settings, start
 
 def test_readyz_sees_the_worker(embedded_redis: Settings, start_worker) -> None:  # noqa: ANN001
     with make_client(embedded_redis) as client:
-        assert client.get("/readyz").status_code == 503
-        start_worker(embedded_redis)
+        wait_for(lambda: "workers" in client.get("/readyz").json()["checks"])
         response = client.get("/readyz")
-        assert response.status_code == 200
-        assert response.json()["checks"]["workers"] == {"ok": True, "count": 1}
+        assert response.status_code == 503 and response.json()["checks"]["workers"] == {"ok": False, "count": 0}
+        start_worker(embedded_redis)
+        response = wait_for(lambda: (r := client.get("/readyz")).status_code == 200 and r)
+        assert response.json()["checks"] == {"database": {"ok": True}, "broker": {"ok": True}, "workers": {"ok": True, "count": 1}}
+        assert response.json()["age_s"] < 5
 
 
 def test_prune_job_reports_epochs_and_honours_cancel(settings: Settings, start_worker) -> None:  # noqa: ANN001

@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
@@ -29,7 +30,8 @@ from service.core.tables import TERMINAL_STATUSES, Job, new_id
 from service.core.webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-RECHECK_INTERVAL_S = 2.0
+# Terminal states are published; the job row is re-read only this often as a fallback.
+RECHECK_INTERVAL_S = 10.0
 
 
 def owned_job(session, tenant_id: str, job_id: str) -> Job:  # noqa: ANN001
@@ -176,11 +178,19 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings
     return job_public(job)
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse, responses={200: {"content": {"text/event-stream": {}}}})
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, 404: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+)
 async def job_events(job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> EventSourceResponse:
     """Server-sent events: `progress` events as the worker reports them (every epoch, round and
-    step), then one `end` event with the final job."""
-    owned_job(session, tenant.id, job_id)
+    step), then one `end` event with the final job. Open streams are capped per tenant and overall
+    (429 `too_many_streams`)."""
+    await run_in_threadpool(owned_job, session, tenant.id, job_id)
+    # A stream may stay open for hours: it must not hold a pooled database connection while it waits.
+    await run_in_threadpool(session.close)
+    slot = request.app.state.streams.acquire(tenant.id)
     url = settings.resolved_database_url
 
     def snapshot() -> dict[str, Any]:
@@ -206,16 +216,18 @@ async def job_events(job_id: str, request: Request, session: SessionDep, tenant:
                     if update["status"] not in TERMINAL_STATUSES:
                         continue
                 # A terminal message, or quiet for a while: the job row decides (it also catches
-                # changes nobody published, such as a cancel of a queued job).
+                # changes nobody published).
                 job = await run_in_threadpool(snapshot)
             if job["status"] in TERMINAL_STATUSES:
                 yield {"event": "progress", "data": json.dumps({"status": job["status"], "progress": job["progress"]})}
                 yield {"event": "end", "data": json.dumps(job)}
         finally:
+            slot.release()
             await pubsub.aclose()
             await client.aclose()
 
-    return EventSourceResponse(stream(), ping=15)
+    # The background task releases the slot too, in case the client left before the stream started.
+    return EventSourceResponse(stream(), ping=15, background=BackgroundTask(slot.release))
 
 
 @router.get(
