@@ -67,7 +67,11 @@ def get_model(model_id: str, session: SessionDep, tenant: CurrentTenant) -> Stor
 @router.delete("/{model_id}", status_code=204)
 def delete_model(model_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> Response:
     model = owned_model(session, tenant.id, model_id)
-    active = session.scalar(select(func.count()).select_from(Job).where(Job.model_id == model_id, Job.status.in_(("queued", "running"))))
+    # A model is in use as a job's input or as a model one of its steps refers to (a distillation student).
+    active_jobs = session.execute(
+        select(Job.model_id, Job.steps).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))
+    ).all()
+    active = sum(1 for input_id, steps in active_jobs if input_id == model_id or any(s.get("student_model_id") == model_id for s in steps or []))
     if active:
         raise Conflict(f"model {model_id} is used by {active} queued or running job(s); cancel them first")
     session.delete(model)
