@@ -49,6 +49,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
             Supervised("redis", lambda: embedded_redis_command(settings), dict(os.environ), lambda: wait_for_redis(settings.embedded_redis_socket))
         )
     children.append(Supervised("worker", lambda: worker_command(settings), _child_env()))
+    children.append(Supervised("webhooks", lambda: worker_command(settings, "webhooks1@%h", role="webhooks"), _child_env()))
     # uvicorn re-raises SIGTERM after its own graceful shutdown; turn that into SystemExit so the
     # `finally` below still stops the worker and Redis instead of the process dying around them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -76,14 +77,17 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 
 
 @app.command()
-def worker(hostname: str = "worker@%h") -> None:
+def worker(
+    hostname: str = "worker@%h",
+    webhooks: Annotated[bool, typer.Option("--webhooks", help="Deliver webhooks (run one such worker per deployment) instead of running jobs.")] = False,
+) -> None:
     """Run one Celery worker alone (one per GPU; configured like `api`)."""
     from service.core.db import migrate
     from service.processes import worker_command
 
     settings = get_settings()
     migrate(settings.resolved_database_url)
-    command = worker_command(settings, hostname)
+    command = worker_command(settings, hostname, role="webhooks" if webhooks else "jobs")
     os.execve(command[0], command, _child_env())
 
 

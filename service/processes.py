@@ -68,12 +68,19 @@ def wait_for_redis(socket_path: Path, timeout: float = 15.0) -> None:
     raise RuntimeError(f"embedded redis did not come up on {socket_path}")
 
 
-def worker_command(settings: Settings, hostname: str = "worker1@%h") -> list[str]:
+def worker_command(settings: Settings, hostname: str = "worker1@%h", role: str = "jobs") -> list[str]:
+    """A job worker (prefork, one process per GPU), or the webhook deliverer (threads: it only waits on the network)."""
+    from service.core.queue import webhook_queue
+
+    if role == "webhooks":
+        pool, concurrency, queue = "threads", settings.webhook_concurrency, webhook_queue(settings)
+    else:
+        pool, concurrency, queue = "prefork", settings.worker_concurrency, settings.queue_name
     return [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
-        "--pool", "prefork",
-        "--concurrency", str(settings.worker_concurrency),
-        "--queues", settings.queue_name,
+        "--pool", pool,
+        "--concurrency", str(concurrency),
+        "--queues", queue,
         "--hostname", hostname,
         "--loglevel", "INFO",
         "--without-gossip", "--without-mingle",

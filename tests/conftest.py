@@ -87,7 +87,8 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
     s = fast_settings(tmp_path)
     yield s
     # Leave the shared Redis as we found it: the queue and kombu's bindings for it.
-    redis.Redis.from_url(SYSTEM_REDIS).delete(s.queue_name, f"_kombu.binding.{s.queue_name}", f"_kombu.binding_permanent.{s.queue_name}")
+    queues = (s.queue_name, f"{s.queue_name}.webhooks")
+    redis.Redis.from_url(SYSTEM_REDIS).delete(*queues, *(f"_kombu.binding{kind}.{q}" for q in queues for kind in ("", "_permanent")))
 
 
 def make_client(settings: Settings) -> TestClient:
@@ -119,11 +120,11 @@ def client(settings: Settings) -> Iterator[TestClient]:
 class WorkerProcess:
     """A real `celery worker` process (prefork, concurrency 1) with the given settings."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, role: str = "jobs") -> None:
         self.settings = settings
         self.log = open(log_path, "ab")
         self.proc = subprocess.Popen(
-            worker_command(settings, hostname=f"w{uuid.uuid4().hex[:6]}@%h"),
+            worker_command(settings, hostname=f"w{uuid.uuid4().hex[:6]}@%h", role=role),
             env=env_of(settings), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
         )
         self.wait_ready()
@@ -156,8 +157,8 @@ class WorkerProcess:
 def start_worker(tmp_path: Path) -> Iterator:
     workers: list[WorkerProcess] = []
 
-    def start(settings: Settings) -> WorkerProcess:
-        worker = WorkerProcess(settings, tmp_path / f"worker{len(workers)}.log")
+    def start(settings: Settings, role: str = "jobs") -> WorkerProcess:
+        worker = WorkerProcess(settings, tmp_path / f"worker{len(workers)}.log", role)
         workers.append(worker)
         return worker
 

@@ -55,8 +55,13 @@ def enqueue_job(settings: Settings, job_id: str, countdown: float | None = None)
     _producer(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue_name, countdown=countdown)
 
 
+def webhook_queue(settings: Settings) -> str:
+    return f"{settings.queue_name}.webhooks"
+
+
 def enqueue_webhook(settings: Settings, job_id: str) -> None:
-    _producer(settings).send_task(DELIVER_WEBHOOK_TASK, args=[job_id], queue=settings.queue_name)
+    # Its own queue, consumed by a thread-pool worker: a slow endpoint never holds a job worker.
+    _producer(settings).send_task(DELIVER_WEBHOOK_TASK, args=[job_id], queue=webhook_queue(settings))
 
 
 def queue_depth(settings: Settings) -> int:

@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     webhook_allow_private: bool = False
     webhook_secret: str | None = None
     webhook_max_retries: int = 5
+    webhook_timeout_s: float = Field(10.0, gt=0, description="Total time for one delivery attempt.")
+    # Webhooks are delivered by their own worker (threads), never by a job worker.
+    webhook_concurrency: int = Field(4, ge=1)
 
     @field_validator("webhook_allowed_hosts", mode="before")
     @classmethod

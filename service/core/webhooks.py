@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import asyncio
 import json
 import secrets
 import socket
@@ -83,8 +84,10 @@ def sign(body: bytes, timestamp: str, secret: str) -> str:
     return "sha256=" + mac.hexdigest()
 
 
-def deliver(url: str, payload: dict[str, Any], settings: Settings, timeout: float = 10.0) -> int:
-    """POST once; raise WebhookRefused (permanent) or an httpx/OS error (retryable)."""
+def deliver(url: str, payload: dict[str, Any], settings: Settings) -> int:
+    """POST once within `webhook_timeout_s` in all (connect, send, every read together: an endpoint
+    that trickles its answer cannot hold a delivery worker); raise WebhookRefused (permanent) or an
+    httpx/OS/timeout error (retryable)."""
     check_webhook_url(url, settings)
     parts = urlsplit(url)
     _check_addresses(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), settings)
@@ -95,8 +98,20 @@ def deliver(url: str, payload: dict[str, Any], settings: Settings, timeout: floa
         TIMESTAMP_HEADER: timestamp,
         SIGNATURE_HEADER: sign(body, timestamp, webhook_secret(settings)),
     }
-    # No redirects: a redirect could point at a host the allow-list never saw.
-    response = httpx.post(url, content=body, headers=headers, timeout=timeout, follow_redirects=False)
+    timeout = settings.webhook_timeout_s
+
+    async def post() -> httpx.Response:
+        # No redirects: a redirect could point at a host the allow-list never saw.
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+            return await client.post(url, content=body, headers=headers)
+
+    async def post_by_deadline() -> httpx.Response:
+        return await asyncio.wait_for(post(), timeout)
+
+    try:
+        response = asyncio.run(post_by_deadline())
+    except asyncio.TimeoutError as exc:
+        raise TimeoutError(f"the webhook endpoint did not answer within {timeout:.0f} s") from exc
     if response.status_code >= 500 or response.status_code == 429:
         raise ConnectionError(f"webhook answered {response.status_code}")
     return response.status_code

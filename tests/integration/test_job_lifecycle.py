@@ -196,6 +196,7 @@ def test_job_fails_after_max_attempts_instead_of_hanging(tmp_path: Path, start_w
 
 def test_webhook_is_delivered_signed_when_the_job_ends(settings: Settings, start_worker) -> None:  # noqa: ANN001
     start_worker(settings)
+    start_worker(settings, role="webhooks")
     with webhook_receiver(path="/hooks/modelshrink") as hook, authed_client(settings) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
         body = {"model_id": model_id, "steps": [{"method": "quantize", "mode": "fp16"}], "measure": QUICK_MEASURE, "webhook_url": hook.url}
