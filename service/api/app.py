@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.body_limit import BodyLimitMiddleware
 from service.api.streams import StreamLimiter
 from service.api.observability import MetricsMiddleware, build_registry
 from service.api.routes import datasets, health, jobs, methods, models
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     app.state.streams = StreamLimiter(settings.max_event_streams, settings.max_event_streams_per_tenant)
     registry, requests, latency = build_registry(settings)
     app.state.registry = registry
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_body_bytes)
     app.add_middleware(MetricsMiddleware, requests=requests, latency=latency)
 
     @app.exception_handler(ApiError)

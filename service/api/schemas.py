@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.specs import MeasureSpec, StepSpec
 
+# Far beyond any real listing, and inside every database's 64-bit OFFSET.
+MAX_OFFSET = 2**31 - 1
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -49,6 +52,8 @@ class ModelsPublic(BaseModel):
 class ArraySpec(BaseModel):
     dtype: str
     shape: list[int]
+    min: int | None = Field(None, description="labels: the smallest class index.")
+    max: int | None = Field(None, description="labels: the largest class index.")
 
 
 class DatasetPublic(BaseModel):

@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = Field(None, description="Artifact store root (a shared filesystem when scaling out); default <data_dir>/artifacts")
 
     max_upload_bytes: int = 2 * 1024**3
+    # JSON bodies (job specs): uploads have their own limit above.
+    max_request_body_bytes: int = Field(1024**2, ge=1024)
     # A dataset is loaded whole by the worker, so its decompressed size is capped separately.
     max_dataset_decompressed_bytes: int = 1024**3
     max_dataset_members: int = 64

@@ -11,6 +11,10 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 
+# Node, layer and operator names: bounded, so a spec cannot smuggle megabytes into the job store.
+NameList = list[Annotated[str, Field(min_length=1, max_length=512)]]
+
+
 class StrictModel(BaseModel):
     # An unknown field is a typo a user wants to hear about, not silently ignore.
     model_config = ConfigDict(extra="forbid")
@@ -44,7 +48,7 @@ class TrainingSpec(StrictModel):
     lr: float = Field(1e-3, gt=0, le=10)
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
 
 class QuantizeStep(StrictModel):
@@ -73,9 +77,9 @@ class QuantizeStep(StrictModel):
     )
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs without VNNI that saturate in int8 math.")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    op_types: list[str] | None = Field(None, description="Only quantize these operator types (default: all supported).")
-    exclude_op_types: list[str] = Field(default_factory=list, description="Operator types left in float.")
-    exclude_nodes: list[str] = Field(default_factory=list, description="Node names left in float.")
+    op_types: NameList | None = Field(None, max_length=4096, description="Only quantize these operator types (default: all supported).")
+    exclude_op_types: NameList = Field(default_factory=list, max_length=4096, description="Operator types left in float.")
+    exclude_nodes: NameList = Field(default_factory=list, max_length=4096, description="Node names left in float.")
     keep_io_types: bool = Field(True, description="fp16: keep float32 model inputs/outputs so callers need no change.")
 
 
@@ -91,7 +95,7 @@ class PruneStep(StrictModel):
         "l1", description="l1/l2 weight magnitude; apoz: how often a neuron outputs zero on the data (structured only); taylor: |weight x gradient|."
     )
     layer_amounts: dict[str, float] = Field(default_factory=dict, description="Per-layer overrides of `amount`, by layer name (see the step report).")
-    skip_layers: list[str] = Field(default_factory=list, description="Layers left untouched.")
+    skip_layers: NameList = Field(default_factory=list, max_length=4096, description="Layers left untouched.")
     prune_output_layer: bool = Field(False, description="Also prune the last layer (structured pruning never narrows the model's outputs).")
     iterations: int = Field(1, ge=1, le=50, description="Rounds of prune -> fine-tune; the pruned fraction grows to `amount` over the rounds.")
     finetune_epochs: int = Field(0, ge=0, le=1000, description="Fine-tuning epochs after each round (needs a dataset).")
@@ -118,9 +122,9 @@ class StudentSpec(StrictModel):
 
     kind: Literal["width", "depth", "low_rank"] = "width"
     width: float = Field(0.5, gt=0, lt=1, description="width: fraction of every hidden layer's neurons/channels kept (the teacher's most important, by L2 norm).")
-    drop_layers: list[str] = Field(default_factory=list, description="depth: layers to remove (each must map its input shape to itself, e.g. a residual block's conv).")
+    drop_layers: NameList = Field(default_factory=list, max_length=4096, description="depth: layers to remove (each must map its input shape to itself, e.g. a residual block's conv).")
     drop_count: int = Field(1, ge=1, le=100, description="depth, when drop_layers is empty: remove this many shape-preserving layers, last first.")
-    rank: int | None = Field(None, ge=1, description="low_rank: rank of every factorised linear layer.")
+    rank: int | None = Field(None, ge=1, le=65536, description="low_rank: rank of every factorised linear layer.")
     energy: float = Field(0.9, gt=0, le=1, description="low_rank, when rank is unset: keep the singular values holding this share of the energy.")
 
 
@@ -137,10 +141,10 @@ class DistillStep(StrictModel):
     student: StudentSpec = Field(default_factory=StudentSpec, description="How to derive the student when student_model_id is not given.")
     temperature: float = Field(4.0, gt=0, le=100, description="Softmax temperature of the soft targets; the soft loss is scaled by T^2.")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the hard-label cross-entropy when the data has labels (soft loss: 1 - alpha).")
-    hints: list[HintSpec] = Field(default_factory=list, description="Feature distillation: match these intermediate outputs (a learned projection bridges different widths).")
-    hint_weight: float = Field(1.0, ge=0)
+    hints: list[HintSpec] = Field(default_factory=list, max_length=64, description="Feature distillation: match these intermediate outputs (a learned projection bridges different widths).")
+    hint_weight: float = Field(1.0, ge=0, le=1000, description="Weight of the feature (hint) loss against the logit loss.")
     epochs: int = Field(10, ge=1, le=1000)
-    patience: int | None = Field(None, ge=1, description="Early stopping: stop after this many epochs without a better validation score.")
+    patience: int | None = Field(None, ge=1, le=1000, description="Early stopping: stop after this many epochs without a better validation score.")
     schedule: Literal["cosine", "constant"] = "cosine"
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     compare_baseline: bool = Field(False, description="Also train the same student from scratch on hard labels with the same budget, and report both.")
@@ -153,8 +157,8 @@ class ClusterStep(StrictModel):
     bits: int = Field(5, ge=2, le=8, description="2^bits centroids per layer (a pruned layer reserves one for zero).")
     init: Literal["linear", "density", "kmeans++"] = Field("linear", description="Centroid initialisation (Han et al. found linear best).")
     layer_bits: dict[str, int] = Field(default_factory=dict, description="Per-layer overrides of `bits`, by layer name.")
-    skip_layers: list[str] = Field(default_factory=list)
-    min_elements: int = Field(256, ge=1, description="Smaller weight tensors stay float32.")
+    skip_layers: NameList = Field(default_factory=list, max_length=4096)
+    min_elements: int = Field(256, ge=1, le=2**31, description="Smaller weight tensors stay float32.")
     finetune_epochs: int = Field(0, ge=0, le=1000, description="Fine-tune the centroids (gradients summed per cluster); needs a dataset.")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
 
@@ -196,7 +200,7 @@ class MeasureSpec(StrictModel):
 
     warmup: int = Field(5, ge=0, le=1000)
     runs: int = Field(50, ge=5, le=100_000, description="Timed runs per batch size.")
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], min_length=1, max_length=4)
+    batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1, 32], min_length=1, max_length=4)
     threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads for both models.")
     max_eval_samples: int = Field(1000, ge=1, le=1_000_000, description="Cap on samples for accuracy and fidelity.")
 

@@ -19,6 +19,9 @@ from starlette.requests import Request
 from service.core.errors import InvalidInput, PayloadTooLarge
 
 MAX_FORM_FIELD_BYTES = 64 * 1024
+# Besides the file, a few small fields at most: a body made only of fields must not fill the API's memory.
+MAX_FORM_FIELDS = 8
+MAX_PART_HEADER_BYTES = 8 * 1024
 
 
 @dataclass
@@ -52,8 +55,8 @@ class _PartCollector:
     def callbacks(self) -> dict:
         return {
             "on_part_begin": self._part_begin,
-            "on_header_field": lambda d, s, e: setattr(self, "_hname", self._hname + d[s:e]),
-            "on_header_value": lambda d, s, e: setattr(self, "_hvalue", self._hvalue + d[s:e]),
+            "on_header_field": lambda d, s, e: self._header_bytes("_hname", d[s:e]),
+            "on_header_value": lambda d, s, e: self._header_bytes("_hvalue", d[s:e]),
             "on_header_end": self._header_end,
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._part_data,
@@ -61,7 +64,17 @@ class _PartCollector:
         }
 
     def _part_begin(self) -> None:
+        self._parts = getattr(self, "_parts", 0) + 1
+        if self._parts > MAX_FORM_FIELDS + 1:
+            raise PayloadTooLarge(f"the upload has more than {MAX_FORM_FIELDS} form fields besides '{self.file_field}'")
         self._headers, self._current, self._buffer = {}, None, bytearray()
+        self._header_total = 0
+
+    def _header_bytes(self, attr: str, data: bytes) -> None:
+        self._header_total += len(data)
+        if self._header_total > MAX_PART_HEADER_BYTES:
+            raise PayloadTooLarge("a multipart part's headers are too long")
+        setattr(self, attr, getattr(self, attr) + data)
 
     def _header_end(self) -> None:
         self._headers[self._hname.decode("latin-1").lower()] = self._hvalue

@@ -80,7 +80,8 @@ def test_dataset_upload_and_validation(client: TestClient) -> None:
     assert response.status_code == 201
     body = response.json()
     assert body["samples"] == 20 and body["has_labels"] is True
-    assert body["arrays"]["x"] == {"dtype": "float32", "shape": [20, 16]}
+    assert body["arrays"]["x"] == {"dtype": "float32", "shape": [20, 16], "min": None, "max": None}
+    assert body["arrays"]["labels"]["min"] >= 0 and body["arrays"]["labels"]["max"] <= 3
 
     import io
 

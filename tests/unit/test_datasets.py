@@ -25,7 +25,7 @@ def test_valid_dataset_is_described(tmp_path: Path) -> None:
     path = write_npz(tmp_path / "d.npz", x=np.zeros((10, 16), np.float32), labels=np.arange(10))
     info = inspect_npz(path, **LIMITS)
     assert info == {
-        "arrays": {"x": {"dtype": "float32", "shape": [10, 16]}, "labels": {"dtype": "int64", "shape": [10]}},
+        "arrays": {"x": {"dtype": "float32", "shape": [10, 16]}, "labels": {"dtype": "int64", "shape": [10], "min": 0, "max": 9}},
         "samples": 10,
         "has_labels": True,
     }
@@ -104,3 +104,45 @@ def test_missing_input_name_for_multi_input_model() -> None:
 def test_integer_data_for_float_input_is_refused() -> None:
     with pytest.raises(InvalidInput, match="expects float32"):
         check_against_model({"x": {"dtype": "int64", "shape": [5, 16]}}, MODEL_INPUTS)
+
+
+def _npz_with_member(path: Path, name: str, header: dict, data: bytes, compress: bool = True) -> Path:
+    """A .npz whose one member has a hand-written header (what a hostile client can send)."""
+    import io
+    import zipfile
+
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, header)
+    member.write(data)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{name}.npy", member.getvalue())
+    return path
+
+
+@pytest.mark.parametrize("shape, data, message", [
+    ((4, 4), b"\0" * (1 << 24), "header declares 64"),  # inflates far past its declared shape
+    ((1000, 16), b"\0" * 64, "truncated or corrupt"),  # data missing
+    ((-5, 16), b"", "invalid shape"),
+    ((2**40, 2**40), b"", "header declares"),  # overflows int64: must not wrap to something small
+], ids=["inflates-past-header", "missing-data", "negative-dimension", "overflowing-shape"])
+def test_members_must_hold_exactly_what_their_header_declares(tmp_path: Path, shape: tuple, data: bytes, message: str) -> None:
+    path = _npz_with_member(tmp_path / "d.npz", "x", {"descr": "<f4", "fortran_order": False, "shape": shape}, data)
+    with pytest.raises(InvalidInput, match=message):
+        inspect_npz(path, **LIMITS)
+
+
+def test_empty_datasets_and_negative_labels_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="no samples"):
+        inspect_npz(write_npz(tmp_path / "a.npz", x=np.zeros((0, 16), np.float32)), **LIMITS)
+    with pytest.raises(InvalidInput, match="negative"):
+        inspect_npz(write_npz(tmp_path / "b.npz", x=np.zeros((3, 16), np.float32), labels=np.array([0, -1, 2])), **LIMITS)
+
+
+def test_labels_must_be_classes_of_the_model() -> None:
+    from service.core.datasets import check_labels_fit
+
+    arrays = {"x": {"dtype": "float32", "shape": [3, 16]}, "labels": {"dtype": "int64", "shape": [3], "min": 0, "max": 7}}
+    check_labels_fit(arrays, [{"name": "logits", "dtype": "float32", "shape": ["N", 8]}])
+    with pytest.raises(InvalidInput, match="label 7, but the model's output 'logits' has 4 classes") as err:
+        check_labels_fit(arrays, [{"name": "logits", "dtype": "float32", "shape": ["N", 4]}])
+    assert err.value.code == "labels_out_of_range"

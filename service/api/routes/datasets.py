@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import func, or_, select
 
+from service.api.schemas import MAX_OFFSET
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.uploads_common import accept_upload, move_into_store, multipart_body
 from service.api.schemas import DatasetPublic, DatasetsPublic
@@ -53,7 +54,7 @@ async def upload_dataset(request: Request, session: SessionDep, tenant: CurrentT
 
 
 @router.get("", response_model=DatasetsPublic)
-def list_datasets(session: SessionDep, tenant: CurrentTenant, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+def list_datasets(session: SessionDep, tenant: CurrentTenant, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
     where = StoredDataset.tenant_id == tenant.id
     rows = session.scalars(select(StoredDataset).where(where).order_by(StoredDataset.created_at.desc()).limit(limit).offset(offset)).all()
     return {"data": rows, "count": session.scalar(select(func.count()).select_from(StoredDataset).where(where))}

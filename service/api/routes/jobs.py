@@ -15,11 +15,12 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from service.api.schemas import MAX_OFFSET
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
 from service.api.schemas import ErrorResponse, JobCreate, JobPublic, JobsPublic, JobStatus
-from service.core.datasets import check_against_model
+from service.core.datasets import check_against_model, check_labels_fit
 from service.core.db import session_scope
 from service.core.events import channel, publish, redis_url
 from service.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
@@ -52,6 +53,7 @@ def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None
         if ds_id is not None:
             datasets[field] = owned_dataset(session, tenant_id, ds_id)
             check_against_model(datasets[field].arrays, model.inputs, what=f"{field} {ds_id}")
+            check_labels_fit(datasets[field].arrays, model.outputs, what=f"{field} {ds_id}")
     dataset = datasets.get("dataset_id")
     for index, step in enumerate(body.steps):
         if step_requires_dataset(step) and body.dataset_id is None:
@@ -131,6 +133,8 @@ def create_job(
         existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
         if existing is None:
             raise
+        if existing.options.get("request_sha256") != fingerprint:
+            raise Conflict("this Idempotency-Key was already used for a different request", code="idempotency_key_reused") from None
         return _created(existing)
     try:
         enqueue_job(settings, job.id)
@@ -148,7 +152,7 @@ def list_jobs(
     tenant: CurrentTenant,
     status: JobStatus | None = None,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> dict:
     conditions = [Job.tenant_id == tenant.id] + ([Job.status == status] if status else [])
     rows = session.scalars(select(Job).where(*conditions).order_by(Job.created_at.desc()).limit(limit).offset(offset)).all()

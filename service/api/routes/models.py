@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import func, select
 
+from service.api.schemas import MAX_OFFSET
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.uploads_common import accept_upload, move_into_store, multipart_body
 from service.api.schemas import ModelPublic, ModelsPublic
@@ -53,7 +54,7 @@ async def upload_model(request: Request, session: SessionDep, tenant: CurrentTen
 
 
 @router.get("", response_model=ModelsPublic)
-def list_models(session: SessionDep, tenant: CurrentTenant, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> dict:
+def list_models(session: SessionDep, tenant: CurrentTenant, limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0, le=MAX_OFFSET)) -> dict:
     where = StoredModel.tenant_id == tenant.id
     rows = session.scalars(select(StoredModel).where(where).order_by(StoredModel.created_at.desc()).limit(limit).offset(offset)).all()
     return {"data": rows, "count": session.scalar(select(func.count()).select_from(StoredModel).where(where))}
