@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.body_limit import BodyLimitMiddleware
+from service.api.routes.uploads_common import CheckQueue
 from service.api.streams import StreamLimiter
 from service.api.observability import MetricsMiddleware, build_registry
 from service.api.routes import datasets, health, jobs, methods, models
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     app.state.settings = settings
     app.state.store = ArtifactStore(settings.resolved_artifact_dir)
     app.state.readiness = ReadinessMonitor(settings)  # checking starts with the app (lifespan)
+    app.state.checks = CheckQueue(settings.max_concurrent_checks, settings.max_waiting_checks)
     app.state.streams = StreamLimiter(settings.max_event_streams, settings.max_event_streams_per_tenant)
     registry, requests, latency = build_registry(settings)
     app.state.registry = registry
@@ -57,7 +59,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status, content={"error": exc.as_dict()})
+        return JSONResponse(status_code=exc.status, content={"error": exc.as_dict()}, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

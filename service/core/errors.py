@@ -7,6 +7,8 @@
     |   +-- Conflict                 409 e.g. a job that already ended cannot be cancelled
     |   +-- PayloadTooLarge          413 an upload over the configured byte limit
     |   +-- InvalidInput             422 a bad model, dataset or job spec
+    |   +-- QuotaExceeded            429 a tenant's queued/running jobs at their cap
+    |   +-- StorageQuotaExceeded     507 a tenant's stored models and datasets at their cap
     |   +-- ServiceUnavailable       503 a dependency (broker, database) is unreachable
     +-- JobFailure                   ends a job as failed with {"code", "message"}
         +-- CompressionFailed        a method (or the library under it) could not do its work
@@ -34,6 +36,10 @@ class ModelshrinkError(Exception):
 class ApiError(ModelshrinkError):
     status = 500
 
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message, code=code)
+        self.headers = {"Retry-After": str(retry_after_s)} if retry_after_s else None
+
 
 class Unauthorized(ApiError):
     status = 401
@@ -58,6 +64,16 @@ class PayloadTooLarge(ApiError):
 class InvalidInput(ApiError):
     status = 422
     code = "invalid_input"
+
+
+class QuotaExceeded(ApiError):
+    status = 429
+    code = "quota_exceeded"
+
+
+class StorageQuotaExceeded(ApiError):
+    status = 507
+    code = "storage_quota_exceeded"
 
 
 class ServiceUnavailable(ApiError):

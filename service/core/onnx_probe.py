@@ -19,8 +19,21 @@ from typing import Any
 from service.core.errors import InvalidInput
 
 
+# Address space the check may use: enough for Python, onnx and ONNX Runtime plus a few copies of the
+# model's weights, and no more (a tiny model whose run allocates by the gigabyte is refused), capped
+# by the operator's probe_memory_bytes.
+PROBE_BASE_BYTES = 512 * 1024**2
+PROBE_BYTES_PER_MODEL_BYTE = 8
+
+
+def probe_memory_for(path: Path, cap: int) -> int:
+    return min(cap, PROBE_BASE_BYTES + PROBE_BYTES_PER_MODEL_BYTE * path.stat().st_size)
+
+
 def probe_onnx(path: Path, *, timeout_s: float, memory_bytes: int, run: bool = True) -> dict[str, Any]:
-    """Describe a valid model, or raise InvalidInput saying what is wrong with it."""
+    """Describe a valid model, or raise InvalidInput saying what is wrong with it. `memory_bytes` caps
+    the child's address space, which is scaled to the model's size below that cap."""
+    memory_bytes = probe_memory_for(path, memory_bytes)
 
     def limit() -> None:  # runs in the child before exec
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
@@ -32,17 +45,22 @@ def probe_onnx(path: Path, *, timeout_s: float, memory_bytes: int, run: bool = T
         proc = subprocess.run(args, capture_output=True, timeout=timeout_s, preexec_fn=limit, env=env, check=False)
     except subprocess.TimeoutExpired as exc:
         raise InvalidInput(f"checking the model took longer than {timeout_s:.0f} s", code="model_check_timeout") from exc
+    out_of_memory = b"bad_alloc" in proc.stderr or b"MemoryError" in proc.stderr
+    if proc.returncode < 0 and out_of_memory:
+        raise InvalidInput(f"checking the model needed more than {memory_bytes // 1024**2} MiB of memory", code="model_too_large")
     if proc.returncode < 0:
         sig = signal.Signals(-proc.returncode).name
         raise InvalidInput(f"the model crashed the ONNX checker or runtime ({sig})", code="model_crashed")
     try:
         result = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     except (ValueError, IndexError) as exc:
-        if b"MemoryError" in proc.stderr or b"bad_alloc" in proc.stderr:
-            raise InvalidInput("checking the model exceeded the memory limit", code="model_too_large") from exc
+        if out_of_memory:
+            raise InvalidInput(f"checking the model needed more than {memory_bytes // 1024**2} MiB of memory", code="model_too_large") from exc
         raise InvalidInput("the model could not be checked (the checker exited abnormally)", code="model_crashed") from exc
     if not result.get("ok"):
-        raise InvalidInput(result["message"], code=result["code"])
+        # Library messages can quote the file's location on this host; a client never sees it.
+        message = result["message"].replace(str(path), "the model").replace(str(path.parent), "")
+        raise InvalidInput(message, code=result["code"])
     result.pop("ok")
     return result
 
@@ -85,6 +103,9 @@ def _value_info(vi) -> dict[str, Any]:  # noqa: ANN001
     return {"name": vi.name, "dtype": dtype, "shape": shape}
 
 
+NUMERIC_DTYPES = frozenset({"float16", "float32", "float64", "bfloat16", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"})
+
+
 def _fail(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "code": code, "message": message}
 
@@ -122,6 +143,15 @@ def describe(path: Path, run: bool) -> dict[str, Any]:
     except Exception as exc:
         return _fail("invalid_model", f"the ONNX checker rejected the model: {str(exc).splitlines()[0][:300]}")
 
+    initializer_names = {t.name for t in model.graph.initializer}
+    inputs = [_value_info(vi) for vi in model.graph.input if vi.name not in initializer_names]
+    outputs = [_value_info(vi) for vi in model.graph.output]
+    if not inputs:
+        return _fail("invalid_model", "the model has no inputs; there is nothing to feed it data through")
+    unsupported = [f"{i['name']} ({i['dtype']})" for i in inputs if i["dtype"] not in NUMERIC_DTYPES]
+    if unsupported:
+        return _fail("unsupported_input_type", f"model inputs must be numeric or boolean tensors; these are not: {', '.join(unsupported)}")
+
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -131,9 +161,6 @@ def describe(path: Path, run: bool) -> dict[str, Any]:
     except Exception as exc:
         return _fail("model_not_runnable", f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}")
 
-    initializer_names = {t.name for t in model.graph.initializer}
-    inputs = [_value_info(vi) for vi in model.graph.input if vi.name not in initializer_names]
-    outputs = [_value_info(vi) for vi in model.graph.output]
     if run:
         feed = {}
         for meta in session.get_inputs():
@@ -142,6 +169,9 @@ def describe(path: Path, run: bool) -> dict[str, Any]:
         try:
             session.run(None, feed)
         except Exception as exc:
+            if "Failed to allocate memory" in str(exc) or "bad_alloc" in str(exc):
+                return _fail("model_too_large", "running the model once on zero inputs needed more memory than the upload check allows "
+                             "(a few hundred MiB plus a multiple of the file's size)")
             return _fail("model_not_runnable", f"ONNX Runtime cannot run the model on zero inputs: {str(exc).splitlines()[0][:300]}")
     parameters = int(sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in model.graph.initializer))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)

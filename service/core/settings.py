@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     # Sandbox for checking untrusted ONNX uploads (child process limits).
     probe_timeout_s: float = 60.0
     probe_memory_bytes: int = 8 * 1024**3
+    max_concurrent_checks: int = Field(2, ge=1)
+    max_waiting_checks: int = Field(200, ge=0)
+
+    # Per-tenant quotas: jobs queued or running (429 beyond), bytes of stored models and datasets (507 beyond).
+    tenant_max_active_jobs: int = Field(50, ge=1)
+    tenant_max_stored_bytes: int = Field(100 * 1024**3, ge=0)
 
     # Reliability: a job's worker holds a lease it renews; a redelivered job whose lease expired is
     # taken over, and a job taken over more than max_attempts times fails.

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import func, or_, select
 
-from service.api.schemas import MAX_OFFSET
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
-from service.api.routes.uploads_common import accept_upload, move_into_store, multipart_body
-from service.api.schemas import DatasetPublic, DatasetsPublic
+from starlette.concurrency import run_in_threadpool
+
+from service.api.routes.uploads_common import accept_upload, commit_row, move_into_store, multipart_body
+from service.api.schemas import MAX_OFFSET, ErrorResponse, DatasetPublic, DatasetsPublic
 from service.core.datasets import inspect_npz
 from service.core.errors import Conflict, NotFound
 from service.core.tables import Job, StoredDataset, new_id
@@ -28,14 +29,14 @@ def owned_dataset(session, tenant_id: str, dataset_id: str) -> StoredDataset:  #
     return dataset
 
 
-@router.post("", status_code=201, response_model=DatasetPublic, openapi_extra=multipart_body(NPZ_HELP))
+@router.post("", status_code=201, response_model=DatasetPublic, responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body(NPZ_HELP))
 async def upload_dataset(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredDataset:
     """Upload a dataset. It is never unpickled; sizes are checked from headers before decompressing."""
 
     def check(path):  # noqa: ANN001, ANN202
         return inspect_npz(path, max_members=settings.max_dataset_members, max_decompressed_bytes=settings.max_dataset_decompressed_bytes)
 
-    upload, info = await accept_upload(request, settings, store, check)
+    upload, info = await accept_upload(request, session, tenant.id, settings, store, check)
     dataset_id = new_id("ds")
     key = f"datasets/{tenant.id}/{dataset_id}/data.npz"
     move_into_store(upload, store, key)
@@ -48,8 +49,7 @@ async def upload_dataset(request: Request, session: SessionDep, tenant: CurrentT
         artifact_key=key,
         **info,
     )
-    session.add(dataset)
-    session.commit()
+    await run_in_threadpool(commit_row, session, dataset)
     return dataset
 
 

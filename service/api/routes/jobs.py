@@ -23,7 +23,7 @@ from service.api.schemas import ErrorResponse, JobCreate, JobPublic, JobsPublic,
 from service.core.datasets import check_against_model, check_labels_fit
 from service.core.db import session_scope
 from service.core.events import channel, publish, redis_url
-from service.core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from service.core.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, ServiceUnavailable
 from service.core.jobstore import job_public, request_cancel
 from service.core.queue import enqueue_job, enqueue_webhook
 from service.core.specs import BUNDLE_STEPS, DistillStep, step_requires_dataset
@@ -95,7 +95,7 @@ def _created(job: Job) -> JSONResponse:
     "",
     status_code=202,
     response_model=JobPublic,
-    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 def create_job(
     body: JobCreate,
@@ -114,6 +114,13 @@ def create_job(
                 raise Conflict("this Idempotency-Key was already used for a different request", code="idempotency_key_reused")
             return _created(existing)
     _validate_inputs(session, tenant.id, body, settings)
+    active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running"))))
+    if active >= settings.tenant_max_active_jobs:
+        # Also what keeps one tenant's backlog from starving the others in the shared FIFO queue.
+        raise QuotaExceeded(
+            f"this tenant has {active} queued or running jobs, its limit is {settings.tenant_max_active_jobs}; wait for some to finish",
+            retry_after_s=30,
+        )
     job = Job(
         id=new_id("job"),
         tenant_id=tenant.id,

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import func, select
 
-from service.api.schemas import MAX_OFFSET
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
-from service.api.routes.uploads_common import accept_upload, move_into_store, multipart_body
-from service.api.schemas import ModelPublic, ModelsPublic
+from starlette.concurrency import run_in_threadpool
+
+from service.api.routes.uploads_common import accept_upload, commit_row, move_into_store, multipart_body
+from service.api.schemas import MAX_OFFSET, ErrorResponse, ModelPublic, ModelsPublic
 from service.core.errors import Conflict, NotFound
 from service.core.onnx_probe import probe_onnx
 from service.core.tables import Job, StoredModel, new_id
@@ -23,7 +24,7 @@ def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:  # noqa:
     return model
 
 
-@router.post("", status_code=201, response_model=ModelPublic, openapi_extra=multipart_body("A single-file ONNX model."))
+@router.post("", status_code=201, response_model=ModelPublic, responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("A single-file ONNX model."))
 async def upload_model(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredModel:
     """Upload an ONNX model (multipart field `file`). It is checked with onnx.checker and loaded and
     run in ONNX Runtime in a sandboxed child process before it is accepted."""
@@ -31,7 +32,7 @@ async def upload_model(request: Request, session: SessionDep, tenant: CurrentTen
     def check(path):  # noqa: ANN001, ANN202
         return probe_onnx(path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes)
 
-    upload, info = await accept_upload(request, settings, store, check)
+    upload, info = await accept_upload(request, session, tenant.id, settings, store, check)
     model_id = new_id("mdl")
     key = f"models/{tenant.id}/{model_id}/model.onnx"
     move_into_store(upload, store, key)
@@ -48,8 +49,7 @@ async def upload_model(request: Request, session: SessionDep, tenant: CurrentTen
         parameters=info["parameters"],
         opset=info["opset"],
     )
-    session.add(model)
-    session.commit()
+    await run_in_threadpool(commit_row, session, model)
     return model
 
 

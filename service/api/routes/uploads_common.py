@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.core.artifacts import ArtifactStore
+from service.core.errors import ServiceUnavailable, StorageQuotaExceeded
 from service.core.settings import Settings
+from service.core.tables import StoredDataset, StoredModel
 from service.core.uploads import ReceivedUpload, receive_upload
 
 
@@ -36,17 +41,65 @@ def multipart_body(description: str) -> dict[str, Any]:
     }
 
 
+class CheckQueue:
+    """At most `slots` upload checks run at once (each is a child process using CPU and memory);
+    others wait their turn without holding a thread, up to `max_waiting`, beyond which the API
+    answers 503 with Retry-After rather than let waits grow without bound. A check's time limit
+    starts when it runs, not while it waits."""
+
+    def __init__(self, slots: int, max_waiting: int) -> None:
+        self.semaphore = asyncio.Semaphore(slots)
+        self.max_waiting, self.waiting = max_waiting, 0
+
+    async def run(self, check: Callable[[Path], dict[str, Any]], path: Path) -> dict[str, Any]:
+        if self.semaphore.locked() and self.waiting >= self.max_waiting:
+            raise ServiceUnavailable("too many uploads are waiting to be checked; retry shortly", code="check_queue_full", retry_after_s=30)
+        self.waiting += 1
+        try:
+            await self.semaphore.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            return await run_in_threadpool(check, path)
+        finally:
+            self.semaphore.release()
+
+
+def stored_bytes(session: Session, tenant_id: str) -> int:
+    models = session.scalar(select(func.coalesce(func.sum(StoredModel.size_bytes), 0)).where(StoredModel.tenant_id == tenant_id))
+    datasets = session.scalar(select(func.coalesce(func.sum(StoredDataset.size_bytes), 0)).where(StoredDataset.tenant_id == tenant_id))
+    return int(models) + int(datasets)
+
+
+def _storage_quota(used: int, settings: Settings) -> StorageQuotaExceeded:
+    return StorageQuotaExceeded(
+        f"this tenant stores {used} bytes of models and datasets; its quota is {settings.tenant_max_stored_bytes}: delete some first"
+    )
+
+
 async def accept_upload(
-    request: Request, settings: Settings, store: ArtifactStore, check: Callable[[Path], dict[str, Any]]
+    request: Request, session: Session, tenant_id: str, settings: Settings, store: ArtifactStore, check: Callable[[Path], dict[str, Any]]
 ) -> tuple[ReceivedUpload, dict[str, Any]]:
     """Stream the upload to a temp file and run `check` on it off the event loop; no file survives a failure."""
+    used = await run_in_threadpool(stored_bytes, session, tenant_id)
+    if used >= settings.tenant_max_stored_bytes:
+        raise _storage_quota(used, settings)
+    # Streaming and checking can take minutes: hold no pooled database connection meanwhile.
+    await run_in_threadpool(session.close)
     upload = await receive_upload(request, store.temp_dir(), settings.max_upload_bytes)
     try:
-        description = await run_in_threadpool(check, upload.path)
+        if used + upload.size_bytes > settings.tenant_max_stored_bytes:
+            raise _storage_quota(used + upload.size_bytes, settings)
+        description = await request.app.state.checks.run(check, upload.path)
     except BaseException:
         upload.path.unlink(missing_ok=True)
         raise
     return upload, description
+
+
+def commit_row(session: Session, row: object) -> None:
+    session.add(row)
+    session.commit()
 
 
 def move_into_store(upload: ReceivedUpload, store: ArtifactStore, key: str) -> None:

@@ -1,0 +1,151 @@
+"""Hostile or careless requests get a 4xx naming the problem, never a 5xx, and cost the API little."""
+
+from __future__ import annotations
+
+import io
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from tests.builders import dataset_npz, mlp, to_bytes
+from tests.conftest import authed_client, fast_settings
+
+STEP = {"method": "quantize", "mode": "int8_dynamic"}
+
+
+def _upload(client, model: onnx.ModelProto) -> str:  # noqa: ANN001
+    response = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(model))})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+@pytest.mark.parametrize("path, field", [
+    ("/v1/jobs?offset=9223372036854775808", "offset"),
+    ("/v1/models?offset=-1", "offset"),
+    ("/v1/datasets?limit=100000", "limit"),
+])
+def test_list_bounds_answer_422_naming_the_field(client, path: str, field: str) -> None:  # noqa: ANN001
+    response = client.get(path)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", field]
+
+
+@pytest.mark.parametrize("patch, loc", [
+    ({"measure": {"batch_sizes": [-5]}}, "batch_sizes"),
+    ({"steps": [{"method": "prune", "amount": 0.5, "training": {"seed": 2**70}}]}, "seed"),
+    ({"steps": [{"method": "distill", "hint_weight": 1e308}]}, "hint_weight"),
+    ({"limits": {"time_limit_s": 0}}, "time_limit_s"),
+])
+def test_out_of_range_numbers_answer_422(client, patch: dict, loc: str) -> None:  # noqa: ANN001
+    model_id = _upload(client, mlp())
+    response = client.post("/v1/jobs", json={"model_id": model_id, "steps": [STEP], **patch})
+    assert response.status_code == 422, response.text
+    assert any(loc in [str(p) for p in e["loc"]] for e in response.json()["detail"])
+
+
+def test_oversized_json_and_form_bodies_answer_413(client) -> None:  # noqa: ANN001
+    big = client.post("/v1/jobs", json={"model_id": "m" * 2_000_000, "steps": [STEP]})
+    assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+    fields = {f"f{i}": "x" for i in range(50)}
+    many = client.post("/v1/models", data=fields, files={"file": ("m.onnx", to_bytes(mlp()))})
+    assert many.status_code == 413 and "form fields" in many.json()["error"]["message"]
+
+
+def test_labels_outside_the_models_classes_are_refused_at_submit(client) -> None:  # noqa: ANN001
+    model = mlp(classes=4)
+    model_id = _upload(client, model)
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros((8, 16), np.float32), labels=np.arange(8))
+    dataset_id = client.post("/v1/datasets", files={"file": ("d.npz", buf.getvalue())}).json()["id"]
+    response = client.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "steps": [STEP]})
+    assert response.status_code == 422 and response.json()["error"]["code"] == "labels_out_of_range"
+
+
+def _no_input_model() -> onnx.ModelProto:
+    const = helper.make_node("Constant", [], ["y"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0]))
+    graph = helper.make_graph([const], "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def _string_input_model() -> onnx.ModelProto:
+    node = helper.make_node("Identity", ["s"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("s", TensorProto.STRING, ["N"])],
+                              [helper.make_tensor_value_info("y", TensorProto.STRING, ["N"])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+@pytest.mark.parametrize("model, code, words", [
+    (_no_input_model(), "invalid_model", "no inputs"),
+    (_string_input_model(), "unsupported_input_type", "s (object)"),
+], ids=["no-inputs", "string-input"])
+def test_models_we_cannot_feed_are_refused_with_a_specific_code(client, model, code: str, words: str) -> None:  # noqa: ANN001
+    response = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(model))})
+    assert response.status_code == 422 and response.json()["error"]["code"] == code
+    assert words in response.json()["error"]["message"]
+
+
+def test_runtime_errors_never_show_a_host_path(client, settings) -> None:  # noqa: ANN001
+    model = mlp()
+    model.graph.node[0].op_type = "NoSuchOp"
+    model.graph.node[0].domain = "com.example"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    response = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(model))})
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert str(settings.data_dir) not in message and ".upload-" not in message
+
+
+def test_a_tiny_model_that_allocates_gigabytes_on_zeros_is_refused_quickly(client) -> None:  # noqa: ANN001
+    # ConstantOfShape([2**31]): 8 GiB of zeros from a few hundred bytes.
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [2**31])
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),
+             helper.make_node("ReduceSum", ["big"], ["s"], keepdims=1), helper.make_node("Add", ["x", "s"], ["y"])]
+    graph = helper.make_graph(nodes, "bomb", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])], [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    response = client.post("/v1/models", files={"file": ("bomb.onnx", to_bytes(model))})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "model_too_large" and "memory" in response.json()["error"]["message"]
+
+
+def test_tenant_quotas_answer_429_and_507(tmp_path: Path) -> None:
+    settings = fast_settings(tmp_path, tenant_max_active_jobs=2, tenant_max_stored_bytes=10_000)
+    with authed_client(settings) as client:
+        model_id = _upload(client, mlp())  # about 7 kB: a second one goes over 10 kB
+        for _ in range(2):
+            assert client.post("/v1/jobs", json={"model_id": model_id, "steps": [STEP]}).status_code == 202
+        refused = client.post("/v1/jobs", json={"model_id": model_id, "steps": [STEP]})
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "quota_exceeded"
+        assert refused.headers["Retry-After"] == "30"
+        full = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp(seed=2)))})
+        assert full.status_code == 507 and full.json()["error"]["code"] == "storage_quota_exceeded"
+    with authed_client(settings, tenant="someone-else") as other:  # quotas are per tenant
+        assert other.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).status_code == 201
+
+
+def test_one_idempotency_key_with_two_bodies_at_once_gives_one_job_and_one_409(tmp_path: Path) -> None:
+    settings = fast_settings(tmp_path)
+    with authed_client(settings) as client:
+        model_id = _upload(client, mlp())
+        results: list = [None, None]
+        barrier = threading.Barrier(2)
+
+        def submit(i: int) -> None:
+            barrier.wait()
+            body = {"model_id": model_id, "steps": [{"method": "quantize", "mode": ["fp16", "int8_dynamic"][i]}]}
+            results[i] = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "same-key"})
+
+        for _ in range(5):
+            barrier.reset()
+            results[:] = [None, None]
+            threads = [threading.Thread(target=submit, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            codes = sorted(r.status_code for r in results)
+            assert codes == [202, 409], codes
+            assert client.get("/v1/jobs").json()["count"] == 1
