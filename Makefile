@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/modelshrink serve --host $${HOST:-127.0.0.1} --port $${PORT:-8000}
+	exec $(BIN)/modelshrink serve --host $${HOST:-127.0.0.1} --port $${PORT:-8000}
 
 test: $(STAMP)
 	./scripts/ensure-services.sh

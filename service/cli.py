@@ -53,6 +53,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     # uvicorn re-raises SIGTERM after its own graceful shutdown; turn that into SystemExit so the
     # `finally` below still stops the worker and Redis instead of the process dying around them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if os.environ.get("MAKELEVEL") and sys.platform.startswith("linux"):
+        # Started by `make serve`: make does not pass SIGTERM on to its recipe, so stop when it dies.
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     try:
         for child in children:
             child.start()
@@ -92,15 +97,26 @@ def worker(
 
 
 @keys_app.command("create")
-def keys_create(tenant: Annotated[str, typer.Option(help="Tenant name; created if new.")]) -> None:
-    """Create an API key for TENANT and print it, alone, on stdout (it is stored only as a hash)."""
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant name; created if new.")],
+    data_dir: Annotated[Path | None, typer.Option(help="The server's data directory (default: MODELSHRINK_DATA_DIR or ~/.modelshrink).")] = None,
+) -> None:
+    """Create an API key for TENANT and print it, alone, on stdout (it is stored only as a hash).
+    Says on stderr which database holds it: a key written where the server does not look answers 401."""
     from service.core.db import migrate, session_scope
     from service.core.keys import create_key
+    from service.core.settings import Settings
 
-    url = get_settings().resolved_database_url
+    settings = Settings(data_dir=data_dir) if data_dir else get_settings()
+    url = settings.resolved_database_url
+    sqlite_file = Path(url.split("///", 1)[1]) if url.startswith("sqlite:///") else None
+    if sqlite_file is not None and not sqlite_file.exists():
+        err.print(f"[yellow]warning:[/yellow] no service database at {sqlite_file}; creating a new one. If your server runs with "
+                  "another MODELSHRINK_DATA_DIR or MODELSHRINK_DATABASE_URL, it will not know this key (pass --data-dir).", soft_wrap=True)
     migrate(url)
     with session_scope(url) as session:
         key = create_key(session, tenant)
+    err.print(f"key for tenant '{tenant}' stored in {url.split('@')[-1] if '@' in url else url}", soft_wrap=True, markup=False)
     print(key)
 
 

@@ -24,6 +24,7 @@ from service.core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+STALE_UPLOAD_S = 24 * 3600.0  # no upload streams for a day
 HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
@@ -34,6 +35,9 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        removed = app.state.store.remove_stale_uploads(STALE_UPLOAD_S)
+        if removed:
+            log.warning("removed %d partial upload(s) left by an earlier API process", removed)
         background = [app.state.readiness, Reconciler(settings)]
         for task in background:
             task.start()

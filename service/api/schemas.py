@@ -24,6 +24,14 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+# Documented on every /v1 route: what a client meets before its request reaches the handler.
+AUTH_RESPONSES: dict[int | str, dict] = {
+    401: {"model": ErrorResponse, "description": "Missing or unknown API key (`unauthorized`)."},
+    413: {"model": ErrorResponse, "description": "Request body over the limit (`payload_too_large`)."},
+}
+ITEM_RESPONSES: dict[int | str, dict] = {404: {"model": ErrorResponse, "description": "No such id for this tenant (`not_found`)."}}
+
+
 class TensorSpec(BaseModel):
     name: str
     dtype: str

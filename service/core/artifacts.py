@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,11 +77,29 @@ class ArtifactStore:
         else:
             path.unlink(missing_ok=True)
 
+    def remove_stale_uploads(self, older_than_s: float) -> int:
+        """Delete partial uploads a crashed or killed API left behind (age-based: another replica may
+        be receiving one right now)."""
+        return remove_older_than(self.temp_dir(), "*", older_than_s)
+
     def temp_dir(self) -> Path:
         # Same filesystem as the artifacts, so finished uploads are renamed into place, not copied.
         path = self.root / ".incoming"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def remove_older_than(directory: Path, pattern: str, older_than_s: float) -> int:
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for entry in directory.glob(pattern):
+        try:
+            if entry.lstat().st_mtime < cutoff:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                removed += 1
+        except OSError:  # gone already, or being used: the next sweep gets it
+            pass
+    return removed
 
 
 def sha256_of(path: Path) -> str:

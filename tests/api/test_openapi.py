@@ -13,3 +13,14 @@ OPENAPI = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
 def test_openapi_json_is_up_to_date() -> None:
     assert OPENAPI.exists(), "run: python -m service.api.openapi_dump"
     assert json.loads(OPENAPI.read_text()) == json.loads(render()), "openapi/openapi.json is stale: run python -m service.api.openapi_dump"
+
+
+def test_every_v1_operation_documents_its_auth_and_lookup_errors() -> None:
+    spec = json.loads(OPENAPI.read_text())
+    for path, operations in spec["paths"].items():
+        if not path.startswith("/v1/"):
+            continue
+        for method, operation in operations.items():
+            assert "401" in operation["responses"], f"{method.upper()} {path} does not document 401"
+            if "{" in path:
+                assert "404" in operation["responses"], f"{method.upper()} {path} does not document 404"

@@ -9,12 +9,12 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from starlette.concurrency import run_in_threadpool
 
 from service.api.routes.uploads_common import accept_upload, commit_row, move_into_store, multipart_body
-from service.api.schemas import MAX_OFFSET, ErrorResponse, DatasetPublic, DatasetsPublic
+from service.api.schemas import AUTH_RESPONSES, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, DatasetPublic, DatasetsPublic
 from service.core.datasets import inspect_npz
 from service.core.errors import Conflict, NotFound
 from service.core.tables import Job, StoredDataset, new_id
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=AUTH_RESPONSES)
 
 NPZ_HELP = (
     "A .npz file (numpy.savez): one array per model input, named after the input (any name for a "
@@ -29,7 +29,7 @@ def owned_dataset(session, tenant_id: str, dataset_id: str) -> StoredDataset:  #
     return dataset
 
 
-@router.post("", status_code=201, response_model=DatasetPublic, responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body(NPZ_HELP))
+@router.post("", status_code=201, response_model=DatasetPublic, responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body(NPZ_HELP))
 async def upload_dataset(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredDataset:
     """Upload a dataset. It is never unpickled; sizes are checked from headers before decompressing."""
 
@@ -60,12 +60,12 @@ def list_datasets(session: SessionDep, tenant: CurrentTenant, limit: int = Query
     return {"data": rows, "count": session.scalar(select(func.count()).select_from(StoredDataset).where(where))}
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic)
+@router.get("/{dataset_id}", responses=ITEM_RESPONSES, response_model=DatasetPublic)
 def get_dataset(dataset_id: str, session: SessionDep, tenant: CurrentTenant) -> StoredDataset:
     return owned_dataset(session, tenant.id, dataset_id)
 
 
-@router.delete("/{dataset_id}", status_code=204)
+@router.delete("/{dataset_id}", responses=ITEM_RESPONSES, status_code=204)
 def delete_dataset(dataset_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> Response:
     dataset = owned_dataset(session, tenant.id, dataset_id)
     active = session.scalar(

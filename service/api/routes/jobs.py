@@ -15,11 +15,10 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from service.api.schemas import MAX_OFFSET
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
-from service.api.schemas import ErrorResponse, JobCreate, JobPublic, JobsPublic, JobStatus
+from service.api.schemas import AUTH_RESPONSES, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, JobCreate, JobPublic, JobsPublic, JobStatus
 from service.core.datasets import check_against_model, check_labels_fit
 from service.core.db import session_scope
 from service.core.events import channel, publish, redis_url
@@ -30,7 +29,7 @@ from service.core.specs import BUNDLE_STEPS, DistillStep, step_requires_dataset
 from service.core.tables import TERMINAL_STATUSES, Job, new_id
 from service.core.webhooks import check_webhook_url
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTH_RESPONSES)
 # Terminal states are published; the job row is re-read only this often as a fallback.
 RECHECK_INTERVAL_S = 10.0
 
@@ -167,12 +166,12 @@ def list_jobs(
     return {"data": [job_public(j) for j in rows], "count": count}
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", responses=ITEM_RESPONSES, response_model=JobPublic)
 def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict:
     return job_public(owned_job(session, tenant.id, job_id))
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses={409: {"model": ErrorResponse}})
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses={**ITEM_RESPONSES, 409: {"model": ErrorResponse}})
 def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> dict:
     """A queued job is cancelled at once and never starts; a running one stops at its next step or
     epoch boundary (`cancel_requested` is true until then)."""

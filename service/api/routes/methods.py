@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.api.deps import CurrentTenant
-from service.api.schemas import MethodsPublic
+from service.api.schemas import AUTH_RESPONSES, MethodsPublic
 from service.core.specs import STEP_TYPES
 
-router = APIRouter(prefix="/v1/methods", tags=["methods"])
+router = APIRouter(prefix="/v1/methods", tags=["methods"], responses=AUTH_RESPONSES)
 
 
 @router.get("", response_model=MethodsPublic, response_model_by_alias=True)

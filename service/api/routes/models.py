@@ -9,12 +9,12 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from starlette.concurrency import run_in_threadpool
 
 from service.api.routes.uploads_common import accept_upload, commit_row, move_into_store, multipart_body
-from service.api.schemas import MAX_OFFSET, ErrorResponse, ModelPublic, ModelsPublic
+from service.api.schemas import AUTH_RESPONSES, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, ModelPublic, ModelsPublic
 from service.core.errors import Conflict, NotFound
 from service.core.onnx_probe import probe_onnx
 from service.core.tables import Job, StoredModel, new_id
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=AUTH_RESPONSES)
 
 
 def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:  # noqa: ANN001
@@ -24,7 +24,7 @@ def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:  # noqa:
     return model
 
 
-@router.post("", status_code=201, response_model=ModelPublic, responses={413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("A single-file ONNX model."))
+@router.post("", status_code=201, response_model=ModelPublic, responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("A single-file ONNX model."))
 async def upload_model(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredModel:
     """Upload an ONNX model (multipart field `file`). It is checked with onnx.checker and loaded and
     run in ONNX Runtime in a sandboxed child process before it is accepted."""
@@ -60,12 +60,12 @@ def list_models(session: SessionDep, tenant: CurrentTenant, limit: int = Query(1
     return {"data": rows, "count": session.scalar(select(func.count()).select_from(StoredModel).where(where))}
 
 
-@router.get("/{model_id}", response_model=ModelPublic)
+@router.get("/{model_id}", responses=ITEM_RESPONSES, response_model=ModelPublic)
 def get_model(model_id: str, session: SessionDep, tenant: CurrentTenant) -> StoredModel:
     return owned_model(session, tenant.id, model_id)
 
 
-@router.delete("/{model_id}", status_code=204)
+@router.delete("/{model_id}", responses=ITEM_RESPONSES, status_code=204)
 def delete_model(model_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> Response:
     model = owned_model(session, tenant.id, model_id)
     # A model is in use as a job's input or as a model one of its steps refers to (a distillation student).
