@@ -55,3 +55,29 @@ def test_a_model_used_as_a_student_by_a_queued_job_cannot_be_deleted(settings: S
         assert refused.status_code == 409 and "1 queued or running job" in refused.json()["error"]["message"]
         client.post(f"/v1/jobs/{response.json()['id']}/cancel")
         assert client.delete(f"/v1/models/{student}").status_code == 204
+
+
+def test_a_job_started_while_the_database_is_locked_runs_once_it_is_free(tmp_path, start_worker) -> None:  # noqa: ANN001
+    import sqlite3
+
+    from tests.conftest import fast_settings
+
+    db = tmp_path / "locked.db"
+    settings = fast_settings(tmp_path, database_url=f"sqlite:///{db}?timeout=0.5")
+    with authed_client(settings) as client:
+        model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
+        job_id = client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"method": "quantize", "mode": "fp16"}], "measure": QUICK_MEASURE}).json()["id"]
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")  # every writer now fails after its 0.5 s busy timeout
+        worker = start_worker(settings)
+        log = tmp_path / "worker0.log"
+        try:
+            # Unavailable for two tries in a row: the job must survive more than one.
+            wait_for(lambda: log.read_bytes().count(b"job store unavailable") >= 2, timeout=60)
+        finally:
+            lock.execute("COMMIT")
+            lock.close()
+        job, _ = follow(client, job_id)
+        assert job["status"] == "succeeded", job["error"]
+        assert job["attempts"] == 1
+        worker.stop()

@@ -105,8 +105,135 @@ def _split(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
 
 def _gather(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
     x, idx, axis = inputs[0], inputs[1].long(), attrs.get("axis", 0)
+    axis = axis if axis >= 0 else axis + x.dim()
     idx = torch.where(idx < 0, idx + x.shape[axis], idx)
-    return [torch.index_select(x, axis, idx.reshape(-1)).reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])]
+    # A tuple, not *args: a scalar index on a 1-D input (x.size(0) in `x.view(x.size(0), -1)`) gives shape ().
+    return [torch.index_select(x, axis, idx.reshape(-1)).reshape(tuple(x.shape[:axis]) + tuple(idx.shape) + tuple(x.shape[axis + 1:]))]
+
+
+def _gather_elements(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x, idx, axis = inputs[0], inputs[1].long(), attrs.get("axis", 0)
+    idx = torch.where(idx < 0, idx + x.shape[axis], idx)
+    return [torch.gather(x, axis, idx)]
+
+
+def _gather_nd(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x, idx, batch_dims = inputs[0], inputs[1].long(), attrs.get("batch_dims", 0)
+    depth = idx.shape[-1]
+    batch_shape = tuple(x.shape[:batch_dims])
+    flat_x = x.reshape((-1,) + tuple(x.shape[batch_dims:]))
+    flat_idx = idx.reshape((-1,) + tuple(idx.shape[batch_dims:]))
+    out = []
+    for b in range(flat_x.shape[0]):
+        positions = flat_idx[b].reshape(-1, depth)
+        dims = torch.tensor(flat_x.shape[1:1 + depth], device=positions.device)
+        positions = torch.where(positions < 0, positions + dims, positions)
+        out.append(flat_x[b][tuple(positions.t())])
+    stacked = torch.stack(out)
+    return [stacked.reshape(batch_shape + tuple(idx.shape[batch_dims:-1]) + tuple(x.shape[batch_dims + depth:]))]
+
+
+# ONNX TensorProto data types -> torch dtypes (the ones a model's graph computes with).
+TORCH_DTYPES = {
+    1: torch.float32, 2: torch.uint8, 3: torch.int8, 4: torch.uint16, 5: torch.int16, 6: torch.int32, 7: torch.int64,
+    9: torch.bool, 10: torch.float16, 11: torch.float64, 12: torch.uint32, 13: torch.uint64, 16: torch.bfloat16,
+}
+
+
+def _dtype(code: int) -> torch.dtype:
+    if code not in TORCH_DTYPES:
+        raise NotImplementedError(f"tensor data type {code}")
+    return TORCH_DTYPES[code]
+
+
+def _cast(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    # float -> integer truncates toward zero in ONNX as in torch.
+    return [inputs[0].to(_dtype(attrs["to"]))]
+
+
+def _constant_of_shape(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    shape = [int(s) for s in inputs[0].tolist()]
+    value = attrs.get("value")
+    if value is None:
+        return [torch.zeros(shape, dtype=torch.float32, device=inputs[0].device)]
+    fill = torch.as_tensor(value).reshape(-1)[0]
+    return [torch.full(shape, fill.item(), dtype=fill.dtype, device=inputs[0].device)]
+
+
+def _expand(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x, shape = inputs[0], tuple(int(s) for s in inputs[1].tolist())
+    return [x.expand(torch.broadcast_shapes(tuple(x.shape), shape))]
+
+
+def _range(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    start, limit, delta = inputs
+    return [torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype, device=start.device)]
+
+
+def _cumsum(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x, axis = inputs[0], int(inputs[1].reshape(-1)[0])
+    if attrs.get("reverse", 0):
+        x = x.flip(axis)
+    out = torch.cumsum(x, dim=axis)
+    if attrs.get("exclusive", 0):
+        out = out - x
+    if attrs.get("reverse", 0):
+        out = out.flip(axis)
+    return [out.to(x.dtype)]
+
+
+def _variadic(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Op:
+    def op(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+        out = inputs[0]
+        for other in inputs[1:]:
+            out = fn(out, other)
+        return [out]
+
+    return op
+
+
+def _mean(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    total = _variadic(torch.add)(inputs, attrs)[0]
+    return [total / len(inputs)]
+
+
+def _where(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    return [torch.where(inputs[0].bool(), inputs[1], inputs[2])]
+
+
+def _mod(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    a, b = inputs
+    return [torch.fmod(a, b) if attrs.get("fmod", 0) else torch.remainder(a, b)]
+
+
+def _tile(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    return [inputs[0].repeat(*[int(r) for r in inputs[1].tolist()])]
+
+
+def _trilu(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    k = int(inputs[1].reshape(-1)[0]) if len(inputs) > 1 and inputs[1] is not None else 0
+    return [torch.triu(inputs[0], k) if attrs.get("upper", 1) else torch.tril(inputs[0], k)]
+
+
+def _arg(fn: Callable[..., torch.Tensor]) -> Op:
+    def op(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+        x, axis, keep = inputs[0], attrs.get("axis", 0), bool(attrs.get("keepdims", 1))
+        if attrs.get("select_last_index", 0):
+            flipped = fn(x.flip(axis), dim=axis, keepdim=keep)
+            return [x.shape[axis] - 1 - flipped]
+        return [fn(x, dim=axis, keepdim=keep)]
+
+    return op
+
+
+def _einsum(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    return [torch.einsum(attrs["equation"], *inputs)]
+
+
+def _prod(x: torch.Tensor, dim: list[int], keepdim: bool) -> torch.Tensor:
+    for d in sorted((d if d >= 0 else d + x.dim() for d in dim), reverse=True):
+        x = torch.prod(x, dim=d, keepdim=keepdim)
+    return x
 
 
 def _clip(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
@@ -198,6 +325,54 @@ OPS: dict[str, Op] = {
     "ReduceMean": _reduce(torch.mean),
     "ReduceSum": _reduce(torch.sum),
     "ReduceMax": _reduce(torch.amax),
+    "ReduceMin": _reduce(torch.amin),
+    "ReduceProd": _reduce(lambda x, dim, keepdim: _prod(x, dim, keepdim)),
+    "ReduceL2": _reduce(lambda x, dim, keepdim: torch.sqrt(torch.sum(x * x, dim=dim, keepdim=keepdim))),
+    "ReduceSumSquare": _reduce(lambda x, dim, keepdim: torch.sum(x * x, dim=dim, keepdim=keepdim)),
+    # Shape arithmetic, masks and comparisons: what exporters emit around attention and positions.
+    "Cast": _cast,
+    "CastLike": lambda i, a: [i[0].to(i[1].dtype)],
+    "ConstantOfShape": _constant_of_shape,
+    "Expand": _expand,
+    "Range": _range,
+    "CumSum": _cumsum,
+    "Where": _where,
+    "Equal": lambda i, a: [torch.eq(i[0], i[1])],
+    "Greater": lambda i, a: [torch.gt(i[0], i[1])],
+    "GreaterOrEqual": lambda i, a: [torch.ge(i[0], i[1])],
+    "Less": lambda i, a: [torch.lt(i[0], i[1])],
+    "LessOrEqual": lambda i, a: [torch.le(i[0], i[1])],
+    "And": lambda i, a: [torch.logical_and(i[0], i[1])],
+    "Or": lambda i, a: [torch.logical_or(i[0], i[1])],
+    "Xor": lambda i, a: [torch.logical_xor(i[0], i[1])],
+    "Not": lambda i, a: [torch.logical_not(i[0])],
+    "IsNaN": lambda i, a: [torch.isnan(i[0])],
+    "IsInf": lambda i, a: [torch.isinf(i[0]) & ((i[0] > 0) if a.get("detect_positive", 1) else False) | (torch.isinf(i[0]) & (i[0] < 0) if a.get("detect_negative", 1) else torch.zeros_like(i[0], dtype=torch.bool))],
+    "Max": _variadic(torch.maximum),
+    "Min": _variadic(torch.minimum),
+    "Sum": _variadic(torch.add),
+    "Mean": _mean,
+    "Mod": _mod,
+    "Floor": lambda i, a: [torch.floor(i[0])],
+    "Ceil": lambda i, a: [torch.ceil(i[0])],
+    "Round": lambda i, a: [torch.round(i[0])],
+    "Reciprocal": lambda i, a: [torch.reciprocal(i[0])],
+    "Sign": lambda i, a: [torch.sign(i[0])],
+    "Sin": lambda i, a: [torch.sin(i[0])],
+    "Cos": lambda i, a: [torch.cos(i[0])],
+    "Softplus": lambda i, a: [F.softplus(i[0])],
+    "Elu": lambda i, a: [F.elu(i[0], a.get("alpha", 1.0))],
+    "Selu": lambda i, a: [a.get("gamma", 1.0507009873554805) * torch.where(i[0] > 0, i[0], a.get("alpha", 1.6732632423543772) * (torch.exp(i[0]) - 1))],
+    "PRelu": lambda i, a: [torch.where(i[0] >= 0, i[0], i[0] * i[1])],
+    "Mish": lambda i, a: [F.mish(i[0])],
+    "Tile": _tile,
+    "Trilu": _trilu,
+    "ArgMax": _arg(torch.argmax),
+    "ArgMin": _arg(torch.argmin),
+    "Einsum": _einsum,
+    "GatherElements": _gather_elements,
+    "GatherND": _gather_nd,
+    "Size": lambda i, a: [torch.tensor(i[0].numel(), dtype=torch.int64)],
     "LayerNormalization": _layer_norm,
     "MatMul": lambda i, a: [torch.matmul(i[0], i[1])],
 }

@@ -9,7 +9,7 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from starlette.concurrency import run_in_threadpool
 
 from service.api.routes.uploads_common import accept_upload, commit_row, move_into_store, multipart_body
-from service.api.schemas import AUTH_RESPONSES, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, DatasetPublic, DatasetsPublic
+from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, DatasetPublic, DatasetsPublic
 from service.core.datasets import inspect_npz
 from service.core.errors import Conflict, NotFound
 from service.core.tables import Job, StoredDataset, new_id
@@ -29,7 +29,7 @@ def owned_dataset(session, tenant_id: str, dataset_id: str) -> StoredDataset:  #
     return dataset
 
 
-@router.post("", status_code=201, response_model=DatasetPublic, responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body(NPZ_HELP))
+@router.post("", status_code=201, response_model=DatasetPublic, responses={422: INVALID_RESPONSE, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body(NPZ_HELP))
 async def upload_dataset(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredDataset:
     """Upload a dataset. It is never unpickled; sizes are checked from headers before decompressing."""
 

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
-from service.api.schemas import AUTH_RESPONSES, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, JobCreate, JobPublic, JobsPublic, JobStatus
+from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, JobCreate, JobPublic, JobsPublic, JobStatus
 from service.core.datasets import check_against_model, check_labels_fit
 from service.core.db import session_scope
 from service.core.events import channel, publish, redis_url
@@ -94,7 +94,7 @@ def _created(job: Job) -> JSONResponse:
     "",
     status_code=202,
     response_model=JobPublic,
-    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: INVALID_RESPONSE, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
 )
 def create_job(
     body: JobCreate,

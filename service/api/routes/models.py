@@ -9,7 +9,7 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from starlette.concurrency import run_in_threadpool
 
 from service.api.routes.uploads_common import accept_upload, commit_row, move_into_store, multipart_body
-from service.api.schemas import AUTH_RESPONSES, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, ModelPublic, ModelsPublic
+from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, ModelPublic, ModelsPublic
 from service.core.errors import Conflict, NotFound
 from service.core.onnx_probe import probe_onnx
 from service.core.tables import Job, StoredModel, new_id
@@ -24,7 +24,7 @@ def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:  # noqa:
     return model
 
 
-@router.post("", status_code=201, response_model=ModelPublic, responses={422: {"model": ErrorResponse}, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("A single-file ONNX model."))
+@router.post("", status_code=201, response_model=ModelPublic, responses={422: INVALID_RESPONSE, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("A single-file ONNX model."))
 async def upload_model(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredModel:
     """Upload an ONNX model (multipart field `file`). It is checked with onnx.checker and loaded and
     run in ONNX Runtime in a sandboxed child process before it is accepted."""
