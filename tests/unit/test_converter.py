@@ -93,3 +93,47 @@ def test_constant_nodes_and_reshape() -> None:
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     assert roundtrip_error(model, np.arange(12, dtype=np.float32).reshape(2, 2, 3)) == 0.0
+
+
+def test_every_unsupported_operator_is_named_in_one_error() -> None:
+    nodes = [helper.make_node("NonMaxSuppression", ["boxes", "scores"], ["selected"]), helper.make_node("Unique", ["scores"], ["u"])]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4, 4]), helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 1, 4])],
+        [helper.make_tensor_value_info("selected", TensorProto.INT64, [None, 3]), helper.make_tensor_value_info("u", TensorProto.FLOAT, [None])],
+    )
+    with pytest.raises(UnsupportedModel) as info:
+        to_torch(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert "NonMaxSuppression, Unique" in info.value.message
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_flatten_by_view_of_size_converts_from_either_exporter(tmp_path, dynamo: bool) -> None:  # noqa: ANN001
+    # x.view(x.size(0), -1): Shape -> Gather(scalar index) -> Unsqueeze -> Concat -> Reshape.
+    import onnx
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(12, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x.view(x.size(0), -1))))
+
+    torch.manual_seed(0)
+    net, x = Net().eval(), torch.randn(4, 3, 4)
+    path = tmp_path / "m.onnx"
+    if dynamo:
+        torch.onnx.export(net, (x,), path, input_names=["x"], dynamo=True, external_data=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+    else:
+        torch.onnx.export(net, (x,), path, input_names=["x"], dynamo=False, opset_version=17, dynamic_axes={"x": {0: "batch"}})
+    model = onnx.load(str(path))
+    if not dynamo:
+        assert {"Shape", "Gather", "Reshape"} <= {n.op_type for n in model.graph.node}
+    module = to_torch(model)
+    with torch.no_grad():
+        for batch in (1, 5):
+            sample = torch.randn(batch, 3, 4)
+            torch.testing.assert_close(module(sample), net(sample))

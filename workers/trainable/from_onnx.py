@@ -48,6 +48,19 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
     return out
 
 
+CONSTANT_FORMS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray:
+    attrs = _attrs(node)
+    if "value" in attrs:
+        return np.asarray(attrs["value"])
+    for name, dtype in CONSTANT_FORMS.items():
+        if name in attrs:
+            return np.asarray(attrs[name], dtype=dtype)
+    raise UnsupportedModel(f"Constant node '{node.name}' holds a {sorted(attrs)} value; only numeric constants are supported")
+
+
 def _key(name: str, taken: set[str]) -> str:
     key = re.sub(r"\W", "_", name).strip("_") or "layer"
     key = key if not key[0].isdigit() else f"l_{key}"
@@ -81,10 +94,7 @@ class OnnxGraphModule(nn.Module):
         folded: set[int] = set()
         for node in nodes:
             if node.op_type == "Constant":
-                attrs = _attrs(node)
-                if "value" not in attrs:
-                    raise UnsupportedModel(f"Constant node '{node.name}' without a tensor value is not supported")
-                consts[node.output[0]] = np.asarray(attrs["value"])
+                consts[node.output[0]] = _constant_value(node)
                 folded.add(id(node))
             elif node.op_type == "Identity" and node.input[0] in consts:
                 # The TorchScript exporter de-duplicates equal initializers through Identity nodes
@@ -99,6 +109,13 @@ class OnnxGraphModule(nn.Module):
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
 
+        missing = sorted({n.op_type for n in nodes if id(n) not in folded} - set(OPS) - WEIGHTED - {"MatMul", "Constant"})
+        if missing:
+            # All of them at once: a user who works around one should not then meet the next.
+            raise UnsupportedModel(
+                f"operators not supported by the trainable converter: {', '.join(missing)}. quantize still applies "
+                f"(it works on the ONNX graph directly); supported by the converter: {', '.join(supported_operators())}"
+            )
         taken: set[str] = set()
         self.plan: list[tuple] = []
         used_consts: set[str] = set()
@@ -141,6 +158,7 @@ class OnnxGraphModule(nn.Module):
                 self.layer_names[key] = node.name or key
                 self.plan.append(("layer", key, [node.input[0]], [node.output[0]], None))
             elif op in OPS:
+                attrs["_outputs"] = len(node.output)  # ops with optional outputs compute only what is used
                 self.plan.append(("op", op, list(node.input), list(node.output), attrs))
                 used_consts.update(i for i in node.input if i in consts)
             else:

@@ -49,11 +49,17 @@ def _reshape(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
 
 
 def _flatten(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    # Always 2-D: (product of the dims before axis, product of the rest).
     x, axis = inputs[0], attrs.get("axis", 1)
     axis = axis if axis >= 0 else x.dim() + axis
     if axis == 0:
         return [x.reshape(1, -1)]
-    return [torch.flatten(x, start_dim=axis) if axis == 1 else x.reshape(*x.shape[:axis], -1)]
+    if axis == 1:
+        return [torch.flatten(x, start_dim=1) if x.dim() > 1 else x.reshape(-1, 1)]
+    rest = 1
+    for d in x.shape[axis:]:
+        rest *= int(d)
+    return [x.reshape(-1, rest) if rest else x.reshape(int(torch.tensor(x.shape[:axis]).prod()), 0)]
 
 
 def _pool(kind: str) -> Op:
@@ -98,8 +104,9 @@ def _split(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
     elif "split" in attrs:
         sizes = attrs["split"]
     else:
-        parts = attrs["num_outputs"]
-        sizes = [-(-x.shape[axis] // parts)] * parts
+        parts = attrs.get("num_outputs", attrs.get("_outputs", 1))
+        chunk = -(-x.shape[axis] // parts)  # the last part takes what is left
+        sizes = [chunk] * (parts - 1) + [x.shape[axis] - chunk * (parts - 1)]
     return list(torch.split(x, sizes, dim=axis))
 
 
@@ -197,6 +204,13 @@ def _mean(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
     return [total / len(inputs)]
 
 
+def _div(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    a, b = inputs
+    if a.dtype.is_floating_point or b.dtype.is_floating_point:
+        return [a / b]
+    return [torch.div(a, b, rounding_mode="trunc")]  # ONNX integer division truncates
+
+
 def _where(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
     return [torch.where(inputs[0].bool(), inputs[1], inputs[2])]
 
@@ -239,6 +253,8 @@ def _prod(x: torch.Tensor, dim: list[int], keepdim: bool) -> torch.Tensor:
 def _clip(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
     lo = inputs[1] if len(inputs) > 1 and inputs[1] is not None else attrs.get("min")
     hi = inputs[2] if len(inputs) > 2 and inputs[2] is not None else attrs.get("max")
+    if lo is None and hi is None:
+        return [inputs[0]]
     lo = float(lo) if lo is not None else None
     hi = float(hi) if hi is not None else None
     return [torch.clamp(inputs[0], lo, hi)]
@@ -249,7 +265,15 @@ def _layer_norm(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
     bias = inputs[2] if len(inputs) > 2 else None
     axis = attrs.get("axis", -1)
     axis = axis if axis >= 0 else x.dim() + axis
-    return [F.layer_norm(x, x.shape[axis:], scale, bias, attrs.get("epsilon", 1e-5))]
+    eps = attrs.get("epsilon", 1e-5)
+    y = F.layer_norm(x, x.shape[axis:], scale, bias, eps)
+    if attrs.get("_outputs", 1) == 1:
+        return [y]
+    # The optional Mean and InvStdDev outputs (kept dims).
+    dims = tuple(range(axis, x.dim()))
+    mean = x.mean(dim=dims, keepdim=True)
+    inv_std = torch.rsqrt(((x - mean) ** 2).mean(dim=dims, keepdim=True) + eps)
+    return [y, mean, inv_std]
 
 
 def _softmax(fn: Callable[..., torch.Tensor]) -> Op:
@@ -279,17 +303,38 @@ def _pad(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
     value = float(inputs[2]) if len(inputs) > 2 and inputs[2] is not None else attrs.get("value", 0.0)
     n = x.dim()
     torch_pads = [int(p) for i in reversed(range(n)) for p in (pads[i], pads[i + n])]
-    mode = attrs.get("mode", "constant")
-    return [F.pad(x, torch_pads, mode=mode, value=value) if mode == "constant" else F.pad(x, torch_pads, mode=mode)]
+    mode = {"edge": "replicate", "wrap": "circular"}.get(attrs.get("mode", "constant"), attrs.get("mode", "constant"))
+    if mode == "constant":
+        return [F.pad(x, torch_pads, mode=mode, value=value)]
+    # torch pads only the trailing spatial dims in these modes: drop the leading zero pairs.
+    while len(torch_pads) > 2 and torch_pads[-2:] == [0, 0]:
+        torch_pads = torch_pads[:-2]
+    return [F.pad(x, torch_pads, mode=mode)]
+
+
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _unsigned_safe(op: Op) -> Op:
+    """torch has few kernels for uint16/32/64: compute in int64 and cast back (bools stay bools)."""
+
+    def wrapped(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+        dtype = next((t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.dtype in _WIDE_UNSIGNED), None)
+        if dtype is None:
+            return op(inputs, attrs)
+        widened = [t.to(torch.int64) if isinstance(t, torch.Tensor) and t.dtype in _WIDE_UNSIGNED else t for t in inputs]
+        return [r.to(dtype) if r.dtype == torch.int64 else r for r in op(widened, attrs)]
+
+    return wrapped
 
 
 OPS: dict[str, Op] = {
     "Identity": lambda i, a: [i[0]],
-    "Dropout": lambda i, a: [i[0]],
-    "Add": lambda i, a: [i[0] + i[1]],
-    "Sub": lambda i, a: [i[0] - i[1]],
-    "Mul": lambda i, a: [i[0] * i[1]],
-    "Div": lambda i, a: [i[0] / i[1]],
+    "Dropout": lambda i, a: [i[0], torch.ones_like(i[0], dtype=torch.bool)][: a.get("_outputs", 1)],
+    "Add": _unsigned_safe(lambda i, a: [i[0] + i[1]]),
+    "Sub": _unsigned_safe(lambda i, a: [i[0] - i[1]]),
+    "Mul": _unsigned_safe(lambda i, a: [i[0] * i[1]]),
+    "Div": _unsigned_safe(_div),
     "Pow": lambda i, a: [torch.pow(i[0], i[1])],
     "Sqrt": lambda i, a: [torch.sqrt(i[0])],
     "Exp": lambda i, a: [torch.exp(i[0])],
@@ -337,22 +382,22 @@ OPS: dict[str, Op] = {
     "Range": _range,
     "CumSum": _cumsum,
     "Where": _where,
-    "Equal": lambda i, a: [torch.eq(i[0], i[1])],
-    "Greater": lambda i, a: [torch.gt(i[0], i[1])],
-    "GreaterOrEqual": lambda i, a: [torch.ge(i[0], i[1])],
-    "Less": lambda i, a: [torch.lt(i[0], i[1])],
-    "LessOrEqual": lambda i, a: [torch.le(i[0], i[1])],
+    "Equal": _unsigned_safe(lambda i, a: [torch.eq(i[0], i[1])]),
+    "Greater": _unsigned_safe(lambda i, a: [torch.gt(i[0], i[1])]),
+    "GreaterOrEqual": _unsigned_safe(lambda i, a: [torch.ge(i[0], i[1])]),
+    "Less": _unsigned_safe(lambda i, a: [torch.lt(i[0], i[1])]),
+    "LessOrEqual": _unsigned_safe(lambda i, a: [torch.le(i[0], i[1])]),
     "And": lambda i, a: [torch.logical_and(i[0], i[1])],
     "Or": lambda i, a: [torch.logical_or(i[0], i[1])],
     "Xor": lambda i, a: [torch.logical_xor(i[0], i[1])],
     "Not": lambda i, a: [torch.logical_not(i[0])],
     "IsNaN": lambda i, a: [torch.isnan(i[0])],
     "IsInf": lambda i, a: [torch.isinf(i[0]) & ((i[0] > 0) if a.get("detect_positive", 1) else False) | (torch.isinf(i[0]) & (i[0] < 0) if a.get("detect_negative", 1) else torch.zeros_like(i[0], dtype=torch.bool))],
-    "Max": _variadic(torch.maximum),
-    "Min": _variadic(torch.minimum),
+    "Max": _unsigned_safe(_variadic(torch.maximum)),
+    "Min": _unsigned_safe(_variadic(torch.minimum)),
     "Sum": _variadic(torch.add),
     "Mean": _mean,
-    "Mod": _mod,
+    "Mod": _unsigned_safe(_mod),
     "Floor": lambda i, a: [torch.floor(i[0])],
     "Ceil": lambda i, a: [torch.ceil(i[0])],
     "Round": lambda i, a: [torch.round(i[0])],
