@@ -22,6 +22,7 @@ from workers.pruning.layers import weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.from_onnx import to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
+from workers.trainable.write_back import trained_onnx
 from workers.trainable.training import TrainConfig, predict, quality, tensors, train
 
 name = "cluster"
@@ -109,7 +110,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     ctx.progress(0.92, "exporting with codebooks and packed indices", milestone=True)
     names = module.input_names
     example = tuple(torch.from_numpy(example_input(model, n)) for n in names)
-    exported = export(module, example, names, module.output_names, has_dynamic_batch(model), fold_constants=False)
+    exported = trained_onnx(model, module, lambda: export(module, example, names, module.output_names, has_dynamic_batch(model), fold_constants=False))
 
     replacements, rows = {}, []
     for index, (layer_name, c) in enumerate(clustered_now.items()):

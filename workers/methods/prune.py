@@ -21,6 +21,7 @@ from workers.pruning.layers import selected_layers, weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
+from workers.trainable.write_back import trained_onnx
 from workers.trainable.training import TrainConfig, predict, quality, tensors, train
 
 name = "prune"
@@ -236,7 +237,7 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         outcome = _structured(run)
     ctx.progress(0.97, "exporting to ONNX")
     example = tuple(t[:2] for t in run.inputs) if not run.fixed_batch else tuple(t[: run.fixed_batch] for t in run.inputs)
-    result = export(run.module, example, run.module.input_names, run.module.output_names, run.dynamic_batch)
+    result = trained_onnx(model, run.module, lambda: export(run.module, example, run.module.input_names, run.module.output_names, run.dynamic_batch))
     packing: dict[str, Any] = {"packed_tensors": []}
     if spec.kind == "unstructured":
         result, packing = sparse_pack.pack(result)

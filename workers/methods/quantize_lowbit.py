@@ -20,6 +20,7 @@ from workers.methods.base import StepContext, StepData
 from workers.pruning.layers import weighted_layers
 from workers.trainable.from_onnx import to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
+from workers.trainable.write_back import trained_onnx
 from workers.trainable.training import TrainConfig, predict, quality, tensors, train
 
 
@@ -138,7 +139,7 @@ def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: Step
     for layer_name in chosen:
         parametrize.remove_parametrizations(layers[layer_name], "weight", leave_parametrized=True)
     example = tuple(torch.from_numpy(example_input(model, n)) for n in module.input_names)
-    exported = export(module, example, module.input_names, module.output_names, has_dynamic_batch(model), fold_constants=False)
+    exported = trained_onnx(model, module, lambda: export(module, example, module.input_names, module.output_names, has_dynamic_batch(model), fold_constants=False))
     replacements = {}
     for index, layer_name in enumerate(chosen):
         weight = layers[layer_name].weight.detach().numpy()

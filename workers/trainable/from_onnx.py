@@ -90,6 +90,9 @@ class OnnxGraphModule(nn.Module):
         nodes = list(graph.node)
         self.layers = nn.ModuleDict()
         self.layer_names: dict[str, str] = {}  # module key -> user-facing layer name
+        # module key -> where its parameters live in the (folded) ONNX graph, so trained weights can be
+        # written back into the original graph (workers.trainable.write_back) instead of re-exported.
+        self.sources: dict[str, dict[str, Any]] = {}
         consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         folded: set[int] = set()
         for node in nodes:
@@ -128,20 +131,23 @@ class OnnxGraphModule(nn.Module):
                 key = _key(_layer_name(node.input[1], node), taken)
                 self.layers[key], pre_pad = self._conv(node, attrs, consts)
                 self.layer_names[key] = _layer_name(node.input[1], node)
+                self.sources[key] = {"kind": "conv", "weight": node.input[1], "bias": node.input[2] if len(node.input) > 2 and node.input[2] else None}
                 self.plan.append(("layer", key, [node.input[0]], list(node.output), pre_pad))
             elif op == "Gemm" and node.input[1] in consts and not attrs.get("transA", 0):
                 key = _key(_layer_name(node.input[1], node), taken)
                 self.layers[key] = self._gemm(node, attrs, consts)
                 self.layer_names[key] = _layer_name(node.input[1], node)
+                self.sources[key] = {"kind": "gemm", "weight": node.input[1], "bias": node.input[2] if len(node.input) > 2 and node.input[2] else None,
+                                     "alpha": attrs.get("alpha", 1.0), "beta": attrs.get("beta", 1.0), "trans_b": bool(attrs.get("transB", 0))}
                 self.plan.append(("layer", key, [node.input[0]], list(node.output), None))
             elif op == "MatMul" and node.input[1] in consts and consts[node.input[1]].ndim == 2 and node.input[0] not in consts:
                 weight = consts[node.input[1]]
-                bias, output = None, node.output[0]
+                bias, bias_name, output = None, None, node.output[0]
                 users = consumers.get(output, [])
                 if len(users) == 1 and users[0].op_type == "Add":
                     other = [i for i in users[0].input if i != output]
                     if other and other[0] in consts and consts[other[0]].shape == (weight.shape[1],):
-                        bias, output = consts[other[0]], users[0].output[0]
+                        bias, bias_name, output = consts[other[0]], other[0], users[0].output[0]
                         skipped.add(id(users[0]))
                 linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
                 with torch.no_grad():
@@ -151,11 +157,13 @@ class OnnxGraphModule(nn.Module):
                 key = _key(_layer_name(node.input[1], node), taken)
                 self.layers[key] = linear
                 self.layer_names[key] = _layer_name(node.input[1], node)
+                self.sources[key] = {"kind": "matmul", "weight": node.input[1], "bias": bias_name}
                 self.plan.append(("layer", key, [node.input[0]], [output], None))
             elif op == "BatchNormalization" and all(n in consts for n in node.input[1:5]):
                 key = _key(node.name or f"bn_{node.output[0]}", taken)
                 self.layers[key] = self._batchnorm(node, attrs, consts, ranks.get(node.input[0], 4))
                 self.layer_names[key] = node.name or key
+                self.sources[key] = {"kind": "bn", "scale": node.input[1], "bias": node.input[2], "mean": node.input[3], "var": node.input[4]}
                 self.plan.append(("layer", key, [node.input[0]], [node.output[0]], None))
             elif op in OPS:
                 attrs["_outputs"] = len(node.output)  # ops with optional outputs compute only what is used

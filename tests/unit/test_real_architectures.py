@@ -1,0 +1,87 @@
+"""The methods on the architectures users bring, exported the way they export them: Hugging Face
+BERT (MiniLM's class), GPT-2, ViT and ResNet in tiny configurations, from torch's TorchScript
+exporter (opset 17) and its default dynamo exporter (opset 18+). Each job runs the worker's
+pipeline on real ONNX Runtime; the artifact must keep the original's input/output names and dynamic
+axes and run at other batch sizes and sequence lengths."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from bench.architectures import ARCHITECTURES, EXPORTERS, TOKEN_MODELS, Export, dataset, export
+from service.core.artifacts import ArtifactStore
+from service.core.datasets import inspect_npz
+from service.core.onnx_probe import probe_onnx
+from service.core.settings import Settings
+from workers.job_input import JobInput
+from workers.pipeline import run_pipeline
+
+MEASURE = {"runs": 5, "warmup": 1, "batch_sizes": [1, 4]}
+STEPS = {
+    "int8": {"method": "quantize", "mode": "int8_dynamic"},
+    "prune-unstructured": {"method": "prune", "kind": "unstructured", "amount": 0.5, "finetune_epochs": 1},
+    "cluster-4bit": {"method": "cluster", "bits": 4},
+    "deep-compression": {"method": "deep_compression"},
+}
+
+
+@pytest.fixture(scope="module")
+def workspace() -> Path:
+    return Path(tempfile.mkdtemp(prefix="real-arch-"))
+
+
+_exports: dict[str, tuple[Export, dict, dict]] = {}
+
+
+def _prepared(arch: str, exporter: str, workspace: Path) -> tuple[Export, dict, dict]:
+    key = f"{arch}-{exporter}"
+    if key not in _exports:
+        exp = export(arch, exporter, workspace)
+        description = probe_onnx(exp.path, timeout_s=120, memory_bytes=4 * 1024**3)
+        data_path = workspace / f"{key}.npz"
+        data_path.write_bytes(dataset(exp, 48))
+        arrays = inspect_npz(data_path, max_members=8, max_decompressed_bytes=1 << 30)["arrays"]
+        _exports[key] = (exp, description, arrays)
+    return _exports[key]
+
+
+def _feeds(exp: Export, batch: int) -> dict[str, np.ndarray]:
+    arrays = np.load(io.BytesIO(dataset(exp, batch, seed=7, seq=20)))
+    return {name: arrays[name] for name in exp.inputs}
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+@pytest.mark.parametrize("exporter", EXPORTERS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_method_on_real_architecture(arch: str, exporter: str, step: str, workspace: Path) -> None:
+    exp, description, arrays = _prepared(arch, exporter, workspace)
+    store = ArtifactStore(workspace / "store")
+    store.put_file(f"{exp.name}.onnx", exp.path)
+    store.put_file(f"{exp.name}.npz", workspace / f"{exp.name}.npz")
+    job = JobInput(f"{exp.name}-{step}", "t", {"artifact_key": f"{exp.name}.onnx", "inputs": description["inputs"],
+                   "outputs": description["outputs"], "name": exp.name}, {"artifact_key": f"{exp.name}.npz", "arrays": arrays},
+                   None, [STEPS[step]], {"measure": MEASURE})
+    work = workspace / job.job_id
+    work.mkdir()
+    metrics, artifacts = run_pipeline(job, store, Settings(data_dir=workspace), work, lambda *a, **k: None)
+
+    assert metrics["compression_ratio"] > 1.0
+    assert metrics["compressed"]["fidelity"]["cosine"] > 0.5
+    out_path = store.path(f"jobs/t/{job.job_id}/model.onnx")
+    compressed, original = onnx.load(str(out_path)), onnx.load(str(exp.path))
+    shape = lambda vi: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]  # noqa: E731
+    assert [(i.name, shape(i)) for i in compressed.graph.input] == [(i.name, shape(i)) for i in original.graph.input]
+    assert [o.name for o in compressed.graph.output] == [o.name for o in original.graph.output]
+    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    feeds = _feeds(exp, 3)
+    (out,) = session.run(None, feeds)
+    assert out.shape[0] == 3 and np.isfinite(out).all()
+    if arch in TOKEN_MODELS:
+        assert out.shape[1] == 20  # another sequence length than the export's example
