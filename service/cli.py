@@ -213,12 +213,17 @@ def submit(
 
 
 @app.command()
-def status(job_id: str) -> None:
+def status(job_id: str, wait: Annotated[bool, typer.Option(help="Follow the job until it ends first.")] = False) -> None:
     """Show a job: status, progress, error, metrics."""
     from service.client import ApiFailure
 
     try:
-        job = _client().job(job_id)
+        client = _client()
+        if wait:
+            for event, _ in client.events(job_id):
+                if event == "end":
+                    break
+        job = client.job(job_id)
     except ApiFailure as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
