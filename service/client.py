@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,21 @@ class ApiFailure(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
+
+
+def external_data_files(path: Path) -> list[str]:
+    """The data files an .onnx refers to (relative names beside it); [] for a single-file model."""
+    if path.suffix != ".onnx":
+        return []
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    model = onnx.load_model(str(path), load_external_data=False)
+    locations = set()
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.update(e.value for e in tensor.external_data if e.key == "location")
+    return sorted(locations)
 
 
 class Client:
@@ -39,7 +56,19 @@ class Client:
             return self._check(self.http.post(route, files={"file": (path.name, fh)}, data={"name": path.name})).json()
 
     def upload_model(self, path: Path) -> dict[str, Any]:
-        return self._upload(path, "/v1/models")
+        """Upload an .onnx file; one that keeps its weights in external data files (torch.onnx.export's
+        default) goes up zipped with them, as the API expects."""
+        data_files = external_data_files(path)
+        if not data_files:
+            return self._upload(path, "/v1/models")
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = Path(tmp) / f"{path.stem}.zip"
+            with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED) as zf:  # weights barely compress
+                zf.write(path, path.name)
+                for data_file in data_files:
+                    zf.write(path.parent / data_file, data_file)
+            with open(bundle, "rb") as fh:
+                return self._check(self.http.post("/v1/models", files={"file": (bundle.name, fh)}, data={"name": path.name})).json()
 
     def upload_dataset(self, path: Path) -> dict[str, Any]:
         return self._upload(path, "/v1/datasets")

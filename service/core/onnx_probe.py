@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from service.core.errors import InvalidInput
+from service.core.onnx_bundle import BundleRefused, internalize, is_zip
 
 
 # Address space the check may use: enough for Python, onnx and ONNX Runtime plus a few copies of the
@@ -110,22 +113,23 @@ def _fail(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "code": code, "message": message}
 
 
-def describe(path: Path, run: bool) -> dict[str, Any]:
+def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3) -> dict[str, Any]:
     import numpy as np
     import onnx
 
     if path.stat().st_size == 0:
         return _fail("invalid_model", "the file is empty")
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic.startswith(b"PK"):
-        # A zip archive: a PyTorch .pt2 / .pt file. torch 2.13's torch.export.load unpickles the
-        # weights and constants with weights_only=False, so loading one can run code from the file.
-        return _fail(
-            "unsupported_format",
-            "PyTorch archives (.pt2/.pt) are not accepted: loading them unpickles objects, which can run code "
-            "from the file. Export the model to ONNX (torch.onnx.export(..., external_data=False)) and upload that.",
-        )
+    single_file = None
+    if is_zip(path):
+        # A model with external data, zipped; or a PyTorch archive, which is refused (torch 2.13's
+        # torch.export.load unpickles with weights_only=False, so loading one can run code from it).
+        work_dir = Path(tempfile.mkdtemp(prefix="bundle-", dir=path.parent))
+        try:
+            single_file = internalize(path, work_dir, max_bytes=max_unpacked)
+        except BundleRefused as exc:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            return _fail(exc.code, exc.message)
+        path = single_file
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except Exception:
@@ -135,8 +139,8 @@ def describe(path: Path, run: bool) -> dict[str, Any]:
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph)):
         return _fail(
             "external_data_not_supported",
-            "the model references external data files; upload a single-file ONNX model "
-            "(torch.onnx.export(..., external_data=False) or onnx.save_model(..., save_as_external_data=False))",
+            "the model references external data files: upload them together as one .zip (e.g. `zip model.zip model.onnx "
+            "model.onnx.data`; `modelshrink submit` does this for you), or export a single file (external_data=False)",
         )
     try:
         onnx.checker.check_model(model, full_check=True)
@@ -175,7 +179,10 @@ def describe(path: Path, run: bool) -> dict[str, Any]:
             return _fail("model_not_runnable", f"ONNX Runtime cannot run the model on zero inputs: {str(exc).splitlines()[0][:300]}")
     parameters = int(sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in model.graph.initializer))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return {"ok": True, "inputs": inputs, "outputs": outputs, "parameters": parameters, "opset": opset}
+    result = {"ok": True, "inputs": inputs, "outputs": outputs, "parameters": parameters, "opset": opset}
+    if single_file is not None:
+        result["single_file"] = str(single_file)  # the API stores this instead of the archive
+    return result
 
 
 def _ort_np(ort_type: str) -> str:

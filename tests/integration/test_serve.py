@@ -61,6 +61,12 @@ def test_serve_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
     proc, url = start(env, port)
     try:
         client = Client(url, key)
+        # torch's default export (model.onnx + model.onnx.data) goes up zipped by the client.
+        from tests.api.test_external_data_upload import _default_export
+
+        export_dir = tmp_path / "export"
+        export_dir.mkdir()
+        assert client.upload_model(_default_export(export_dir))["parameters"] == 64 * 256 + 256 + 256 * 10 + 10
         model_id = client.upload_model(save(mlp(), tmp_path / "m.onnx"))["id"]
         job = client.submit({"model_id": model_id, "steps": [{"method": "quantize", "mode": "fp16"}], "measure": {"runs": 5, "warmup": 1}})
         final = [data for event, data in client.events(job["id"]) if event == "end"][0]

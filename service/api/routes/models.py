@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
 from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy import func, select
 
@@ -10,11 +14,20 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.routes.uploads_common import accept_upload, commit_row, move_into_store, multipart_body
 from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, ModelPublic, ModelsPublic
+from service.core.artifacts import sha256_of
 from service.core.errors import Conflict, NotFound
+from service.core.uploads import ReceivedUpload
 from service.core.onnx_probe import probe_onnx
 from service.core.tables import Job, StoredModel, new_id
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=AUTH_RESPONSES)
+
+
+def _adopt_single_file(upload: ReceivedUpload, single: Path) -> ReceivedUpload:
+    """A zipped model with external data was checked and rewritten as one file: store that instead."""
+    upload.path.unlink(missing_ok=True)
+    adopted = replace(upload, path=single, size_bytes=single.stat().st_size, sha256=sha256_of(single))
+    return adopted
 
 
 def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:  # noqa: ANN001
@@ -24,18 +37,25 @@ def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:  # noqa:
     return model
 
 
-@router.post("", status_code=201, response_model=ModelPublic, responses={422: INVALID_RESPONSE, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("A single-file ONNX model."))
+@router.post("", status_code=201, response_model=ModelPublic, responses={422: INVALID_RESPONSE, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("An ONNX model: one .onnx file, or a .zip of one .onnx with its external data files (what torch.onnx.export writes by default)."))
 async def upload_model(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredModel:
-    """Upload an ONNX model (multipart field `file`). It is checked with onnx.checker and loaded and
+    """Upload an ONNX model (multipart field `file`): a single .onnx, or a .zip holding one .onnx and
+    its external data files (stored as one file; models over 2 GB are refused). It is checked with onnx.checker and loaded and
     run in ONNX Runtime in a sandboxed child process before it is accepted."""
 
     def check(path):  # noqa: ANN001, ANN202
         return probe_onnx(path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes)
 
     upload, info = await accept_upload(request, session, tenant.id, settings, store, check)
+    bundle_dir = None
+    if info.get("single_file"):
+        single = Path(info.pop("single_file"))
+        upload, bundle_dir = await run_in_threadpool(_adopt_single_file, upload, single), single.parent
     model_id = new_id("mdl")
     key = f"models/{tenant.id}/{model_id}/model.onnx"
     move_into_store(upload, store, key)
+    if bundle_dir is not None:
+        shutil.rmtree(bundle_dir, ignore_errors=True)
     model = StoredModel(
         id=model_id,
         tenant_id=tenant.id,

@@ -1,0 +1,93 @@
+"""Models with external data (torch 2.13's default export: model.onnx + model.onnx.data) upload as one
+.zip, are checked member by member in the sandbox, and are stored as one self-contained file."""
+
+from __future__ import annotations
+
+import io
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from service.client import external_data_files
+from tests.builders import mlp
+
+
+def _default_export(directory: Path) -> Path:
+    """What a user gets from torch.onnx.export(model, args, "model.onnx") with torch 2.13's defaults."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).eval()
+    path = directory / "model.onnx"
+    torch.onnx.export(net, (torch.randn(2, 64),), path, input_names=["x"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+    assert (directory / "model.onnx.data").exists(), "the default exporter no longer writes external data"
+    return path
+
+
+def _zip(members: dict[str, bytes], symlink: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+        if symlink:
+            info = zipfile.ZipInfo(symlink)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, "/etc/passwd")
+    return buf.getvalue()
+
+
+def test_a_default_torch_export_uploads_as_a_zip_and_is_stored_as_one_file(client, tmp_path: Path) -> None:  # noqa: ANN001
+    path = _default_export(tmp_path)
+    assert external_data_files(path) == ["model.onnx.data"]
+    bundle = _zip({"model.onnx": path.read_bytes(), "model.onnx.data": (tmp_path / "model.onnx.data").read_bytes()})
+    response = client.post("/v1/models", files={"file": ("model.zip", bundle)})
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["parameters"] == 64 * 256 + 256 + 256 * 10 + 10
+    assert body["inputs"][0]["name"] == "x" and isinstance(body["inputs"][0]["shape"][0], str)
+    stored = next(client.app.state.store.root.glob(f"models/*/{body['id']}/model.onnx"))
+    assert body["size_bytes"] == stored.stat().st_size and list(stored.parent.iterdir()) == [stored]
+    model = onnx.load(str(stored))
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    expected = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(ort.InferenceSession(str(stored), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0], expected, rtol=1e-6)
+    assert list(client.app.state.store.temp_dir().iterdir()) == []  # nothing left behind
+
+
+def _external(tmp_path: Path) -> tuple[bytes, bytes]:
+    path = _default_export(tmp_path)
+    return path.read_bytes(), (tmp_path / "model.onnx.data").read_bytes()
+
+
+@pytest.mark.parametrize("case, code, words", [
+    ("traversal", "unsafe_archive", "unsafe path"),
+    ("symlink", "unsafe_archive", "link or special file"),
+    ("missing-data", "invalid_model", "not a data file in the archive"),
+    ("short-data", "invalid_model", "lies outside"),
+    ("two-graphs", "invalid_model", "exactly one .onnx"),
+    ("pytorch", "unsupported_format", "PyTorch archives"),
+])
+def test_unsafe_or_inconsistent_archives_are_refused(client, tmp_path: Path, case: str, code: str, words: str) -> None:  # noqa: ANN001
+    graph, data = _external(tmp_path)
+    members = {
+        "traversal": {"model.onnx": graph, "../model.onnx.data": data},
+        "symlink": {"model.onnx": graph},
+        "missing-data": {"model.onnx": graph},
+        "short-data": {"model.onnx": graph, "model.onnx.data": data[: len(data) // 2]},
+        "two-graphs": {"model.onnx": graph, "other.onnx": graph, "model.onnx.data": data},
+        "pytorch": {"archive/data.pkl": b"\x80\x04N.", "archive/version": b"3"},
+    }[case]
+    response = client.post("/v1/models", files={"file": ("m.zip", _zip(members, symlink="model.onnx.data" if case == "symlink" else None))})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == code and words in response.json()["error"]["message"]
+    assert list(client.app.state.store.temp_dir().iterdir()) == []
+
+
+def test_a_single_file_model_still_uploads_as_before(client) -> None:  # noqa: ANN001
+    response = client.post("/v1/models", files={"file": ("m.onnx", mlp().SerializeToString())})
+    assert response.status_code == 201
