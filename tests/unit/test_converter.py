@@ -137,3 +137,19 @@ def test_flatten_by_view_of_size_converts_from_either_exporter(tmp_path, dynamo:
         for batch in (1, 5):
             sample = torch.randn(batch, 3, 4)
             torch.testing.assert_close(module(sample), net(sample))
+
+
+def test_a_converter_that_disagrees_with_onnx_runtime_is_caught_at_the_diverging_node(monkeypatch) -> None:  # noqa: ANN001
+    from workers.methods.base import StepData
+    from workers.trainable import onnx_ops
+    from workers.trainable.verify import ConversionMismatch, trainable
+
+    model = mlp()
+    model.graph.node[2].name = "first_relu"
+    data = StepData(inputs={"x": np.random.default_rng(0).standard_normal((16, 16)).astype(np.float32)})
+    trainable(model, data)  # agrees: no error
+    # A converter bug, simulated: Relu passes negatives through.
+    monkeypatch.setitem(onnx_ops.OPS, "Relu", lambda i, a: [i[0]])
+    with pytest.raises(ConversionMismatch) as info:
+        trainable(model, data)
+    assert info.value.code == "conversion_mismatch" and "'first_relu' (Relu)" in info.value.message

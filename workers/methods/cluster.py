@@ -22,6 +22,7 @@ from workers.pruning.layers import weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.from_onnx import to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
+from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
 from workers.trainable.training import TrainConfig, predict, quality, tensors, train
 
@@ -65,7 +66,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     if spec.finetune_epochs and not data.available:
         raise CompressionFailed("centroid fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
     ctx.progress(0.0, "clustering weights")
-    module = to_torch(model)
+    module = trainable(model, data)
     layers = weighted_layers(module)
     unknown = sorted((set(spec.skip_layers) | set(spec.layer_bits)) - set(layers))
     if unknown:

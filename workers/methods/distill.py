@@ -18,6 +18,7 @@ from workers.methods.base import StepContext, StepData, StepResult
 from workers.trainable.device import training_device
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 from workers.trainable.to_onnx import export, has_dynamic_batch
+from workers.trainable.verify import trainable
 from workers.trainable.training import is_classifier, predict, quality, tensors
 
 name = "distill"
@@ -75,7 +76,7 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
     if spec.compare_baseline and data.labels is None:
         raise CompressionFailed("compare_baseline trains a student on hard labels: the dataset needs a 'labels' array", code="labels_required")
     ctx.progress(0.0, "converting the teacher to a trainable form")
-    teacher = to_torch(model)
+    teacher = trainable(model, data)
     names = teacher.input_names
     held_out = data.evaluation or data
     train_inputs, eval_inputs = tensors(data, names), tensors(held_out, names)

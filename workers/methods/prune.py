@@ -21,6 +21,7 @@ from workers.pruning.layers import selected_layers, weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
+from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
 from workers.trainable.training import TrainConfig, predict, quality, tensors, train
 
@@ -34,7 +35,7 @@ class _Run:
 
     def __init__(self, model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepContext) -> None:
         self.spec, self.ctx = spec, ctx
-        self.module: OnnxGraphModule = to_torch(model)
+        self.module: OnnxGraphModule = trainable(model, data)
         self.has_data = data.available
         self.fixed_batch = data.fixed_batch
         self.dynamic_batch = has_dynamic_batch(model)

@@ -20,6 +20,7 @@ from workers.methods.base import StepContext, StepData
 from workers.pruning.layers import weighted_layers
 from workers.trainable.from_onnx import to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
+from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
 from workers.trainable.training import TrainConfig, predict, quality, tensors, train
 
@@ -112,7 +113,7 @@ def _encode_binary(name: str, weight: np.ndarray, prefix: str) -> tuple[list, li
 def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
     if spec.finetune_epochs and not data.available:
         raise CompressionFailed("binary fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
-    module = to_torch(model)
+    module = trainable(model, data)
     layers = weighted_layers(module)
     names = list(layers)
     chosen = names[1:-1] if spec.binary_keep_first_last and len(names) > 2 else names

@@ -241,7 +241,8 @@ class OnnxGraphModule(nn.Module):
             bn.running_var.copy_(torch.from_numpy(var.copy()))
         return bn
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def forward(self, *inputs: torch.Tensor, capture: dict[str, Any] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """`capture`, when given, receives every intermediate value by its ONNX name (for diagnosis)."""
         env: dict[str, Any] = {name: getattr(self, key) for name, key in self._const_keys.items()}
         env.update(zip(self.input_names, inputs))
         env[""] = None
@@ -255,6 +256,8 @@ class OnnxGraphModule(nn.Module):
             else:
                 results = OPS[target](args, extra)
             env.update(zip(outs, results))
+        if capture is not None:
+            capture.update(env)
         outputs = tuple(env[name] for name in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs
 
