@@ -74,21 +74,27 @@ def _feed_of_batch(data: StepData, batch: int) -> dict[str, np.ndarray]:
     return {name: np.resize(arr, (batch, *arr.shape[1:])) for name, arr in data.inputs.items()}
 
 
-def latency(session, data: StepData, spec: MeasureSpec, progress: Callable[[float, str], None]) -> list[dict[str, Any]]:  # noqa: ANN001
+def latency(sessions: list, data: StepData, spec: MeasureSpec, progress: Callable[[float, str], None]) -> list[list[dict[str, Any]]]:  # noqa: ANN001
+    """Latency of several sessions on the same feeds, interleaved run by run (in alternating order),
+    so a burst of load on the machine lands on all of them alike instead of on whichever ran then."""
     batches = [data.fixed_batch] if data.fixed_batch else spec.batch_sizes
-    results = []
+    results: list[list[dict[str, Any]]] = [[] for _ in sessions]
     for bi, batch in enumerate(batches):
         feed = _feed_of_batch(data, batch)
-        for _ in range(spec.warmup):
-            session.run(None, feed)
-        times = []
+        for session in sessions:
+            for _ in range(spec.warmup):
+                session.run(None, feed)
+        times: list[list[float]] = [[] for _ in sessions]
         for r in range(spec.runs):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append((time.perf_counter() - start) * 1000.0)
+            order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
+            for i in order:
+                start = time.perf_counter()
+                sessions[i].run(None, feed)
+                times[i].append((time.perf_counter() - start) * 1000.0)
             if r % 10 == 9:
                 progress((bi + (r + 1) / spec.runs) / len(batches), f"timing batch {batch}: run {r + 1}/{spec.runs}")
-        results.append({"batch": batch, "p50": float(np.percentile(times, 50)), "p95": float(np.percentile(times, 95)), "runs": spec.runs})
+        for i, t in enumerate(times):
+            results[i].append({"batch": batch, "p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95)), "runs": spec.runs})
     return results
 
 

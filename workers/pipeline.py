@@ -16,7 +16,9 @@ from service.core.onnx_probe import probe_onnx
 from service.core.settings import Settings
 from service.core.specs import MeasureSpec, step_adapter
 from workers import metrics as m
-from workers.data import load_step_data, synthetic_data
+from workers import verdict
+from workers.sensitivity import layer_sensitivity
+from workers.data import load_step_data, synthetic_data, token_vocabularies
 from workers.job_input import JobInput
 from workers.methods import METHODS
 from workers.methods.base import StepContext, StepData
@@ -37,39 +39,31 @@ def _load_data(job: JobInput, store: ArtifactStore, spec: MeasureSpec) -> tuple[
         return train, load_step_data(store.path(job.eval_dataset["artifact_key"]), job.eval_dataset["arrays"], inputs, "eval dataset"), "eval_dataset"
     if train.available:
         return train, train, "dataset"
-    return train, synthetic_data(inputs, min(spec.max_eval_samples, 64), seed=0), "synthetic"
+    vocab = token_vocabularies(onnx.load_model(str(store.path(job.model["artifact_key"]))))
+    synthetic, description = synthetic_data(inputs, min(spec.max_eval_samples, 64), seed=0, vocab=vocab)
+    synthetic.description = description
+    return train, synthetic, "synthetic"
 
 
-def _measure(path: Path, data: StepData, spec: MeasureSpec, progress: Callable[[float, str], None]) -> tuple[dict[str, Any], Any]:
+def _describe(path: Path, data: StepData, spec: MeasureSpec) -> tuple[dict[str, Any], Any, Any]:
     # Count parameters and MACs on the dense model a sparse-packed file stands for; size_bytes is the file.
     model = fold(onnx.load_model(str(path)))
     params, nonzero = m.parameter_counts(model)
     session = m.make_session(path, spec.threads)
     outputs = m.first_outputs(session, data, spec.max_eval_samples)
-    lat = m.latency(session, data, spec, progress)
     result = {
         "size_bytes": path.stat().st_size,
         "parameters": params,
         "nonzero_parameters": nonzero,
         "macs": m.macs_per_sample(model),
-        "latency_ms": {"p50": lat[0]["p50"], "p95": lat[0]["p95"], "batch": lat[0]["batch"]},
-        "latency_by_batch": lat,
         "accuracy": m.accuracy(outputs, data.labels),
     }
-    return result, outputs
+    return result, outputs, session
 
 
-def _warnings(original: dict[str, Any], compressed: dict[str, Any], ratio: float) -> list[str]:
-    notes = []
-    for o, c in zip(original["latency_by_batch"], compressed["latency_by_batch"]):
-        if c["p50"] > o["p50"]:
-            notes.append(
-                f"The compressed model is slower than the original on ONNX Runtime (CPU) at batch {o['batch']}: "
-                f"p50 {c['p50']:.3f} ms vs {o['p50']:.3f} ms ({o['p50'] / c['p50']:.2f}x)."
-            )
-    if ratio < 1:
-        notes.append(f"The compressed model file is larger than the original ({ratio:.2f}x).")
-    return notes
+def _with_latency(result: dict[str, Any], lat: list[dict[str, Any]]) -> None:
+    result["latency_ms"] = {"p50": lat[0]["p50"], "p95": lat[0]["p95"], "batch": lat[0]["batch"]}
+    result["latency_by_batch"] = lat
 
 
 def _refuse_non_finite(reference: Any, candidate: Any) -> None:
@@ -128,13 +122,21 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
     except InvalidInput as exc:
         raise CompressionFailed(f"the compressed model failed validation: {exc.message}", code="invalid_output") from exc
 
-    def measuring(which: str, base: float) -> Callable[[float, str], None]:
-        return lambda f, msg: progress(base + f * (0.98 - STEPS_SHARE) / 2, "measure", f"{which}: {msg}")
-
-    original, ref_out = _measure(original_path, evaluation, spec, measuring("original", STEPS_SHARE))
-    compressed, out = _measure(compressed_path, evaluation, spec, measuring("compressed", (0.98 + STEPS_SHARE) / 2))
+    progress(STEPS_SHARE, "measure", "evaluating both models", True)
+    original, ref_out, original_session = _describe(original_path, evaluation, spec)
+    compressed, out, compressed_session = _describe(compressed_path, evaluation, spec)
     _refuse_non_finite(ref_out, out)
     compressed["fidelity"] = m.fidelity(ref_out, out)
+    timing = m.latency([original_session, compressed_session], evaluation, spec,
+                       lambda f, msg: progress(STEPS_SHARE + f * (0.95 - STEPS_SHARE), "measure", f"both models, interleaved: {msg}"))
+    _with_latency(original, timing[0])
+    _with_latency(compressed, timing[1])
+    warnings = verdict.quality_warnings(original, compressed)
+    sensitivity = None
+    if warnings:
+        progress(0.96, "measure", "finding the layers responsible for the quality loss", True)
+        sensitivity = layer_sensitivity(onnx.load_model(str(original_path)), model, evaluation, spec.threads)
+        warnings.append(verdict.attribution_note(sensitivity))
     compressed["onnx_size_bytes"] = compressed["size_bytes"]
     if final_bundle is not None:
         # What ships is the bundle: its size is the compressed size (the ONNX inside is measured for speed).
@@ -149,12 +151,14 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
         "speedup": original["latency_ms"]["p50"] / compressed["latency_ms"]["p50"],
         "evaluation": {
             "data": source,
+            "synthetic": evaluation.description,
             "samples": min(evaluation.samples, spec.max_eval_samples),
             "labels": evaluation.labels is not None,
             "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
             "threads": spec.threads,
         },
-        "warnings": _warnings(original, compressed, ratio),
+        "warnings": warnings + verdict.speed_and_size_warnings(original, compressed, ratio),
+        "sensitivity": sensitivity,
     }
     report = {"job_id": job.job_id, "model": job.model.get("name"), "steps": reports, "metrics": metrics}
     base = f"jobs/{job.tenant_id}/{job.job_id}"

@@ -131,8 +131,10 @@ def test_conv_net_job_without_dataset_uses_synthetic_data_and_flags_slowdowns(em
         assert job["status"] == "succeeded", job["error"]
         metrics = job["metrics"]
         assert metrics["evaluation"]["data"] == "synthetic" and metrics["compressed"]["accuracy"] is None
-        slower = [b for o, b in zip(metrics["original"]["latency_by_batch"], metrics["compressed"]["latency_by_batch"]) if b["p50"] > o["p50"]]
+        # "Slower" only beyond the 5% that interleaved timing still wobbles by.
+        slower = [b for o, b in zip(metrics["original"]["latency_by_batch"], metrics["compressed"]["latency_by_batch"]) if b["p50"] > 1.05 * o["p50"]]
         assert len([w for w in metrics["warnings"] if "slower" in w]) == len(slower)
+        assert metrics["evaluation"]["synthetic"].startswith("no dataset: synthetic inputs (x: standard normal [1, 8, 8]")
 
 
 def test_cancel_running_job(embedded_redis: Settings, start_worker) -> None:  # noqa: ANN001

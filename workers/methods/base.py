@@ -28,6 +28,8 @@ class StepData:
     fixed_batch: int | None = None
     # Held-out data for methods that check accuracy while they work (None: evaluate on this data).
     evaluation: "StepData | None" = None
+    # How the data was made, when it is not the user's (synthetic inputs).
+    description: str | None = None
 
     def batch_size(self, preferred: int) -> int:
         return self.fixed_batch or preferred

@@ -1,0 +1,79 @@
+"""The report says plainly when a result is worse, and where: quality warnings with the layers most
+responsible, "slower" only beyond timing noise, synthetic inputs that look like real ones."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from service.core.artifacts import ArtifactStore
+from service.core.settings import Settings
+from tests.builders import dataset_npz, mlp
+from workers import verdict
+from workers.data import synthetic_data, token_vocabularies
+from workers.job_input import JobInput
+from workers.pipeline import run_pipeline
+
+MEASURE = {"runs": 5, "warmup": 1, "batch_sizes": [1, 8]}
+
+
+def _run(model: onnx.ModelProto, steps: list[dict], data: bytes | None, tmp: Path) -> dict:
+    store = ArtifactStore(tmp / "store")
+    store.put_bytes("m.onnx", model.SerializeToString())
+    dataset = None
+    if data is not None:
+        store.put_bytes("d.npz", data)
+        arrays = {"x": {"dtype": "float32", "shape": [256, 16]}, "labels": {"dtype": "int64", "shape": [256]}}
+        dataset = {"artifact_key": "d.npz", "arrays": arrays}
+    inputs = [{"name": i.name, "dtype": "float32", "shape": ["N", 16]} for i in model.graph.input]
+    job = JobInput("j", "t", {"artifact_key": "m.onnx", "inputs": inputs, "outputs": [], "name": "m"}, dataset, None, steps, {"measure": MEASURE})
+    work = tmp / "work"
+    work.mkdir()
+    metrics, _ = run_pipeline(job, store, Settings(data_dir=tmp), work, lambda *a, **k: None)
+    return metrics
+
+
+def test_a_worse_result_is_flagged_with_the_layers_most_responsible(tmp_path: Path) -> None:
+    model = mlp(in_features=16, hidden=64, classes=4)
+    steps = [{"method": "prune", "kind": "unstructured", "amount": 0.9, "scope": "layer"}]
+    metrics = _run(model, steps, dataset_npz(model, samples=256), tmp_path)
+    drop = metrics["original"]["accuracy"] - metrics["compressed"]["accuracy"]
+    assert drop > 0.01
+    assert any(w.startswith(f"Accuracy dropped by {drop * 100:.1f} points") for w in metrics["warnings"])
+    responsible = next(w for w in metrics["warnings"] if w.startswith("Layers most responsible"))
+    layers = [row["layer"] for row in metrics["sensitivity"]]
+    assert layers and set(layers) <= {"w0", "w1", "w2"} and layers[0] in responsible
+    drops = [row["drop"] for row in metrics["sensitivity"]]
+    assert drops == sorted(drops, reverse=True)
+
+
+def test_a_faithful_result_carries_no_quality_warning(tmp_path: Path) -> None:
+    model = mlp(in_features=16, hidden=64, classes=4)
+    metrics = _run(model, [{"method": "quantize", "mode": "fp16"}], dataset_npz(model, samples=256), tmp_path)
+    assert not [w for w in metrics["warnings"] if "Accuracy" in w or "cosine" in w]
+    assert metrics["sensitivity"] is None
+
+
+def test_slower_means_beyond_five_percent() -> None:
+    original = {"latency_by_batch": [{"batch": 1, "p50": 1.00}, {"batch": 8, "p50": 2.0}]}
+    compressed = {"latency_by_batch": [{"batch": 1, "p50": 1.04}, {"batch": 8, "p50": 2.2}]}
+    notes = verdict.speed_and_size_warnings(original, compressed, ratio=2.0)
+    assert len(notes) == 1 and "at batch 8" in notes[0]
+
+
+def test_token_models_get_in_vocabulary_ids_at_a_realistic_length(tmp_path: Path) -> None:
+    from bench.architectures import export
+
+    exp = export("bert", "torchscript", tmp_path)
+    model = onnx.load(str(exp.path))
+    vocab = token_vocabularies(model)
+    assert vocab == {"input_ids": 200}
+    inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]}, {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]}]
+    data, description = synthetic_data(inputs, 8, seed=0, vocab=vocab)
+    ids = data.inputs["input_ids"]
+    assert ids.shape == (8, 128) and ids.max() < 200 and len(np.unique(ids)) > 100
+    assert (data.inputs["attention_mask"] == 1).all()
+    assert "token ids uniform in [0, 200) at length [128]" in description

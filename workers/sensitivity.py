@@ -1,0 +1,75 @@
+"""Which layers cost the quality: each changed weight put back into the original model alone, and the
+drop in output fidelity that causes, ranked.
+
+Used when a result is worse than the thresholds in workers.verdict, so the warning can name the
+layers most responsible. It needs the compressed model to keep the original's layers (pruning,
+clustering, binary weights, deep compression do); when the graph itself changed (structured pruning,
+distillation, quantization nodes), attribution is reported as unavailable rather than guessed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from workers.constant_folding import fold
+from workers.methods.base import StepData
+
+MAX_LAYERS = 40  # the largest changed tensors; each costs one session and one pass over the samples
+MAX_SAMPLES = 64
+MIN_ELEMENTS = 256
+
+
+def _session(model: onnx.ModelProto, threads: int):  # noqa: ANN202
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _outputs(session, data: StepData) -> np.ndarray:  # noqa: ANN001
+    batch = data.batch_size(16)
+    outs = [session.run(None, feed)[0] for feed in data.batches(batch, limit=MAX_SAMPLES)]
+    return np.concatenate(outs).astype(np.float64).reshape(sum(len(o) for o in outs), -1)
+
+
+def _cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    denom = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
+    return float(np.where(denom > 0, (reference * candidate).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0).mean())
+
+
+def _layer_label(name: str, consumers: dict[str, str]) -> str:
+    # The TorchScript exporter names transposed weights "onnx::MatMul_123"; the node using it says more.
+    return consumers.get(name, name) if name.startswith("onnx::") else name
+
+
+def layer_sensitivity(original: onnx.ModelProto, compressed: onnx.ModelProto, data: StepData, threads: int = 1) -> list[dict[str, Any]] | None:
+    """[{layer, cosine, drop}] most harmful first; None when the layers cannot be matched."""
+    base, after = fold(original), fold(compressed)
+    new_values = {t.name: t for t in after.graph.initializer}
+    changed = []
+    for tensor in base.graph.initializer:
+        other = new_values.get(tensor.name)
+        if other is None or list(other.dims) != list(tensor.dims) or tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16):
+            continue
+        before = numpy_helper.to_array(tensor)
+        if before.size >= MIN_ELEMENTS and not np.array_equal(before, numpy_helper.to_array(other)):
+            changed.append((before.size, tensor.name))
+    if not changed:
+        return None
+    consumers = {i: (n.name or n.op_type) for n in base.graph.node for i in n.input}
+    reference = _outputs(_session(base, threads), data)
+    rows = []
+    for _, name in sorted(changed, reverse=True)[:MAX_LAYERS]:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(base)
+        for init in probe.graph.initializer:
+            if init.name == name:
+                init.CopyFrom(new_values[name])
+        cosine = _cosine(reference, _outputs(_session(probe, threads), data))
+        rows.append({"layer": _layer_label(name, consumers), "tensor": name, "cosine": cosine, "drop": 1.0 - cosine})
+    return sorted(rows, key=lambda r: r["drop"], reverse=True)
