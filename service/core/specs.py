@@ -45,7 +45,7 @@ class TrainingSpec(StrictModel):
     """How fine-tuning runs (labels when the data has them, otherwise the original model's outputs)."""
 
     batch_size: int = Field(64, ge=1, le=65536)
-    lr: float = Field(1e-3, gt=0, le=10)
+    lr: float | None = Field(None, gt=0, le=10, description="Default: 1e-4 when fine-tuning the uploaded (trained) model, which a larger step can push further from the original than no fine-tuning at all; 1e-3 when training a new student.")
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0, le=1)
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -98,7 +98,10 @@ class PruneStep(StrictModel):
     skip_layers: NameList = Field(default_factory=list, max_length=4096, description="Layers left untouched.")
     prune_output_layer: bool = Field(False, description="Also prune the last layer (structured pruning never narrows the model's outputs).")
     iterations: int = Field(1, ge=1, le=50, description="Rounds of prune -> fine-tune; the pruned fraction grows to `amount` over the rounds.")
-    finetune_epochs: int = Field(0, ge=0, le=1000, description="Fine-tuning epochs after each round (needs a dataset).")
+    finetune_epochs: int | None = Field(
+        None, ge=0, le=1000,
+        description="Fine-tuning epochs after each round. Default: 2 when the job has a dataset, else 0. The best epoch on the evaluation data is kept, so fine-tuning never leaves the model worse than pruning alone.",
+    )
     max_accuracy_drop: float | None = Field(
         None, ge=0, le=1, description="Stop before accuracy (absolute, on the evaluation data) drops more than this; keep the best model within it."
     )
@@ -109,7 +112,7 @@ class PruneStep(StrictModel):
     def _consistent(self) -> "PruneStep":
         if self.importance == "apoz" and self.kind != "structured":
             raise ValueError("importance 'apoz' ranks neurons, so it needs kind 'structured'")
-        if self.lottery_ticket and (self.kind != "unstructured" or self.finetune_epochs < 1):
+        if self.lottery_ticket and (self.kind != "unstructured" or (self.finetune_epochs or 0) < 1):
             raise ValueError("lottery_ticket needs kind 'unstructured' and finetune_epochs >= 1 (the ticket is trained)")
         for name, amount in self.layer_amounts.items():
             if not 0 <= amount < 1:
@@ -159,7 +162,10 @@ class ClusterStep(StrictModel):
     layer_bits: dict[str, int] = Field(default_factory=dict, description="Per-layer overrides of `bits`, by layer name.")
     skip_layers: NameList = Field(default_factory=list, max_length=4096)
     min_elements: int = Field(256, ge=1, le=2**31, description="Smaller weight tensors stay float32.")
-    finetune_epochs: int = Field(0, ge=0, le=1000, description="Fine-tune the centroids (gradients summed per cluster); needs a dataset.")
+    finetune_epochs: int | None = Field(
+        None, ge=0, le=1000,
+        description="Fine-tune the centroids (gradients summed per cluster). Default: 2 when the job has a dataset, else 0; the best epoch on the evaluation data is kept.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec)
 
     @model_validator(mode="after")
@@ -182,7 +188,7 @@ class DeepCompressionStep(StrictModel):
     centroid fine-tuning, Huffman-code; a per-stage table of size and accuracy. Must be the last step."""
 
     method: Literal["deep_compression"] = "deep_compression"
-    prune: PruneStep = Field(default_factory=lambda: PruneStep(kind="unstructured", amount=0.92, iterations=3, finetune_epochs=3))
+    prune: PruneStep = Field(default_factory=lambda: PruneStep(kind="unstructured", amount=0.92, iterations=3, finetune_epochs=3, training=TrainingSpec(lr=1e-3)))
     cluster: ClusterStep = Field(default_factory=lambda: ClusterStep(bits=4, finetune_epochs=2, training=TrainingSpec(lr=1e-4)))
     huffman: bool = True
 
@@ -211,9 +217,9 @@ def step_requires_dataset(step: StrictModel) -> bool:
     if isinstance(step, DistillStep):
         return True
     if isinstance(step, ClusterStep):
-        return step.finetune_epochs > 0
+        return (step.finetune_epochs or 0) > 0
     if isinstance(step, DeepCompressionStep):
         return step_requires_dataset(step.prune) or step_requires_dataset(step.cluster)
     if isinstance(step, PruneStep):
-        return step.finetune_epochs > 0 or step.importance in ("apoz", "taylor") or step.max_accuracy_drop is not None
+        return (step.finetune_epochs or 0) > 0 or step.importance in ("apoz", "taylor") or step.max_accuracy_drop is not None
     return False

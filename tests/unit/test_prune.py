@@ -131,3 +131,19 @@ def test_spec_rejects_inconsistent_options() -> None:
         PruneStep(kind="unstructured", importance="apoz")
     with pytest.raises(ValueError, match="lottery_ticket"):
         PruneStep(lottery_ticket=True)
+
+
+def test_a_labelled_dataset_fine_tunes_by_default_and_never_ends_worse_than_no_fine_tuning(tmp_path) -> None:  # noqa: ANN001
+    model = mlp(in_features=32, hidden=64)
+    data = StepData(inputs={"x": np.random.default_rng(0).standard_normal((256, 32)).astype(np.float32)})
+    data.labels = reference_outputs(model, data.inputs["x"]).argmax(-1)
+    default = run(model, data, tmp_path / "a", kind="unstructured", amount=0.7)
+    assert default.report["finetune_epochs"] == 2 and default.report["finetune_lr"] == 1e-4
+    log = default.report["finetune_by_round"][0]
+    assert len(log["scores_by_epoch"]) == 3 and log["scores_by_epoch"][log["kept_epoch"]] == max(log["scores_by_epoch"])
+    # A step that can only hurt (a huge learning rate): the just-pruned weights are kept.
+    hurt = run(model, data, tmp_path / "b", kind="unstructured", amount=0.7, finetune_epochs=2, training={"lr": 5.0, "optimizer": "sgd"})
+    log = hurt.report["finetune_by_round"][0]
+    assert log["kept_epoch"] == 0 and hurt.report["final"] == log["scores_by_epoch"][0]
+    without = run(model, StepData(), tmp_path / "c", kind="unstructured", amount=0.7)
+    assert without.report["finetune_epochs"] == 0

@@ -15,7 +15,7 @@ from torch import nn
 
 from service.core.specs import DistillStep
 from workers.trainable.device import training_device
-from workers.trainable.training import TrainConfig, make_optimizer, predict, quality
+from workers.trainable.training import STUDENT_LR, make_optimizer, predict, quality, train_config
 
 
 @dataclass
@@ -67,7 +67,7 @@ def distill(
     hard_labels_only: bool = False,
 ) -> History:
     """Train `student` in place; it ends holding the best epoch's weights."""
-    config = TrainConfig(epochs=spec.epochs, **spec.training.model_dump())
+    config = train_config(spec.training, spec.epochs, STUDENT_LR)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     labels = torch.from_numpy(train.labels).long() if train.labels is not None else None

@@ -24,7 +24,7 @@ from workers.trainable.from_onnx import to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
-from workers.trainable.training import TrainConfig, predict, quality, tensors, train
+from workers.trainable.training import FINETUNE_LR, finetune_epochs, predict, quality, tensors, train, train_config
 
 name = "cluster"
 SPEC = ClusterStep
@@ -65,6 +65,7 @@ def _cluster_layer(weight: np.ndarray, bits: int, init: str, seed: int) -> stora
 def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepContext) -> StepResult:
     if spec.finetune_epochs and not data.available:
         raise CompressionFailed("centroid fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
+    epochs = finetune_epochs(spec.finetune_epochs, data.available)
     ctx.progress(0.0, "clustering weights")
     module = trainable(model, data)
     layers = weighted_layers(module)
@@ -85,6 +86,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
 
     before_score = after_score = None
     curve: list[float] = []
+    finetune_outcome: dict[str, Any] = {}
     if data.available:
         names = module.input_names
         held_out = data.evaluation or data
@@ -92,17 +94,19 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
         original = to_torch(model)  # converted once: the reference for evaluation and the teacher for fine-tuning
         reference = predict(original, eval_inputs)
         before_score = quality(predict(module, eval_inputs), held_out.labels, reference)
-        if spec.finetune_epochs:
+        if epochs:
             train_inputs = tensors(data, names)
             teacher = predict(original, train_inputs)
             for s in shared.values():
                 s.keep_zero()
 
             def on_epoch(epoch: int, loss: float) -> None:
-                ctx.progress(0.3 + 0.6 * (epoch + 1) / spec.finetune_epochs, f"fine-tuning centroids: epoch {epoch + 1}/{spec.finetune_epochs}, loss {loss:.4f}", milestone=True)
+                ctx.progress(0.3 + 0.6 * (epoch + 1) / epochs, f"fine-tuning centroids: epoch {epoch + 1}/{epochs}, loss {loss:.4f}", milestone=True)
 
-            config = TrainConfig(epochs=spec.finetune_epochs, **spec.training.model_dump())
-            curve = train(module, train_inputs, data.labels, teacher, config, on_epoch, lambda: [s.keep_zero() for s in shared.values()], data.fixed_batch)
+            config = train_config(spec.training, epochs, FINETUNE_LR)
+            # The best epoch on held-out data is kept (the clustered state counts as epoch 0).
+            curve = train(module, train_inputs, data.labels, teacher, config, on_epoch, lambda: [s.keep_zero() for s in shared.values()], data.fixed_batch,
+                          keep_best=lambda: quality(predict(module, eval_inputs), held_out.labels, reference), outcome=finetune_outcome)
         after_score = quality(predict(module, eval_inputs), held_out.labels, reference)
 
     clustered_now = {n: storage.Clustered(s.codebook.detach().numpy().astype(np.float32), s.labels.numpy(), spec.layer_bits.get(n, spec.bits), s.fixed_zero) for n, s in shared.items()}
@@ -134,6 +138,8 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
         "quality_before_finetune": before_score,
         "quality_after": after_score,
         "finetune_loss": curve,
+        "finetune_epochs": epochs,
+        **finetune_outcome,
     }
     return StepResult(model=result, report=report)
 

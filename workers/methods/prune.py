@@ -23,7 +23,7 @@ from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
-from workers.trainable.training import TrainConfig, predict, quality, tensors, train
+from workers.trainable.training import FINETUNE_LR, finetune_epochs, predict, quality, tensors, train, train_config
 
 name = "prune"
 SPEC = PruneStep
@@ -55,21 +55,29 @@ class _Run:
         self.eval_teacher = predict(self.module, self.eval_inputs)
         self.metric = "accuracy" if self.eval_labels is not None and self.eval_teacher.dim() == 2 else "agreement_with_original"
         self.baseline = self.quality()
-        self.config = TrainConfig(epochs=spec.finetune_epochs, **spec.training.model_dump())
+        # Per round: the score after each fine-tuning epoch (index 0: just pruned) and the epoch kept.
+        self.finetune_log: list[dict] = []
+        self.epochs = finetune_epochs(spec.finetune_epochs, data.available)
+        self.config = train_config(spec.training, self.epochs, FINETUNE_LR)
 
     def quality(self) -> float:
         return quality(predict(self.module, self.eval_inputs), self.eval_labels, self.eval_teacher)
 
     def finetune(self, round_index: int, rounds: int, after_step=None) -> list[float]:  # noqa: ANN001
-        if self.spec.finetune_epochs == 0:
+        if self.epochs == 0:
             return []
 
         def on_epoch(epoch: int, loss: float) -> None:
-            fraction = (round_index + (epoch + 1) / self.spec.finetune_epochs) / rounds
-            self.ctx.progress(0.05 + 0.9 * fraction, f"round {round_index + 1}/{rounds}: fine-tuned epoch {epoch + 1}/{self.spec.finetune_epochs}, loss {loss:.4f}", milestone=True)
+            fraction = (round_index + (epoch + 1) / self.epochs) / rounds
+            self.ctx.progress(0.05 + 0.9 * fraction, f"round {round_index + 1}/{rounds}: fine-tuned epoch {epoch + 1}/{self.epochs}, loss {loss:.4f}", milestone=True)
 
         config = dataclasses.replace(self.config, seed=self.config.seed + round_index)
-        return train(self.module, self.inputs, self.labels, self.teacher, config, on_epoch, after_step, self.fixed_batch)
+        # Keep the best epoch on the evaluation data (the pruned state counts): never worse than no fine-tuning.
+        outcome: dict = {}
+        losses = train(self.module, self.inputs, self.labels, self.teacher, config, on_epoch, after_step, self.fixed_batch,
+                       keep_best=self.quality, outcome=outcome)
+        self.finetune_log.append(outcome)
+        return losses
 
     def taylor_gradients(self) -> None:
         """Accumulate dLoss/dw over a few batches (for Taylor importance)."""
@@ -223,7 +231,7 @@ def _structured(run: _Run) -> dict[str, Any]:
 
 
 def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepContext) -> StepResult:
-    needs_data = spec.finetune_epochs > 0 or spec.importance in ("apoz", "taylor") or spec.max_accuracy_drop is not None
+    needs_data = (spec.finetune_epochs or 0) > 0 or spec.importance in ("apoz", "taylor") or spec.max_accuracy_drop is not None
     if needs_data and not data.available:
         raise CompressionFailed("this prune step fine-tunes or measures importance on data: submit the job with a dataset_id", code="dataset_required")
     ctx.progress(0.0, "converting the model to a trainable form")
@@ -262,5 +270,8 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         "kept_round": outcome["kept_round"],
         "layers": _layer_table(before, run, outcome["thresholds"]),
         "storage": packing,
+        "finetune_epochs": run.epochs,
+        "finetune_lr": run.config.lr,
+        "finetune_by_round": run.finetune_log,
     }
     return StepResult(model=result, report=report)

@@ -22,7 +22,7 @@ from workers.trainable.from_onnx import to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
-from workers.trainable.training import TrainConfig, predict, quality, tensors, train
+from workers.trainable.training import STUDENT_LR, predict, quality, tensors, train, train_config
 
 
 def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -130,7 +130,8 @@ def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: Step
         scores["before_finetune"] = quality(predict(module, eval_inputs), held_out.labels, reference)
         if spec.finetune_epochs:
             train_inputs = tensors(data, module.input_names)
-            config = TrainConfig(epochs=spec.finetune_epochs, **spec.training.model_dump())
+            # Binarizing is a big change: straight-through training needs the larger student step.
+            config = train_config(spec.training, spec.finetune_epochs, STUDENT_LR)
 
             def on_epoch(epoch: int, loss: float) -> None:
                 ctx.progress(0.1 + 0.8 * (epoch + 1) / spec.finetune_epochs, f"straight-through fine-tuning: epoch {epoch + 1}/{spec.finetune_epochs}, loss {loss:.4f}", milestone=True)

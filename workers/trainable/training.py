@@ -7,6 +7,7 @@ classifiers; mean squared error otherwise), so an unlabelled production sample s
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +34,23 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     seed: int = 0
+
+
+# A trained model is fine-tuned gently; a new student learns from scratch.
+FINETUNE_LR = 1e-4
+STUDENT_LR = 1e-3
+# Fine-tuning epochs when the job has data and the step does not say (prune, cluster).
+DEFAULT_FINETUNE_EPOCHS = 2
+
+
+def train_config(training, epochs: int, default_lr: float) -> TrainConfig:  # noqa: ANN001
+    values = training.model_dump()
+    values["lr"] = values.get("lr") or default_lr
+    return TrainConfig(epochs=epochs, **values)
+
+
+def finetune_epochs(asked: int | None, data_available: bool) -> int:
+    return asked if asked is not None else (DEFAULT_FINETUNE_EPOCHS if data_available else 0)
 
 
 def tensors(data: "StepData", names: list[str]) -> list[torch.Tensor]:
@@ -90,9 +108,18 @@ def train(
     on_epoch: Callable[[int, float], None],
     after_step: Callable[[], None] | None = None,
     fixed_batch: int | None = None,
+    keep_best: Callable[[], float] | None = None,
+    outcome: dict | None = None,
 ) -> list[float]:
     """Train for config.epochs; `on_epoch(epoch, loss)` runs after each epoch (progress, cancel);
-    `after_step` after each optimiser step (e.g. re-applying pruning masks)."""
+    `after_step` after each optimiser step (e.g. re-applying pruning masks). With `keep_best` (a
+    score on held-out data, higher is better), the weights of the best epoch, counting the state
+    before training as epoch 0, are restored at the end; `outcome` receives the scores and the pick."""
+    best_score, best_state, best_epoch, scores = None, None, 0, []
+    if keep_best is not None:
+        best_score = keep_best()
+        best_state = copy.deepcopy(module.state_dict())
+        scores.append(best_score)
     generator = torch.Generator().manual_seed(config.seed)
     device = training_device()
     module.to(device)  # before the optimiser is built, so it holds the device's parameters
@@ -122,6 +149,15 @@ def train(
         losses.append(total / max(1, count))
         module.to("cpu")  # callbacks (evaluation, cancellation) and exports expect the CPU module
         on_epoch(epoch, losses[-1])
+        if keep_best is not None:
+            score = keep_best()
+            scores.append(score)
+            if score > best_score:
+                best_score, best_state, best_epoch = score, copy.deepcopy(module.state_dict()), epoch + 1
         module.to(device)
     module.to("cpu").eval()
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    if outcome is not None and keep_best is not None:
+        outcome.update({"scores_by_epoch": scores, "kept_epoch": best_epoch})
     return losses
