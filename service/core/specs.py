@@ -96,6 +96,10 @@ class PruneStep(StrictModel):
     )
     layer_amounts: dict[str, float] = Field(default_factory=dict, description="Per-layer overrides of `amount`, by layer name (see the step report).")
     skip_layers: NameList = Field(default_factory=list, max_length=4096, description="Layers left untouched.")
+    channel_multiple: int = Field(
+        8, ge=1, le=256,
+        description="structured: keep a multiple of this many channels/neurons per layer. Odd widths (14, 55...) run slower than the wider multiple of 8 on most CPU and GPU kernels; 1 keeps the exact amount.",
+    )
     prune_output_layer: bool = Field(False, description="Also prune the last layer (structured pruning never narrows the model's outputs).")
     iterations: int = Field(1, ge=1, le=50, description="Rounds of prune -> fine-tune; the pruned fraction grows to `amount` over the rounds.")
     finetune_epochs: int | None = Field(

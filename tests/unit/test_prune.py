@@ -70,9 +70,17 @@ def test_structured_really_narrows_layers(data: StepData, tmp_path: Path, import
 def test_structured_conv_net_keeps_output_channels(tmp_path: Path) -> None:
     model = cnn(channels=16)
     x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
-    result = run(model, StepData(inputs={"x": x}), tmp_path, kind="structured", amount=0.5)
+    result = run(model, StepData(inputs={"x": x}), tmp_path, kind="structured", amount=0.5, channel_multiple=1)
     assert reference_outputs(result.model, x[:3]).shape == (3, 10)
     assert macs_per_sample(result.model) < macs_per_sample(model) * 0.5
+
+
+def test_structured_widths_are_multiples_of_eight_by_default(tmp_path: Path) -> None:
+    model = cnn(channels=64)
+    x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
+    result = run(model, StepData(inputs={"x": x}), tmp_path, kind="structured", amount=0.3, scope="layer")
+    widths = [row["shape_after"][0] for row in result.report["layers"][:-1]]  # the output layer keeps its classes
+    assert widths and all(w % 8 == 0 and w < 64 for w in widths), widths
 
 
 def test_iterative_rounds_report_progress_per_epoch(data: StepData, tmp_path: Path) -> None:

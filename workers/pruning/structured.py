@@ -77,5 +77,6 @@ def make_pruner(module: nn.Module, example: tuple[torch.Tensor, ...], spec: Prun
         iterative_steps=spec.iterations,
         ignored_layers=ignored,
         global_pruning=spec.scope == "global",
+        round_to=spec.channel_multiple if spec.channel_multiple > 1 else None,
     )
     return pruner, importance
