@@ -18,13 +18,32 @@ EVAL_BATCH = 32
 
 
 def parameter_counts(model: onnx.ModelProto) -> tuple[int, int]:
-    """Every stored initializer element (quantization scales and zero points included), and the non-zero ones."""
+    """Every stored tensor element (quantization scales and zero points included) counted once, and
+    the non-zero ones. A tied weight appears twice once folding has materialised its Transpose (GPT-2's
+    output projection reads the token embedding): tensors with the same values in any layout count
+    once. A MatMulNBits weight counts as the K x N weights it holds, not its packed bytes."""
+    packed = {n.input[1]: _attr(n, "K") * _attr(n, "N") for n in model.graph.node if n.op_type == "MatMulNBits" and len(n.input) > 1}
     total = nonzero = 0
+    seen: set[tuple] = set()
     for init in model.graph.initializer:
         arr = numpy_helper.to_array(init)
+        if init.name in packed:
+            total += packed[init.name]
+            nonzero += packed[init.name]
+            continue
+        if arr.size >= 64 and arr.dtype.kind == "f":
+            values = arr.astype(np.float64)
+            fingerprint = (arr.size, float(values.sum()), float((values * values).sum()), float(np.abs(values).max()))
+            if fingerprint[2] != 0.0 and fingerprint in seen:
+                continue  # the same tensor again (tied, or a transposed copy)
+            seen.add(fingerprint)
         total += arr.size
         nonzero += int(np.count_nonzero(arr))
     return total, nonzero
+
+
+def _attr(node: onnx.NodeProto, name: str) -> int:
+    return next((int(a.i) for a in node.attribute if a.name == name), 0)
 
 
 def _dims(value_info: onnx.ValueInfoProto | None) -> list[int] | None:

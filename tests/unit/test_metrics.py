@@ -34,3 +34,29 @@ def test_accuracy_needs_labels_and_class_scores() -> None:
     assert metrics.accuracy(out, np.array([1, 0, 0])) == 2 / 3
     assert metrics.accuracy(out, None) is None
     assert metrics.accuracy(np.ones((3, 1)), np.array([0, 0, 0])) is None
+
+
+def test_a_tied_weight_is_counted_once(tmp_path) -> None:  # noqa: ANN001
+    # GPT-2's output projection reads the token embedding through a Transpose; folding materialises a copy.
+    import onnx
+
+    from bench.architectures import build, export
+    from workers.constant_folding import fold
+
+    module, *_ = build("gpt2")
+    exported = export("gpt2", "torchscript", tmp_path)
+    total, _ = metrics.parameter_counts(fold(onnx.load(str(exported.path))))
+    assert total == sum(p.numel() for p in module.parameters())
+
+
+def test_int4_weights_count_as_weights_not_packed_bytes(tmp_path) -> None:  # noqa: ANN001
+    from service.core.specs import QuantizeStep
+    from tests.builders import mlp
+    from workers.methods import quantize
+    from workers.methods.base import StepContext, StepData
+
+    model = mlp(in_features=128, hidden=256)
+    dense, _ = metrics.parameter_counts(model)
+    result = quantize.apply(model, QuantizeStep(mode="int4_weight_only"), StepData(), StepContext(work_dir=tmp_path))
+    total, _ = metrics.parameter_counts(result.model)
+    assert total >= dense  # K x N per quantized weight, plus the per-block scales
