@@ -115,7 +115,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     ctx.progress(0.92, "exporting with codebooks and packed indices", milestone=True)
     names = module.input_names
     example = tuple(torch.from_numpy(example_input(model, n)) for n in names)
-    exported = trained_onnx(model, module, lambda: export(module, example, names, module.output_names, has_dynamic_batch(model), fold_constants=False))
+    exported = trained_onnx(model, module, example, lambda: export(module, example, names, module.output_names, has_dynamic_batch(model), fold_constants=False))
 
     replacements, rows = {}, []
     for index, (layer_name, c) in enumerate(clustered_now.items()):

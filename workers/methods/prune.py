@@ -17,7 +17,7 @@ from service.core.specs import PruneStep
 from workers import sparse_pack
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.pruning import structured, unstructured
-from workers.pruning.layers import selected_layers, weighted_layers
+from workers.pruning.layers import is_transformer, mlp_hidden_layers, selected_layers, weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
@@ -190,6 +190,17 @@ def _structured(run: _Run) -> dict[str, Any]:
     spec = run.spec
     all_layers = weighted_layers(run.module)
     selected = selected_layers(run.module, spec)
+    if is_transformer(run.module):
+        # Narrowing a layer that feeds attention heads or the residual stream would need every
+        # reshape into heads rewritten; a feed-forward block's hidden units touch only its two linears.
+        hidden = {run.module.layer_names[k] for k in mlp_hidden_layers(run.module)}
+        selected = {name: layer for name, layer in selected.items() if name in hidden}
+        if not selected:
+            raise CompressionFailed(
+                "structured pruning of this transformer found no feed-forward block whose hidden units can be removed alone "
+                "(for example, GPT-2's Conv1D reshapes around its MLP); use unstructured pruning, cluster or quantize",
+                code="structured_pruning_unsupported",
+            )
     example = tuple(t[:2] for t in run.inputs) if not run.fixed_batch else tuple(t[: run.fixed_batch] for t in run.inputs)
     try:
         pruner, importance = structured.make_pruner(run.module, example, spec, selected, all_layers)
@@ -246,7 +257,7 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         outcome = _structured(run)
     ctx.progress(0.97, "exporting to ONNX")
     example = tuple(t[:2] for t in run.inputs) if not run.fixed_batch else tuple(t[: run.fixed_batch] for t in run.inputs)
-    result = trained_onnx(model, run.module, lambda: export(run.module, example, run.module.input_names, run.module.output_names, run.dynamic_batch))
+    result = trained_onnx(model, run.module, example, lambda: export(run.module, example, run.module.input_names, run.module.output_names, run.dynamic_batch))
     packing: dict[str, Any] = {"packed_tensors": []}
     if spec.kind == "unstructured":
         result, packing = sparse_pack.pack(result)

@@ -141,7 +141,7 @@ def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: Step
     for layer_name in chosen:
         parametrize.remove_parametrizations(layers[layer_name], "weight", leave_parametrized=True)
     example = tuple(torch.from_numpy(example_input(model, n)) for n in module.input_names)
-    exported = trained_onnx(model, module, lambda: export(module, example, module.input_names, module.output_names, has_dynamic_batch(model), fold_constants=False))
+    exported = trained_onnx(model, module, example, lambda: export(module, example, module.input_names, module.output_names, has_dynamic_batch(model), fold_constants=False))
     replacements = {}
     for index, layer_name in enumerate(chosen):
         weight = layers[layer_name].weight.detach().numpy()

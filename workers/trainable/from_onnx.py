@@ -10,6 +10,7 @@ cannot handle. Supported operators: the weighted layers above plus everything in
 
 from __future__ import annotations
 
+import ast
 import re
 from typing import Any
 
@@ -72,17 +73,55 @@ def _key(name: str, taken: set[str]) -> str:
     return key
 
 
-def _layer_name(weight_name: str, node: onnx.NodeProto) -> str:
-    # torch exports name weights "fc1.weight": "fc1" is what a user recognises and can reference.
-    if weight_name and not weight_name.startswith("onnx::"):
-        return weight_name.removesuffix(".weight")
-    return node.name or weight_name
+_GENERATED = re.compile(r"^(onnx::.*|val_\d+|_v_\d+)$")
+
+
+def _layer_name(weight_name: str, node: onnx.NodeProto, aliases: dict[str, str] | None = None) -> str:
+    """The torch name a user knows ("encoder.layer.0.intermediate.dense"), from the weight's own name,
+    the initializer it is a transposed copy of, or the exporter's node scope ("/encoder/layer.0/.../MatMul")."""
+    name = (aliases or {}).get(weight_name, weight_name)
+    if name and not _GENERATED.match(name):
+        return name.removesuffix(".weight")
+    scope = _module_scope(node)
+    if scope:
+        return scope
+    if node.name.startswith("/") and node.name.count("/") > 1:
+        return node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
+    return node.name or name
+
+
+def _module_scope(node: onnx.NodeProto) -> str | None:
+    # The dynamo exporter records the torch module path of every node it writes.
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            # Cumulative module paths ("m", "m.encoder", ...), then the op's own name: keep the deepest path.
+            path = None
+            for scope in scopes:
+                if scope and (path is None or scope.startswith(path + ".")):
+                    path = scope
+            return path
+    return None
+
+
+def weight_aliases(model: onnx.ModelProto) -> dict[str, str]:
+    """Values that are only a re-layout of an initializer (Transpose/Identity/Cast of it) -> its name:
+    folding turns them into initializers with generated names, the source keeps the torch name."""
+    inits = {t.name for t in model.graph.initializer}
+    aliases: dict[str, str] = {}
+    for node in model.graph.node:
+        if node.op_type in ("Transpose", "Identity", "Cast") and node.input and (node.input[0] in inits or node.input[0] in aliases):
+            aliases[node.output[0]] = aliases.get(node.input[0], node.input[0])
+    return aliases
 
 
 class OnnxGraphModule(nn.Module):
     """Runs the ONNX graph node by node; weighted layers are submodules in `self.layers`."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, aliases: dict[str, str] | None = None) -> None:
         super().__init__()
         graph = model.graph
         # One list of node objects for every pass: protobuf may hand out fresh wrappers on each
@@ -107,6 +146,11 @@ class OnnxGraphModule(nn.Module):
         self.input_names = [i.name for i in graph.input if i.name not in consts]
         self.output_names = [o.name for o in graph.output]
         ranks = self._ranks(model)
+        dims = self._dims(model)
+        # Reshapes that flatten everything after the batch axis with a constant target such as
+        # [-1, 512] (the dynamo exporter's x.flatten(1)): run as flatten, so they follow a pruned
+        # width; write_back rewrites their target to [0, -1] in the graph for the same reason.
+        self.flatten_reshapes: list[str] = []
         consumers: dict[str, list[onnx.NodeProto]] = {}
         for node in nodes:
             for name in node.input:
@@ -128,17 +172,19 @@ class OnnxGraphModule(nn.Module):
                 continue
             op, attrs = node.op_type, _attrs(node)
             if op == "Conv" and node.input[1] in consts:
-                key = _key(_layer_name(node.input[1], node), taken)
+                key = _key(_layer_name(node.input[1], node, aliases), taken)
                 self.layers[key], pre_pad = self._conv(node, attrs, consts)
-                self.layer_names[key] = _layer_name(node.input[1], node)
-                self.sources[key] = {"kind": "conv", "weight": node.input[1], "bias": node.input[2] if len(node.input) > 2 and node.input[2] else None}
+                self.layer_names[key] = _layer_name(node.input[1], node, aliases)
+                self.sources[key] = {"kind": "conv", "weight": node.input[1], "bias": node.input[2] if len(node.input) > 2 and node.input[2] else None,
+                                     "nodes": [node.output[0]]}
                 self.plan.append(("layer", key, [node.input[0]], list(node.output), pre_pad))
             elif op == "Gemm" and node.input[1] in consts and not attrs.get("transA", 0):
-                key = _key(_layer_name(node.input[1], node), taken)
+                key = _key(_layer_name(node.input[1], node, aliases), taken)
                 self.layers[key] = self._gemm(node, attrs, consts)
-                self.layer_names[key] = _layer_name(node.input[1], node)
+                self.layer_names[key] = _layer_name(node.input[1], node, aliases)
                 self.sources[key] = {"kind": "gemm", "weight": node.input[1], "bias": node.input[2] if len(node.input) > 2 and node.input[2] else None,
-                                     "alpha": attrs.get("alpha", 1.0), "beta": attrs.get("beta", 1.0), "trans_b": bool(attrs.get("transB", 0))}
+                                     "alpha": attrs.get("alpha", 1.0), "beta": attrs.get("beta", 1.0), "trans_b": bool(attrs.get("transB", 0)),
+                                     "nodes": [node.output[0]]}
                 self.plan.append(("layer", key, [node.input[0]], list(node.output), None))
             elif op == "MatMul" and node.input[1] in consts and consts[node.input[1]].ndim == 2 and node.input[0] not in consts:
                 weight = consts[node.input[1]]
@@ -154,17 +200,22 @@ class OnnxGraphModule(nn.Module):
                     linear.weight.copy_(torch.from_numpy(weight.T.copy()))
                     if bias is not None:
                         linear.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
-                key = _key(_layer_name(node.input[1], node), taken)
+                key = _key(_layer_name(node.input[1], node, aliases), taken)
                 self.layers[key] = linear
-                self.layer_names[key] = _layer_name(node.input[1], node)
-                self.sources[key] = {"kind": "matmul", "weight": node.input[1], "bias": bias_name}
+                self.layer_names[key] = _layer_name(node.input[1], node, aliases)
+                self.sources[key] = {"kind": "matmul", "weight": node.input[1], "bias": bias_name,
+                                     "nodes": [node.output[0]] + ([output] if bias_name else [])}
                 self.plan.append(("layer", key, [node.input[0]], [output], None))
             elif op == "BatchNormalization" and all(n in consts for n in node.input[1:5]):
                 key = _key(node.name or f"bn_{node.output[0]}", taken)
                 self.layers[key] = self._batchnorm(node, attrs, consts, ranks.get(node.input[0], 4))
                 self.layer_names[key] = node.name or key
-                self.sources[key] = {"kind": "bn", "scale": node.input[1], "bias": node.input[2], "mean": node.input[3], "var": node.input[4]}
+                self.sources[key] = {"kind": "bn", "scale": node.input[1], "bias": node.input[2], "mean": node.input[3], "var": node.input[4],
+                                     "nodes": [node.output[0]]}
                 self.plan.append(("layer", key, [node.input[0]], [node.output[0]], None))
+            elif op == "Reshape" and node.input[1] in consts and self._is_flatten(consts[node.input[1]], dims.get(node.input[0])):
+                self.flatten_reshapes.append(node.output[0])
+                self.plan.append(("op", "Flatten", [node.input[0]], list(node.output), {"axis": 1, "_outputs": 1}))
             elif op in OPS:
                 attrs["_outputs"] = len(node.output)  # ops with optional outputs compute only what is used
                 self.plan.append(("op", op, list(node.input), list(node.output), attrs))
@@ -180,6 +231,25 @@ class OnnxGraphModule(nn.Module):
             tensor = torch.from_numpy(np.array(value, dtype=np.float32 if value.dtype == np.float64 else value.dtype))
             self.register_buffer(key, tensor, persistent=True)
             self._const_keys[name] = key
+
+    @staticmethod
+    def _is_flatten(target: np.ndarray, in_dims: list[int | None] | None) -> bool:
+        target = [int(t) for t in np.asarray(target).reshape(-1)]
+        if len(target) != 2 or not in_dims or len(in_dims) < 3 or any(d is None for d in in_dims[1:]):
+            return False
+        features = int(np.prod(in_dims[1:]))
+        batch = {-1, 0} | ({in_dims[0]} if in_dims[0] else set())
+        return target[1] == features and target[0] in batch
+
+    @staticmethod
+    def _dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:
+            return {}
+        infos = list(inferred.graph.value_info) + list(inferred.graph.input)
+        return {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+                for vi in infos if vi.type.tensor_type.HasField("shape")}
 
     @staticmethod
     def _ranks(model: onnx.ModelProto) -> dict[str, int]:
@@ -265,7 +335,7 @@ class OnnxGraphModule(nn.Module):
 def to_torch(model: onnx.ModelProto) -> OnnxGraphModule:
     try:
         # fold(): weights stored compactly (sparse gaps, cluster indices) become dense tensors first.
-        return OnnxGraphModule(fold(model)).eval()  # inference semantics (batch norm running statistics) until trained
+        return OnnxGraphModule(fold(model), weight_aliases(model)).eval()  # inference semantics (batch norm running statistics) until trained
     except CompressionFailed:
         raise
     except Exception as exc:

@@ -9,69 +9,113 @@ initializers behind nn.Linear / nn.Conv / nn.BatchNorm layers change.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 
 from workers.constant_folding import fold
+
+FLATTEN_SHAPE = "modelshrink_flatten_shape"
+log = logging.getLogger(__name__)
 from workers.trainable.from_onnx import OnnxGraphModule
 
 
-def can_write_back(original: onnx.ModelProto, module: OnnxGraphModule) -> bool:
-    """True when every layer still has the shapes of the initializers it came from."""
-    inits = {t.name: tuple(t.dims) for t in fold(original).graph.initializer}
-    for key, source in module.sources.items():
-        layer = module.layers[key]
-        if source["kind"] == "bn":
-            if inits.get(source["scale"]) != tuple(layer.weight.shape):
-                return False
-            continue
-        want = tuple(layer.weight.shape)
-        if source["kind"] == "matmul" or (source["kind"] == "gemm" and not source["trans_b"]):
-            want = want[::-1]
-        if inits.get(source["weight"]) != want:
-            return False
-    return True
-
-
-def trained_onnx(original: onnx.ModelProto, module: OnnxGraphModule, export_as_new: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:
-    """The original graph with the trained weights when the architecture is unchanged; otherwise a
-    fresh export (`export_as_new`), for methods that narrow or replace layers."""
-    if can_write_back(original, module):
-        return write_back(original, module)
+def trained_onnx(original: onnx.ModelProto, module: OnnxGraphModule, example: tuple[torch.Tensor, ...],
+                 export_as_new: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:
+    """The user's graph with the trained (possibly narrowed) weights when ONNX Runtime then computes
+    what the module computes on `example`; otherwise a fresh export (`export_as_new`), e.g. for a
+    student whose layers were replaced or a width the graph also encodes elsewhere (attention heads)."""
+    try:
+        candidate = write_back(original, module)
+        if _agrees(candidate, module, example):
+            return candidate
+    except Exception:  # noqa: BLE001 - any failure of the fast path falls back to a full export
+        log.warning("writing trained weights back into the graph failed; exporting instead", exc_info=True)
     return export_as_new()
+
+
+def _agrees(model: onnx.ModelProto, module: OnnxGraphModule, example: tuple[torch.Tensor, ...]) -> bool:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {name: t.detach().cpu().numpy() for name, t in zip(module.input_names, example)}
+    got = session.run(None, feeds)
+    with torch.no_grad():
+        want = module(*example)
+    want = want if isinstance(want, tuple) else (want,)
+    # Float32 sums in another order: a few 1e-4 of the output's scale apart is the same function.
+    agree = all(g.shape == tuple(w.shape) and np.allclose(g, w.detach().numpy(), rtol=1e-3, atol=2e-3 * max(1.0, float(np.abs(g).max(initial=0.0))))
+                for g, w in zip(got, want))
+    if not agree:
+        log.info("the graph with written-back weights disagrees with the module: %s", [(g.shape, tuple(w.shape), float(np.abs(g - w.detach().numpy()).max()) if g.shape == tuple(w.shape) else None) for g, w in zip(got, want)])
+    return agree
 
 
 def write_back(original: onnx.ModelProto, module: OnnxGraphModule) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(fold(original))  # the graph the module was converted from
-    values: dict[str, np.ndarray] = {}
+    by_output = {node.output[0]: node for node in model.graph.node if node.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    users: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.output[0])
     for key, source in module.sources.items():
-        layer = module.layers[key]
-        weight = layer.weight.detach().cpu().numpy().astype(np.float32)
-        bias = layer.bias.detach().cpu().numpy().astype(np.float32) if getattr(layer, "bias", None) is not None else None
-        kind = source["kind"]
-        if kind == "conv":
-            values[source["weight"]] = weight
-        elif kind == "matmul":
-            values[source["weight"]] = weight.T
-        elif kind == "gemm":
-            b = weight if source["trans_b"] else weight.T
-            values[source["weight"]] = b / np.float32(source["alpha"])
-            if bias is not None:
-                bias = bias / np.float32(source["beta"])
-        elif kind == "bn":
-            values[source["scale"]] = weight
-            values[source["mean"]] = layer.running_mean.detach().cpu().numpy().astype(np.float32)
-            values[source["var"]] = layer.running_var.detach().cpu().numpy().astype(np.float32)
-        if bias is not None and source.get("bias"):
-            values[source["bias"]] = bias
-    for init in model.graph.initializer:
-        if init.name in values:
-            value = values[init.name]
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
-            # A Gemm bias stored broadcastable (shape (1,) or ()) takes its trained full width.
-            init.CopyFrom(numpy_helper.from_array(value.astype(dtype), init.name))
+        mine = set(source["nodes"])
+        for name, value in _trained_values(module.layers[key], source).items():
+            if name not in inits:
+                continue
+            value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type))
+            if users.get(name, set()) - mine:
+                # Shared with other nodes (an exporter de-duplicates equal tensors, e.g. freshly
+                # initialised zero biases or LayerNorm scales): this layer gets its own copy, so
+                # training it changes nothing else.
+                own = f"{name}__{key}"
+                for output in source["nodes"]:
+                    node = by_output[output]
+                    node.input[:] = [own if i == name else i for i in node.input]
+                model.graph.initializer.append(numpy_helper.from_array(value, own))
+                continue
+            # A Gemm bias stored broadcastable (shape (1,) or ()) takes its trained full width; a
+            # narrowed layer (structured pruning) its new shape.
+            inits[name].CopyFrom(numpy_helper.from_array(value, name))
+    if module.flatten_reshapes:
+        # "[0, -1]": keep the batch axis, flatten the rest, whatever width the layers before now have.
+        model.graph.initializer.append(numpy_helper.from_array(np.array([0, -1], np.int64), FLATTEN_SHAPE))
+        for node in model.graph.node:
+            if node.op_type == "Reshape" and node.output[0] in module.flatten_reshapes:
+                node.input[1] = FLATTEN_SHAPE
+                # 0 must mean "copy this dimension", not a literal zero (the dynamo exporter sets allowzero=1).
+                kept = [a for a in node.attribute if a.name != "allowzero"]
+                del node.attribute[:]
+                node.attribute.extend(kept)
+    # Recorded intermediate shapes may name old widths; ONNX Runtime infers them again.
+    del model.graph.value_info[:]
     return model
+
+
+def _trained_values(layer: torch.nn.Module, source: dict) -> dict[str, np.ndarray]:
+    """Initializer name -> its trained value, in the layout the graph stores it."""
+    weight = layer.weight.detach().cpu().numpy().astype(np.float32)
+    bias = layer.bias.detach().cpu().numpy().astype(np.float32) if getattr(layer, "bias", None) is not None else None
+    values: dict[str, np.ndarray] = {}
+    kind = source["kind"]
+    if kind == "conv":
+        values[source["weight"]] = weight
+    elif kind == "matmul":
+        values[source["weight"]] = weight.T
+    elif kind == "gemm":
+        values[source["weight"]] = (weight if source["trans_b"] else weight.T) / np.float32(source["alpha"])
+        if bias is not None:
+            bias = bias / np.float32(source["beta"])
+    elif kind == "bn":
+        values[source["scale"]] = weight
+        values[source["mean"]] = layer.running_mean.detach().cpu().numpy().astype(np.float32)
+        values[source["var"]] = layer.running_var.detach().cpu().numpy().astype(np.float32)
+    if bias is not None and source.get("bias"):
+        values[source["bias"]] = bias
+    return values
