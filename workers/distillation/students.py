@@ -11,18 +11,25 @@ from torch import nn
 
 from service.core.errors import InvalidInput
 from service.core.specs import StudentSpec
-from workers.pruning.layers import output_layer, weighted_layers
+from workers.pruning.layers import is_transformer, mlp_hidden_layers, output_layer, weighted_layers
 from workers.trainable.from_onnx import OnnxGraphModule
 
 
 def by_width(teacher: OnnxGraphModule, width: float, example: tuple[torch.Tensor, ...]) -> OnnxGraphModule:
-    """Keep `width` of every hidden layer's channels, chosen by L2 norm; coupled layers shrink together."""
+    """Keep `width` of every hidden layer's channels, chosen by L2 norm; coupled layers shrink together.
+    In a transformer, the feed-forward blocks' hidden units (what nothing but their two linears sees)."""
     student = copy.deepcopy(teacher)
     layers = weighted_layers(student)
-    keep_out = [layers[output_layer(student)]]
+    ignored = [layers[output_layer(student)]]
+    if is_transformer(student):
+        hidden = {student.layer_names[k] for k in mlp_hidden_layers(student)}
+        if not hidden:
+            raise InvalidInput("no feed-forward block of this transformer can be narrowed alone (e.g. GPT-2's Conv1D); "
+                               "use a low_rank student", code="invalid_student")
+        ignored = [layer for name, layer in layers.items() if name not in hidden]
     pruner = tp.pruner.MetaPruner(
         student, example_inputs=example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-        pruning_ratio=1.0 - width, ignored_layers=keep_out, global_pruning=False,
+        pruning_ratio=1.0 - width, ignored_layers=ignored, global_pruning=False,
     )
     pruner.step()
     return student
@@ -39,6 +46,10 @@ def _shape_preserving(layer: nn.Module) -> bool:
 
 def by_depth(teacher: OnnxGraphModule, spec: StudentSpec) -> tuple[OnnxGraphModule, list[str]]:
     """Replace shape-preserving layers by identities (a residual block's branch then adds only its skip)."""
+    if is_transformer(teacher):
+        # A square linear in a transformer is an attention projection, not a block: removing it breaks attention.
+        raise InvalidInput("depth students of transformers (whole blocks removed) are not supported yet; use a width "
+                           "(feed-forward) or low_rank student", code="invalid_student")
     student = copy.deepcopy(teacher)
     names = {student.layer_names[k]: k for k in student.layers}
     droppable = [n for n, k in names.items() if _shape_preserving(student.layers[k]) and n != output_layer(student)]

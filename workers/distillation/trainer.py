@@ -23,6 +23,7 @@ class Data:
     inputs: list[torch.Tensor]
     labels: np.ndarray | None
     teacher: torch.Tensor  # the teacher's outputs on `inputs`
+    kind: str = "classifier"  # see output_kind
 
 
 @dataclass
@@ -55,6 +56,27 @@ def _projection(student_dim: int, teacher_dim: int, conv: bool) -> nn.Module:
     if student_dim == teacher_dim:
         return nn.Identity()
     return nn.Conv2d(student_dim, teacher_dim, 1) if conv else nn.Linear(student_dim, teacher_dim)
+
+
+def output_kind(teacher_out: torch.Tensor, vocabulary_sizes: set[int]) -> str:
+    """classifier: [batch, classes] logits; token_logits: [batch, positions, vocabulary]; features:
+    anything else (hidden states, embeddings, feature maps)."""
+    if teacher_out.dim() == 2 and teacher_out.shape[1] > 1:
+        return "classifier"
+    if teacher_out.dim() == 3 and teacher_out.shape[-1] in vocabulary_sizes:
+        return "token_logits"
+    return "features"
+
+
+def soft_loss(student: torch.Tensor, teacher: torch.Tensor, t: float, kind: str) -> torch.Tensor:
+    if kind == "classifier":
+        return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+    if kind == "token_logits":  # KL at every position, averaged over positions
+        v = student.shape[-1]
+        return F.kl_div(F.log_softmax(student.reshape(-1, v) / t, 1), F.softmax(teacher.reshape(-1, v) / t, 1), reduction="batchmean") * t * t
+    # Hidden states / embeddings: direction (cosine) and magnitude (MSE) per vector.
+    s, te = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    return (1 - F.cosine_similarity(s, te, dim=1)).mean() + F.mse_loss(s, te)
 
 
 def distill(
@@ -110,9 +132,9 @@ def distill(
                 parts["hard"] = F.cross_entropy(out, labels[idx].to(device))
                 loss = parts["hard"]
             else:
-                soft = F.kl_div(F.log_softmax(out / t, 1), F.softmax(train.teacher[idx].to(device) / t, 1), reduction="batchmean") * t * t
+                soft = soft_loss(out, train.teacher[idx].to(device), t, train.kind)
                 parts["soft"] = soft
-                if labels is not None and spec.alpha > 0:
+                if labels is not None and spec.alpha > 0 and train.kind == "classifier":
                     parts["hard"] = F.cross_entropy(out, labels[idx].to(device))
                     loss = spec.alpha * parts["hard"] + (1 - spec.alpha) * soft
                 else:

@@ -13,13 +13,15 @@ from torch import nn
 from service.core.errors import CompressionFailed, InvalidInput
 from service.core.specs import DistillStep
 from workers.distillation import students
-from workers.distillation.trainer import Data, distill
+from workers.distillation.trainer import Data, distill, output_kind
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.trainable.device import training_device
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
+from workers.data import token_vocabularies
 from workers.trainable.to_onnx import export, has_dynamic_batch
+from workers.trainable.training import predict, quality, tensors
 from workers.trainable.verify import trainable
-from workers.trainable.training import is_classifier, predict, quality, tensors
+from workers.trainable.write_back import trained_onnx
 
 name = "distill"
 SPEC = DistillStep
@@ -80,11 +82,14 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
     names = teacher.input_names
     held_out = data.evaluation or data
     train_inputs, eval_inputs = tensors(data, names), tensors(held_out, names)
-    train = Data(train_inputs, data.labels, predict(teacher, train_inputs))
-    validation = Data(eval_inputs, held_out.labels, predict(teacher, eval_inputs))
-    if not is_classifier(train.teacher):
-        raise CompressionFailed("distillation needs a classifier: the model's first output must be [batch, classes] logits", code="unsupported_model")
-    metric = "accuracy" if held_out.labels is not None else "agreement_with_teacher"
+    teacher_train = predict(teacher, train_inputs)
+    kind = output_kind(teacher_train, set(token_vocabularies(model).values()))
+    if kind != "classifier" and spec.compare_baseline:
+        raise CompressionFailed("compare_baseline trains on class labels: the model's output is not [batch, classes] logits", code="labels_required")
+    labels = data.labels if kind == "classifier" else None  # labels are class indices: meaningless for other outputs
+    train = Data(train_inputs, labels, teacher_train, kind)
+    validation = Data(eval_inputs, held_out.labels if kind == "classifier" else None, predict(teacher, eval_inputs), kind)
+    metric = "accuracy" if validation.labels is not None else ("agreement_with_teacher" if kind == "classifier" else "cosine_to_teacher")
     teacher_score = quality(validation.teacher, validation.labels, validation.teacher)
 
     example = tuple(x[: data.fixed_batch or 2] for x in train_inputs)
@@ -105,8 +110,12 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
         "teacher_parameters": _params(teacher),
         "student_parameters": _params(student),
         "temperature": spec.temperature,
-        "alpha": spec.alpha if data.labels is not None else 0.0,
-        "labels_used": data.labels is not None,
+        "output_kind": kind,
+        "loss": {"classifier": "KL(soft targets at T) x T^2, mixed with cross-entropy on labels by alpha",
+                 "token_logits": "KL at every position (soft targets at T) x T^2",
+                 "features": "1 - cosine + MSE per vector"}[kind],
+        "alpha": spec.alpha if labels is not None else 0.0,
+        "labels_used": labels is not None,
         "quality_metric": metric,
         "evaluated_on": "evaluation data" if data.evaluation else "training data (no evaluation dataset)",
         "teacher_score": teacher_score,
@@ -125,5 +134,7 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
         report["baseline_from_scratch"] = {"score": baseline.best_score, "best_epoch": baseline.best_epoch, "curve": baseline.epochs}
         report["distillation_gain"] = history.best_score - baseline.best_score
     ctx.progress(0.97, "exporting the student to ONNX", milestone=True)
-    result = export(student, example, teacher.input_names, teacher.output_names, has_dynamic_batch(model))
+    # A narrowed or factorised copy of the teacher goes back into the user's graph; an uploaded
+    # student or a depth student is exported.
+    result = trained_onnx(model, student, example, lambda: export(student, example, teacher.input_names, teacher.output_names, has_dynamic_batch(model)))
     return StepResult(model=result, report=report)

@@ -66,7 +66,11 @@ def write_back(original: onnx.ModelProto, module: OnnxGraphModule) -> onnx.Model
             users.setdefault(name, set()).add(node.output[0])
     for key, source in module.sources.items():
         mine = set(source["nodes"])
-        for name, value in _trained_values(module.layers[key], source).items():
+        layer = module.layers[key]
+        if isinstance(layer, torch.nn.Sequential):
+            _factorise(model, by_output, layer, source, key)
+            continue
+        for name, value in _trained_values(layer, source).items():
             if name not in inits:
                 continue
             value = value.astype(onnx.helper.tensor_dtype_to_np_dtype(inits[name].data_type))
@@ -95,7 +99,40 @@ def write_back(original: onnx.ModelProto, module: OnnxGraphModule) -> onnx.Model
                 node.attribute.extend(kept)
     # Recorded intermediate shapes may name old widths; ONNX Runtime infers them again.
     del model.graph.value_info[:]
+    # Weights nothing reads any more (a factorised layer's full matrix, a split shared tensor) go.
+    used = {i for node in model.graph.node for i in node.input} | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     return model
+
+
+def _factorise(model: onnx.ModelProto, by_output: dict, layer: torch.nn.Sequential, source: dict, key: str) -> None:
+    """A low-rank layer (Linear in->r without bias, then Linear r->out) as a MatMul by the first factor
+    in front of the original MatMul/Gemm, which now holds the second factor."""
+    first, second = layer
+    if source["kind"] not in ("matmul", "gemm") or not isinstance(first, torch.nn.Linear) or not isinstance(second, torch.nn.Linear):
+        raise ValueError(f"cannot write a factorised {source['kind']} layer back")
+    node = by_output[source["nodes"][0]]
+    a, b, middle = f"{source['weight']}__{key}_a", f"{source['weight']}__{key}_b", f"{node.output[0]}__{key}_rank"
+    w2 = second.weight.detach().cpu().numpy().astype(np.float32)  # out x r
+    if source["kind"] == "gemm":
+        w2 = (w2 if source["trans_b"] else w2.T) / np.float32(source["alpha"])
+    else:
+        w2 = w2.T
+    model.graph.initializer.append(numpy_helper.from_array(first.weight.detach().cpu().numpy().T.astype(np.float32).copy(), a))
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w2), b))
+    position = list(model.graph.node).index(node)
+    model.graph.node.insert(position, onnx.helper.make_node("MatMul", [node.input[0], a], [middle]))
+    node.input[0], node.input[1] = middle, b
+    if second.bias is not None and source.get("bias"):
+        bias = second.bias.detach().cpu().numpy().astype(np.float32)
+        if source["kind"] == "gemm":
+            bias = bias / np.float32(source["beta"])
+        bias_node = by_output[source["nodes"][-1]]
+        own = f"{source['bias']}__{key}"
+        model.graph.initializer.append(numpy_helper.from_array(bias, own))
+        bias_node.input[:] = [own if i == source["bias"] else i for i in bias_node.input]
 
 
 def _trained_values(layer: torch.nn.Module, source: dict) -> dict[str, np.ndarray]:
