@@ -97,3 +97,32 @@ def test_serve_stops_cleanly_and_keeps_data(tmp_path: Path) -> None:
         assert (tmp_path / "first.onnx").read_bytes() == (tmp_path / "second.onnx").read_bytes()
     finally:
         stop(proc)
+
+
+def test_make_serve_stops_with_make(tmp_path: Path) -> None:
+    """`make serve` then SIGTERM to make (what a process manager sends it): nothing is left running."""
+    from bench.common import free_port
+    from tests.conftest import ROOT
+
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MODELSHRINK_", "MAKE"))},
+           "MODELSHRINK_DATA_DIR": str(tmp_path / "data"), "PORT": str(port), "PYTHONPATH": str(ROOT)}
+    make = subprocess.Popen(["make", "-s", "serve"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert make.stdout.readline().strip() == f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        tree = psutil.Process(make.pid).children(recursive=True)
+        assert any("redis-server" in " ".join(p.cmdline()) for p in tree)
+        make.send_signal(signal.SIGTERM)
+        make.wait(30)
+        gone, alive = psutil.wait_procs(tree, timeout=30)
+        assert alive == [], f"left running after make was stopped: {[p.cmdline()[:3] for p in alive]}"
+    finally:
+        for p in psutil.Process(make.pid).children(recursive=True) if make.poll() is None else []:
+            p.kill()
