@@ -7,6 +7,7 @@ import logging
 from sqlalchemy.exc import DBAPIError
 
 from service.core.db import session_scope
+from service.core.dispatch import dispatch
 from service.core.jobstore import job_public
 from service.core.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, enqueue_job, enqueue_webhook
 from service.core.settings import get_settings
@@ -38,8 +39,11 @@ def run_job(job_id: str) -> None:
     if outcome.finished:
         with session_scope(settings.resolved_database_url) as session:
             job = session.get(Job, job_id)
+            tenant_id = job.tenant_id if job is not None else None
             if job is not None and job.webhook_url:
                 enqueue_webhook(settings, job_id)
+        if tenant_id is not None:
+            dispatch(settings, tenant_id)  # this tenant's next waiting job takes the freed place
 
 
 class WebhookRetry(Exception):

@@ -9,7 +9,8 @@ Redis lock elects it) looks for
 - `queued` jobs, untouched for `reconcile_grace_s`, with no message in the queue or in flight: re-queued;
 - `running` jobs whose lease expired over `reconcile_grace_s` ago with no message: re-queued, so a
   worker takes them over (counting the attempt; max_attempts still ends a job that keeps killing workers);
-- either kind with a cancel requested and no live lease: ended as `cancelled`.
+- either kind with a cancel requested and no live lease: ended as `cancelled`;
+- tenants with jobs waiting their turn (service.core.dispatch): dispatched up to their allowance.
 
 A message counts when it sits in the queue list or in kombu's `unacked` hash (delivered, not yet
 acknowledged, including retries waiting on a countdown). A duplicate message is harmless: deliveries
@@ -28,6 +29,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 
 from service.core.db import session_scope
+from service.core.dispatch import dispatch, waiting_tenants
 from service.core.events import publish, redis_client
 from service.core.jobstore import finish
 from service.core.queue import RUN_JOB_TASK, enqueue_job
@@ -78,15 +80,18 @@ def reconcile(settings: Settings) -> dict[str, list[str]]:
         rows = session.execute(
             select(Job.id, Job.status, Job.cancel_requested).where(
                 or_(
-                    and_(Job.status == "queued", Job.updated_at < before),
+                    # Dispatched (or cancelled while waiting): it should have a message by now.
+                    and_(Job.status == "queued", Job.updated_at < before, or_(Job.dispatched_at.is_not(None), Job.cancel_requested.is_(True))),
                     and_(Job.status == "running", or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < before)),
                 )
             ).limit(1000)
         ).all()
+    done: dict[str, list[str]] = {"requeued": [], "cancelled": [], "dispatched": []}
+    for tenant_id in waiting_tenants(settings):
+        done["dispatched"] += dispatch(settings, tenant_id)
     if not rows:
-        return {"requeued": [], "cancelled": []}
+        return done
     present = jobs_with_messages(settings)
-    done: dict[str, list[str]] = {"requeued": [], "cancelled": []}
     for job_id, status, cancel in rows:
         if cancel:
             with session_scope(settings.resolved_database_url) as session:
@@ -98,9 +103,9 @@ def reconcile(settings: Settings) -> dict[str, list[str]]:
         elif job_id not in present:
             enqueue_job(settings, job_id)
             done["requeued"].append(job_id)
-    for action, ids in done.items():
-        if ids:
-            log.warning("reconciler %s %d job(s) that had no broker message: %s", action, len(ids), ", ".join(ids[:20]))
+    for action in ("requeued", "cancelled"):
+        if done[action]:
+            log.warning("reconciler %s %d job(s) that had no broker message: %s", action, len(done[action]), ", ".join(done[action][:20]))
     return done
 
 

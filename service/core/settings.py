@@ -35,6 +35,8 @@ class Settings(BaseSettings):
 
     # Per-tenant quotas: jobs queued or running (429 beyond), bytes of stored models and datasets (507 beyond).
     tenant_max_active_jobs: int = Field(50, ge=1)
+    # Jobs of one tenant in the broker queue or running at once; the rest wait their turn (fair dispatch).
+    tenant_max_dispatched: int = Field(2, ge=1)
     tenant_max_stored_bytes: int = Field(100 * 1024**3, ge=0)
 
     # Reliability: a job's worker holds a lease it renews; a redelivered job whose lease expired is

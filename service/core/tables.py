@@ -100,6 +100,8 @@ class Job(Base):
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # When the job was handed to the broker; None while it waits its tenant's turn (service.core.dispatch).
+    dispatched_at: Mapped[datetime | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     lease_owner: Mapped[str | None] = mapped_column(String(255), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -90,7 +90,10 @@ def _loss(student: torch.Tensor, labels: torch.Tensor | None, teacher: torch.Ten
     if is_classifier(student):
         t = DISTILL_TEMPERATURE
         return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
-    return F.mse_loss(student, teacher)
+    # Embeddings and hidden states: direction matters most (a normalised sentence embedding's MSE is
+    # tiny whatever happens), so 1 - cosine per vector, plus MSE for the magnitude.
+    s, t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    return (1 - F.cosine_similarity(s, t, dim=1)).mean() + F.mse_loss(s, t)
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:  # noqa: ANN001

@@ -24,7 +24,8 @@ from service.core.db import session_scope
 from service.core.events import channel, publish, redis_url
 from service.core.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, ServiceUnavailable
 from service.core.jobstore import job_public, request_cancel
-from service.core.queue import enqueue_job, enqueue_webhook
+from service.core.dispatch import dispatch
+from service.core.queue import enqueue_webhook
 from service.core.specs import BUNDLE_STEPS, DistillStep, step_requires_dataset
 from service.core.tables import TERMINAL_STATUSES, Job, new_id
 from service.core.webhooks import check_webhook_url
@@ -143,12 +144,15 @@ def create_job(
             raise Conflict("this Idempotency-Key was already used for a different request", code="idempotency_key_reused") from None
         return _created(existing)
     try:
-        enqueue_job(settings, job.id)
+        # Straight to the broker unless this tenant already has its share there (service.core.dispatch).
+        dispatch(settings, tenant.id)
     except Exception as exc:
-        # Nothing was accepted: remove the row so a retry starts clean instead of a job that never runs.
-        session.delete(job)
-        session.commit()
-        raise ServiceUnavailable("the job queue (Redis) is unreachable; try again shortly", code="broker_unavailable") from exc
+        session.refresh(job)
+        if job.dispatched_at is None:
+            # Nothing was accepted: remove the row so a retry starts clean instead of a job that never runs.
+            session.delete(job)
+            session.commit()
+            raise ServiceUnavailable("the job queue (Redis) is unreachable; try again shortly", code="broker_unavailable") from exc
     return _created(job)
 
 
@@ -180,6 +184,11 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings
         raise Conflict(f"job {job_id} already ended ({job.status})")
     status = request_cancel(session, job)
     publish(settings, job.id, {"status": status, "progress": job.progress or {}})
+    if status == "cancelled":
+        try:
+            dispatch(settings, tenant.id)  # its turn passes to the tenant's next waiting job
+        except Exception:  # the reconciler dispatches it later
+            pass
     if status == "cancelled" and job.webhook_url:
         try:
             enqueue_webhook(settings, job.id)
