@@ -166,6 +166,9 @@ class ClusterStep(StrictModel):
     layer_bits: dict[str, int] = Field(default_factory=dict, description="Per-layer overrides of `bits`, by layer name.")
     skip_layers: NameList = Field(default_factory=list, max_length=4096)
     min_elements: int = Field(256, ge=1, le=2**31, description="Smaller weight tensors stay float32.")
+    embeddings: bool = Field(
+        True, description="Also cluster embedding tables (a Gather's weight): often most of a language model's size. They are clustered as they are, not fine-tuned.",
+    )
     finetune_epochs: int | None = Field(
         None, ge=0, le=1000,
         description="Fine-tune the centroids (gradients summed per cluster). Default: 2 when the job has a dataset, else 0; the best epoch on the evaluation data is kept.",

@@ -103,6 +103,9 @@ def test_method_on_real_architecture(arch: str, exporter: str, step: str, worksp
     assert out.shape[0] == 3 and np.isfinite(out).all()
     if arch in TOKEN_MODELS:
         assert out.shape[1] == 20  # another sequence length than the export's example
+    if step == "cluster-4bit" and arch in TOKEN_MODELS:  # the token embedding table is clustered too
+        rows = metrics["step_reports"][0]["layers"]
+        assert any(row.get("embedding") and row["shape"][0] == exp.vocab for row in rows)
     if step == "prune-structured":
         layers = {row["layer"]: row for row in metrics["step_reports"][0]["layers"]}
         narrowed = [name for name, row in layers.items() if row["shape_after"][0] < row["shape_before"][0]]

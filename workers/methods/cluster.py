@@ -62,6 +62,24 @@ def _cluster_layer(weight: np.ndarray, bits: int, init: str, seed: int) -> stora
     return storage.Clustered(codebook, labels.reshape(weight.shape), bits, sparse=False)
 
 
+def _cluster_embeddings(model: onnx.ModelProto, replacements: dict, spec: ClusterStep) -> list[dict[str, Any]]:
+    """Embedding tables (the data input of a Gather, float, large enough) as codebook + indices."""
+    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    rows = []
+    for index, init in enumerate(model.graph.initializer):
+        if init.name not in tables or init.name in replacements or init.data_type != onnx.TensorProto.FLOAT:
+            continue
+        weight = onnx.numpy_helper.to_array(init)
+        if weight.size < spec.min_elements or init.name in spec.skip_layers:
+            continue
+        bits = spec.layer_bits.get(init.name, spec.bits)
+        c = _cluster_layer(weight, bits, spec.init, spec.training.seed + 1000 + index)
+        replacements[init.name] = storage.encode(init.name, c, prefix=f"em{index}")
+        rows.append({"layer": init.name, "embedding": True, "shape": list(weight.shape), "bits": bits, "centroids": len(c.codebook),
+                     "sparse": c.sparse, "stored_bytes": storage.stored_bytes(c) + 4 * len(c.codebook), "dense_bytes": weight.size * 4})
+    return rows
+
+
 def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepContext) -> StepResult:
     if spec.finetune_epochs and not data.available:
         raise CompressionFailed("centroid fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
@@ -129,6 +147,8 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
         replacements[init_name] = storage.encode(init_name, c, prefix=f"cl{index}")
         rows.append({"layer": layer_name, "shape": list(dense.shape), "bits": c.bits, "centroids": len(c.codebook),
                      "sparse": c.sparse, "stored_bytes": storage.stored_bytes(c) + 4 * len(c.codebook), "dense_bytes": dense.size * 4})
+    if spec.embeddings:
+        rows += _cluster_embeddings(exported, replacements, spec)
     result = storage.replace_initializers(exported, replacements)
     report: dict[str, Any] = {
         "bits": spec.bits,
