@@ -211,6 +211,16 @@ def _div(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
     return [torch.div(a, b, rounding_mode="trunc")]  # ONNX integer division truncates
 
 
+def _is_inf(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
+    x = inputs[0]
+    wanted = torch.zeros_like(x, dtype=torch.bool)
+    if attrs.get("detect_positive", 1):
+        wanted |= x > 0
+    if attrs.get("detect_negative", 1):
+        wanted |= x < 0
+    return [torch.isinf(x) & wanted]
+
+
 def _where(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
     return [torch.where(inputs[0].bool(), inputs[1], inputs[2])]
 
@@ -392,7 +402,7 @@ OPS: dict[str, Op] = {
     "Xor": lambda i, a: [torch.logical_xor(i[0], i[1])],
     "Not": lambda i, a: [torch.logical_not(i[0])],
     "IsNaN": lambda i, a: [torch.isnan(i[0])],
-    "IsInf": lambda i, a: [torch.isinf(i[0]) & ((i[0] > 0) if a.get("detect_positive", 1) else False) | (torch.isinf(i[0]) & (i[0] < 0) if a.get("detect_negative", 1) else torch.zeros_like(i[0], dtype=torch.bool))],
+    "IsInf": _is_inf,
     "Max": _unsigned_safe(_variadic(torch.maximum)),
     "Min": _unsigned_safe(_variadic(torch.minimum)),
     "Sum": _variadic(torch.add),

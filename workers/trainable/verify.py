@@ -16,7 +16,7 @@ import torch
 
 from service.core.errors import CompressionFailed
 from workers.constant_folding import fold
-from workers.trainable.from_onnx import OnnxGraphModule
+from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 
 SAMPLES = 8
 RTOL, ATOL = 1e-3, 1e-4
@@ -85,8 +85,6 @@ def sample_feeds(inputs: dict[str, np.ndarray], fixed_batch: int | None) -> dict
 
 def trainable(model: onnx.ModelProto, data: Any) -> OnnxGraphModule:
     """Convert for training, checked against ONNX Runtime on the job's data when there is any."""
-    from workers.trainable.from_onnx import to_torch
-
     module = to_torch(model)
     if data is not None and data.available:
         check_conversion(model, module, sample_feeds(data.inputs, data.fixed_batch))
