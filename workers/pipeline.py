@@ -4,6 +4,7 @@ models, not about queues or leases (those are in workers.runner)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,14 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
 
         ctx = StepContext(work_dir=work_dir / f"step{index}", report_progress=report, seed=index, load_model=load_referenced)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
-        result = METHODS[step.method].apply(model, step, train, ctx)
+        try:
+            result = METHODS[step.method].apply(model, step, train, ctx)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            # What a model or its data makes torch / ONNX Runtime refuse (a shape a method cannot
+            # handle, an index out of range) is about the client's input: say so with the step's own
+            # code, not internal_error. Host paths are cut from the library's message.
+            detail = re.sub(r"(/[\w.\-]+)+", "<path>", (str(exc).splitlines() or [type(exc).__name__])[0])[:300]
+            raise CompressionFailed(f"steps[{index}] ({step.method}) could not process this model: {detail}", code=f"{step.method}_failed") from exc
         model = result.model
         final_bundle = result.bundle
         reports.append({"index": index, "method": step.method, **result.report})

@@ -77,3 +77,19 @@ def test_token_models_get_in_vocabulary_ids_at_a_realistic_length(tmp_path: Path
     assert ids.shape == (8, 128) and ids.max() < 200 and len(np.unique(ids)) > 100
     assert (data.inputs["attention_mask"] == 1).all()
     assert "token ids uniform in [0, 200) at length [128]" in description
+
+
+def test_a_library_refusing_the_clients_model_is_a_step_error_not_internal_error(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import pytest
+
+    from service.core.errors import CompressionFailed
+    from workers.methods import METHODS
+
+    def refuse(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("shape '[64, 32, -1, 16]' is invalid for input of size 49152 (/srv/secret/path.py)")
+
+    monkeypatch.setattr(METHODS["quantize"], "apply", refuse)
+    with pytest.raises(CompressionFailed) as failed:
+        _run(mlp(), [{"method": "quantize", "mode": "fp16"}], None, tmp_path)
+    assert failed.value.code == "quantize_failed"
+    assert "steps[0] (quantize) could not process this model" in failed.value.message and "/srv" not in failed.value.message

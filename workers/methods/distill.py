@@ -17,7 +17,6 @@ from workers.distillation.trainer import Data, distill, output_kind
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.trainable.device import training_device
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
-from workers.data import token_vocabularies
 from workers.trainable.to_onnx import export, has_dynamic_batch
 from workers.trainable.training import predict, quality, tensors
 from workers.trainable.verify import trainable
@@ -82,6 +81,8 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
     names = teacher.input_names
     held_out = data.evaluation or data
     train_inputs, eval_inputs = tensors(data, names), tensors(held_out, names)
+    from workers.data import token_vocabularies  # workers.data imports the methods package: import at use
+
     teacher_train = predict(teacher, train_inputs)
     kind = output_kind(teacher_train, set(token_vocabularies(model).values()))
     if kind != "classifier" and spec.compare_baseline:
