@@ -116,7 +116,8 @@ def prepared(model: str, exporter: str, directory: Path) -> tuple[Export, bytes,
     return exp, dataset(exp, 128, seed=0, **kwargs), dataset(exp, 64, seed=1, **kwargs)
 
 
-def run_one(exp: Export, train: bytes, held_out: bytes, method: str, work: Path) -> list:
+def run_pipeline_metrics(exp: Export, train: bytes, held_out: bytes, step: dict, work: Path) -> tuple[str, dict | None]:
+    """One job through the worker's pipeline: ("ok", metrics) or (error code, None)."""
     from service.core.artifacts import ArtifactStore
     from service.core.datasets import inspect_npz
     from service.core.errors import ModelshrinkError
@@ -132,15 +133,23 @@ def run_one(exp: Export, train: bytes, held_out: bytes, method: str, work: Path)
         store.put_bytes(name, blob)
         meta[name] = {"artifact_key": name, "arrays": inspect_npz(store.path(name), max_members=8, max_decompressed_bytes=1 << 31)["arrays"]}
     info = probe_onnx(exp.path, timeout_s=600, memory_bytes=16 << 30)
-    job = JobInput(f"{exp.name}-{method}", "bench", {"artifact_key": "model.onnx", "inputs": info["inputs"], "outputs": info["outputs"], "name": exp.name},
-                   meta["train.npz"], meta["held_out.npz"], [METHODS[method]], {"measure": MEASURE})
+    job_id = f"{exp.name}-{step['method']}-{time.monotonic_ns()}"
+    job = JobInput(job_id, "bench", {"artifact_key": "model.onnx", "inputs": info["inputs"], "outputs": info["outputs"], "name": exp.name},
+                   meta["train.npz"], meta["held_out.npz"], [step], {"measure": MEASURE})
     job_dir = work / job.job_id
     job_dir.mkdir()
-    started = time.perf_counter()
     try:
         metrics, _ = run_pipeline(job, store, Settings(data_dir=work), job_dir, lambda *a, **k: None)
     except ModelshrinkError as exc:
-        return [exp.name, method, exc.code, None, None, None, round(time.perf_counter() - started, 1)]
+        return exc.code, None
+    return "ok", metrics
+
+
+def run_one(exp: Export, train: bytes, held_out: bytes, method: str, work: Path) -> list:
+    started = time.perf_counter()
+    status, metrics = run_pipeline_metrics(exp, train, held_out, METHODS[method], work)
+    if metrics is None:
+        return [exp.name, method, status, None, None, None, round(time.perf_counter() - started, 1)]
     return [exp.name, method, "ok", metrics["compression_ratio"], metrics["compressed"]["fidelity"]["cosine"], metrics["speedup"],
             round(time.perf_counter() - started, 1)]
 

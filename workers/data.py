@@ -76,3 +76,11 @@ def synthetic_data(model_inputs: list[dict[str, Any]], samples: int, seed: int, 
             notes.append(f"{name}: zeros {shape[1:]}")
     description = "no dataset: synthetic inputs (" + "; ".join(notes) + "); results on your own data may differ"
     return StepData(inputs=inputs, labels=None, fixed_batch=fixed_batch(model_inputs)), description
+
+
+def graph_inputs(model: Any) -> list[dict[str, Any]]:
+    """The model's feed inputs (initializers excluded) as the probe describes them."""
+    from service.core.onnx_probe import value_info
+
+    constants = {t.name for t in model.graph.initializer}
+    return [value_info(i) for i in model.graph.input if i.name not in constants]

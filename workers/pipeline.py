@@ -87,6 +87,8 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
     train, evaluation, source = _load_data(job, store, spec)
     if evaluation is not train and source != "synthetic":
         train.evaluation = evaluation
+    if source == "synthetic":
+        train.probe = evaluation
     original_path = store.path(job.model["artifact_key"])
     model = onnx.load_model(str(original_path))
 
@@ -105,7 +107,7 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
         def report(fraction: float, message: str, milestone: bool = False, index: int = index, label: str = label) -> None:
             progress(STEPS_SHARE * (index + fraction) / n, label, message, milestone)
 
-        ctx = StepContext(work_dir=work_dir / f"step{index}", report_progress=report, seed=index, load_model=load_referenced)
+        ctx = StepContext(work_dir=work_dir / f"step{index}", report_progress=report, seed=index, load_model=load_referenced, threads=spec.threads)
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         try:
             result = METHODS[step.method].apply(model, step, train, ctx)

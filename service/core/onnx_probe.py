@@ -90,7 +90,7 @@ def _all_tensors(graph):  # noqa: ANN001, ANN202
                     yield from _all_tensors(g)
 
 
-def _value_info(vi) -> dict[str, Any]:  # noqa: ANN001
+def value_info(vi) -> dict[str, Any]:  # noqa: ANN001
     import onnx
 
     tt = vi.type.tensor_type
@@ -148,8 +148,8 @@ def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3) -> dict[str
         return _fail("invalid_model", f"the ONNX checker rejected the model: {str(exc).splitlines()[0][:300]}")
 
     initializer_names = {t.name for t in model.graph.initializer}
-    inputs = [_value_info(vi) for vi in model.graph.input if vi.name not in initializer_names]
-    outputs = [_value_info(vi) for vi in model.graph.output]
+    inputs = [value_info(vi) for vi in model.graph.input if vi.name not in initializer_names]
+    outputs = [value_info(vi) for vi in model.graph.output]
     if not inputs:
         return _fail("invalid_model", "the model has no inputs; there is nothing to feed it data through")
     unsupported = [f"{i['name']} ({i['dtype']})" for i in inputs if i["dtype"] not in NUMERIC_DTYPES]

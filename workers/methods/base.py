@@ -30,6 +30,9 @@ class StepData:
     evaluation: "StepData | None" = None
     # How the data was made, when it is not the user's (synthetic inputs).
     description: str | None = None
+    # Inputs to measure on when the job has no data (synthetic, described in its `description`):
+    # never trained or calibrated on, only used to compare a method's variants with the original.
+    probe: "StepData | None" = None
 
     def batch_size(self, preferred: int) -> int:
         return self.fixed_batch or preferred
@@ -58,6 +61,8 @@ class StepContext:
     seed: int = 0
     # Loads another of the tenant's uploaded models by id (e.g. a distillation student).
     load_model: Callable[[str], onnx.ModelProto] | None = None
+    # ONNX Runtime intra-op threads when a method times its variants (the job's measure.threads).
+    threads: int = 1
 
     def progress(self, fraction: float, message: str, milestone: bool = False) -> None:
         """Report progress within this step (0..1); a milestone (an epoch or round finished) is

@@ -1,147 +1,61 @@
-"""quantize: int8 (dynamic, or static QDQ with calibration) and fp16, on ONNX Runtime's quantization tools.
+"""quantize: candidates built with ONNX Runtime's quantizers, each measured against the original on
+held-out data, the best by the step's objective kept among those meeting its quality target.
 
-Calibration is run here rather than inside `quantize_static`, because quantize_static does not pass
-`num_bins`/`num_quantized_bins` to its calibrator: with its defaults (128/128) entropy calibration
-degenerates to min-max. We run ORT's own calibrator with real histogram settings, save its ranges
-as a calibration cache, and hand that cache to quantize_static.
+    plan (workers.quantization.candidates) -> build (int8 / int4 / fp16 modules here) ->
+    measure (workers.quantization.measure) -> choose (selection), repairing a promising miss by
+    leaving its most sensitive layers in float (mixed_precision) -> report every candidate.
+
+binary is a training method (straight-through fine-tuning) and is not measured this way.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from service.core.errors import CompressionFailed, JobFailure
 from service.core.specs import QuantizeStep
+from workers.data import graph_inputs, synthetic_data, token_vocabularies
 from workers.methods import quantize_lowbit
 from workers.methods.base import StepContext, StepData, StepResult
+from workers.quantization import fusion, int4, int8, mixed_precision, selection, smoothing
+from workers.quantization.candidates import Candidate, plan
+from workers.quantization.measure import Measured, Reference
 
 name = "quantize"
 SPEC = QuantizeStep
-CALIBRATION_BATCH = 16
-# Dynamic int8 convolutions (ConvInteger) run 6-13x slower than fp32 on ORT's CPU provider (measured);
-# with no calibration data, `auto` quantizes only the matrix products, where dynamic int8 pays off.
-AUTO_DYNAMIC_OPS = ["MatMul", "Gemm", "Attention", "LSTM", "GRU", "EmbedLayerNormalization"]
+MIN_HOLDOUT = 8  # samples measured on, and at least as many left to calibrate on, before a dataset is split
+SYNTHETIC_SAMPLES = 32
+WEIGHTED_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather", "Attention", "LSTM", "GRU")
 
 
 def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
 
 
-def _resolve_mode(spec: QuantizeStep, data: StepData) -> tuple[str, str]:
-    if spec.mode != "auto":
-        return spec.mode, "requested"
+def _subset(data: StepData, start: int, stop: int) -> StepData:
+    return StepData(inputs={k: v[start:stop] for k, v in data.inputs.items()},
+                    labels=None if data.labels is None else data.labels[start:stop], fixed_batch=data.fixed_batch)
+
+
+def _split(model: onnx.ModelProto, data: StepData) -> tuple[StepData, StepData, str]:
+    """(calibration data, measurement data, what the measurement data is)."""
+    if data.evaluation is not None and data.evaluation.available:
+        return data, data.evaluation, "the job's evaluation dataset"
     if data.available:
-        return "int8_static", "auto: the job has a dataset, so activations are calibrated (QDQ, static)"
-    return "int8_dynamic", "auto: no dataset to calibrate with, so dynamic int8 on matrix products only (dynamic int8 convolutions are slower on CPU)"
-
-
-def _op_types(spec: QuantizeStep, registry: dict[str, Any], default: list[str] | None = None) -> list[str]:
-    chosen = spec.op_types or default or sorted(registry)
-    return [op for op in chosen if op not in set(spec.exclude_op_types)]
-
-
-class _Reader:
-    """ORT CalibrationDataReader over the job's dataset, reporting progress (and so honouring cancel)."""
-
-    def __init__(self, data: StepData, spec: QuantizeStep, ctx: StepContext) -> None:
-        self.batch = data.batch_size(CALIBRATION_BATCH)
-        self.total = min(spec.calibration.max_samples, data.samples)
-        self._it = data.batches(self.batch, limit=self.total)
-        self._ctx = ctx
-        self.seen = 0
-
-    def get_next(self) -> dict | None:
-        feed = next(self._it, None)
-        if feed is not None:
-            self.seen += len(next(iter(feed.values())))
-            self._ctx.progress(0.7 * self.seen / max(1, self.total), f"calibrating {self.seen}/{self.total} samples")
-        return feed
-
-    def rewind(self) -> None:  # part of ORT's reader interface; calibration reads once
-        pass
-
-
-def _calibrate(model_path: Path, spec: QuantizeStep, data: StepData, ctx: StepContext, op_types: list[str]) -> tuple[Path, Any, int]:
-    from onnxruntime.quantization import CalibrationMethod
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
-    cal = spec.calibration
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}[cal.method]
-    options: dict[str, Any] = {}
-    if cal.symmetric is not None:
-        options["symmetric"] = cal.symmetric
-    if cal.method == "entropy":
-        options.update(num_bins=cal.num_bins, num_quantized_bins=cal.num_quantized_bins)
-    elif cal.method == "percentile":
-        options.update(num_bins=cal.num_bins, percentile=cal.percentile)
-    calibrator = create_calibrator(
-        model_path,
-        op_types,
-        augmented_model_path=str(ctx.work_dir / "augmented.onnx"),
-        calibrate_method=method,
-        extra_options=options,
-    )
-    reader = _Reader(data, spec, ctx)
-    calibrator.collect_data(reader)
-    ranges = calibrator.compute_data()
-    cache = ctx.work_dir / "calibration.json"
-    save_tensors_data(ranges, cache)
-    return cache, method, reader.seen
-
-
-def _quantize_static(model_path: Path, out: Path, spec: QuantizeStep, data: StepData, ctx: StepContext) -> dict[str, Any]:
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.registry import QDQRegistry
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    if not data.available:
-        raise CompressionFailed("int8_static needs calibration data: submit the job with a dataset_id", code="dataset_required")
-    prepared = ctx.work_dir / "prepared.onnx"
-    try:
-        # Shape inference + graph cleanup, as ORT recommends before static quantization.
-        quant_pre_process(str(model_path), str(prepared), skip_symbolic_shape=False)
-    except Exception:
-        logging.getLogger(__name__).info("quant_pre_process failed; quantizing the model as uploaded", exc_info=True)
-        prepared = model_path
-    op_types = _op_types(spec, QDQRegistry)
-    cache, method, seen = _calibrate(prepared, spec, data, ctx, op_types)
-    ctx.progress(0.75, "writing the QDQ model")
-    quantize_static(
-        str(prepared),
-        str(out),
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=op_types,
-        per_channel=True if spec.per_channel is None else spec.per_channel,
-        reduce_range=spec.reduce_range,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=spec.exclude_nodes,
-        calibrate_method=method,
-        calibration_cache_path=str(cache),
-    )
-    return {"calibration": {"method": spec.calibration.method, "samples": seen}, "format": "QDQ", "per_channel": spec.per_channel is not False}
-
-
-def _quantize_dynamic(model_path: Path, out: Path, spec: QuantizeStep, auto: bool) -> dict[str, Any]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.registry import IntegerOpsRegistry
-
-    op_types = _op_types(spec, IntegerOpsRegistry, AUTO_DYNAMIC_OPS if auto else None)
-    quantize_dynamic(
-        str(model_path),
-        str(out),
-        op_types_to_quantize=op_types,
-        per_channel=bool(spec.per_channel),
-        reduce_range=spec.reduce_range,
-        weight_type=QuantType.QInt8,
-        nodes_to_exclude=spec.exclude_nodes,
-    )
-    return {"op_types": op_types, "per_channel": bool(spec.per_channel)}
+        n = data.samples
+        hold = max(MIN_HOLDOUT, n // 4)
+        if n - hold >= MIN_HOLDOUT:
+            return _subset(data, 0, n - hold), _subset(data, n - hold, n), f"held out: the dataset's last {hold} of {n} samples (calibration used the rest)"
+        return data, data, f"the dataset's {n} samples (too few to hold some out: calibration used the same samples)"
+    if data.probe is not None and data.probe.available:
+        return data, data.probe, data.probe.description or "synthetic inputs"
+    probe, description = synthetic_data(graph_inputs(model), SYNTHETIC_SAMPLES, seed=0, vocab=token_vocabularies(model))
+    return data, probe, description
 
 
 def _to_fp16(model: onnx.ModelProto, spec: QuantizeStep) -> onnx.ModelProto:
@@ -149,10 +63,7 @@ def _to_fp16(model: onnx.ModelProto, spec: QuantizeStep) -> onnx.ModelProto:
     from onnxruntime.transformers.onnx_model import OnnxModel
 
     converted = convert_float_to_float16(
-        model,
-        keep_io_types=spec.keep_io_types,
-        op_block_list=spec.exclude_op_types or None,
-        node_block_list=spec.exclude_nodes or None,
+        model, keep_io_types=spec.keep_io_types, op_block_list=spec.exclude_op_types or None, node_block_list=spec.exclude_nodes or None,
     )
     # The converter appends its input/output Casts at the end of the node list; ONNX Runtime runs
     # that, but onnx.checker (and other runtimes) require topological order.
@@ -161,36 +72,253 @@ def _to_fp16(model: onnx.ModelProto, spec: QuantizeStep) -> onnx.ModelProto:
     return wrapper.model
 
 
-def apply(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepContext) -> StepResult:
-    mode, reason = _resolve_mode(spec, data)
-    source = ctx.work_dir / "quantize_input.onnx"
-    out = ctx.work_dir / "quantize_output.onnx"
-    onnx.save_model(model, str(source))
-    ctx.progress(0.0, f"quantizing ({mode})")
+class Builder:
+    """Builds candidates, sharing what they have in common: one fused graph, one pre-processed (and
+    smoothed) graph, one calibration per (graph, method, operator set)."""
+
+    def __init__(self, model: onnx.ModelProto, spec: QuantizeStep, calibration: StepData, ctx: StepContext, kinds: tuple[str, ...]) -> None:
+        self.model, self.spec, self.data, self.ctx, self.kinds = model, spec, calibration, ctx, kinds
+        self.work = ctx.work_dir
+        self.source = self.work / "source.onnx"
+        onnx.save_model(model, str(self.source))
+        self._fused: Path | None = None
+        self.fusions: dict[str, int] | None = None
+        self._prepared: dict[bool, Path] = {}
+        self._caches: dict[tuple, Path] = {}
+        self.calibration_samples = 0
+        self.smoothed_activations = 0
+        self.smooth_nodes: list[str] = []
+        self.count = 0
+        self.progress: Any = lambda fraction, message: None  # the candidate being built reports (and honours cancel) through it
+
+    def fused(self) -> Path | None:
+        if self._fused is None and self.fusions is None and self.kinds:
+            out = self.work / "fused.onnx"
+            self.fusions = fusion.fuse(self.source, out, self.kinds) or {}
+            self._fused = out if self.fusions else None
+        return self._fused
+
+    def graph(self, candidate: Candidate) -> Path:
+        if candidate.fused:
+            fused = self.fused()
+            if fused is None:
+                raise CompressionFailed("ONNX Runtime's transformer optimizer fused nothing in this graph", code="nothing_to_fuse")
+            return fused
+        if candidate.family == "int8_static":
+            return self.prepared(candidate.smooth)
+        return self.source
+
+    def ops(self, candidate: Candidate) -> list[str]:
+        from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
+
+        registry = QDQRegistry if candidate.family == "int8_static" else IntegerOpsRegistry
+        return int8.op_types(registry, candidate.ops, self.spec.op_types if candidate.ops == "custom" else None, self.spec.exclude_op_types)
+
+    def prepared(self, smooth: bool) -> Path:
+        if smooth not in self._prepared:
+            base = self.source
+            if smooth:
+                maxima = smoothing.activation_maxima(self.model, self.data.batches(self.data.batch_size(16), limit=self.spec.calibration.max_samples), self.ctx.threads)
+                smoothed, self.smoothed_activations = smoothing.smooth(self.model, maxima, self.spec.smooth_quant_alpha)
+                # The inserted 1/s Muls stay float: their outputs, the smoothed activations, are what gets quantized.
+                self.smooth_nodes = [n.name for n in smoothed.graph.node if n.name.endswith(smoothing.SUFFIX)]
+                base = self.work / "smoothed.onnx"
+                onnx.save_model(smoothed, str(base))
+            self._prepared[smooth] = int8.prepare(base, self.work / f"prepared-{int(smooth)}.onnx")
+        return self._prepared[smooth]
+
+    def cache(self, candidate: Candidate, ops: list[str]) -> Path:
+        key = (candidate.smooth, candidate.calibration)
+        if key not in self._caches:
+            path = self.work / f"calibration-{int(candidate.smooth)}-{candidate.calibration}.json"
+            self.calibration_samples = int8.calibrate(self.prepared(candidate.smooth), path, self.work, self.data, self.spec.calibration,
+                                                      candidate.calibration, lambda f, msg: self.progress(0.5 * f, msg))
+            self._caches[key] = path
+        return self._caches[key]
+
+    def build(self, candidate: Candidate, only: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
+        self.count += 1
+        out = self.work / f"candidate-{self.count}.onnx"
+        exclude = list(self.spec.exclude_nodes) + list(candidate.float_nodes)
+        if candidate.family == "int8_dynamic":
+            int8.dynamic(self.graph(candidate), out, per_channel=candidate.per_channel, reduce_range=candidate.reduce_range,
+                         ops=self.ops(candidate), exclude=exclude, only=only)
+            return out, {}
+        if candidate.family == "int8_static":
+            ops = self.ops(candidate)
+            exclude += self.smooth_nodes if candidate.smooth else []
+            int8.static(self.graph(candidate), out, self.cache(candidate, ops), method=candidate.calibration, per_channel=candidate.per_channel,
+                        reduce_range=candidate.reduce_range, ops=ops, exclude=exclude, only=only)
+            details = {"calibration": {"method": candidate.calibration, "samples": self.calibration_samples}, "format": "QDQ"}
+            if candidate.smooth:
+                details["smooth_quant"] = {"alpha": self.spec.smooth_quant_alpha, "activations": self.smoothed_activations}
+            return out, details
+        if candidate.family == "fp16":
+            onnx.save_model(_to_fp16(self.model, self.spec), str(out))
+            return out, {"keep_io_types": self.spec.keep_io_types}
+        result, details = int4.quantize(self.model, algorithm=candidate.algorithm, block_size=self.spec.block_size, embeddings=self.spec.int4_embeddings,
+                                        exclude=exclude, data=self.data, samples=self.spec.calibration.max_samples)
+        onnx.save_model(result, str(out))
+        return out, details
+
+
+def _measure(builder: Builder, reference: Reference, candidate: Candidate, timing: bool, progress: Any, only: list[str] | None = None) -> Measured:
+    builder.progress = progress
     try:
-        if mode == "int8_static":
-            details = _quantize_static(source, out, spec, data, ctx)
-            result = onnx.load_model(str(out))
-        elif mode == "int4_weight_only":
-            result, details = quantize_lowbit.int4_weight_only(model, spec)
-        elif mode == "binary":
-            result, details = quantize_lowbit.binary(model, spec, data, ctx)
-        elif mode == "int8_dynamic":
-            details = _quantize_dynamic(source, out, spec, auto=spec.mode == "auto")
-            result = onnx.load_model(str(out))
+        path, details = builder.build(candidate, only)
+    except CompressionFailed as exc:
+        if candidate.family == builder.spec.mode or only is not None:  # a named mode's own refusal ends the job
+            raise
+        return Measured(candidate, error=exc.message)
+    except JobFailure:  # cancellation
+        raise
+    except Exception as exc:  # noqa: BLE001 - one candidate ORT cannot build is a row in the table, not a failed job
+        return Measured(candidate, error=f"ONNX Runtime could not build it: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}")
+    measured = reference.measure(Measured(candidate, path, details=details))
+    if timing and measured.error is None and (only is None) and (not candidate.float_nodes or measured.meets(builder.spec.target)):
+        reference.time(measured, progress)
+    return measured
+
+
+def _float_layers(original: onnx.ModelProto, result: onnx.ModelProto, candidate: Candidate, spec: QuantizeStep, ops: list[str]) -> list[dict[str, Any]]:
+    """Weights (1024+ values) the chosen model still holds in float32, with the reason for each."""
+    if candidate.family == "fp16":
+        return []
+    if candidate.family == "int4_weight_only":
+        return []  # the int4 report lists its own float weights (float_weights)
+    remaining = {i.name for i in result.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    sizes = {i.name: int(np.prod(i.dims)) for i in original.graph.initializer}
+    rows = []
+    for node in original.graph.node:
+        weights = [x for x in node.input if x in remaining and sizes.get(x, 0) >= 1024]
+        if node.op_type not in WEIGHTED_OPS or not weights:
+            continue
+        if node.name in candidate.float_nodes:
+            why = "mixed precision: among the layers whose quantization cost the most fidelity"
+        elif node.name in spec.exclude_nodes:
+            why = "excluded by the step (exclude_nodes)"
+        elif node.op_type in spec.exclude_op_types:
+            why = f"operator type {node.op_type} excluded by the step"
+        elif node.op_type not in ops:
+            why = (f"{node.op_type}: {candidate.name} quantizes {', '.join(o for o in ops if o in WEIGHTED_OPS)} only"
+                   + (" (dynamic int8 convolutions run slower than float on CPU)" if node.op_type == "Conv" else ""))
         else:
-            details = {"keep_io_types": spec.keep_io_types}
-            result = _to_fp16(model, spec)
+            why = "ONNX Runtime's quantizer left this node in float (its pattern is not supported)"
+        rows.append({"layer": node.name, "op_type": node.op_type, "parameters": sum(sizes[w] for w in weights), "why": why})
+    return rows
+
+
+def _named(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every node named: quantizers select and exclude layers by node name, and reports name them."""
+    if all(n.name for n in model.graph.node):
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    taken = {n.name for n in named.graph.node}
+    for i, node in enumerate(named.graph.node):
+        if not node.name:
+            node.name = next(f"{node.op_type}_{i}{suffix}" for suffix in ("", *(f"_{k}" for k in range(1, 1000))) if f"{node.op_type}_{i}{suffix}" not in taken)
+            taken.add(node.name)
+    return named
+
+
+def _quantize_measured(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepContext) -> StepResult:
+    model = _named(model)
+    if spec.mode == "int8_static" and not data.available:
+        raise CompressionFailed("int8_static needs calibration data: submit the job with a dataset_id", code="dataset_required")
+    calibration, held_out, measured_on = _split(model, data)
+    kinds = fusion.model_kinds(model)
+    op_types = {n.op_type for n in model.graph.node}
+    candidates = plan(spec, has_data=calibration.available, transformer=bool(kinds),
+                      has_matmul=bool(op_types & {"MatMul", "Gemm"}), has_conv=bool(op_types & {"Conv", "ConvTranspose"}))
+    if not candidates:
+        raise CompressionFailed("no quantization applies to this model (no matrix products or convolutions)", code="nothing_to_quantize")
+    builder = Builder(model, spec, calibration, ctx, kinds)
+    if any(c.fused for c in candidates) and builder.fused() is None:
+        candidates = [c for c in candidates if not c.fused]
+    ctx.progress(0.0, f"measuring the original on {held_out.samples} samples")
+    reference = Reference(builder.source, held_out, ctx.threads)
+    measured: list[Measured] = []
+    share = 0.8 if spec.mixed_precision else 0.95
+    for i, candidate in enumerate(candidates):
+        base = share * i / len(candidates)
+
+        def progress(f: float, msg: str, base: float = base, name: str = candidate.name) -> None:
+            ctx.progress(base + share * f / len(candidates), f"{name}: {msg}")
+
+        ctx.progress(base, f"candidate {i + 1}/{len(candidates)}: building {candidate.name}")
+        measured.append(_measure(builder, reference, candidate, timing=True, progress=progress))
+        ctx.progress(share * (i + 1) / len(candidates), f"measured {candidate.name}", milestone=True)
+
+    chosen = selection.best(measured, spec.target, spec.objective)
+    sensitivity = None
+    miss = selection.promising_miss(measured, spec.target, spec.objective, chosen) if spec.mixed_precision else None
+    if miss is not None:
+        layers = mixed_precision.quantizable_layers(onnx.load_model(str(builder.graph(miss.candidate))), builder.ops(miss.candidate))
+        quiet = lambda f, msg: None  # noqa: E731 - per-layer builds report through the step's own progress below
+        sensitivity = mixed_precision.rank(
+            layers, lambda layer: _measure(builder, reference, miss.candidate, timing=False, progress=quiet, only=[layer]),
+            lambda f, msg: ctx.progress(share + (1 - share) * 0.7 * f, f"{miss.candidate.name}: {msg}"))
+        ctx.progress(share + (1 - share) * 0.7, "mixed precision: leaving the most sensitive layers in float", milestone=True)
+        _, attempts = mixed_precision.repair(miss.candidate, sensitivity, spec.target,
+                                             lambda c: _measure(builder, reference, c, timing=True, progress=quiet))
+        measured += attempts
+        chosen = selection.best(measured, spec.target, spec.objective)
+
+    rows = [c.row(reference.size_bytes) for c in measured]
+    target_met = chosen is not None
+    warnings = []
+    if chosen is None:
+        closest = selection.closest(measured)
+        what = f"cosine >= {spec.target.min_cosine}" if reference.accuracy is None else f"accuracy drop <= {spec.target.max_accuracy_drop}"
+        if closest is None:
+            raise CompressionFailed(f"no quantization candidate could be built or run: {selection.table_text(rows)}", code="quantize_failed")
+        if spec.mode == "auto" and spec.on_target_missed == "fail":
+            raise CompressionFailed(
+                f"no candidate met the quality target ({what}, measured on {measured_on}); candidates: {selection.table_text(rows)}. "
+                "Relax `target`, or set on_target_missed: keep_closest to keep the most faithful one (flagged)",
+                code="quantization_target_missed")
+        chosen = closest
+        warnings.append(f"quality target missed: no candidate met {what}; kept the most faithful, {chosen.candidate.name}")
+    assert chosen.path is not None
+    result = onnx.load_model(str(chosen.path))
+    ctx.progress(1.0, f"kept {chosen.candidate.name}", milestone=True)
+    report = {
+        "mode": spec.mode,
+        "chosen": chosen.candidate.name,
+        "settings": chosen.candidate.settings(),
+        "objective": spec.objective,
+        "target": spec.target.model_dump() | {"met": target_met},
+        "measured_on": measured_on,
+        "reason": _reason(chosen, spec, target_met, len(measured)),
+        "candidates": rows,
+        "sensitivity": sensitivity,
+        "float_layers": _float_layers(model, result, chosen.candidate, spec, builder.ops(chosen.candidate) if chosen.candidate.family.startswith("int8") else []),
+        "transformer_fusion": builder.fusions if kinds else None,
+        "warnings": warnings,
+        "ops_before": _op_counts(model),
+        "ops_after": _op_counts(result),
+        **chosen.details,
+    }
+    return StepResult(model=result, report=report)
+
+
+def _reason(chosen: Measured, spec: QuantizeStep, target_met: bool, count: int) -> str:
+    best_at = "fastest (geometric mean over batch sizes)" if spec.objective == "latency" else "smallest"
+    if not target_met:
+        return f"none of {count} candidates met the target; kept the most faithful"
+    return f"the {best_at} of the {count} candidates measured that met the target"
+
+
+def apply(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepContext) -> StepResult:
+    if spec.mode == "binary":
+        ctx.progress(0.0, "quantizing (binary)")
+        result, details = quantize_lowbit.binary(model, spec, data, ctx)
+        ctx.progress(1.0, "quantized (binary)", milestone=True)
+        return StepResult(model=result, report={"mode": "binary", "ops_before": _op_counts(model), "ops_after": _op_counts(result), **details})
+    try:
+        return _quantize_measured(model, spec, data, ctx)
     except JobFailure:  # our own failures and cancellation pass through unchanged
         raise
     except Exception as exc:
-        raise CompressionFailed(f"ONNX Runtime could not quantize the model ({mode}): {str(exc).splitlines()[0][:300]}") from exc
-    ctx.progress(1.0, f"quantized ({mode})", milestone=True)
-    report = {
-        "mode": mode,
-        "reason": reason,
-        "ops_before": _op_counts(model),
-        "ops_after": _op_counts(result),
-        **details,
-    }
-    return StepResult(model=result, report=report)
+        raise CompressionFailed(f"ONNX Runtime could not quantize the model ({spec.mode}): {(str(exc).splitlines() or [type(exc).__name__])[0][:300]}") from exc

@@ -1,5 +1,5 @@
-"""The two quantize modes below 8 bits: int4 weight-only (ONNX Runtime's MatMulNBits) and binary
-weights (sign x per-channel scale, trained with a straight-through estimator, stored at 1 bit)."""
+"""The binary quantize mode: weights = sign x per-channel scale, trained with a straight-through
+estimator, stored at 1 bit (int4 is in workers.quantization.int4)."""
 
 from __future__ import annotations
 
@@ -23,48 +23,6 @@ from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
 from workers.trainable.training import STUDENT_LR, predict, quality, tensors, train, train_config
-
-
-def gemm_to_matmul(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Gemm(A, B const, C) -> MatMul(A, B') + Add(C): MatMulNBits only replaces MatMul nodes."""
-    out = copy.deepcopy(model)
-    inits = {i.name: i for i in out.graph.initializer}
-    nodes = []
-    for node in out.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type != "Gemm" or node.input[1] not in inits or attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            nodes.append(node)
-            continue
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        weight = weight.T if attrs.get("transB", 0) else weight
-        name = f"{node.input[1]}__kn"
-        out.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), name))
-        has_bias = len(node.input) > 2 and node.input[2]
-        mm_out = f"{node.output[0]}__mm" if has_bias else node.output[0]
-        nodes.append(helper.make_node("MatMul", [node.input[0], name], [mm_out]))
-        if has_bias:
-            nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]]))
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    used = {i for n in out.graph.node for i in n.input}
-    kept = [i for i in out.graph.initializer if i.name in used]
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(kept)
-    return out
-
-
-def int4_weight_only(model: onnx.ModelProto, spec: QuantizeStep) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    prepared = gemm_to_matmul(model)  # the quantizer edits its input in place: work on a copy
-    quantizer = MatMulNBitsQuantizer(prepared, bits=4, block_size=spec.block_size, is_symmetric=True, nodes_to_exclude=spec.exclude_nodes or None)
-    quantizer.process()
-    result = quantizer.model.model
-    converted = sum(n.op_type == "MatMulNBits" for n in result.graph.node)
-    if converted == 0:
-        raise CompressionFailed("int4_weight_only found no MatMul/Gemm with a constant weight to quantize (convolutions are not supported by MatMulNBits)", code="nothing_to_quantize")
-    left = sum(n.op_type in ("MatMul", "Conv") for n in result.graph.node)
-    return result, {"block_size": spec.block_size, "matmuls_quantized": converted, "float_ops_left": left}
 
 
 class Binarize(nn.Module):

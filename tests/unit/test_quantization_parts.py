@@ -1,0 +1,105 @@
+"""The parts of quantize that are written here rather than taken from ONNX Runtime: SmoothQuant,
+int4 of embedding tables and tied weights, and the transformer-fusion candidate, on tiny
+configurations of real architectures (Hugging Face GPT-2 and BERT from both torch exporters)."""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bench.architectures import dataset, export
+from service.core.specs import QuantizeStep
+from workers.methods import quantize
+from workers.methods.base import StepContext, StepData
+from workers.quantization import int4, smoothing
+
+
+def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+
+def layernorm_block(seed: int = 0) -> onnx.ModelProto:
+    """x -> LayerNorm -> (MatMul q, MatMul k) -> Add, and a second MatMul on a graph input (no LayerNorm to fold into)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in (
+        ("gamma", rng.uniform(0.5, 1.5, 16)), ("beta", rng.standard_normal(16) * 0.1),
+        ("wq", rng.standard_normal((16, 8))), ("wk", rng.standard_normal((16, 8))), ("wz", rng.standard_normal((16, 8))))]
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["ln"], axis=-1, name="ln"),
+             helper.make_node("MatMul", ["ln", "wq"], ["q"], name="q"), helper.make_node("MatMul", ["ln", "wk"], ["k"], name="k"),
+             helper.make_node("MatMul", ["z", "wz"], ["zz"], name="zz"), helper.make_node("Add", ["q", "k"], ["qk"], name="add"),
+             helper.make_node("Add", ["qk", "zz"], ["y"], name="out")]
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+                                               helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_smoothquant_keeps_the_function_and_flattens_outlier_channels() -> None:
+    model = layernorm_block()
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((32, 16)).astype(np.float32)
+    z[:, 3] *= 100.0  # an outlier channel
+    feed = {"x": rng.standard_normal((32, 16)).astype(np.float32), "z": z}
+    maxima = smoothing.activation_maxima(model, iter([feed]))
+    smoothed, count = smoothing.smooth(model, maxima, alpha=0.5)
+    onnx.checker.check_model(smoothed, full_check=True)
+    assert count == 2
+    np.testing.assert_allclose(_run(smoothed, feed), _run(model, feed), rtol=1e-4, atol=1e-3)
+    ops = [n.op_type for n in smoothed.graph.node]
+    assert ops.count("Mul") == 1  # the LayerNorm-fed pair folds into gamma/beta; the graph input needs a Mul
+    after = smoothing.activation_maxima(smoothed, iter([feed]))["z__smooth"]
+    assert after.max() / after.min() < maxima["z"].max() / maxima["z"].min() / 5
+
+
+@pytest.fixture(scope="module")
+def workspace() -> Path:
+    return Path(tempfile.mkdtemp(prefix="quantization-parts-"))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_int4_quantizes_gpt2_embeddings_and_stores_the_tied_projection_once(exporter: str, workspace: Path) -> None:
+    exp = export("gpt2", exporter, workspace)
+    model = onnx.load_model(str(exp.path))
+    feed = dict(np.load(io.BytesIO(dataset(exp, 8, seq=16))))
+    reference = _run(model, feed)
+    quantized, report = int4.quantize(model, algorithm="rtn", block_size=16, embeddings=True, exclude=[])
+    onnx.checker.check_model(quantized)
+    ops = [n.op_type for n in quantized.graph.node]
+    assert "GatherBlockQuantized" in ops and "MatMulNBits" in ops
+    assert "Transpose" not in {n.op_type for n in quantized.graph.node if any("wte" in i or "lm_head" in i for i in n.input)}
+    assert len(report["tied_tables_stored_once"]) == 1
+    tied = report["tied_tables_stored_once"][0]["table"]
+    assert tied not in {i.name for i in quantized.graph.initializer}  # the float table is gone, and not stored twice
+    assert report["float_share"] < 0.05
+    assert all(layer["relative_error"] < 0.2 for layer in report["layers"])
+    out = _run(quantized, feed)
+    assert (out.argmax(-1) == reference.argmax(-1)).mean() > 0.8
+
+
+def test_int4_mode_measures_rtn_hqq_and_gptq_and_reports_what_stayed_float(workspace: Path, tmp_path: Path) -> None:
+    exp = export("gpt2", "torchscript", workspace)
+    model = onnx.load_model(str(exp.path))
+    data = StepData(inputs=dict(np.load(io.BytesIO(dataset(exp, 32, seq=16)))))
+    result = quantize.apply(model, QuantizeStep(mode="int4_weight_only", block_size=16, target={"min_cosine": 0.9}), data, StepContext(work_dir=tmp_path))
+    report = result.report
+    assert {row["settings"]["algorithm"] for row in report["candidates"]} == {"rtn", "hqq", "gptq"}
+    assert all(row["top1_agreement"] is not None for row in report["candidates"] if row["status"] == "measured")
+    assert report["layers"] and "float_weights" in report and report["float_share"] < 0.05
+
+
+def test_transformer_fusion_is_a_measured_candidate_on_bert(workspace: Path, tmp_path: Path) -> None:
+    exp = export("bert", "torchscript", workspace)
+    model = onnx.load_model(str(exp.path))
+    result = quantize.apply(model, QuantizeStep(mode="int8_dynamic", per_channel=True), StepData(), StepContext(work_dir=tmp_path))
+    report = result.report
+    assert report["transformer_fusion"], "ONNX Runtime's optimizer should fuse LayerNorm/GELU in a BERT export"
+    assert {row["settings"]["transformer_fusion"] for row in report["candidates"]} == {False, True}
+    feed = dict(np.load(io.BytesIO(dataset(exp, 4, seq=12))))
+    assert _run(result.model, feed).shape == _run(model, feed).shape

@@ -1,0 +1,112 @@
+"""A candidate measured against the original on the same held-out inputs: fidelity (cosine of the
+outputs, top-1 agreement, accuracy with labels) and speed (the original and the candidate timed
+interleaved, run by run, at each batch size), so candidates compare on one footing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.core.specs import MeasureSpec, QualityTarget
+from workers import metrics as m
+from workers.methods.base import StepData
+from workers.quantization.candidates import Candidate
+
+MAX_SAMPLES = 128
+TIMING = MeasureSpec(warmup=2, runs=10, batch_sizes=[1, 32], threads=1)
+
+
+@dataclass
+class Measured:
+    candidate: Candidate
+    path: Path | None = None
+    size_bytes: int = 0
+    cosine: float | None = None
+    top1_agreement: float | None = None
+    accuracy: float | None = None
+    accuracy_drop: float | None = None
+    latency_ratio: dict[int, float] = field(default_factory=dict)  # batch -> candidate p50 / original p50
+    error: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slowdown(self) -> float:
+        """Geometric mean over batch sizes of candidate time / original time (below 1: faster)."""
+        ratios = list(self.latency_ratio.values())
+        return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else math.inf
+
+    def meets(self, target: QualityTarget) -> bool:
+        if self.error is not None:
+            return False
+        if self.accuracy_drop is not None:
+            return self.accuracy_drop <= target.max_accuracy_drop + 1e-9
+        return self.cosine is not None and self.cosine >= target.min_cosine
+
+    def faithfulness(self) -> float:
+        """Higher is more faithful: accuracy (with labels) or cosine."""
+        if self.error is not None:
+            return -math.inf
+        return -(self.accuracy_drop or 0.0) if self.accuracy_drop is not None else (self.cosine if self.cosine is not None else -math.inf)
+
+    def row(self, original_size: int) -> dict[str, Any]:
+        return {
+            "candidate": self.candidate.name,
+            "settings": self.candidate.settings(),
+            "status": "failed" if self.error else "measured",
+            "error": self.error,
+            "compression_ratio": round(original_size / self.size_bytes, 3) if self.size_bytes else None,
+            "cosine": None if self.cosine is None else round(self.cosine, 5),
+            "top1_agreement": None if self.top1_agreement is None else round(self.top1_agreement, 4),
+            "accuracy": self.accuracy,
+            "accuracy_drop": None if self.accuracy_drop is None else round(self.accuracy_drop, 4),
+            "speedup_by_batch": {str(b): round(1 / r, 3) for b, r in self.latency_ratio.items()},
+        }
+
+
+class Reference:
+    """The original's outputs and session on the measurement data, computed once per job."""
+
+    def __init__(self, original: Path, data: StepData, threads: int) -> None:
+        self.data = data
+        self.threads = threads
+        self.session = m.make_session(original, threads)
+        self.outputs = m.first_outputs(self.session, data, MAX_SAMPLES)
+        self.accuracy = m.accuracy(self.outputs, data.labels)
+        self.size_bytes = original.stat().st_size
+
+    def fidelity(self, measured: Measured, session: Any) -> None:
+        outputs = m.first_outputs(session, self.data, MAX_SAMPLES)
+        if (~np.isfinite(outputs) & np.isfinite(self.outputs)).any():
+            measured.error = "non-finite outputs where the original's are finite"
+            return
+        scores = m.fidelity(self.outputs, outputs)
+        measured.cosine, measured.top1_agreement = scores["cosine"], scores["top1_agreement"]
+        measured.accuracy = m.accuracy(outputs, self.data.labels)
+        if measured.accuracy is not None and self.accuracy is not None:
+            measured.accuracy_drop = self.accuracy - measured.accuracy
+
+    def measure(self, measured: Measured) -> Measured:
+        """Size and fidelity (a candidate ONNX Runtime cannot load or run is marked failed)."""
+        assert measured.path is not None
+        measured.size_bytes = measured.path.stat().st_size
+        try:
+            session = m.make_session(measured.path, self.threads)
+            self.fidelity(measured, session)
+        except Exception as exc:  # noqa: BLE001 - a candidate ONNX Runtime cannot load or run is a failed candidate, not a failed job
+            measured.error = f"ONNX Runtime could not run it: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"
+        return measured
+
+    def time(self, measured: Measured, progress: Callable[[float, str], None]) -> Measured:
+        """p50 latency relative to the original's, the two timed interleaved at each batch size."""
+        assert measured.path is not None
+        session = m.make_session(measured.path, self.threads)
+        batches = [self.data.fixed_batch] if self.data.fixed_batch else TIMING.batch_sizes
+        spec = TIMING.model_copy(update={"threads": self.threads, "batch_sizes": batches})
+        original, candidate = m.latency([self.session, session], self.data, spec, progress)
+        measured.latency_ratio = {o["batch"]: c["p50"] / o["p50"] for o, c in zip(original, candidate)}
+        return measured

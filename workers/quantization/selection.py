@@ -1,0 +1,45 @@
+"""Choosing among measured candidates: the best by the objective among those meeting the target."""
+
+from __future__ import annotations
+
+from service.core.specs import QualityTarget
+from workers.quantization.measure import Measured
+
+
+def rank_key(measured: Measured, objective: str) -> tuple[float, float]:
+    # Latency: the geometric mean slowdown over batch sizes, then size; size: bytes, then latency.
+    if objective == "size":
+        return (measured.size_bytes, measured.slowdown)
+    return (measured.slowdown, measured.size_bytes)
+
+
+def best(measured: list[Measured], target: QualityTarget, objective: str) -> Measured | None:
+    eligible = [c for c in measured if c.meets(target)]
+    return min(eligible, key=lambda c: rank_key(c, objective)) if eligible else None
+
+
+def closest(measured: list[Measured]) -> Measured | None:
+    usable = [c for c in measured if c.error is None]
+    return max(usable, key=lambda c: c.faithfulness()) if usable else None
+
+
+def promising_miss(measured: list[Measured], target: QualityTarget, objective: str, chosen: Measured | None) -> Measured | None:
+    """The int8 candidate that missed the target but beats the chosen one on the objective: worth
+    repairing by leaving its most sensitive layers in float."""
+    misses = [c for c in measured if c.error is None and not c.meets(target) and c.candidate.family.startswith("int8") and c.latency_ratio]
+    if chosen is not None:
+        misses = [c for c in misses if rank_key(c, objective) < rank_key(chosen, objective)]
+    return min(misses, key=lambda c: rank_key(c, objective)) if misses else None
+
+
+def table_text(rows: list[dict], limit: int = 14) -> str:
+    """The candidate table in a few lines, for an error message a person reads."""
+    lines = []
+    for row in rows[:limit]:
+        if row["status"] == "failed":
+            lines.append(f"{row['candidate']}: failed ({row['error']})")
+            continue
+        quality = f"accuracy drop {row['accuracy_drop']:.4f}" if row["accuracy_drop"] is not None else f"cosine {row['cosine']:.4f}"
+        speed = ", ".join(f"b{b} {s:.2f}x" for b, s in row["speedup_by_batch"].items())
+        lines.append(f"{row['candidate']}: {quality}, {row['compression_ratio']:.2f}x smaller" + (f", speed {speed}" if speed else ""))
+    return "; ".join(lines)
