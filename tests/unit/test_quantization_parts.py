@@ -103,3 +103,16 @@ def test_transformer_fusion_is_a_measured_candidate_on_bert(workspace: Path, tmp
     assert {row["settings"]["transformer_fusion"] for row in report["candidates"]} == {False, True}
     feed = dict(np.load(io.BytesIO(dataset(exp, 4, seq=12))))
     assert _run(result.model, feed).shape == _run(model, feed).shape
+
+
+def test_static_int8_with_smoothquant_runs_on_a_bert_export(workspace: Path, tmp_path: Path) -> None:
+    exp = export("bert", "dynamo", workspace)
+    model = onnx.load_model(str(exp.path))
+    data = StepData(inputs=dict(np.load(io.BytesIO(dataset(exp, 48, seq=16)))))
+    spec = QuantizeStep(mode="int8_static", smooth_quant=True, calibration={"method": "minmax"}, target={"min_cosine": 0.5})
+    result = quantize.apply(model, spec, data, StepContext(work_dir=tmp_path))
+    report = result.report
+    assert [row["status"] for row in report["candidates"]] == ["measured"] * len(report["candidates"])
+    assert report["smooth_quant"]["activations"] > 0 and report["settings"]["smooth_quant"] is True
+    feed = dict(np.load(io.BytesIO(dataset(exp, 3, seq=10))))
+    assert np.isfinite(_run(result.model, feed)).all()

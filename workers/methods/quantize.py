@@ -24,7 +24,7 @@ from workers.methods import quantize_lowbit
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.quantization import fusion, int4, int8, mixed_precision, selection, smoothing
 from workers.quantization.candidates import Candidate, plan
-from workers.quantization.measure import Measured, Reference
+from workers.quantization.measure import MIN_COMPRESSION, Measured, Reference
 
 name = "quantize"
 SPEC = QuantizeStep
@@ -177,6 +177,9 @@ def _measure(builder: Builder, reference: Reference, candidate: Candidate, timin
     measured = reference.measure(Measured(candidate, path, details=details))
     if timing and measured.error is None and (only is None) and (not candidate.float_nodes or measured.meets(builder.spec.target)):
         reference.time(measured, progress)
+    if only is not None or measured.error is not None or (candidate.float_nodes and not measured.meets(builder.spec.target)):
+        path.unlink(missing_ok=True)  # never kept: a model's worth of disk per sensitivity probe otherwise
+        measured.path = None
     return measured
 
 
@@ -265,12 +268,13 @@ def _quantize_measured(model: onnx.ModelProto, spec: QuantizeStep, data: StepDat
         measured += attempts
         chosen = selection.best(measured, spec.target, spec.objective)
 
-    rows = [c.row(reference.size_bytes) for c in measured]
+    rows = [c.row(spec.target) for c in measured]
     target_met = chosen is not None
     warnings = []
     if chosen is None:
         closest = selection.closest(measured)
-        what = f"cosine >= {spec.target.min_cosine}" if reference.accuracy is None else f"accuracy drop <= {spec.target.max_accuracy_drop}"
+        what = (f"cosine >= {spec.target.min_cosine}" if reference.accuracy is None else f"accuracy drop <= {spec.target.max_accuracy_drop}") \
+            + f" while at least {MIN_COMPRESSION}x smaller"
         if closest is None:
             raise CompressionFailed(f"no quantization candidate could be built or run: {selection.table_text(rows)}", code="quantize_failed")
         if spec.mode == "auto" and spec.on_target_missed == "fail":

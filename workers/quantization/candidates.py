@@ -73,11 +73,11 @@ def plan(spec: QuantizeStep, *, has_data: bool, transformer: bool, has_matmul: b
     else:
         op_sets = ("all",) if has_conv else ("matmul",)
     out: list[Candidate] = []
-    if "int8_dynamic" in families and (has_matmul or spec.mode == "int8_dynamic"):
-        # Dynamic int8 convolutions (ConvInteger) ran 6-13x slower than float on ORT's CPU provider: matrix
-        # products only, unless the user named operator types.
-        dyn_ops = "custom" if spec.op_types else "matmul"
-        out += [Candidate("int8_dynamic", per_channel=pc, reduce_range=rr, ops=dyn_ops, fused=f) for f in fused for pc in per_channel for rr in reduce_range]
+    if "int8_dynamic" in families and (has_matmul or has_conv or spec.mode == "int8_dynamic"):
+        # Dynamic int8 convolutions (ConvInteger) ran 6-13x slower than float on ORT's CPU provider, so
+        # "all ops" is a separate candidate the measurement can drop; transformer fusion only matters for matrix products.
+        out += [Candidate("int8_dynamic", per_channel=pc, reduce_range=rr, ops=ops, fused=f and ops != "all")
+                for ops in op_sets for f in fused for pc in per_channel for rr in reduce_range if not (f and ops == "all")]
     if "int8_static" in families and has_data:
         calibrations = (spec.calibration.method,) if spec.calibration.method else ("minmax", "percentile")
         smooth = _choices(spec.smooth_quant, (False, True) if transformer else (False,))

@@ -18,6 +18,9 @@ from workers.methods.base import StepData
 from workers.quantization.candidates import Candidate
 
 MAX_SAMPLES = 128
+# A candidate must be this much smaller than the original to count: quantize is asked for to shrink
+# the model, and one that leaves most weights in float (say, dynamic int8 of a CNN's last layer only) does not.
+MIN_COMPRESSION = 1.05
 TIMING = MeasureSpec(warmup=2, runs=10, batch_sizes=[1, 32], threads=1)
 
 
@@ -26,6 +29,7 @@ class Measured:
     candidate: Candidate
     path: Path | None = None
     size_bytes: int = 0
+    compression: float = 0.0  # original size / candidate size
     cosine: float | None = None
     top1_agreement: float | None = None
     accuracy: float | None = None
@@ -41,7 +45,7 @@ class Measured:
         return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else math.inf
 
     def meets(self, target: QualityTarget) -> bool:
-        if self.error is not None:
+        if self.error is not None or self.compression < MIN_COMPRESSION:
             return False
         if self.accuracy_drop is not None:
             return self.accuracy_drop <= target.max_accuracy_drop + 1e-9
@@ -53,13 +57,14 @@ class Measured:
             return -math.inf
         return -(self.accuracy_drop or 0.0) if self.accuracy_drop is not None else (self.cosine if self.cosine is not None else -math.inf)
 
-    def row(self, original_size: int) -> dict[str, Any]:
+    def row(self, target: QualityTarget) -> dict[str, Any]:
         return {
             "candidate": self.candidate.name,
             "settings": self.candidate.settings(),
             "status": "failed" if self.error else "measured",
             "error": self.error,
-            "compression_ratio": round(original_size / self.size_bytes, 3) if self.size_bytes else None,
+            "compression_ratio": round(self.compression, 3) if self.size_bytes else None,
+            "meets_target": self.meets(target),
             "cosine": None if self.cosine is None else round(self.cosine, 5),
             "top1_agreement": None if self.top1_agreement is None else round(self.top1_agreement, 4),
             "accuracy": self.accuracy,
@@ -94,6 +99,7 @@ class Reference:
         """Size and fidelity (a candidate ONNX Runtime cannot load or run is marked failed)."""
         assert measured.path is not None
         measured.size_bytes = measured.path.stat().st_size
+        measured.compression = self.size_bytes / measured.size_bytes
         try:
             session = m.make_session(measured.path, self.threads)
             self.fidelity(measured, session)

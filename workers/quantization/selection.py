@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from service.core.specs import QualityTarget
-from workers.quantization.measure import Measured
+from workers.quantization.measure import MIN_COMPRESSION, Measured
 
 
 def rank_key(measured: Measured, objective: str) -> tuple[float, float]:
@@ -19,14 +19,15 @@ def best(measured: list[Measured], target: QualityTarget, objective: str) -> Mea
 
 
 def closest(measured: list[Measured]) -> Measured | None:
-    usable = [c for c in measured if c.error is None]
+    usable = [c for c in measured if c.error is None and c.path is not None]
     return max(usable, key=lambda c: c.faithfulness()) if usable else None
 
 
 def promising_miss(measured: list[Measured], target: QualityTarget, objective: str, chosen: Measured | None) -> Measured | None:
     """The int8 candidate that missed the target but beats the chosen one on the objective: worth
     repairing by leaving its most sensitive layers in float."""
-    misses = [c for c in measured if c.error is None and not c.meets(target) and c.candidate.family.startswith("int8") and c.latency_ratio]
+    misses = [c for c in measured if c.error is None and not c.meets(target) and c.compression >= MIN_COMPRESSION
+              and c.candidate.family.startswith("int8") and c.latency_ratio]
     if chosen is not None:
         misses = [c for c in misses if rank_key(c, objective) < rank_key(chosen, objective)]
     return min(misses, key=lambda c: rank_key(c, objective)) if misses else None

@@ -82,7 +82,7 @@ def smooth(model: onnx.ModelProto, maxima: dict[str, np.ndarray], alpha: float) 
                 value = numpy_helper.to_array(inits[name])
                 inits[name].CopyFrom(numpy_helper.from_array((value / scale).astype(np.float32), name))
         else:
-            smoothed, factor = f"{activation}{SUFFIX}", f"{activation}{SUFFIX}_scale"
+            smoothed, factor = f"{activation}{SUFFIX}", f"{activation}{SUFFIX}_inverse"  # not "_scale": ORT names its own scales <tensor>_scale
             out.graph.initializer.append(numpy_helper.from_array((1.0 / scale).astype(np.float32), factor))
             inserted.append((activation, helper.make_node("Mul", [activation, factor], [smoothed], name=f"{activation}{SUFFIX}")))
             for mm in matmuls:
