@@ -35,6 +35,7 @@ from service.core.errors import JobFailure
 from service.core.events import publish
 from service.core.jobstore import cancel_requested, finish, renew_lease, take_lease
 from service.core.settings import Settings
+from service.core.specs import step_adapter
 from service.core.tables import StoredDataset, StoredModel
 from workers.job_process import RESULT_FILE
 from workers.job_input import JobInput
@@ -82,8 +83,7 @@ def _job_input(session, job) -> JobInput:  # noqa: ANN001
     dataset, eval_ds = row(StoredDataset, job.dataset_id), row(StoredDataset, job.eval_dataset_id)
     as_ds = lambda d: d and {"artifact_key": d.artifact_key, "arrays": d.arrays}  # noqa: E731
     referenced = {}
-    for step in job.steps:
-        other_id = step.get("student_model_id")
+    for other_id in {i for step in job.steps for i in step_adapter.validate_python(step).referenced_models()}:
         if other_id:
             other = row(StoredModel, other_id)
             if other.tenant_id != job.tenant_id:  # never another tenant's model, whatever the row says

@@ -111,5 +111,6 @@ def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: Step
     result = replace_initializers(exported, replacements)
     table = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)
     result.graph.initializer.append(numpy_helper.from_array(table, BITS))
-    return result, {"binarized_layers": chosen, "float_layers": [n for n in names if n not in chosen], "quality": scores}
+    float_layers = [{"layer": n, "why": "first or last layer, kept float (binary_keep_first_last)"} for n in names if n not in chosen]
+    return result, {"binarized_layers": chosen, "float_layers": float_layers, "quality": scores}
 

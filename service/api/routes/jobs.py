@@ -26,7 +26,7 @@ from service.core.errors import Conflict, InvalidInput, NotFound, QuotaExceeded,
 from service.core.jobstore import job_public, request_cancel
 from service.core.dispatch import dispatch
 from service.core.queue import enqueue_webhook
-from service.core.specs import BUNDLE_STEPS, DistillStep, step_requires_dataset
+from service.core.specs import StepCheck
 from service.core.tables import TERMINAL_STATUSES, Job, new_id
 from service.core.webhooks import check_webhook_url
 
@@ -56,11 +56,10 @@ def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None
             check_labels_fit(datasets[field].arrays, model.outputs, what=f"{field} {ds_id}")
     dataset = datasets.get("dataset_id")
     for index, step in enumerate(body.steps):
-        if step_requires_dataset(step) and body.dataset_id is None:
+        if step.needs_dataset() and body.dataset_id is None:
             raise InvalidInput(f"steps[{index}] ({step.method}) needs data (calibration, fine-tuning or importance): set dataset_id")
-        if isinstance(step, DistillStep):
-            _validate_distill(session, tenant_id, index, step, model, dataset)
-        if step.method in BUNDLE_STEPS and index != len(body.steps) - 1:
+        step.check(StepCheck(index, model, dataset, lambda other_id: owned_model(session, tenant_id, other_id)))
+        if step.writes_bundle and index != len(body.steps) - 1:
             raise InvalidInput(f"steps[{index}] ({step.method}) writes the final storage bundle, so it must be the last step")
     if body.webhook_url:
         check_webhook_url(body.webhook_url, settings)
@@ -69,20 +68,6 @@ def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None
         raise InvalidInput(f"limits.time_limit_s: at most {settings.job_time_limit_s:.0f} s on this service", code="limit_too_high")
     if limits.memory_limit_mb is not None and limits.memory_limit_mb * 1024**2 > settings.job_memory_limit_bytes:
         raise InvalidInput(f"limits.memory_limit_mb: at most {settings.job_memory_limit_bytes // 1024**2} MiB on this service", code="limit_too_high")
-
-
-def _validate_distill(session, tenant_id: str, index: int, step: DistillStep, teacher, dataset) -> None:  # noqa: ANN001
-    if step.compare_baseline and dataset is not None and not dataset.has_labels:
-        raise InvalidInput(f"steps[{index}]: compare_baseline trains on hard labels, but the dataset has no 'labels' array")
-    if step.student_model_id:
-        student = owned_model(session, tenant_id, step.student_model_id)
-        t_in = [(i["name"], i["shape"][1:]) for i in teacher.inputs]
-        s_in = [(i["name"], i["shape"][1:]) for i in student.inputs]
-        if t_in != s_in:
-            raise InvalidInput(f"steps[{index}]: the student's inputs {s_in} do not match the teacher's {t_in}", code="invalid_student")
-        t_out, s_out = teacher.outputs[0]["shape"][1:], student.outputs[0]["shape"][1:]
-        if t_out != s_out:
-            raise InvalidInput(f"steps[{index}]: the student's output shape {s_out} does not match the teacher's {t_out}", code="invalid_student")
 
 
 def _created(job: Job) -> JSONResponse:

@@ -1,0 +1,38 @@
+"""The cluster step: weight sharing (k-means codebooks, packed indices)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from service.core.methods.common import MethodSpec, NameList, TrainingSpec
+
+class ClusterStep(MethodSpec):
+    """Weight sharing: k-means per layer; the model stores a codebook and bit-packed indices."""
+
+    listing_order: ClassVar[int] = 40
+    method: Literal["cluster"] = "cluster"
+    bits: int = Field(5, ge=2, le=8, description="2^bits centroids per layer (a pruned layer reserves one for zero).")
+    init: Literal["linear", "density", "kmeans++"] = Field("linear", description="Centroid initialisation (Han et al. found linear best).")
+    layer_bits: dict[str, int] = Field(default_factory=dict, description="Per-layer overrides of `bits`, by layer name.")
+    skip_layers: NameList = Field(default_factory=list, max_length=4096)
+    min_elements: int = Field(256, ge=1, le=2**31, description="Smaller weight tensors stay float32.")
+    embeddings: bool = Field(
+        True, description="Also cluster embedding tables (a Gather's weight): often most of a language model's size. They are clustered as they are, not fine-tuned.",
+    )
+    finetune_epochs: int | None = Field(
+        None, ge=0, le=1000,
+        description="Fine-tune the centroids (gradients summed per cluster). Default: 2 when the job has a dataset, else 0; the best epoch on the evaluation data is kept.",
+    )
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    @model_validator(mode="after")
+    def _bits(self) -> "ClusterStep":
+        for name, bits in self.layer_bits.items():
+            if not 2 <= bits <= 8:
+                raise ValueError(f"layer_bits['{name}'] must be between 2 and 8")
+        return self
+
+    def needs_dataset(self) -> bool:
+        return (self.finetune_epochs or 0) > 0

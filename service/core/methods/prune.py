@@ -1,0 +1,53 @@
+"""The prune step: unstructured (stored sparse) or structured (layers narrowed)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from service.core.methods.common import MethodSpec, NameList, TrainingSpec
+
+class PruneStep(MethodSpec):
+    """Prune weights (unstructured: stored sparse, so the file shrinks) or whole neurons/channels
+    (structured: layers physically narrower), optionally in rounds of prune -> fine-tune."""
+
+    listing_order: ClassVar[int] = 20
+    method: Literal["prune"] = "prune"
+    kind: Literal["unstructured", "structured"] = "unstructured"
+    amount: float = Field(0.5, gt=0, lt=1, description="Fraction of weights (unstructured) or channels/neurons (structured) to remove.")
+    scope: Literal["global", "layer"] = Field("global", description="One threshold across layers, or the same fraction in every layer.")
+    importance: Literal["l1", "l2", "apoz", "taylor"] = Field(
+        "l1", description="l1/l2 weight magnitude; apoz: how often a neuron outputs zero on the data (structured only); taylor: |weight x gradient|."
+    )
+    layer_amounts: dict[str, float] = Field(default_factory=dict, description="Per-layer overrides of `amount`, by layer name (see the step report).")
+    skip_layers: NameList = Field(default_factory=list, max_length=4096, description="Layers left untouched.")
+    channel_multiple: int = Field(
+        8, ge=1, le=256,
+        description="structured: keep a multiple of this many channels/neurons per layer. Odd widths (14, 55...) run slower than the wider multiple of 8 on most CPU and GPU kernels; 1 keeps the exact amount.",
+    )
+    prune_output_layer: bool = Field(False, description="Also prune the last layer (structured pruning never narrows the model's outputs).")
+    iterations: int = Field(1, ge=1, le=50, description="Rounds of prune -> fine-tune; the pruned fraction grows to `amount` over the rounds.")
+    finetune_epochs: int | None = Field(
+        None, ge=0, le=1000,
+        description="Fine-tuning epochs after each round. Default: 2 when the job has a dataset, else 0. The best epoch on the evaluation data is kept, so fine-tuning never leaves the model worse than pruning alone.",
+    )
+    max_accuracy_drop: float | None = Field(
+        None, ge=0, le=1, description="Stop before accuracy (absolute, on the evaluation data) drops more than this; keep the best model within it."
+    )
+    lottery_ticket: bool = Field(False, description="Iterative magnitude pruning with rewinding to the uploaded weights (Frankle & Carbin).")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PruneStep":
+        if self.importance == "apoz" and self.kind != "structured":
+            raise ValueError("importance 'apoz' ranks neurons, so it needs kind 'structured'")
+        if self.lottery_ticket and (self.kind != "unstructured" or (self.finetune_epochs or 0) < 1):
+            raise ValueError("lottery_ticket needs kind 'unstructured' and finetune_epochs >= 1 (the ticket is trained)")
+        for name, amount in self.layer_amounts.items():
+            if not 0 <= amount < 1:
+                raise ValueError(f"layer_amounts['{name}'] must be in [0, 1)")
+        return self
+
+    def needs_dataset(self) -> bool:
+        return (self.finetune_epochs or 0) > 0 or self.importance in ("apoz", "taylor") or self.max_accuracy_drop is not None

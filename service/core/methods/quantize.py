@@ -1,0 +1,86 @@
+"""The quantize step: settings chosen by measurement (workers/methods/quantize.py)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from service.core.methods.common import CalibrationSpec, MethodSpec, NameList, StrictModel, TrainingSpec
+
+class QualityTarget(StrictModel):
+    """What "still behaves like the original" means when quantize measures its candidates."""
+
+    min_cosine: float = Field(0.99, ge=0, le=1, description="Mean cosine similarity of the candidate's outputs to the original's (used without labels).")
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Largest accuracy loss (0.01 = 1 point), used when the evaluation data has labels.")
+
+
+# Candidate families `quantize` measures; `candidates` may restrict a job to some of them.
+QUANTIZE_FAMILIES = ("int8_dynamic", "int8_static", "fp16", "int4_weight_only")
+
+
+class QuantizeStep(MethodSpec):
+    """Quantize an ONNX model with ONNX Runtime's quantization tools, choosing the settings by measurement."""
+
+    listing_order: ClassVar[int] = 10
+    method: Literal["quantize"] = "quantize"
+    mode: Literal["auto", "int8_dynamic", "int8_static", "fp16", "int4_weight_only", "binary"] = Field(
+        "auto",
+        description=(
+            "auto: builds candidates (dynamic int8 per-tensor and per-channel; static QDQ int8 on matrix products or on all "
+            "ops, with SmoothQuant on transformers, when the job has a dataset; each also after ONNX Runtime's transformer "
+            "fusions on BERT/GPT-2/ViT-like graphs; fp16; int4), measures each on held-out data against the original "
+            "(fidelity, and latency interleaved with the original's at batch 1 and 32), and keeps the best by `objective` "
+            "among those meeting `target`. A named mode (int8_dynamic, int8_static, int4_weight_only) measures its own "
+            "sub-settings the same way, except those fixed in the step. "
+            "binary: weights = sign x per-channel scale, 1 bit per weight stored, fine-tuned with a straight-through estimator."
+        ),
+    )
+    objective: Literal["latency", "size"] = Field("latency", description="What the kept candidate is best at, among those meeting the target.")
+    target: QualityTarget = Field(default_factory=QualityTarget)
+    on_target_missed: Literal["fail", "keep_closest"] = Field(
+        "fail",
+        description="auto, when no candidate meets the target: fail with `quantization_target_missed` and the candidate table, "
+        "or keep the most faithful candidate (flagged in the report and its warnings). A named mode always keeps its most faithful setting, flagged.",
+    )
+    candidates: list[Literal["int8_dynamic", "int8_static", "fp16", "int4_weight_only"]] | None = Field(
+        None, max_length=4, description="auto: only these candidate families (default: all that apply)."
+    )
+    mixed_precision: bool = Field(
+        True,
+        description="When the best candidate by the objective misses the target, rank its layers by sensitivity (each quantized "
+        "alone) and leave the most sensitive in float until the target holds.",
+    )
+    transformer_fusion: bool | None = Field(
+        None, description="Apply ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU fusions) first. Default: measured with and without on transformer graphs."
+    )
+    smooth_quant: bool | None = Field(
+        None, description="int8_static: SmoothQuant (move activation outliers into the weights). Default: measured on transformers, kept only when better."
+    )
+    smooth_quant_alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength: larger moves more of the activation range into the weights.")
+    int4_algorithm: Literal["rtn", "hqq", "gptq"] | None = Field(
+        None, description="int4_weight_only: round-to-nearest, HQQ or GPTQ (ONNX Runtime's MatMulNBitsQuantizer; GPTQ calibrates on the job's dataset). Default: measured."
+    )
+    int4_embeddings: bool = Field(True, description="int4_weight_only: quantize embedding tables (Gather) too; a table tied to the output projection is stored once.")
+    block_size: int = Field(32, ge=16, le=256, description="int4_weight_only: weights per quantization block (a power of two).")
+    binary_keep_first_last: bool = Field(True, description="binary: leave the first and last layers in float (as XNOR-Net and most binary networks do).")
+    finetune_epochs: int = Field(0, ge=0, le=1000, description="binary: straight-through fine-tuning epochs (needs a dataset).")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    per_channel: bool | None = Field(None, description="Per-channel weight scales for int8. Default: measured (both tried).")
+    reduce_range: bool | None = Field(
+        None, description="7-bit int8 weights, for CPUs without VNNI whose int8 arithmetic saturates. Default: measured where the CPU lacks VNNI, off elsewhere."
+    )
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    op_types: NameList | None = Field(None, max_length=4096, description="Only quantize these operator types (default: measured: matrix products only, or all supported).")
+    exclude_op_types: NameList = Field(default_factory=list, max_length=4096, description="Operator types left in float.")
+    exclude_nodes: NameList = Field(default_factory=list, max_length=4096, description="Node names left in float.")
+    keep_io_types: bool = Field(True, description="fp16: keep float32 model inputs/outputs so callers need no change.")
+
+    @model_validator(mode="after")
+    def _candidates_only_for_auto(self) -> "QuantizeStep":
+        if self.candidates is not None and self.mode != "auto":
+            raise ValueError("candidates chooses among families for mode auto; a named mode measures only its own settings")
+        return self
+
+    def needs_dataset(self) -> bool:
+        return self.mode == "int8_static" or (self.mode == "binary" and self.finetune_epochs > 0) or (self.mode == "int4_weight_only" and self.int4_algorithm == "gptq")
