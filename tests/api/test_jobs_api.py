@@ -113,7 +113,11 @@ def test_methods_are_listed_with_their_schema(client: TestClient) -> None:
     body = client.get("/v1/methods").json()
     quantize = next(m for m in body["data"] if m["name"] == "quantize")
     assert set(quantize["schema"]["properties"]["mode"]["enum"]) == {"auto", "int8_dynamic", "int8_static", "fp16", "int4_weight_only", "binary"}
-    assert {m["name"] for m in body["data"]} == {"quantize", "prune", "distill", "cluster", "huffman", "deep_compression"}
+    from service.core.specs import STEP_TYPES
+
+    listed = [m["name"] for m in body["data"]]
+    assert listed == [spec.model_fields["method"].default for spec in STEP_TYPES]  # every discovered method, in listing order
+    assert {"quantize", "prune", "distill", "cluster", "huffman", "deep_compression", "low_rank"} <= set(listed)
 
 
 def test_prometheus_metrics(client: TestClient, model_id: str) -> None:

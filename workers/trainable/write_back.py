@@ -110,6 +110,9 @@ def write_back(original: onnx.ModelProto, module: OnnxGraphModule) -> onnx.Model
 def _factorise(model: onnx.ModelProto, by_output: dict, layer: torch.nn.Sequential, source: dict, key: str) -> None:
     """A low-rank layer (Linear in->r without bias, then Linear r->out) as a MatMul by the first factor
     in front of the original MatMul/Gemm, which now holds the second factor."""
+    if source["kind"] == "conv":
+        _factorise_conv(model, by_output, layer, source, key)
+        return
     first, second = layer
     if source["kind"] not in ("matmul", "gemm") or not isinstance(first, torch.nn.Linear) or not isinstance(second, torch.nn.Linear):
         raise ValueError(f"cannot write a factorised {source['kind']} layer back")
@@ -133,6 +136,27 @@ def _factorise(model: onnx.ModelProto, by_output: dict, layer: torch.nn.Sequenti
         own = f"{source['bias']}__{key}"
         model.graph.initializer.append(numpy_helper.from_array(bias, own))
         bias_node.input[:] = [own if i == source["bias"] else i for i in bias_node.input]
+
+
+def _factorise_conv(model: onnx.ModelProto, by_output: dict, layer: torch.nn.Sequential, source: dict, key: str) -> None:
+    """A Tucker-2 convolution (1x1 C->r_in, K x K r_in->r_out, 1x1 r_out->O) around the original Conv
+    node, which keeps its stride, pads and dilations and now holds the K x K core."""
+    first, core, last = layer
+    node = by_output[source["nodes"][0]]
+    prefix = f"{source['weight']}__{key}"
+    tensors = {f"{prefix}_in": first.weight, f"{prefix}_core": core.weight, f"{prefix}_out": last.weight}
+    for name, value in tensors.items():
+        model.graph.initializer.append(numpy_helper.from_array(value.detach().cpu().numpy().astype(np.float32), name))
+    inputs_last = [f"{node.output[0]}__{key}_core", f"{prefix}_out"]
+    if last.bias is not None:
+        model.graph.initializer.append(numpy_helper.from_array(last.bias.detach().cpu().numpy().astype(np.float32), f"{prefix}_bias"))
+        inputs_last.append(f"{prefix}_bias")
+    position = list(model.graph.node).index(node)
+    original_output = node.output[0]
+    model.graph.node.insert(position, onnx.helper.make_node("Conv", [node.input[0], f"{prefix}_in"], [f"{original_output}__{key}_in"], kernel_shape=[1, 1]))
+    node.input[:] = [f"{original_output}__{key}_in", f"{prefix}_core"]
+    node.output[0] = f"{original_output}__{key}_core"
+    model.graph.node.insert(position + 2, onnx.helper.make_node("Conv", inputs_last, [original_output], kernel_shape=[1, 1]))
 
 
 def _trained_values(layer: torch.nn.Module, source: dict) -> dict[str, np.ndarray]:

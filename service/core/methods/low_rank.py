@@ -1,0 +1,30 @@
+"""The low_rank step: weights factorised into products of thinner ones (architecture design)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from service.core.methods.common import MethodSpec, NameList, TrainingSpec
+
+
+class LowRankStep(MethodSpec):
+    """Factorise weights: a linear layer W (out x in) by truncated SVD into (in -> r) then (r -> out); a
+    K x K convolution by Tucker-2 into 1x1 (C -> r_in), K x K (r_in -> r_out), 1x1 (r_out -> O).
+    Each layer is factorised only where that stores fewer numbers; then fine-tuned to recover."""
+
+    listing_order: ClassVar[int] = 70
+    method: Literal["low_rank"] = "low_rank"
+    rank_ratio: float | None = Field(
+        None, gt=0, lt=1, description="Keep this fraction of each layer's full rank (per mode, for convolutions). Default: chosen by `energy`."
+    )
+    energy: float = Field(0.9, gt=0, le=1, description="When rank_ratio is unset: keep the singular values holding this share of each layer's energy (sum of squares).")
+    convolutions: bool = Field(True, description="Also factorise K x K convolutions (K > 1, groups 1) by Tucker-2.")
+    layers: NameList | None = Field(None, max_length=4096, description="Only these layers (torch names as reported; default: every linear layer and convolution).")
+    min_layer_parameters: int = Field(1024, ge=0, description="Leave layers with fewer weights than this alone.")
+    finetune_epochs: int | None = Field(None, ge=0, le=1000, description="Fine-tuning epochs after factorising (default: 2 with a dataset, 0 without).")
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    def needs_dataset(self) -> bool:
+        return (self.finetune_epochs or 0) > 0

@@ -1,0 +1,1 @@
+"""Low-rank factorisation of trained layers (the low_rank method)."""
