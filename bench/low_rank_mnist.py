@@ -23,7 +23,7 @@ from tests import mnist
 from tests.cnn_models import downsample, train_residual_cnn
 
 LENET_STEP = {"method": "low_rank", "rank_ratio": 0.12, "finetune_epochs": 4, "training": {"lr": 1e-3, "batch_size": 128}}
-CNN_STEP = {"method": "low_rank", "rank_ratio": 0.45, "finetune_epochs": 3, "training": {"lr": 1e-3, "batch_size": 128}}
+CNN_STEP = {"method": "low_rank", "rank_ratio": 0.45, "finetune_epochs": 5, "training": {"lr": 1e-3, "batch_size": 128}}
 MEASURE = {"runs": 100, "batch_sizes": [1, 64], "max_eval_samples": 10000}
 
 

@@ -66,3 +66,25 @@ def factorise_conv(layer: nn.Conv2d, ratio: float | None, energy: float) -> tupl
 
 def parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def depthwise_separable(layer: nn.Conv2d) -> tuple[nn.Sequential, dict] | None:
+    """Depthwise K x K (same stride/padding/dilation) then pointwise 1x1, initialised so that
+    pointwise[o, c] * depthwise[c] is the best rank-1 fit of the original W[:, c] (O x K*K) for each
+    input channel c. None for 1x1 or grouped convolutions."""
+    if layer.groups != 1 or layer.kernel_size == (1, 1) or not isinstance(layer.padding, tuple):
+        return None
+    w = layer.weight.detach().float()  # O x C x kh x kw
+    o, c, kh, kw = w.shape
+    per_channel = w.permute(1, 0, 2, 3).reshape(c, o, kh * kw)  # C x O x K*K
+    u, s, vh = torch.linalg.svd(per_channel, full_matrices=False)
+    depthwise = nn.Conv2d(c, c, layer.kernel_size, stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=c, bias=False)
+    pointwise = nn.Conv2d(c, o, 1, bias=layer.bias is not None)
+    with torch.no_grad():
+        depthwise.weight.copy_(vh[:, 0, :].reshape(c, 1, kh, kw))
+        pointwise.weight.copy_((u[:, :, 0] * s[:, :1]).T.reshape(o, c, 1, 1))
+        if layer.bias is not None:
+            pointwise.bias.copy_(layer.bias)
+    approx = torch.einsum("oc,cij->ocij", pointwise.weight.detach()[:, :, 0, 0], depthwise.weight.detach()[:, 0])
+    error = float(torch.linalg.norm(approx - w) / torch.linalg.norm(w).clamp(min=1e-12))
+    return nn.Sequential(depthwise, pointwise), {"approximation_error": round(error, 5), "expected_ratio": round(1 / o + 1 / (kh * kw), 5)}

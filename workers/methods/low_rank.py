@@ -19,32 +19,11 @@ from service.core.methods.low_rank import LowRankStep
 from workers.factorization.layers import factorise_conv, factorise_linear, parameters
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.pruning.layers import weighted_layers
-from workers.trainable.from_onnx import OnnxGraphModule
-from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
-from workers.trainable.training import FINETUNE_LR, finetune_epochs, predict, quality, tensors, train, train_config
-from workers.trainable.verify import trainable
-from workers.trainable.write_back import trained_onnx
+from workers.trainable.run import TrainableRun
 
 name = "low_rank"
 SPEC = LowRankStep
 TIMING_RUNS = 20
-
-
-def _inputs_seen(module: OnnxGraphModule, layers: dict[str, nn.Module], example: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The input each layer receives on the example batch (for MACs and per-layer timing)."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def recorder(layer_name: str):  # noqa: ANN202
-        def hook(_module: nn.Module, args: tuple, _output: Any) -> None:  # returns None: a hook's return value would replace the output
-            seen.setdefault(layer_name, args[0].detach())
-        return hook
-
-    hooks = [layer.register_forward_hook(recorder(n)) for n, layer in layers.items()]
-    with torch.no_grad():
-        module.eval()(*example)
-    for hook in hooks:
-        hook.remove()
-    return seen
 
 
 def _macs(layer: nn.Module, x: torch.Tensor) -> int:
@@ -74,32 +53,22 @@ def _time_ms(layer: nn.Module, x: torch.Tensor) -> float:
 
 def apply(model: onnx.ModelProto, spec: LowRankStep, data: StepData, ctx: StepContext) -> StepResult:
     ctx.progress(0.0, "converting the model to a trainable form")
-    module = trainable(model, data)
-    layers = weighted_layers(module)
+    run = TrainableRun(model, data)
+    layers = weighted_layers(run.module)
     unknown = sorted(set(spec.layers or []) - set(layers))
     if unknown:
         raise InvalidInput(f"unknown layers {unknown}; this model's layers are {sorted(layers)}", code="invalid_layers")
-    names = module.input_names
-    if data.available:
-        inputs, labels = tensors(data, names), data.labels
-        held_out = data.evaluation or data
-        eval_inputs, eval_labels = tensors(held_out, names), held_out.labels
-    else:
-        rng = np.random.default_rng(0)
-        inputs = eval_inputs = [torch.from_numpy(rng.standard_normal(e.shape).astype(e.dtype)) for e in (example_input(model, i) for i in names)]
-        labels = eval_labels = None
-    example = [t[: data.fixed_batch or 8] for t in eval_inputs]
-    teacher, eval_teacher = predict(module, inputs), predict(module, eval_inputs)
-    baseline = quality(eval_teacher, eval_labels, eval_teacher)
-    seen = _inputs_seen(module, layers, example)
-    keys = {module.layer_names[k]: k for k in module.layers}
-
+    baseline = run.quality()
+    seen = run.inputs_seen(layers)
     rows: list[dict[str, Any]] = []
+    last = list(layers)[-1] if layers else None
     for i, (layer_name, layer) in enumerate(layers.items()):
         ctx.progress(0.05 + 0.15 * i / max(1, len(layers)), f"factorising {layer_name}")
         if spec.layers is not None and layer_name not in spec.layers:
             continue
         if parameters(layer) < spec.min_layer_parameters or layer_name not in seen:
+            continue
+        if layer_name == last and not spec.output_layer and spec.layers is None:
             continue
         if isinstance(layer, nn.Linear):
             found = factorise_linear(layer, spec.rank_ratio, spec.energy)
@@ -115,32 +84,28 @@ def apply(model: onnx.ModelProto, spec: LowRankStep, data: StepData, ctx: StepCo
                      "parameters_before": parameters(layer), "parameters_after": parameters(replacement),
                      "macs_before": _macs(layer, x), "macs_after": _macs(replacement, x),
                      "layer_ms_before": round(_time_ms(layer, x), 4), "layer_ms_after": round(_time_ms(replacement, x), 4)})
-        module.layers[keys[layer_name]] = replacement
+        run.replace(layer_name, replacement)
     if not rows:
         raise CompressionFailed("no layer stores fewer numbers when factorised at this rank/energy: lower `energy` or `rank_ratio`, "
                                 "or `min_layer_parameters`", code="nothing_to_factorise")
-    after_factorising = quality(predict(module, eval_inputs), eval_labels, eval_teacher)
-    epochs = finetune_epochs(spec.finetune_epochs, data.available)
-    outcome: dict = {}
-    if epochs:
-        def on_epoch(epoch: int, loss: float) -> None:
-            ctx.progress(0.2 + 0.7 * (epoch + 1) / epochs, f"fine-tuning the factorised model: epoch {epoch + 1}/{epochs}, loss {loss:.4f}", milestone=True)
+    after_factorising = run.quality()
 
-        train(module, inputs, labels, teacher, train_config(spec.training, epochs, FINETUNE_LR), on_epoch, None, data.fixed_batch,
-              keep_best=lambda: quality(predict(module, eval_inputs), eval_labels, eval_teacher), outcome=outcome)
-    final = quality(predict(module, eval_inputs), eval_labels, eval_teacher)
+    def on_epoch(epoch: int, epochs: int, loss: float) -> None:
+        ctx.progress(0.2 + 0.7 * (epoch + 1) / epochs, f"fine-tuning the factorised model: epoch {epoch + 1}/{epochs}, loss {loss:.4f}", milestone=True)
+
+    outcome = run.finetune(spec.finetune_epochs, spec.training, on_epoch)
+    final = run.quality()
     ctx.progress(0.95, "writing the factors into the model", milestone=True)
-    example_t = tuple(example)
-    result = trained_onnx(model, module, example_t, lambda: export(module, example_t, module.input_names, module.output_names, has_dynamic_batch(model)))
+    result = run.to_onnx()
     before = sum(r["parameters_before"] for r in rows)
     after = sum(r["parameters_after"] for r in rows)
     report = {
         "layers": rows,
         "factorised_parameters": {"before": before, "after": after, "ratio": round(before / max(1, after), 3)},
         "macs_in_factorised_layers": {"before": sum(r["macs_before"] for r in rows), "after": sum(r["macs_after"] for r in rows)},
-        "quality_metric": "accuracy" if eval_labels is not None and eval_teacher.dim() == 2 else "agreement_with_original",
+        "quality_metric": run.metric,
         "quality": {"original": baseline, "factorised": after_factorising, "after_finetune": final},
-        "finetune": {"epochs": epochs, **outcome},
-        "evaluated_on": "evaluation data" if data.evaluation else ("training data (no evaluation dataset)" if data.available else "synthetic inputs"),
+        "finetune": outcome,
+        "evaluated_on": run.evaluated_on,
     }
     return StepResult(model=result, report=report)

@@ -139,24 +139,39 @@ def _factorise(model: onnx.ModelProto, by_output: dict, layer: torch.nn.Sequenti
 
 
 def _factorise_conv(model: onnx.ModelProto, by_output: dict, layer: torch.nn.Sequential, source: dict, key: str) -> None:
-    """A Tucker-2 convolution (1x1 C->r_in, K x K r_in->r_out, 1x1 r_out->O) around the original Conv
-    node, which keeps its stride, pads and dilations and now holds the K x K core."""
-    first, core, last = layer
+    """A convolution replaced by a chain of convolutions (Tucker-2: 1x1, K x K core, 1x1; depthwise
+    separable: K x K depthwise, 1x1): the original Conv node becomes the part with the K x K kernel,
+    keeping its stride, pads and dilations (and gaining that part's `group`); the 1x1 parts go before
+    and after it. Only the last part may have a bias."""
+    parts = list(layer)
+    cores = [i for i, p in enumerate(parts) if isinstance(p, torch.nn.Conv2d) and tuple(p.kernel_size) != (1, 1)]
+    if len(cores) != 1 or not all(isinstance(p, torch.nn.Conv2d) for p in parts) or any(p.bias is not None for p in parts[:-1]):
+        raise ValueError("cannot write this convolution chain back")
     node = by_output[source["nodes"][0]]
-    prefix = f"{source['weight']}__{key}"
-    tensors = {f"{prefix}_in": first.weight, f"{prefix}_core": core.weight, f"{prefix}_out": last.weight}
-    for name, value in tensors.items():
-        model.graph.initializer.append(numpy_helper.from_array(value.detach().cpu().numpy().astype(np.float32), name))
-    inputs_last = [f"{node.output[0]}__{key}_core", f"{prefix}_out"]
-    if last.bias is not None:
-        model.graph.initializer.append(numpy_helper.from_array(last.bias.detach().cpu().numpy().astype(np.float32), f"{prefix}_bias"))
-        inputs_last.append(f"{prefix}_bias")
-    position = list(model.graph.node).index(node)
-    original_output = node.output[0]
-    model.graph.node.insert(position, onnx.helper.make_node("Conv", [node.input[0], f"{prefix}_in"], [f"{original_output}__{key}_in"], kernel_shape=[1, 1]))
-    node.input[:] = [f"{original_output}__{key}_in", f"{prefix}_core"]
-    node.output[0] = f"{original_output}__{key}_core"
-    model.graph.node.insert(position + 2, onnx.helper.make_node("Conv", inputs_last, [original_output], kernel_shape=[1, 1]))
+    original_output, position = node.output[0], list(model.graph.node).index(node)
+    prefix, current = f"{source['weight']}__{key}", node.input[0]
+    new_nodes = []
+    for i, part in enumerate(parts):
+        weight = f"{prefix}_w{i}"
+        model.graph.initializer.append(numpy_helper.from_array(part.weight.detach().cpu().numpy().astype(np.float32), weight))
+        inputs = [current, weight]
+        if part.bias is not None:
+            model.graph.initializer.append(numpy_helper.from_array(part.bias.detach().cpu().numpy().astype(np.float32), f"{prefix}_b{i}"))
+            inputs.append(f"{prefix}_b{i}")
+        output = original_output if i == len(parts) - 1 else f"{original_output}__{key}_{i}"
+        if i == cores[0]:
+            node.input[:] = inputs
+            node.output[0] = output
+            kept = [a for a in node.attribute if a.name != "group"]
+            del node.attribute[:]
+            node.attribute.extend(kept + [onnx.helper.make_attribute("group", part.groups)])
+            new_nodes.append(node)
+        else:
+            new_nodes.append(onnx.helper.make_node("Conv", inputs, [output], kernel_shape=[1, 1]))
+        current = output
+    model.graph.node.remove(node)
+    for offset, new in enumerate(new_nodes):
+        model.graph.node.insert(position + offset, new)
 
 
 def _trained_values(layer: torch.nn.Module, source: dict) -> dict[str, np.ndarray]:

@@ -22,6 +22,7 @@ class LowRankStep(MethodSpec):
     energy: float = Field(0.9, gt=0, le=1, description="When rank_ratio is unset: keep the singular values holding this share of each layer's energy (sum of squares).")
     convolutions: bool = Field(True, description="Also factorise K x K convolutions (K > 1, groups 1) by Tucker-2.")
     layers: NameList | None = Field(None, max_length=4096, description="Only these layers (torch names as reported; default: every linear layer and convolution).")
+    output_layer: bool = Field(False, description="Also factorise the last layer (the classifier head), whose rank is at most the number of classes: usually costly.")
     min_layer_parameters: int = Field(1024, ge=0, description="Leave layers with fewer weights than this alone.")
     finetune_epochs: int | None = Field(None, ge=0, le=1000, description="Fine-tuning epochs after factorising (default: 2 with a dataset, 0 without).")
     training: TrainingSpec = Field(default_factory=TrainingSpec)

@@ -1,0 +1,82 @@
+"""The scaffold shared by methods that change a model's layers and then train it back (low_rank,
+depthwise_separable, early_exit): the trainable module, training and held-out tensors, the
+original's outputs as the reference, a quality score, fine-tuning that keeps the best epoch, and the
+way back into the user's ONNX graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from workers.methods.base import StepData
+from workers.trainable.from_onnx import OnnxGraphModule
+from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
+from workers.trainable.training import FINETUNE_LR, finetune_epochs, predict, quality, tensors, train, train_config
+from workers.trainable.verify import trainable
+from workers.trainable.write_back import trained_onnx
+
+
+class TrainableRun:
+    def __init__(self, model: onnx.ModelProto, data: StepData, example_batch: int = 8) -> None:
+        self.model = model
+        self.module: OnnxGraphModule = trainable(model, data)
+        self.data = data
+        names = self.module.input_names
+        if data.available:
+            self.inputs, self.labels = tensors(data, names), data.labels
+            held_out = data.evaluation or data
+            self.eval_inputs, self.eval_labels = tensors(held_out, names), held_out.labels
+            self.evaluated_on = "evaluation data" if data.evaluation else "training data (no evaluation dataset)"
+        else:
+            rng = np.random.default_rng(0)
+            self.inputs = self.eval_inputs = [torch.from_numpy(rng.standard_normal(e.shape).astype(e.dtype)) for e in (example_input(model, i) for i in names)]
+            self.labels = self.eval_labels = None
+            self.evaluated_on = "synthetic inputs"
+        self.example = tuple(t[: data.fixed_batch or example_batch] for t in self.eval_inputs)
+        self.teacher = predict(self.module, self.inputs)
+        self.eval_teacher = predict(self.module, self.eval_inputs)
+        self.metric = "accuracy" if self.eval_labels is not None and self.eval_teacher.dim() == 2 else "agreement_with_original"
+
+    def quality(self, module: nn.Module | None = None) -> float:
+        return quality(predict(module or self.module, self.eval_inputs), self.eval_labels, self.eval_teacher)
+
+    def inputs_seen(self, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """The input each named layer receives on the example batch."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def recorder(layer_name: str):  # noqa: ANN202
+            def hook(_module: nn.Module, args: tuple, _output: Any) -> None:  # returns None: a returned value would replace the output
+                seen.setdefault(layer_name, args[0].detach())
+            return hook
+
+        hooks = [layer.register_forward_hook(recorder(n)) for n, layer in layers.items()]
+        with torch.no_grad():
+            self.module.eval()(*self.example)
+        for hook in hooks:
+            hook.remove()
+        return seen
+
+    def replace(self, layer_name: str, replacement: nn.Module) -> None:
+        key = next(k for k, n in self.module.layer_names.items() if n == layer_name)
+        self.module.layers[key] = replacement
+
+    def finetune(self, asked_epochs: int | None, training: Any, on_epoch: Callable[[int, int, float], None], *, distil: bool = False,
+                 default_lr: float = FINETUNE_LR) -> dict[str, Any]:
+        """Train the changed module (on labels, or with `distil` or without labels on the original's
+        outputs), keeping the best epoch on the held-out data; returns the scores and the epoch kept."""
+        epochs = finetune_epochs(asked_epochs, self.data.available)
+        outcome: dict[str, Any] = {"epochs": epochs, "target": "the original model's outputs" if distil or self.labels is None else "labels"}
+        if epochs:
+            train(self.module, self.inputs, None if distil else self.labels, self.teacher, train_config(training, epochs, default_lr),
+                  lambda epoch, loss: on_epoch(epoch, epochs, loss), None, self.data.fixed_batch, keep_best=self.quality, outcome=outcome)
+        return outcome
+
+    def to_onnx(self) -> onnx.ModelProto:
+        """The user's graph with the changed layers written in; a fresh export when that cannot be done."""
+        module, example = self.module, self.example
+        return trained_onnx(self.model, module, example, lambda: export(module, example, module.input_names, module.output_names, has_dynamic_batch(self.model)))
