@@ -1,0 +1,32 @@
+"""The early_exit step: classifier heads at chosen depths and a confidence policy (dynamic computation)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field
+
+from service.core.methods.common import MethodSpec, NameList
+
+
+class EarlyExitStep(MethodSpec):
+    """Attach classifier heads after chosen layers, train them by distillation from the model's own
+    final head (the backbone is frozen, so the final exit keeps the original's accuracy exactly), and
+    choose a confidence threshold on held-out data: a sample leaves at the first exit whose top softmax
+    probability reaches it. The artifact computes only up to the exit taken (nested ONNX `If`), keeps
+    the original's input and first output, and adds `exit_index`."""
+
+    listing_order: ClassVar[int] = 90
+    method: Literal["early_exit"] = "early_exit"
+    exits: NameList | None = Field(
+        None, max_length=8, description="Layers after which to attach an exit (torch names as reported). Default: up to 3 layers, evenly spaced among those within the first half of the model's MACs."
+    )
+    max_accuracy_drop: float = Field(0.002, ge=0, le=1, description="Largest accuracy loss (0.002 = 0.2 points) the chosen threshold may cost on the held-out data.")
+    thresholds: list[float] | None = Field(None, max_length=64, description="Confidence thresholds to evaluate (default: 0.5 to 0.9999).")
+    head_grid: int = Field(6, ge=1, le=16, description="A convolutional exit average-pools its feature map to head_grid x head_grid before its linear classifier.")
+    epochs: int = Field(10, ge=1, le=1000, description="Head training epochs (on cached features: cheap).")
+    temperature: float = Field(2.0, gt=0, le=100, description="Distillation temperature of the final head's soft targets.")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the label cross-entropy when the data has labels (soft loss: 1 - alpha).")
+
+    def needs_dataset(self) -> bool:
+        return True
