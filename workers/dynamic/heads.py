@@ -19,13 +19,14 @@ class Exit:
     tensor: str  # the ONNX tensor the head reads
     feature_shape: tuple[int, ...]  # per sample: (C, H, W) or (F,)
     kernel: tuple[int, int] | None  # AveragePool kernel (= stride) for a feature map
-    head: nn.Linear = field(init=False)
+    hidden: int = 0  # width of the head's hidden layer (0: a single linear layer)
+    head: nn.Sequential = field(init=False)
     macs_prefix: int = 0  # backbone MACs per sample up to this exit
     train_features: torch.Tensor | None = None
     eval_features: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.head = nn.Linear(self.features, 1)  # resized in `heads` once the class count is known
+        self.head = make_head(self.features, self.hidden, 1)  # rebuilt in `train_heads` once the class count is known
 
     @property
     def features(self) -> int:
@@ -37,7 +38,17 @@ class Exit:
     @property
     def head_macs(self) -> int:
         pool = int(np.prod(self.feature_shape)) if self.kernel is not None else 0
-        return pool + self.head.in_features * self.head.out_features
+        return pool + sum(m.in_features * m.out_features for m in self.head if isinstance(m, nn.Linear))
+
+    @property
+    def head_parameters(self) -> int:
+        return sum(p.numel() for p in self.head.parameters())
+
+
+def make_head(features: int, hidden: int, classes: int) -> nn.Sequential:
+    if hidden:
+        return nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+    return nn.Sequential(nn.Linear(features, classes))
 
 
 def pooling_kernel(shape: tuple[int, ...], grid: int) -> tuple[int, int] | None:
@@ -65,7 +76,7 @@ def train_heads(exits: list[Exit], teacher: torch.Tensor, labels: np.ndarray | N
     y = torch.from_numpy(labels).long() if labels is not None else None
     soft = F.softmax(teacher / temperature, dim=1)
     for exit_ in exits:
-        exit_.head = nn.Linear(exit_.features, classes)
+        exit_.head = make_head(exit_.features, exit_.hidden, classes)
     params = [p for e in exits for p in e.head.parameters()]
     optimizer = torch.optim.Adam(params, lr=3e-3)
     n = len(teacher)

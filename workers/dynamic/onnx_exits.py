@@ -11,6 +11,7 @@ import copy
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from workers.dynamic.heads import Exit
@@ -44,10 +45,18 @@ def _head_nodes(exit_: Exit, index: int, opset: int, inits: list[onnx.TensorProt
         nodes.append(helper.make_node("AveragePool", [current], [f"{prefix}_pooled"], kernel_shape=list(exit_.kernel), strides=list(exit_.kernel), name=f"{prefix}_pool"))
         current = f"{prefix}_pooled"
     nodes.append(helper.make_node("Flatten", [current], [f"{prefix}_flat"], axis=1, name=f"{prefix}_flatten"))
-    inits += [numpy_helper.from_array(exit_.head.weight.detach().numpy().astype(np.float32), f"{prefix}_weight"),
-              numpy_helper.from_array(exit_.head.bias.detach().numpy().astype(np.float32), f"{prefix}_bias")]
-    logits = f"{prefix}_logits"
-    nodes.append(helper.make_node("Gemm", [f"{prefix}_flat", f"{prefix}_weight", f"{prefix}_bias"], [logits], transB=1, name=f"{prefix}_classifier"))
+    current = f"{prefix}_flat"
+    linears = [m for m in exit_.head if isinstance(m, torch.nn.Linear)]
+    for j, linear in enumerate(linears):
+        inits += [numpy_helper.from_array(linear.weight.detach().numpy().astype(np.float32), f"{prefix}_weight{j}"),
+                  numpy_helper.from_array(linear.bias.detach().numpy().astype(np.float32), f"{prefix}_bias{j}")]
+        output = f"{prefix}_logits" if j == len(linears) - 1 else f"{prefix}_hidden{j}"
+        nodes.append(helper.make_node("Gemm", [current, f"{prefix}_weight{j}", f"{prefix}_bias{j}"], [output], transB=1, name=f"{prefix}_linear{j}"))
+        if j < len(linears) - 1:
+            nodes.append(helper.make_node("Relu", [output], [f"{output}_relu"], name=f"{prefix}_relu{j}"))
+            output = f"{output}_relu"
+        current = output
+    logits = current
     nodes.append(helper.make_node("Softmax", [logits], [f"{prefix}_probs"], axis=1, name=f"{prefix}_softmax"))
     if opset >= 18:
         inits.append(numpy_helper.from_array(np.array([1], np.int64), f"{prefix}_axis"))

@@ -111,7 +111,7 @@ def apply(model: onnx.ModelProto, spec: EarlyExitStep, data: StepData, ctx: Step
         with torch.no_grad():
             shape = tuple(layers[layer_name](seen[layer_name]).shape[1:])
         exit_ = Exit(layer_name, run.module.sources[keys[layer_name]]["nodes"][-1], shape, pooling_kernel(shape, spec.head_grid),
-                     macs_prefix=int(cumulative[names.index(layer_name)]))
+                     hidden=spec.head_hidden, macs_prefix=int(cumulative[names.index(layer_name)]))
         exit_.train_features = _features(run, layers[layer_name], exit_, run.inputs)
         exit_.eval_features = _features(run, layers[layer_name], exit_, run.eval_inputs)
         exits.append(exit_)
@@ -138,7 +138,7 @@ def apply(model: onnx.ModelProto, spec: EarlyExitStep, data: StepData, ctx: Step
     original_ms, exited_ms, taken = _ort_time(model, result, feeds)
     report: dict[str, Any] = {
         "exits": [{"layer": e.layer, "tensor": e.tensor, "feature_shape": list(e.feature_shape), "pooling_kernel": e.kernel,
-                   "head_parameters": e.head.weight.numel() + e.head.bias.numel(), "head_macs": e.head_macs,
+                   "head_parameters": e.head_parameters, "head_macs": e.head_macs,
                    "macs_to_here": e.macs_prefix, "share_of_model_macs": round(e.macs_prefix / max(1, total), 4)} for e in exits],
         "model_macs": total,
         "quality_metric": run.metric,

@@ -24,6 +24,7 @@ class EarlyExitStep(MethodSpec):
     max_accuracy_drop: float = Field(0.002, ge=0, le=1, description="Largest accuracy loss (0.002 = 0.2 points) the chosen threshold may cost on the held-out data.")
     thresholds: list[float] | None = Field(None, max_length=64, description="Confidence thresholds to evaluate (default: 0.5 to 0.9999).")
     head_grid: int = Field(6, ge=1, le=16, description="A convolutional exit average-pools its feature map to head_grid x head_grid before its linear classifier.")
+    head_hidden: int = Field(128, ge=0, le=4096, description="Hidden units of each exit head's one hidden layer (ReLU); 0 for a single linear layer.")
     epochs: int = Field(10, ge=1, le=1000, description="Head training epochs (on cached features: cheap).")
     temperature: float = Field(2.0, gt=0, le=100, description="Distillation temperature of the final head's soft targets.")
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the label cross-entropy when the data has labels (soft loss: 1 - alpha).")
