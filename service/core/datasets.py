@@ -131,7 +131,7 @@ def inspect_npz(path: Path, *, max_members: int, max_decompressed_bytes: int) ->
             name = info.filename[: -len(".npy")]
             if headers[name][1].kind == "f" and not _all_finite(zf, info, headers[name][1]):
                 raise InvalidInput(f"array '{name}' contains NaN or infinite values")
-    arrays = {name: {"dtype": dtype.name, "shape": list(shape)} for name, (shape, dtype) in headers.items()}
+    arrays: dict[str, dict[str, Any]] = {name: {"dtype": dtype.name, "shape": list(shape)} for name, (shape, dtype) in headers.items()}
     if label_range is not None:
         arrays[LABELS].update({"min": label_range[0], "max": label_range[1]})
     return {

@@ -6,26 +6,33 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, cast
 
 from sqlalchemy import create_engine, event, make_url, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 
 @lru_cache(maxsize=8)
+def rowcount(result: Any) -> int:
+    """Rows an UPDATE or DELETE touched (session.execute returns a CursorResult for those; typed as Result)."""
+    return int(cast("CursorResult[Any]", result).rowcount)
+
+
 def get_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1].split("?", 1)[0]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # `?timeout=SECONDS` in the URL sets how long a writer waits for a lock (default 30 s).
-        busy_s = float(make_url(url).query.get("timeout", 30))
+        timeout = make_url(url).query.get("timeout", "30")
+        busy_s = float(timeout if isinstance(timeout, str) else timeout[0])
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": busy_s})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
             # WAL lets the API read while a worker writes progress; busy_timeout waits out writers.
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")

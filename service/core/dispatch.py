@@ -14,7 +14,7 @@ import logging
 
 from sqlalchemy import func, select, update
 
-from service.core.db import session_scope
+from service.core.db import rowcount, session_scope
 from service.core.queue import enqueue_job
 from service.core.settings import Settings
 from service.core.tables import Job, utcnow
@@ -42,10 +42,10 @@ def dispatch(settings: Settings, tenant_id: str) -> list[str]:
     for job_id in waiting:
         with session_scope(url) as session:
             # Claim it first: two dispatchers racing (API and worker) must not both enqueue it.
-            claimed = session.execute(
+            claimed = rowcount(session.execute(
                 update(Job).where(Job.id == job_id, Job.dispatched_at.is_(None), Job.status == "queued")
                 .values(dispatched_at=utcnow()).execution_options(synchronize_session=False)
-            ).rowcount
+            ))
         if not claimed:
             continue
         try:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from service.core.db import rowcount
 from service.core.tables import TERMINAL_STATUSES, Job, utcnow
 
 
@@ -76,11 +77,13 @@ def take_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> Lease
     )
     session.commit()
     job = session.get(Job, job_id, populate_existing=True)
-    if result.rowcount == 1:
+    if rowcount(result) == 1:
         return LeaseResult(True, job)
     retry, held = 0.0, False
     if job is not None and job.status == "running" and job.lease_expires_at is not None:
-        remaining = (aware(job.lease_expires_at) - now).total_seconds()
+        expires = aware(job.lease_expires_at)
+        assert expires is not None
+        remaining = (expires - now).total_seconds()
         retry, held = max(1.0, remaining + 0.5), remaining > 0
     return LeaseResult(False, job, retry, held)
 
@@ -94,7 +97,7 @@ def renew_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> bool
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def set_progress(session: Session, job_id: str, owner: str, progress: dict[str, Any]) -> str:
@@ -107,7 +110,7 @@ def set_progress(session: Session, job_id: str, owner: str, progress: dict[str, 
         .execution_options(synchronize_session=False)
     )
     session.commit()
-    if result.rowcount != 1:
+    if rowcount(result) != 1:
         return "lost"
     return "cancel" if cancel_requested(session, job_id) else "ok"
 
@@ -143,7 +146,7 @@ def finish(
         values["progress"] = progress
     result = session.execute(update(Job).where(*conditions).values(**values).execution_options(synchronize_session=False))
     session.commit()
-    return result.rowcount == 1
+    return rowcount(result) == 1
 
 
 def request_cancel(session: Session, job: Job) -> str:
@@ -160,7 +163,7 @@ def request_cancel(session: Session, job: Job) -> str:
         )
         .execution_options(synchronize_session=False)
     )
-    if queued.rowcount == 0:
+    if rowcount(queued) == 0:
         session.execute(
             update(Job)
             .where(Job.id == job.id, Job.status.in_(("queued", "running")))

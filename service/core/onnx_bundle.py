@@ -98,14 +98,14 @@ def internalize(zip_path: Path, work_dir: Path, max_bytes: int) -> Path:
     for tensor in _get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info: Any = ExternalDataInfo(tensor)
-        location = info.location
+        external: Any = ExternalDataInfo(tensor)
+        location = external.location
         if location not in flat or location.endswith(".onnx"):
             raise BundleRefused("invalid_model", f"tensor '{tensor.name}' refers to '{location}', which is not a data file in the archive")
         size = (extracted / location).stat().st_size
-        end = (info.offset or 0) + (info.length if info.length is not None else 0)
-        if (info.offset or 0) > size or end > size:
-            raise BundleRefused("invalid_model", f"tensor '{tensor.name}' lies outside '{location}' (offset {info.offset}, length {info.length}, file {size} bytes)")
+        end = (external.offset or 0) + (external.length if external.length is not None else 0)
+        if (external.offset or 0) > size or end > size:
+            raise BundleRefused("invalid_model", f"tensor '{tensor.name}' lies outside '{location}' (offset {external.offset}, length {external.length}, file {size} bytes)")
     load_external_data_for_model(model, str(extracted))
     if model.ByteSize() > SINGLE_FILE_LIMIT:
         raise BundleRefused("model_too_large", "the model's weights exceed 2 GB, which a single-file ONNX model cannot hold; models over 2 GB are not supported yet")

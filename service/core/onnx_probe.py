@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,12 @@ def probe_onnx(path: Path, *, timeout_s: float, memory_bytes: int, run: bool = T
         message = result["message"].replace(str(path), "the model").replace(str(path.parent), "")
         raise InvalidInput(message, code=result["code"])
     result.pop("ok")
-    return result
+    return dict(result)
 
 
 # ---- child side: imports onnx/onnxruntime only here, never in the API process itself ----
 
-def _all_tensors(graph):  # noqa: ANN001, ANN202
+def _all_tensors(graph: Any) -> Iterator[Any]:
     import onnx
 
     yield from graph.initializer
@@ -90,7 +91,7 @@ def _all_tensors(graph):  # noqa: ANN001, ANN202
                     yield from _all_tensors(g)
 
 
-def value_info(vi) -> dict[str, Any]:  # noqa: ANN001
+def value_info(vi: Any) -> dict[str, Any]:
     import onnx
 
     tt = vi.type.tensor_type

@@ -82,7 +82,7 @@ class Settings(BaseSettings):
         # A comma-separated variable is easier to set in a unit file than a JSON list.
         if isinstance(value, str):
             return [h.strip().lower() for h in value.split(",") if h.strip()]
-        return [str(h).lower() for h in value or []]
+        return [str(h).lower() for h in (value if isinstance(value, (list, tuple, set)) else [])]
 
     @property
     def resolved_database_url(self) -> str:

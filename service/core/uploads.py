@@ -12,6 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
@@ -45,14 +46,14 @@ class _PartCollector:
         self.filename = ""
         self.size = 0
         self._digest = hashlib.sha256()
-        self._fh = None
+        self._fh: BinaryIO | None = None
         self._headers: dict[str, bytes] = {}
         self._hname = b""
         self._hvalue = b""
         self._current: str | None = None
         self._buffer = bytearray()
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> Any:  # multipart's MultipartCallbacks (a TypedDict of callables)
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda d, s, e: self._header_bytes("_hname", d[s:e]),
@@ -99,6 +100,7 @@ class _PartCollector:
             if self.size > self.max_bytes:
                 raise PayloadTooLarge(f"upload exceeds the limit of {self.max_bytes} bytes")
             self._digest.update(chunk)
+            assert self._fh is not None  # opened by the part's headers
             self._fh.write(chunk)
         else:
             self._buffer += chunk

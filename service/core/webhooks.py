@@ -90,7 +90,7 @@ def deliver(url: str, payload: dict[str, Any], settings: Settings) -> int:
     httpx/OS/timeout error (retryable)."""
     check_webhook_url(url, settings)
     parts = urlsplit(url)
-    _check_addresses(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), settings)
+    _check_addresses(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80), settings)
     body = json.dumps(payload, default=str, sort_keys=True).encode()
     timestamp = str(int(time.time()))
     headers = {

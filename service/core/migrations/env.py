@@ -9,7 +9,7 @@ config = context.config
 connection = config.attributes.get("connection")
 
 if connection is None:  # `alembic` CLI use: open our own connection
-    connection = create_engine(config.get_main_option("sqlalchemy.url")).connect()
+    connection = create_engine(config.get_main_option("sqlalchemy.url") or "").connect()
 
 context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
 with context.begin_transaction():
