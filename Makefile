@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-.PHONY: install serve test openapi bench
+.PHONY: install serve test lint openapi bench
 install: $(STAMP)
 
 serve: $(STAMP)
@@ -20,6 +20,10 @@ serve: $(STAMP)
 test: $(STAMP)
 	./scripts/ensure-services.sh
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check service workers bench tests
+	$(BIN)/mypy service/core
 
 openapi: $(STAMP)
 	$(BIN)/python -m service.api.openapi_dump

@@ -28,7 +28,7 @@ class Export:
     vocab: int | None = None
 
 
-def build(arch: str, tiny: bool = True):  # noqa: ANN201
+def build(arch: str, tiny: bool = True):
     """(torch module returning one tensor, example inputs, input names, vocabulary size)."""
     import torch
     from transformers import (BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, ResNetConfig, ResNetForImageClassification,

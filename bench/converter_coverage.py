@@ -71,13 +71,13 @@ def known_gap(case_name: str) -> str | None:
     return next((why for prefix, why in KNOWN_GAPS.items() if case_name.startswith(prefix)), None)
 
 
-def _array(value):  # noqa: ANN001, ANN202
+def _array(value):
     from onnx import numpy_helper
 
     return np.asarray(value) if isinstance(value, (np.ndarray, np.generic)) else numpy_helper.to_array(value)
 
 
-def _tensor(x: np.ndarray):  # noqa: ANN202
+def _tensor(x: np.ndarray):
     import torch
 
     if x.dtype.name == "bfloat16":
@@ -85,7 +85,7 @@ def _tensor(x: np.ndarray):  # noqa: ANN202
     return torch.from_numpy(np.array(x))  # a writable copy
 
 
-def _matches(got, expected: np.ndarray) -> bool:  # noqa: ANN001
+def _matches(got, expected: np.ndarray) -> bool:
     import torch
 
     value = (got.float() if got.dtype == torch.bfloat16 else got).numpy()
@@ -120,7 +120,7 @@ def run_cases() -> Coverage:
                     coverage.per_op[op][0] += 1
                     continue
                 coverage.failures[case.name] = "outputs differ"
-            except Exception as exc:  # a case the converter cannot run: recorded, not fatal
+            except Exception as exc:  # noqa: BLE001 - a case the converter cannot run: recorded, not fatal
                 coverage.failures[case.name] = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
     return coverage
 

@@ -19,7 +19,7 @@ from workers.methods import cluster, quantize
 from workers.methods.base import StepContext, StepData
 
 
-def accuracy(model: onnx.ModelProto, x, y) -> float:  # noqa: ANN001
+def accuracy(model: onnx.ModelProto, x, y) -> float:
     return float((reference_outputs(model, x).argmax(-1) == y).mean())
 
 

@@ -35,7 +35,6 @@ def main() -> None:
     data_path = work / "data.npz"
     data_path.write_bytes(dataset_npz(model, samples=512))
 
-    import numpy as np
 
     from workers.data import load_step_data
 

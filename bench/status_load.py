@@ -45,7 +45,7 @@ def main() -> None:
         client = Client(svc["url"], svc["key"])
         model_id = client.upload_model(save(mlp(), work / "m.onnx"))["id"]
         job = client.submit({"model_id": model_id, "steps": [{"method": "quantize", "mode": "fp16"}], "measure": {"runs": 5, "warmup": 1}})
-        for event, _ in client.events(job["id"]):
+        for _event, _ in client.events(job["id"]):
             pass
         server = psutil.Process(svc["pid"])
         cpu_before = sum(server.cpu_times()[:2])

@@ -120,7 +120,7 @@ def keys_create(
     print(key)
 
 
-def _client():  # noqa: ANN202
+def _client():
     from service.client import Client
 
     try:

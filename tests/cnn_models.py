@@ -24,12 +24,12 @@ class ResidualCNN(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def downsample(images):  # noqa: ANN001, ANN201
+def downsample(images):
     """[N, 784] MNIST -> [N, 1, 14, 14] by 2x2 average pooling (4x less compute for the tests)."""
     return images.reshape(-1, 1, 14, 2, 14, 2).mean((3, 5)).astype("float32")
 
 
-def train_residual_cnn(images, labels, epochs: int = 2, seed: int = 0) -> ResidualCNN:  # noqa: ANN001
+def train_residual_cnn(images, labels, epochs: int = 2, seed: int = 0) -> ResidualCNN:
     from tests.mnist import fit
 
     torch.manual_seed(seed)

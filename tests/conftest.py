@@ -78,7 +78,7 @@ def postgres_available() -> bool:
     try:
         with get_engine(POSTGRES).connect():
             return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure to reach it means it is not up
         return False
 
 
@@ -180,7 +180,7 @@ def embedded_redis(tmp_path: Path) -> Iterator[Settings]:
         proc.wait(10)
 
 
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):  # noqa: ANN001, ANN201
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
     """Poll a condition on state owned by another process (the job store) until it holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -33,7 +33,7 @@ def load(split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def fit(model, x, y, epochs: int, lr: float = 1e-3, batch: int = 128, seed: int = 0):  # noqa: ANN001, ANN201
+def fit(model, x, y, epochs: int, lr: float = 1e-3, batch: int = 128, seed: int = 0):
     """Adam on shuffled mini-batches with cross-entropy; returns the model in eval mode."""
     import torch
     from torch import nn
@@ -78,7 +78,7 @@ def lenet_5(epochs: int = 3, seed: int = 0) -> bytes:
     return export(fit(model, x, y, epochs, seed=seed), torch.zeros(2, 1, 28, 28))
 
 
-def export(model, example, dynamo: bool = False) -> bytes:  # noqa: ANN001
+def export(model, example, dynamo: bool = False) -> bytes:
     import torch
 
     buffer = io.BytesIO()

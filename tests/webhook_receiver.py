@@ -21,7 +21,7 @@ class Received:
 @contextmanager
 def webhook_receiver(status: int = 200, path: str = "/hook") -> Iterator[Received]:
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             received.body = self.rfile.read(int(self.headers["Content-Length"]))
             received.headers = dict(self.headers)
             self.send_response(received.status)

@@ -25,7 +25,7 @@ class LeaseLost(Exception):
     """Another delivery took the job over; this one must stop without recording anything."""
 
 
-def _progress_reporter(settings, job_id: str, owner: str):  # noqa: ANN001, ANN202
+def _progress_reporter(settings, job_id: str, owner: str):
     from sqlalchemy.exc import DBAPIError
 
     from service.core.db import session_scope

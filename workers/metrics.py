@@ -56,7 +56,7 @@ def macs_per_sample(model: onnx.ModelProto) -> int | None:
     """Multiply-accumulates of Conv/Gemm/MatMul (and their integer forms) at batch 1, from inferred shapes."""
     try:
         inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
+    except Exception:  # noqa: BLE001 - shape inference fails on some valid graphs: MACs are then unknown
         return None
     g = inferred.graph
     infos = {vi.name: vi for vi in list(g.value_info) + list(g.input) + list(g.output)}
@@ -79,7 +79,7 @@ def macs_per_sample(model: onnx.ModelProto) -> int | None:
     return int(total)
 
 
-def make_session(path: Path, threads: int):  # noqa: ANN201
+def make_session(path: Path, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -93,7 +93,7 @@ def _feed_of_batch(data: StepData, batch: int) -> dict[str, np.ndarray]:
     return {name: np.resize(arr, (batch, *arr.shape[1:])) for name, arr in data.inputs.items()}
 
 
-def latency(sessions: list, data: StepData, spec: MeasureSpec, progress: Callable[[float, str], None]) -> list[list[dict[str, Any]]]:  # noqa: ANN001
+def latency(sessions: list, data: StepData, spec: MeasureSpec, progress: Callable[[float, str], None]) -> list[list[dict[str, Any]]]:
     """Latency of several sessions on the same feeds, interleaved run by run (in alternating order),
     so a burst of load on the machine lands on all of them alike instead of on whichever ran then."""
     batches = [data.fixed_batch] if data.fixed_batch else spec.batch_sizes
@@ -117,7 +117,7 @@ def latency(sessions: list, data: StepData, spec: MeasureSpec, progress: Callabl
     return results
 
 
-def first_outputs(session, data: StepData, limit: int) -> np.ndarray:  # noqa: ANN001
+def first_outputs(session, data: StepData, limit: int) -> np.ndarray:
     batch = data.batch_size(EVAL_BATCH)
     outs = [session.run(None, feed)[0] for feed in data.batches(batch, limit=limit)]
     return np.concatenate(outs, axis=0).astype(np.float64)

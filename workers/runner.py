@@ -70,8 +70,8 @@ class _Heartbeat(threading.Thread):
                 log.warning("lease renewal failed for %s", self.job_id, exc_info=True)
 
 
-def _job_input(session, job) -> JobInput:  # noqa: ANN001
-    def row(model_cls, id_):  # noqa: ANN001, ANN202
+def _job_input(session, job) -> JobInput:
+    def row(model_cls, id_):
         if id_ is None:
             return None
         obj = session.get(model_cls, id_)

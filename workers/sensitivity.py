@@ -23,7 +23,7 @@ MAX_SAMPLES = 64
 MIN_ELEMENTS = 256
 
 
-def _session(model: onnx.ModelProto, threads: int):  # noqa: ANN202
+def _session(model: onnx.ModelProto, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -31,7 +31,7 @@ def _session(model: onnx.ModelProto, threads: int):  # noqa: ANN202
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _outputs(session, data: StepData) -> np.ndarray:  # noqa: ANN001
+def _outputs(session, data: StepData) -> np.ndarray:
     batch = data.batch_size(16)
     outs = [session.run(None, feed)[0] for feed in data.batches(batch, limit=MAX_SAMPLES)]
     return np.concatenate(outs).astype(np.float64).reshape(sum(len(o) for o in outs), -1)

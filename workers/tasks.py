@@ -59,7 +59,7 @@ class WebhookRetry(Exception):
     retry_jitter=True,
     max_retries=get_settings().webhook_max_retries,
 )
-def deliver_webhook(self, job_id: str) -> None:  # noqa: ANN001
+def deliver_webhook(self, job_id: str) -> None:
     from service.core.webhooks import WebhookRefused, deliver
 
     settings = get_settings()

@@ -23,7 +23,7 @@ class JobCollector:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def collect(self):  # noqa: ANN201
+    def collect(self):
         url = self.settings.resolved_database_url
         by_status = GaugeMetricFamily("modelshrink_jobs", "Jobs in the job store by status", labels=["status"])
         with session_scope(url) as session:
@@ -42,7 +42,7 @@ class JobCollector:
         depth = GaugeMetricFamily("modelshrink_queue_depth", "Jobs waiting in the broker queue")
         try:
             depth.add_metric([], queue_depth(self.settings))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a metrics scrape must answer even when the broker is down: NaN says unknown
             depth.add_metric([], float("nan"))
         yield depth
 

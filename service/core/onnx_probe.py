@@ -133,7 +133,7 @@ def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3) -> dict[str
         path = single_file
     try:
         model = onnx.load_model(str(path), load_external_data=False)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever the parser raises, the client's file is not ONNX
         return _fail("invalid_model", "the file is not an ONNX model (it could not be parsed as an ONNX protobuf)")
     if not model.graph.node and not model.graph.output:
         return _fail("invalid_model", "the file is not an ONNX model (no graph found)")
@@ -145,7 +145,7 @@ def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3) -> dict[str
         )
     try:
         onnx.checker.check_model(model, full_check=True)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the checker raises several types; each means a bad model
         return _fail("invalid_model", f"the ONNX checker rejected the model: {str(exc).splitlines()[0][:300]}")
 
     initializer_names = {t.name for t in model.graph.initializer}
@@ -163,7 +163,7 @@ def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3) -> dict[str
     options.intra_op_num_threads = 1
     try:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own types; each means the model cannot load
         return _fail("model_not_runnable", f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}")
 
     if run:
@@ -173,7 +173,7 @@ def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3) -> dict[str
             feed[meta.name] = np.zeros(shape, dtype=np.dtype(_ort_np(meta.type)))
         try:
             session.run(None, feed)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - ORT's run errors, told apart by message below
             if "Failed to allocate memory" in str(exc) or "bad_alloc" in str(exc):
                 return _fail("model_too_large", "running the model once on zero inputs needed more memory than the upload check allows "
                              "(a few hundred MiB plus a multiple of the file's size)")

@@ -92,7 +92,7 @@ def reconcile(settings: Settings) -> dict[str, list[str]]:
     if not rows:
         return done
     present = jobs_with_messages(settings)
-    for job_id, status, cancel in rows:
+    for job_id, _status, cancel in rows:
         if cancel:
             with session_scope(settings.resolved_database_url) as session:
                 ended = finish(session, job_id, "cancelled", error={"code": "cancelled", "message": "cancelled by the user"},

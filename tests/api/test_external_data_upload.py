@@ -40,7 +40,7 @@ def _zip(members: dict[str, bytes], symlink: str | None = None) -> bytes:
     return buf.getvalue()
 
 
-def test_a_default_torch_export_uploads_as_a_zip_and_is_stored_as_one_file(client, tmp_path: Path) -> None:  # noqa: ANN001
+def test_a_default_torch_export_uploads_as_a_zip_and_is_stored_as_one_file(client, tmp_path: Path) -> None:
     path = _default_export(tmp_path)
     assert external_data_files(path) == ["model.onnx.data"]
     bundle = _zip({"model.onnx": path.read_bytes(), "model.onnx.data": (tmp_path / "model.onnx.data").read_bytes()})
@@ -72,7 +72,7 @@ def _external(tmp_path: Path) -> tuple[bytes, bytes]:
     ("two-graphs", "invalid_model", "exactly one .onnx"),
     ("pytorch", "unsupported_format", "PyTorch archives"),
 ])
-def test_unsafe_or_inconsistent_archives_are_refused(client, tmp_path: Path, case: str, code: str, words: str) -> None:  # noqa: ANN001
+def test_unsafe_or_inconsistent_archives_are_refused(client, tmp_path: Path, case: str, code: str, words: str) -> None:
     graph, data = _external(tmp_path)
     members = {
         "traversal": {"model.onnx": graph, "../model.onnx.data": data},
@@ -88,6 +88,6 @@ def test_unsafe_or_inconsistent_archives_are_refused(client, tmp_path: Path, cas
     assert list(client.app.state.store.temp_dir().iterdir()) == []
 
 
-def test_a_single_file_model_still_uploads_as_before(client) -> None:  # noqa: ANN001
+def test_a_single_file_model_still_uploads_as_before(client) -> None:
     response = client.post("/v1/models", files={"file": ("m.onnx", mlp().SerializeToString())})
     assert response.status_code == 201

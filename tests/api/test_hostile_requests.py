@@ -11,13 +11,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from tests.builders import dataset_npz, mlp, to_bytes
+from tests.builders import mlp, to_bytes
 from tests.conftest import authed_client, fast_settings
 
 STEP = {"method": "quantize", "mode": "int8_dynamic"}
 
 
-def _upload(client, model: onnx.ModelProto) -> str:  # noqa: ANN001
+def _upload(client, model: onnx.ModelProto) -> str:
     response = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(model))})
     assert response.status_code == 201, response.text
     return response.json()["id"]
@@ -28,7 +28,7 @@ def _upload(client, model: onnx.ModelProto) -> str:  # noqa: ANN001
     ("/v1/models?offset=-1", "offset"),
     ("/v1/datasets?limit=100000", "limit"),
 ])
-def test_list_bounds_answer_422_naming_the_field(client, path: str, field: str) -> None:  # noqa: ANN001
+def test_list_bounds_answer_422_naming_the_field(client, path: str, field: str) -> None:
     response = client.get(path)
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", field]
 
@@ -39,14 +39,14 @@ def test_list_bounds_answer_422_naming_the_field(client, path: str, field: str) 
     ({"steps": [{"method": "distill", "hint_weight": 1e308}]}, "hint_weight"),
     ({"limits": {"time_limit_s": 0}}, "time_limit_s"),
 ])
-def test_out_of_range_numbers_answer_422(client, patch: dict, loc: str) -> None:  # noqa: ANN001
+def test_out_of_range_numbers_answer_422(client, patch: dict, loc: str) -> None:
     model_id = _upload(client, mlp())
     response = client.post("/v1/jobs", json={"model_id": model_id, "steps": [STEP], **patch})
     assert response.status_code == 422, response.text
     assert any(loc in [str(p) for p in e["loc"]] for e in response.json()["detail"])
 
 
-def test_oversized_json_and_form_bodies_answer_413(client) -> None:  # noqa: ANN001
+def test_oversized_json_and_form_bodies_answer_413(client) -> None:
     big = client.post("/v1/jobs", json={"model_id": "m" * 2_000_000, "steps": [STEP]})
     assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
     fields = {f"f{i}": "x" for i in range(50)}
@@ -54,7 +54,7 @@ def test_oversized_json_and_form_bodies_answer_413(client) -> None:  # noqa: ANN
     assert many.status_code == 413 and "form fields" in many.json()["error"]["message"]
 
 
-def test_labels_outside_the_models_classes_are_refused_at_submit(client) -> None:  # noqa: ANN001
+def test_labels_outside_the_models_classes_are_refused_at_submit(client) -> None:
     model = mlp(classes=4)
     model_id = _upload(client, model)
     buf = io.BytesIO()
@@ -81,13 +81,13 @@ def _string_input_model() -> onnx.ModelProto:
     (_no_input_model(), "invalid_model", "no inputs"),
     (_string_input_model(), "unsupported_input_type", "s (object)"),
 ], ids=["no-inputs", "string-input"])
-def test_models_we_cannot_feed_are_refused_with_a_specific_code(client, model, code: str, words: str) -> None:  # noqa: ANN001
+def test_models_we_cannot_feed_are_refused_with_a_specific_code(client, model, code: str, words: str) -> None:
     response = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(model))})
     assert response.status_code == 422 and response.json()["error"]["code"] == code
     assert words in response.json()["error"]["message"]
 
 
-def test_runtime_errors_never_show_a_host_path(client, settings) -> None:  # noqa: ANN001
+def test_runtime_errors_never_show_a_host_path(client, settings) -> None:
     model = mlp()
     model.graph.node[0].op_type = "NoSuchOp"
     model.graph.node[0].domain = "com.example"
@@ -98,7 +98,7 @@ def test_runtime_errors_never_show_a_host_path(client, settings) -> None:  # noq
     assert str(settings.data_dir) not in message and ".upload-" not in message
 
 
-def test_a_tiny_model_that_allocates_gigabytes_on_zeros_is_refused_quickly(client) -> None:  # noqa: ANN001
+def test_a_tiny_model_that_allocates_gigabytes_on_zeros_is_refused_quickly(client) -> None:
     # ConstantOfShape([2**31]): 8 GiB of zeros from a few hundred bytes.
     shape = helper.make_tensor("shape", TensorProto.INT64, [1], [2**31])
     nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])),

@@ -12,7 +12,7 @@ from tests.builders import dataset_npz, mlp, to_bytes
 from tests.conftest import authed_client
 
 
-def upload_model(client: TestClient, content: bytes, name: str = "m.onnx"):  # noqa: ANN201
+def upload_model(client: TestClient, content: bytes, name: str = "m.onnx"):
     return client.post("/v1/models", files={"file": (name, content)})
 
 

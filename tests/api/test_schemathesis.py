@@ -17,7 +17,7 @@ EXAMPLES = 25  # per operation: bounded, so the whole run takes seconds
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def api(tmp_path_factory: pytest.TempPathFactory):
     import redis
 
     from service.api.app import create_app
@@ -29,14 +29,14 @@ def api(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     redis.Redis.from_url(settings.resolved_broker_url).delete(settings.queue_name)
 
 
-def _operations(app):  # noqa: ANN001, ANN202
+def _operations(app):
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     # /v1 only: /readyz answers a documented 503 here by design (no worker runs in this test), and
     # the probes take no input to generate.
     return [op for op in (result.ok() for result in schema.get_all_operations()) if op.path.startswith("/v1/")]
 
 
-def test_api_conforms_to_its_schema(api) -> None:  # noqa: ANN001
+def test_api_conforms_to_its_schema(api) -> None:
     app, key = api
     headers = {"Authorization": f"Bearer {key}"}
     operations = _operations(app)
@@ -45,7 +45,7 @@ def test_api_conforms_to_its_schema(api) -> None:  # noqa: ANN001
 
         @given(case=operation.as_strategy())
         @hypothesis_settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None, derandomize=True)
-        def check(case) -> None:  # noqa: ANN001
+        def check(case) -> None:
             # Every default check (no 5xx, documented status codes, content types and bodies, schema-invalid
             # requests rejected) except accepting every schema-valid request: a well-formed body holding
             # a PNG where an ONNX model belongs is refused with a documented 422, as it should be.

@@ -23,7 +23,7 @@ STREAMS_PER_TENANT = 30
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def service(tmp_path_factory: pytest.TempPathFactory):
     from tests.conftest import ROOT
 
     data = tmp_path_factory.mktemp("serve")
@@ -44,7 +44,7 @@ async def _burst(url: str, path: str, n: int, headers: dict | None = None) -> li
     return [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in responses]
 
 
-def test_a_burst_of_readiness_probes_is_answered_at_once(service) -> None:  # noqa: ANN001
+def test_a_burst_of_readiness_probes_is_answered_at_once(service) -> None:
     url = service[0]
     started = time.monotonic()
     codes = asyncio.run(_burst(url, "/readyz", 100))
@@ -56,7 +56,7 @@ def test_a_burst_of_readiness_probes_is_answered_at_once(service) -> None:  # no
     assert httpx.get(f"{url}/healthz", timeout=2).status_code == 200
 
 
-def test_many_followers_neither_starve_other_tenants_nor_exceed_their_cap(service, tmp_path: Path) -> None:  # noqa: ANN001
+def test_many_followers_neither_starve_other_tenants_nor_exceed_their_cap(service, tmp_path: Path) -> None:
     url, (follower_key, bystander_key), _ = service
     follower, bystander = Client(url, follower_key), Client(url, bystander_key)
     model_id = follower.upload_model(save(mlp(), tmp_path / "m.onnx"))["id"]

@@ -21,7 +21,7 @@ from tests.integration.test_job_lifecycle import follow
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not mnist.available(), reason="../shared/data/mnist is missing")]
 
 
-def test_lenet_300_100_deep_compression_over_http(tmp_path: Path, start_worker) -> None:  # noqa: ANN001
+def test_lenet_300_100_deep_compression_over_http(tmp_path: Path, start_worker) -> None:
     settings: Settings = fast_settings(tmp_path, lease_ttl_s=10.0, visibility_timeout_s=600.0)
     start_worker(settings)
     train_x, train_y = mnist.load("train")

@@ -7,14 +7,14 @@ import pytest
 
 from service.core.settings import Settings
 from tests.builders import mlp, to_bytes
-from tests.conftest import authed_client, wait_for
+from tests.conftest import authed_client
 from tests.integration.test_job_lifecycle import QUICK_MEASURE, follow, job_state
 
 pytestmark = pytest.mark.integration
 STEP = {"method": "quantize", "mode": "fp16"}
 
 
-def test_a_later_tenant_runs_before_an_earlier_tenants_backlog(settings: Settings, start_worker) -> None:  # noqa: ANN001
+def test_a_later_tenant_runs_before_an_earlier_tenants_backlog(settings: Settings, start_worker) -> None:
     assert settings.tenant_max_dispatched == 2
     with authed_client(settings, tenant="busy") as busy, authed_client(settings, tenant="light") as light:
         busy_model = busy.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]

@@ -4,7 +4,6 @@ the running server on 6379), the job store on SQLite and on PostgreSQL, real ONN
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import uuid
@@ -73,7 +72,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     return backend_settings(request.param, tmp_path, embedded)
 
 
-def test_int8_job_end_to_end(backend: Settings, start_worker) -> None:  # noqa: ANN001
+def test_int8_job_end_to_end(backend: Settings, start_worker) -> None:
     start_worker(backend)
     with authed_client(backend, tenant=f't-{uuid.uuid4().hex[:8]}') as client:
         model = mlp(in_features=32, hidden=128)
@@ -122,7 +121,7 @@ def test_int8_job_end_to_end(backend: Settings, start_worker) -> None:  # noqa: 
         assert again.get(f"/v1/jobs/{job_id}/artifacts/model.onnx").content == download.content
 
 
-def test_conv_net_job_without_dataset_uses_synthetic_data_and_flags_slowdowns(embedded_redis: Settings, start_worker) -> None:  # noqa: ANN001
+def test_conv_net_job_without_dataset_uses_synthetic_data_and_flags_slowdowns(embedded_redis: Settings, start_worker) -> None:
     start_worker(embedded_redis)
     with authed_client(embedded_redis) as client:
         model_id = client.post("/v1/models", files={"file": ("cnn.onnx", to_bytes(cnn()))}).json()["id"]
@@ -137,7 +136,7 @@ def test_conv_net_job_without_dataset_uses_synthetic_data_and_flags_slowdowns(em
         assert metrics["evaluation"]["synthetic"].startswith("no dataset: synthetic inputs (x: standard normal [1, 8, 8]")
 
 
-def test_cancel_running_job(embedded_redis: Settings, start_worker) -> None:  # noqa: ANN001
+def test_cancel_running_job(embedded_redis: Settings, start_worker) -> None:
     start_worker(embedded_redis)
     with authed_client(embedded_redis) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
@@ -151,7 +150,7 @@ def test_cancel_running_job(embedded_redis: Settings, start_worker) -> None:  # 
         assert job["artifacts"] == []
 
 
-def test_cancelled_queued_job_never_starts(settings: Settings, start_worker) -> None:  # noqa: ANN001
+def test_cancelled_queued_job_never_starts(settings: Settings, start_worker) -> None:
     with authed_client(settings) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
         body = {"model_id": model_id, "steps": [{"method": "quantize", "mode": "fp16"}], "measure": QUICK_MEASURE}
@@ -164,7 +163,7 @@ def test_cancelled_queued_job_never_starts(settings: Settings, start_worker) -> 
         assert job["status"] == "cancelled" and job["started_at"] is None and job["attempts"] == 0
 
 
-def test_killed_worker_job_is_redelivered_and_succeeds(settings: Settings, start_worker) -> None:  # noqa: ANN001
+def test_killed_worker_job_is_redelivered_and_succeeds(settings: Settings, start_worker) -> None:
     first = start_worker(settings)
     with authed_client(settings) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
@@ -179,7 +178,7 @@ def test_killed_worker_job_is_redelivered_and_succeeds(settings: Settings, start
         assert job["attempts"] == 2
 
 
-def test_job_fails_after_max_attempts_instead_of_hanging(tmp_path: Path, start_worker) -> None:  # noqa: ANN001
+def test_job_fails_after_max_attempts_instead_of_hanging(tmp_path: Path, start_worker) -> None:
     settings = fast_settings(tmp_path, max_attempts=1)
     first = start_worker(settings)
     with authed_client(settings) as client:
@@ -196,7 +195,7 @@ def test_job_fails_after_max_attempts_instead_of_hanging(tmp_path: Path, start_w
     settings_redis.delete(settings.queue_name)
 
 
-def test_webhook_is_delivered_signed_when_the_job_ends(settings: Settings, start_worker) -> None:  # noqa: ANN001
+def test_webhook_is_delivered_signed_when_the_job_ends(settings: Settings, start_worker) -> None:
     start_worker(settings)
     start_worker(settings, role="webhooks")
     with webhook_receiver(path="/hooks/modelshrink") as hook, authed_client(settings) as client:
@@ -209,7 +208,7 @@ def test_webhook_is_delivered_signed_when_the_job_ends(settings: Settings, start
     assert hook.headers[SIGNATURE_HEADER] == sign(hook.body, hook.headers[TIMESTAMP_HEADER], settings.webhook_secret)
 
 
-def test_readyz_sees_the_worker(embedded_redis: Settings, start_worker) -> None:  # noqa: ANN001
+def test_readyz_sees_the_worker(embedded_redis: Settings, start_worker) -> None:
     with make_client(embedded_redis) as client:
         wait_for(lambda: "workers" in client.get("/readyz").json()["checks"])
         response = client.get("/readyz")
@@ -220,7 +219,7 @@ def test_readyz_sees_the_worker(embedded_redis: Settings, start_worker) -> None:
         assert response.json()["age_s"] < 5
 
 
-def test_prune_job_reports_epochs_and_honours_cancel(settings: Settings, start_worker) -> None:  # noqa: ANN001
+def test_prune_job_reports_epochs_and_honours_cancel(settings: Settings, start_worker) -> None:
     start_worker(settings)
     with authed_client(settings) as client:
         model = mlp(in_features=32, hidden=128)
@@ -245,7 +244,7 @@ def test_prune_job_reports_epochs_and_honours_cancel(settings: Settings, start_w
         assert job["status"] == "cancelled"
 
 
-def test_distill_cnn_into_half_width_student_over_http(settings: Settings, start_worker) -> None:  # noqa: ANN001
+def test_distill_cnn_into_half_width_student_over_http(settings: Settings, start_worker) -> None:
     start_worker(settings)
     with authed_client(settings) as client:
         teacher = cnn(channels=16)
@@ -267,7 +266,7 @@ def test_distill_cnn_into_half_width_student_over_http(settings: Settings, start
     {"method": "quantize", "mode": "binary", "binary_keep_first_last": False, "finetune_epochs": 1},
     {"method": "cluster", "bits": 4},
 ], ids=["int4", "binary", "cluster"])
-def test_low_bit_steps_end_to_end(settings: Settings, start_worker, step: dict) -> None:  # noqa: ANN001
+def test_low_bit_steps_end_to_end(settings: Settings, start_worker, step: dict) -> None:
     start_worker(settings)
     with authed_client(settings) as client:
         model_id, dataset_id = upload(client, mlp(in_features=128, hidden=256), samples=128)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 STEP = {"method": "quantize", "mode": "int8_dynamic"}
 
 
-def _submit_hostile(client, model, trigger: float, **extra) -> str:  # noqa: ANN001
+def _submit_hostile(client, model, trigger: float, **extra) -> str:
     model_id = client.post("/v1/models", files={"file": ("hostile.onnx", to_bytes(model))}).json()["id"]
     dataset = client.post("/v1/datasets", files={"file": ("trigger.npz", trigger_npz(trigger))})
     assert dataset.status_code == 201, dataset.text
@@ -27,7 +27,7 @@ def _submit_hostile(client, model, trigger: float, **extra) -> str:  # noqa: ANN
     return response.json()["id"]
 
 
-def _another_tenant_job_succeeds(settings) -> None:  # noqa: ANN001
+def _another_tenant_job_succeeds(settings) -> None:
     with authed_client(settings, tenant=f"other-{uuid.uuid4().hex[:6]}") as other:
         model_id = other.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
         job_id = other.post("/v1/jobs", json={"model_id": model_id, "steps": [STEP], "measure": QUICK_MEASURE}).json()["id"]
@@ -35,7 +35,7 @@ def _another_tenant_job_succeeds(settings) -> None:  # noqa: ANN001
         assert job["status"] == "succeeded", job["error"]
 
 
-def test_memory_bomb_fails_with_resource_limit_and_the_worker_carries_on(tmp_path: Path, start_worker) -> None:  # noqa: ANN001
+def test_memory_bomb_fails_with_resource_limit_and_the_worker_carries_on(tmp_path: Path, start_worker) -> None:
     settings = fast_settings(tmp_path, job_memory_limit_bytes=1536 * 1024**2)
     start_worker(settings)
     with authed_client(settings) as client:
@@ -46,7 +46,7 @@ def test_memory_bomb_fails_with_resource_limit_and_the_worker_carries_on(tmp_pat
     _another_tenant_job_succeeds(settings)
 
 
-def test_time_limit_set_by_the_job_stops_a_runaway_loop(tmp_path: Path, start_worker) -> None:  # noqa: ANN001
+def test_time_limit_set_by_the_job_stops_a_runaway_loop(tmp_path: Path, start_worker) -> None:
     settings = fast_settings(tmp_path)
     start_worker(settings)
     with authed_client(settings) as client:
@@ -57,7 +57,7 @@ def test_time_limit_set_by_the_job_stops_a_runaway_loop(tmp_path: Path, start_wo
     _another_tenant_job_succeeds(settings)
 
 
-def test_cancel_stops_a_job_stuck_inside_onnx_runtime(tmp_path: Path, start_worker) -> None:  # noqa: ANN001
+def test_cancel_stops_a_job_stuck_inside_onnx_runtime(tmp_path: Path, start_worker) -> None:
     settings = fast_settings(tmp_path, cancel_grace_s=1.0)
     start_worker(settings)
     with authed_client(settings) as client:

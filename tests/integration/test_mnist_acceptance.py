@@ -49,7 +49,7 @@ def test_lenet_300_100_unstructured_92_percent(lenet: onnx.ModelProto, tmp_path:
 
 
 @pytest.fixture(scope="module")
-def small_mnist():  # noqa: ANN201
+def small_mnist():
     """MNIST at 14x14 (8,000 training and 2,000 test images) and a residual CNN trained on it."""
     train_x, train_y = mnist.load("train")
     test_x, test_y = mnist.load("test")
@@ -57,7 +57,7 @@ def small_mnist():  # noqa: ANN201
     return train, (downsample(test_x[:2000]), test_y[:2000]), train_residual_cnn(*train)
 
 
-def test_residual_cnn_with_batch_norm_structured_half_the_channels(small_mnist, tmp_path: Path) -> None:  # noqa: ANN001
+def test_residual_cnn_with_batch_norm_structured_half_the_channels(small_mnist, tmp_path: Path) -> None:
     (train_x, train_y), (test_x, test_y), net = small_mnist
     buffer = io.BytesIO()
     # do_constant_folding=False keeps BatchNormalization nodes (folding would fuse them into the convs).
@@ -106,7 +106,7 @@ def test_lenet_distilled_into_a_quarter_size_student(lenet: onnx.ModelProto, mni
     assert (1 - error_rate(unlabelled.model, test_x, test_y)) >= 0.97 * (1 - student_error)
 
 
-def test_residual_cnn_clustered_at_4_bits(small_mnist, tmp_path: Path) -> None:  # noqa: ANN001
+def test_residual_cnn_clustered_at_4_bits(small_mnist, tmp_path: Path) -> None:
     from service.core.specs import ClusterStep
     from workers.methods import cluster
 

@@ -12,7 +12,7 @@ import pytest
 
 from bench.common import free_port
 from tests.conftest import ROOT
-from tests.integration.test_serve import EXE, start, stop
+from tests.integration.test_serve import start, stop
 
 pytestmark = pytest.mark.integration
 

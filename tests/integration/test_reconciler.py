@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_a_job_whose_message_was_lost_is_requeued_and_runs(settings: Settings, start_worker) -> None:  # noqa: ANN001
+def test_a_job_whose_message_was_lost_is_requeued_and_runs(settings: Settings, start_worker) -> None:
     with authed_client(settings) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
         job_id = client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"method": "quantize", "mode": "fp16"}], "measure": QUICK_MEASURE}).json()["id"]
@@ -27,7 +27,7 @@ def test_a_job_whose_message_was_lost_is_requeued_and_runs(settings: Settings, s
         assert job["attempts"] == 1
 
 
-def test_a_cancelled_job_whose_worker_died_ends_cancelled_and_frees_its_model(settings: Settings, start_worker) -> None:  # noqa: ANN001
+def test_a_cancelled_job_whose_worker_died_ends_cancelled_and_frees_its_model(settings: Settings, start_worker) -> None:
     worker = start_worker(settings)
     with authed_client(settings) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
@@ -57,7 +57,7 @@ def test_a_model_used_as_a_student_by_a_queued_job_cannot_be_deleted(settings: S
         assert client.delete(f"/v1/models/{student}").status_code == 204
 
 
-def test_a_job_started_while_the_database_is_locked_runs_once_it_is_free(tmp_path, start_worker) -> None:  # noqa: ANN001
+def test_a_job_started_while_the_database_is_locked_runs_once_it_is_free(tmp_path, start_worker) -> None:
     import sqlite3
 
     from tests.conftest import fast_settings

@@ -108,7 +108,7 @@ def test_every_unsupported_operator_is_named_in_one_error() -> None:
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
-def test_flatten_by_view_of_size_converts_from_either_exporter(tmp_path, dynamo: bool) -> None:  # noqa: ANN001
+def test_flatten_by_view_of_size_converts_from_either_exporter(tmp_path, dynamo: bool) -> None:
     # x.view(x.size(0), -1): Shape -> Gather(scalar index) -> Unsqueeze -> Concat -> Reshape.
     import onnx
     import torch
@@ -139,7 +139,7 @@ def test_flatten_by_view_of_size_converts_from_either_exporter(tmp_path, dynamo:
             torch.testing.assert_close(module(sample), net(sample))
 
 
-def test_a_converter_that_disagrees_with_onnx_runtime_is_caught_at_the_diverging_node(monkeypatch) -> None:  # noqa: ANN001
+def test_a_converter_that_disagrees_with_onnx_runtime_is_caught_at_the_diverging_node(monkeypatch) -> None:
     from workers.methods.base import StepData
     from workers.trainable import onnx_ops
     from workers.trainable.verify import ConversionMismatch, trainable

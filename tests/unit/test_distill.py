@@ -23,7 +23,7 @@ def data_for(model: onnx.ModelProto, n: int = 256, labels: bool = True) -> StepD
     return StepData(inputs={"x": x}, labels=reference_outputs(model, x).argmax(-1) if labels else None)
 
 
-def run(model: onnx.ModelProto, data: StepData, tmp_path: Path, **spec):  # noqa: ANN003, ANN201
+def run(model: onnx.ModelProto, data: StepData, tmp_path: Path, **spec):
     messages: list[str] = []
     ctx = StepContext(work_dir=tmp_path, report_progress=lambda f, m, milestone=False: messages.append(m))
     result = distill.apply(model, DistillStep(**spec), data, ctx)

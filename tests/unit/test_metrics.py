@@ -36,7 +36,7 @@ def test_accuracy_needs_labels_and_class_scores() -> None:
     assert metrics.accuracy(np.ones((3, 1)), np.array([0, 0, 0])) is None
 
 
-def test_a_tied_weight_is_counted_once(tmp_path) -> None:  # noqa: ANN001
+def test_a_tied_weight_is_counted_once(tmp_path) -> None:
     # GPT-2's output projection reads the token embedding through a Transpose; folding materialises a copy.
     import onnx
 
@@ -49,7 +49,7 @@ def test_a_tied_weight_is_counted_once(tmp_path) -> None:  # noqa: ANN001
     assert total == sum(p.numel() for p in module.parameters())
 
 
-def test_int4_weights_count_as_weights_not_packed_bytes(tmp_path) -> None:  # noqa: ANN001
+def test_int4_weights_count_as_weights_not_packed_bytes(tmp_path) -> None:
     from service.core.specs import QuantizeStep
     from tests.builders import mlp
     from workers.methods import quantize

@@ -24,7 +24,7 @@ def data() -> StepData:
     return StepData(inputs={"x": x}, labels=reference_outputs(model, x).argmax(-1))
 
 
-def run(model: onnx.ModelProto, data: StepData, tmp_path: Path, progress=None, **spec):  # noqa: ANN001, ANN003, ANN201
+def run(model: onnx.ModelProto, data: StepData, tmp_path: Path, progress=None, **spec):
     ctx = StepContext(work_dir=tmp_path, report_progress=progress or (lambda f, m, milestone=False: None))
     result = prune.apply(model, PruneStep(**spec), data, ctx)
     onnx.checker.check_model(result.model, full_check=True)
@@ -141,7 +141,7 @@ def test_spec_rejects_inconsistent_options() -> None:
         PruneStep(lottery_ticket=True)
 
 
-def test_a_labelled_dataset_fine_tunes_by_default_and_never_ends_worse_than_no_fine_tuning(tmp_path) -> None:  # noqa: ANN001
+def test_a_labelled_dataset_fine_tunes_by_default_and_never_ends_worse_than_no_fine_tuning(tmp_path) -> None:
     model = mlp(in_features=32, hidden=64)
     data = StepData(inputs={"x": np.random.default_rng(0).standard_normal((256, 32)).astype(np.float32)})
     data.labels = reference_outputs(model, data.inputs["x"]).argmax(-1)

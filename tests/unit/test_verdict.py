@@ -3,7 +3,6 @@ responsible, "slower" only beyond timing noise, synthetic inputs that look like 
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +78,13 @@ def test_token_models_get_in_vocabulary_ids_at_a_realistic_length(tmp_path: Path
     assert "token ids uniform in [0, 200) at length [128]" in description
 
 
-def test_a_library_refusing_the_clients_model_is_a_step_error_not_internal_error(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+def test_a_library_refusing_the_clients_model_is_a_step_error_not_internal_error(tmp_path: Path, monkeypatch) -> None:
     import pytest
 
     from service.core.errors import CompressionFailed
     from workers.methods import METHODS
 
-    def refuse(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+    def refuse(*_a, **_k):
         raise RuntimeError("shape '[64, 32, -1, 16]' is invalid for input of size 49152 (/srv/secret/path.py)")
 
     monkeypatch.setattr(METHODS["quantize"], "apply", refuse)

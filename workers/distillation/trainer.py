@@ -41,7 +41,7 @@ class _Hooks:
         self.values: dict[str, torch.Tensor] = {}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
-    def _hook(self, name: str):  # noqa: ANN202
+    def _hook(self, name: str):
         def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
             self.values[name] = output
 

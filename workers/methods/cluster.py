@@ -90,7 +90,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     unknown = sorted((set(spec.skip_layers) | set(spec.layer_bits)) - set(layers))
     if unknown:
         raise InvalidInput(f"unknown layer name(s) {unknown}; the model's layers are {sorted(layers)}", code="unknown_layer")
-    chosen = {n: l for n, l in layers.items() if n not in spec.skip_layers and l.weight.numel() >= spec.min_elements}
+    chosen = {n: layer for n, layer in layers.items() if n not in spec.skip_layers and layer.weight.numel() >= spec.min_elements}
     if not chosen:
         raise CompressionFailed("no layer is large enough to cluster (see min_elements)", code="nothing_to_cluster")
 

@@ -60,7 +60,7 @@ def _hint_pairs(teacher: OnnxGraphModule, student: OnnxGraphModule, spec: Distil
         if hint.teacher_layer not in t_layers or hint.student_layer not in s_layers:
             raise InvalidInput(f"hint layers must exist: teacher has {sorted(t_layers)}, student has {sorted(s_layers)}", code="invalid_hint")
         captured = []
-        handle = t_layers[hint.teacher_layer].register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+        handle = t_layers[hint.teacher_layer].register_forward_hook(lambda _m, _i, out, sink=captured: sink.append(out.detach()))
         predict(teacher, inputs)
         handle.remove()
         pairs.append((t_layers[hint.teacher_layer], s_layers[hint.student_layer], torch.cat(captured)))

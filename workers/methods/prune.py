@@ -19,7 +19,7 @@ from workers.methods.base import StepContext, StepData, StepResult
 from workers.pruning import structured, unstructured
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, selected_layers, weighted_layers
 from workers.trainable.device import training_device
-from workers.trainable.from_onnx import OnnxGraphModule, to_torch
+from workers.trainable.from_onnx import OnnxGraphModule
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
@@ -63,7 +63,7 @@ class _Run:
     def quality(self) -> float:
         return quality(predict(self.module, self.eval_inputs), self.eval_labels, self.eval_teacher)
 
-    def finetune(self, round_index: int, rounds: int, after_step=None) -> list[float]:  # noqa: ANN001
+    def finetune(self, round_index: int, rounds: int, after_step=None) -> list[float]:
         if self.epochs == 0:
             return []
 
@@ -116,7 +116,7 @@ def _layer_table(before: dict[str, tuple], run: _Run, thresholds: dict[str, floa
     return rows
 
 
-def _iterate(run: _Run, prune_round, after_step_for, snapshot) -> tuple[list[dict], tuple[Any, int], str | None]:  # noqa: ANN001
+def _iterate(run: _Run, prune_round, after_step_for, snapshot) -> tuple[list[dict], tuple[Any, int], str | None]:
     """Rounds of prune -> fine-tune; returns the rounds, (snapshot of the last round within the
     accuracy budget, its number) and why it stopped early, if it did."""
     spec, rounds = run.spec, []
@@ -150,13 +150,13 @@ def _unstructured(run: _Run) -> dict[str, Any]:
         grads = None
         if spec.importance == "taylor":
             run.taylor_gradients()
-            grads = {n: l.weight.grad.detach().clone() for n, l in layers.items()}
+            grads = {n: layer.weight.grad.detach().clone() for n, layer in layers.items()}
         masks, thresholds = unstructured.masks_for(layers, unstructured.scores(layers, spec.importance, grads), spec, (r + 1) / spec.iterations, state["masks"])
         unstructured.apply_masks(layers, masks)
         state["masks"], state["thresholds"] = masks, thresholds
         return {"sparsity": unstructured.sparsity(layers)}
 
-    def after_step():  # noqa: ANN202
+    def after_step():
         masks = state["masks"]
         return (lambda: unstructured.apply_masks(layers, masks)) if masks else None
 
@@ -172,7 +172,7 @@ def _lottery(run: _Run) -> dict[str, Any]:
     masks, thresholds, rounds = None, {}, []
     for r in range(spec.iterations):
         current = masks
-        losses = run.finetune(r, spec.iterations + 1, (lambda: unstructured.apply_masks(layers, current)) if current else None)
+        losses = run.finetune(r, spec.iterations + 1, (lambda current=current: unstructured.apply_masks(layers, current)) if current else None)
         value = run.quality()
         rounds.append({"round": r + 1, "sparsity": unstructured.sparsity(layers), run.metric: value, "finetune_loss": losses})
         masks, thresholds = unstructured.masks_for(layers, unstructured.scores(layers, "l1", None), spec, (r + 1) / spec.iterations, masks)
@@ -247,7 +247,7 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         raise CompressionFailed("this prune step fine-tunes or measures importance on data: submit the job with a dataset_id", code="dataset_required")
     ctx.progress(0.0, "converting the model to a trainable form")
     run = _Run(model, spec, data, ctx)
-    before = {n: tuple(l.weight.shape) for n, l in weighted_layers(run.module).items()}
+    before = {n: tuple(layer.weight.shape) for n, layer in weighted_layers(run.module).items()}
     torch.manual_seed(spec.training.seed)
     if spec.lottery_ticket:
         outcome = _lottery(run)

@@ -3,7 +3,6 @@ estimator, stored at 1 bit (int4 is in workers.quantization.int4)."""
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import numpy as np

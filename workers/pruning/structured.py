@@ -19,7 +19,7 @@ class APoZImportance(tp.importance.GroupMagnitudeImportance):
     Hooks accumulate over every batch (torch-pruning's ActivationImportance keeps only the last)."""
 
     @contextmanager
-    def measure(self, model: nn.Module):  # noqa: ANN201
+    def measure(self, model: nn.Module):
         counts: dict[nn.Module, list] = {}
 
         @torch.no_grad()
@@ -42,7 +42,7 @@ class APoZImportance(tp.importance.GroupMagnitudeImportance):
                 module._importance = nonzero / max(1, seen)
 
     @torch.no_grad()
-    def __call__(self, group):  # noqa: ANN001, ANN204
+    def __call__(self, group):
         group_imp, group_idxs = [], []
         for i, (dep, idxs) in enumerate(group):
             layer, handler = dep.target.module, dep.handler

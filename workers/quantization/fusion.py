@@ -38,7 +38,7 @@ def fuse(source: Path, out: Path, kinds: tuple[str, ...]) -> dict[str, int] | No
     for kind in kinds:
         try:
             optimized = optimize_model(str(source), model_type=kind, num_heads=0, hidden_size=0, opt_level=0)
-        except Exception:  # noqa: BLE001 - the optimizer raises many kinds; an unfusable graph is just not a candidate
+        except Exception:  # the optimizer raises many kinds; an unfusable graph is just not a candidate
             log.info("transformer optimizer (%s) failed on this graph", kind, exc_info=True)
             continue
         counts = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}

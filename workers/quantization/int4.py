@@ -197,7 +197,7 @@ def quantize(model: onnx.ModelProto, *, algorithm: str, block_size: int, embeddi
         result, gathers, shared = _embeddings(result, float_weights, tied, by_weight, block_size, exclude)
         layers += gathers
         quantized_weights |= {g["weight"] for g in gathers}
-    for table, weight in shared:
+    for table, _weight in shared:
         quantized_weights.add(table)
     float_left = {name: arr.size for name, arr in float_weights.items() if name not in quantized_weights and not name.endswith("__kn")}
     # Each stored weight once: a folded transpose stands for its source table.

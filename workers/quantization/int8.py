@@ -58,7 +58,7 @@ def prepare(source: Path, out: Path) -> Path:
             with contextlib.chdir(out.parent):
                 quant_pre_process(str(source.resolve()), str(out.resolve()), skip_symbolic_shape=not symbolic)
             return out
-        except Exception:  # noqa: BLE001 - ORT raises bare Exception; fall back to the next way
+        except Exception:  # ORT raises bare Exception; fall back to the next way
             logging.getLogger(__name__).info("quant_pre_process (symbolic=%s) failed", symbolic, exc_info=True)
     return source
 

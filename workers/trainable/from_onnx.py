@@ -245,7 +245,7 @@ class OnnxGraphModule(nn.Module):
     def _dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
         try:
             inferred = onnx.shape_inference.infer_shapes(model)
-        except Exception:
+        except Exception:  # noqa: BLE001 - inference fails on some valid graphs: the converter then works without shapes
             return {}
         infos = list(inferred.graph.value_info) + list(inferred.graph.input)
         return {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
@@ -255,7 +255,7 @@ class OnnxGraphModule(nn.Module):
     def _ranks(model: onnx.ModelProto) -> dict[str, int]:
         try:
             inferred = onnx.shape_inference.infer_shapes(model)
-        except Exception:
+        except Exception:  # noqa: BLE001 - as above
             return {}
         infos = list(inferred.graph.value_info) + list(inferred.graph.input)
         return {vi.name: len(vi.type.tensor_type.shape.dim) for vi in infos if vi.type.tensor_type.HasField("shape")}

@@ -49,7 +49,7 @@ class TrainableRun:
         """The input each named layer receives on the example batch."""
         seen: dict[str, torch.Tensor] = {}
 
-        def recorder(layer_name: str):  # noqa: ANN202
+        def recorder(layer_name: str):
             def hook(_module: nn.Module, args: tuple, _output: Any) -> None:  # returns None: a returned value would replace the output
                 seen.setdefault(layer_name, args[0].detach())
             return hook

@@ -43,7 +43,7 @@ STUDENT_LR = 1e-3
 DEFAULT_FINETUNE_EPOCHS = 2
 
 
-def train_config(training, epochs: int, default_lr: float) -> TrainConfig:  # noqa: ANN001
+def train_config(training, epochs: int, default_lr: float) -> TrainConfig:
     values = training.model_dump()
     values["lr"] = values.get("lr") or default_lr
     return TrainConfig(epochs=epochs, **values)
@@ -96,7 +96,7 @@ def _loss(student: torch.Tensor, labels: torch.Tensor | None, teacher: torch.Ten
     return (1 - F.cosine_similarity(s, t, dim=1)).mean() + F.mse_loss(s, t)
 
 
-def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:  # noqa: ANN001
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.9, weight_decay=config.weight_decay)
     return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)

@@ -35,7 +35,7 @@ def _differs(a: np.ndarray, b: np.ndarray) -> bool:
     return not np.allclose(a, b, rtol=RTOL, atol=ATOL * scale, equal_nan=True)
 
 
-def _session(model: onnx.ModelProto, extra_outputs: list[str] | None = None):  # noqa: ANN202
+def _session(model: onnx.ModelProto, extra_outputs: list[str] | None = None):
     import onnxruntime as ort
 
     if extra_outputs:

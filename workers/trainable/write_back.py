@@ -19,9 +19,10 @@ from onnx import numpy_helper
 
 from workers.constant_folding import fold
 
+from workers.trainable.from_onnx import OnnxGraphModule
+
 FLATTEN_SHAPE = "modelshrink_flatten_shape"
 log = logging.getLogger(__name__)
-from workers.trainable.from_onnx import OnnxGraphModule
 
 
 def trained_onnx(original: onnx.ModelProto, module: OnnxGraphModule, example: tuple[torch.Tensor, ...],
@@ -33,7 +34,7 @@ def trained_onnx(original: onnx.ModelProto, module: OnnxGraphModule, example: tu
         candidate = write_back(original, module)
         if _agrees(candidate, module, example):
             return candidate
-    except Exception:  # noqa: BLE001 - any failure of the fast path falls back to a full export
+    except Exception:  # any failure of the fast path falls back to a full export
         log.warning("writing trained weights back into the graph failed; exporting instead", exc_info=True)
     return export_as_new()
 

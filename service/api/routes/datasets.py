@@ -22,7 +22,7 @@ NPZ_HELP = (
 )
 
 
-def owned_dataset(session, tenant_id: str, dataset_id: str) -> StoredDataset:  # noqa: ANN001
+def owned_dataset(session, tenant_id: str, dataset_id: str) -> StoredDataset:
     dataset = session.get(StoredDataset, dataset_id)
     if dataset is None or dataset.tenant_id != tenant_id:
         raise NotFound(f"dataset {dataset_id} not found")
@@ -33,7 +33,7 @@ def owned_dataset(session, tenant_id: str, dataset_id: str) -> StoredDataset:  #
 async def upload_dataset(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredDataset:
     """Upload a dataset. It is never unpickled; sizes are checked from headers before decompressing."""
 
-    def check(path):  # noqa: ANN001, ANN202
+    def check(path):
         return inspect_npz(path, max_members=settings.max_dataset_members, max_decompressed_bytes=settings.max_dataset_decompressed_bytes)
 
     upload, info = await accept_upload(request, session, tenant.id, settings, store, check)

@@ -35,7 +35,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTH_RESPONSES)
 RECHECK_INTERVAL_S = 10.0
 
 
-def owned_job(session, tenant_id: str, job_id: str) -> Job:  # noqa: ANN001
+def owned_job(session, tenant_id: str, job_id: str) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.tenant_id != tenant_id:
         raise NotFound(f"job {job_id} not found")
@@ -46,7 +46,7 @@ def _fingerprint(body: JobCreate) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None:  # noqa: ANN001
+def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None:
     model = owned_model(session, tenant_id, body.model_id)
     datasets = {}
     for field, ds_id in (("dataset_id", body.dataset_id), ("eval_dataset_id", body.eval_dataset_id)):
@@ -172,12 +172,12 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings
     if status == "cancelled":
         try:
             dispatch(settings, tenant.id)  # its turn passes to the tenant's next waiting job
-        except Exception:  # the reconciler dispatches it later
+        except Exception:  # noqa: BLE001 - the reconciler dispatches it later
             pass
     if status == "cancelled" and job.webhook_url:
         try:
             enqueue_webhook(settings, job.id)
-        except Exception:  # the cancel itself succeeded; a lost notification must not undo it
+        except Exception:  # noqa: BLE001 - the cancel itself succeeded; a lost notification must not undo it
             pass
     return job_public(job)
 
@@ -201,7 +201,7 @@ async def job_events(job_id: str, request: Request, session: SessionDep, tenant:
         with session_scope(url) as s:
             return JobPublic.model_validate(job_public(s.get(Job, job_id))).model_dump(mode="json")
 
-    async def stream():  # noqa: ANN202
+    async def stream():
         client = aioredis.Redis.from_url(redis_url(settings))
         pubsub = client.pubsub()
         try:

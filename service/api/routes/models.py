@@ -30,7 +30,7 @@ def _adopt_single_file(upload: ReceivedUpload, single: Path) -> ReceivedUpload:
     return adopted
 
 
-def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:  # noqa: ANN001
+def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:
     model = session.get(StoredModel, model_id)
     if model is None or model.tenant_id != tenant_id:
         raise NotFound(f"model {model_id} not found")
@@ -43,7 +43,7 @@ async def upload_model(request: Request, session: SessionDep, tenant: CurrentTen
     its external data files (stored as one file; models over 2 GB are refused). It is checked with onnx.checker and loaded and
     run in ONNX Runtime in a sandboxed child process before it is accepted."""
 
-    def check(path):  # noqa: ANN001, ANN202
+    def check(path):
         return probe_onnx(path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes)
 
     upload, info = await accept_upload(request, session, tenant.id, settings, store, check)
