@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.core.specs import MeasureSpec, StepSpec
+from service.core.error_codes import all_codes
+from service.core.specs import STEP_TYPES, MeasureSpec, StepSpec
 
 # Far beyond any real listing, and inside every database's 64-bit OFFSET.
 MAX_OFFSET = 2**31 - 1
@@ -15,8 +16,17 @@ MAX_OFFSET = 2**31 - 1
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
+ERROR_CODES = all_codes([spec.model_fields["method"].default for spec in STEP_TYPES])
+
+
 class ErrorBody(BaseModel):
-    code: str = Field(description="Stable machine-readable code, e.g. invalid_model, not_found.")
+    # Documented as an enum (every code the service can answer with, service/core/error_codes.py) but
+    # parsed as a string: a client built from this schema should still read a code added later.
+    code: str = Field(
+        description="Stable machine-readable code: "
+        + "; ".join(f"`{code}`: {meaning}" for code, meaning in sorted(ERROR_CODES.items())),
+        json_schema_extra={"enum": sorted(ERROR_CODES)},
+    )
     message: str = Field(description="What went wrong, in words a user can act on.")
 
 
@@ -117,6 +127,75 @@ class ArtifactPublic(BaseModel):
     sha256: str
 
 
+class Tolerant(BaseModel):
+    # Metrics are stored with the job: a field added later must not make older jobs unreadable.
+    model_config = ConfigDict(extra="allow")
+
+
+class LatencyAtBatch(Tolerant):
+    batch: int
+    p50: float = Field(description="Median milliseconds per run.")
+    p95: float
+    runs: int
+
+
+class Latency(Tolerant):
+    p50: float = Field(description="Median milliseconds per run at `batch` (the first measured batch size).")
+    p95: float
+    batch: int
+
+
+class Fidelity(Tolerant):
+    cosine: float = Field(description="Mean cosine similarity of the compressed model's first output to the original's, per sample.")
+    top1_agreement: float | None = Field(None, description="Share of samples with the same argmax (classifier-shaped outputs).")
+    max_abs_diff: float | None = None
+
+
+class ModelMeasurement(Tolerant):
+    size_bytes: int = Field(description="Bytes of what ships (for a .msz bundle: the bundle).")
+    parameters: int | None = Field(None, description="Stored weights, each tensor once (tied weights once; int4 counted as weights).")
+    nonzero_parameters: int | None = None
+    macs: int | None = Field(None, description="Multiply-accumulates per sample (None when the graph's shapes cannot be inferred).")
+    accuracy: float | None = Field(None, description="With labels in the evaluation data.")
+    latency_ms: Latency | None = None
+    latency_by_batch: list[LatencyAtBatch] = Field(default_factory=list)
+    fidelity: Fidelity | None = Field(None, description="Compressed model only.")
+    onnx_size_bytes: int | None = Field(None, description="Compressed model only: the ONNX file (differs from size_bytes for a bundle).")
+
+
+class EvaluationInfo(Tolerant):
+    data: str = Field(description="dataset, eval_dataset or synthetic.")
+    synthetic: str | None = Field(None, description="How synthetic inputs were drawn, when they were.")
+    samples: int
+    labels: bool
+    runtime: str
+    threads: int
+
+
+class LayerSensitivity(Tolerant):
+    layer: str
+    cosine: float = Field(description="Output cosine to the original with only this layer compressed.")
+    drop: float
+
+
+class StepReport(Tolerant):
+    """What one step did; the fields after `index` and `method` are the method's own (README, Methods)."""
+
+    index: int
+    method: str
+
+
+class JobMetrics(Tolerant):
+    original: ModelMeasurement
+    compressed: ModelMeasurement
+    compression_ratio: float = Field(description="original size_bytes / compressed size_bytes.")
+    speedup: float = Field(description="original p50 / compressed p50 at the first measured batch size.")
+    evaluation: EvaluationInfo | None = None
+    warnings: list[str] = Field(default_factory=list, description="Each way the result is worse than the original (accuracy, fidelity, speed, size), in words, with where.")
+    sensitivity: list[LayerSensitivity] | None = Field(None, description="Layers most responsible for a quality loss, when attribution was possible.")
+    step_reports: list[StepReport] = Field(default_factory=list)
+
+
 class JobPublic(BaseModel):
     id: str
     status: JobStatus
@@ -126,7 +205,7 @@ class JobPublic(BaseModel):
     steps: list[dict[str, Any]]
     options: dict[str, Any]
     progress: Progress
-    metrics: dict[str, Any] | None
+    metrics: JobMetrics | None
     artifacts: list[ArtifactPublic]
     error: ErrorBody | None
     attempts: int

@@ -140,9 +140,12 @@ def test_cancel_running_job(embedded_redis: Settings, start_worker) -> None:
     start_worker(embedded_redis)
     with authed_client(embedded_redis) as client:
         model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp()))}).json()["id"]
-        body = {"model_id": model_id, "steps": [{"method": "quantize", "mode": "int8_dynamic"}], "measure": SLOW_MEASURE}
+        # Long enough that the cancel lands inside the measurement even on a loaded machine (30,000
+        # runs of this MLP took under a second, and the poll could see the message late).
+        body = {"model_id": model_id, "steps": [{"method": "quantize", "mode": "int8_dynamic"}], "measure": {**SLOW_MEASURE, "runs": 100_000}}
         job_id = client.post("/v1/jobs", json=body).json()["id"]
-        wait_for(lambda: "timing" in (job_state(client, job_id)["progress"]["message"] or ""))
+        # The pipeline's own before/after timing (SLOW_MEASURE: long), not the quantize step's candidate timing.
+        wait_for(lambda: "both models, interleaved" in (job_state(client, job_id)["progress"]["message"] or ""))
         response = client.post(f"/v1/jobs/{job_id}/cancel")
         assert response.status_code == 202 and response.json()["cancel_requested"] is True
         job, _ = follow(client, job_id)

@@ -86,4 +86,4 @@ def test_unknown_exit_layers_are_named_in_the_error(lenet5: tuple[onnx.ModelProt
     model, data = lenet5
     with pytest.raises(InvalidInput) as info:
         early_exit.apply(model, EarlyExitStep(exits=["nope"]), data, StepContext(work_dir=tmp_path))
-    assert "nope" in info.value.message and info.value.code == "invalid_layers"
+    assert "nope" in info.value.message and info.value.code == "unknown_layer"

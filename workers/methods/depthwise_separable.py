@@ -28,7 +28,7 @@ def apply(model: onnx.ModelProto, spec: DepthwiseSeparableStep, data: StepData, 
     layers = {run.module.layer_names[k]: m for k, m in run.module.layers.items() if isinstance(m, nn.Conv2d)}
     unknown = sorted(set(spec.layers or []) - set(layers))
     if unknown:
-        raise InvalidInput(f"unknown convolutions {unknown}; this model's are {sorted(layers)}", code="invalid_layers")
+        raise InvalidInput(f"unknown convolutions {unknown}; this model's are {sorted(layers)}", code="unknown_layer")
     baseline = run.quality()
     seen = run.inputs_seen(layers)
     rows: list[dict[str, Any]] = []

@@ -33,7 +33,7 @@ def _choose_exits(names: list[str], cumulative: list[int], total: int, asked: li
     if asked is not None:
         unknown = [n for n in asked if n not in names[:-1]]
         if unknown:
-            raise InvalidInput(f"exits must name layers before the last one; unknown or last: {unknown}; candidates: {names[:-1]}", code="invalid_layers")
+            raise InvalidInput(f"exits must name layers before the last one; unknown or last: {unknown}; candidates: {names[:-1]}", code="unknown_layer")
         return sorted(asked, key=names.index)
     # Exits only pay where little of the model has run: candidates within the first half of its MACs.
     early = [n for n, c in zip(names[:-1], cumulative[:-1]) if c <= total / 2]

@@ -57,7 +57,7 @@ def apply(model: onnx.ModelProto, spec: LowRankStep, data: StepData, ctx: StepCo
     layers = weighted_layers(run.module)
     unknown = sorted(set(spec.layers or []) - set(layers))
     if unknown:
-        raise InvalidInput(f"unknown layers {unknown}; this model's layers are {sorted(layers)}", code="invalid_layers")
+        raise InvalidInput(f"unknown layers {unknown}; this model's layers are {sorted(layers)}", code="unknown_layer")
     baseline = run.quality()
     seen = run.inputs_seen(layers)
     rows: list[dict[str, Any]] = []
