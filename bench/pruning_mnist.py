@@ -8,18 +8,16 @@
 
 from __future__ import annotations
 
-import io
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from bench.common import report, running_service
 from service.client import Client
 from tests import mnist
-from tests.cnn_models import downsample, train_residual_cnn
+from tests.cnn_models import write_residual_cnn_files
 
 LENET_EPOCHS = 8
 
@@ -63,13 +61,7 @@ def main() -> None:
     test_x, test_y = mnist.load("test")
     files = mnist.write_files(work, lenet_epochs=LENET_EPOCHS)
 
-    net = train_residual_cnn(downsample(train_x[:8000]), train_y[:8000])
-    buffer = io.BytesIO()
-    torch.onnx.export(net, (torch.zeros(2, 1, 14, 14),), buffer, dynamo=False, opset_version=17, do_constant_folding=False,
-                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
-    (work / "rescnn.onnx").write_bytes(buffer.getvalue())
-    (work / "train14.npz").write_bytes(mnist.npz(downsample(train_x[:8000]), train_y[:8000]))
-    (work / "test14.npz").write_bytes(mnist.npz(downsample(test_x), test_y))
+    write_residual_cnn_files(work, train_x, train_y, test_x, test_y)
 
     unstructured = {"method": "prune", "kind": "unstructured", "amount": 0.92, "iterations": 3, "finetune_epochs": 3,
                     "training": {"lr": 5e-4, "batch_size": 128}}

@@ -34,3 +34,21 @@ def train_residual_cnn(images, labels, epochs: int = 2, seed: int = 0) -> Residu
 
     torch.manual_seed(seed)
     return fit(ResidualCNN(), torch.from_numpy(images), torch.from_numpy(labels), epochs, lr=3e-3, batch=64, seed=seed)
+
+
+def write_residual_cnn_files(work, train_x, train_y, test_x, test_y) -> tuple:
+    """For the MNIST benchmarks: a residual CNN trained on 8,000 downsampled training images, exported
+    to ONNX (TorchScript exporter, dynamic batch), and the downsampled train/test splits as .npz."""
+    import io
+
+    from tests import mnist
+
+    net = train_residual_cnn(downsample(train_x[:8000]), train_y[:8000])
+    buffer = io.BytesIO()
+    torch.onnx.export(net, (torch.zeros(2, 1, 14, 14),), buffer, dynamo=False, opset_version=17, do_constant_folding=False,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}})
+    paths = (work / "rescnn.onnx", work / "train14.npz", work / "test14.npz")
+    paths[0].write_bytes(buffer.getvalue())
+    paths[1].write_bytes(mnist.npz(downsample(train_x[:8000]), train_y[:8000]))
+    paths[2].write_bytes(mnist.npz(downsample(test_x), test_y))
+    return paths

@@ -12,6 +12,7 @@ from torch import nn
 from service.core.errors import InvalidInput
 from service.core.specs import StudentSpec
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, output_layer, weighted_layers
+from workers.factorization.layers import factorise_linear
 from workers.trainable.from_onnx import OnnxGraphModule
 
 
@@ -71,13 +72,6 @@ def by_depth(teacher: OnnxGraphModule, spec: StudentSpec) -> tuple[OnnxGraphModu
     return student, chosen
 
 
-def _rank_for(s: torch.Tensor, spec: StudentSpec) -> int:
-    if spec.rank is not None:
-        return min(spec.rank, len(s))
-    energy = torch.cumsum(s**2, 0) / torch.sum(s**2)
-    return int(torch.searchsorted(energy, torch.tensor(spec.energy)).item()) + 1
-
-
 def by_low_rank(teacher: OnnxGraphModule, spec: StudentSpec) -> tuple[OnnxGraphModule, dict[str, int]]:
     """Factorise each linear layer W (out x in) as (U_r S_r)(V_r^T) when that stores fewer numbers."""
     student = copy.deepcopy(teacher)
@@ -85,19 +79,11 @@ def by_low_rank(teacher: OnnxGraphModule, spec: StudentSpec) -> tuple[OnnxGraphM
     for key, layer in list(student.layers.items()):
         if not isinstance(layer, nn.Linear):
             continue
-        u, s, vh = torch.linalg.svd(layer.weight.detach(), full_matrices=False)
-        r = _rank_for(s, spec)
-        if r * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
+        found = factorise_linear(layer, None, spec.energy, spec.rank)
+        if found is None:
             continue
-        first = nn.Linear(layer.in_features, r, bias=False)
-        second = nn.Linear(r, layer.out_features, bias=layer.bias is not None)
-        with torch.no_grad():
-            first.weight.copy_(vh[:r])
-            second.weight.copy_(u[:, :r] * s[:r])
-            if layer.bias is not None:
-                second.bias.copy_(layer.bias)
-        student.layers[key] = nn.Sequential(first, second)
-        ranks[student.layer_names[key]] = r
+        student.layers[key], facts = found
+        ranks[student.layer_names[key]] = facts["rank"]
     if not ranks:
         raise InvalidInput("no linear layer gets smaller at that rank/energy; lower `rank` or `energy`", code="invalid_student")
     return student, ranks

@@ -10,17 +10,19 @@ import torch
 from torch import nn
 
 
-def rank_for(singular_values: torch.Tensor, ratio: float | None, energy: float) -> int:
+def rank_for(singular_values: torch.Tensor, ratio: float | None, energy: float, rank: int | None = None) -> int:
+    if rank is not None:
+        return min(rank, len(singular_values))
     if ratio is not None:
         return max(1, int(round(ratio * len(singular_values))))
     cumulative = torch.cumsum(singular_values**2, 0) / torch.sum(singular_values**2).clamp(min=1e-30)
     return min(len(singular_values), int(torch.searchsorted(cumulative, torch.tensor(energy)).item()) + 1)
 
 
-def factorise_linear(layer: nn.Linear, ratio: float | None, energy: float) -> tuple[nn.Sequential, dict] | None:
+def factorise_linear(layer: nn.Linear, ratio: float | None, energy: float, rank: int | None = None) -> tuple[nn.Sequential, dict] | None:
     """(in -> r, r -> out) initialised from the truncated SVD; None when it would not store fewer numbers."""
     u, s, vh = torch.linalg.svd(layer.weight.detach().float(), full_matrices=False)
-    r = rank_for(s, ratio, energy)
+    r = rank_for(s, ratio, energy, rank)
     if r * (layer.in_features + layer.out_features) >= layer.in_features * layer.out_features:
         return None
     first = nn.Linear(layer.in_features, r, bias=False)

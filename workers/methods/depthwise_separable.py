@@ -10,7 +10,7 @@ from typing import Any
 import onnx
 from torch import nn
 
-from service.core.errors import CompressionFailed, InvalidInput
+from service.core.errors import CompressionFailed
 from service.core.methods.depthwise_separable import DepthwiseSeparableStep
 from workers.factorization.layers import depthwise_separable, parameters
 from workers.methods.base import StepContext, StepData, StepResult
@@ -26,9 +26,7 @@ def apply(model: onnx.ModelProto, spec: DepthwiseSeparableStep, data: StepData, 
     ctx.progress(0.0, "converting the model to a trainable form")
     run = TrainableRun(model, data)
     layers = {run.module.layer_names[k]: m for k, m in run.module.layers.items() if isinstance(m, nn.Conv2d)}
-    unknown = sorted(set(spec.layers or []) - set(layers))
-    if unknown:
-        raise InvalidInput(f"unknown convolutions {unknown}; this model's are {sorted(layers)}", code="unknown_layer")
+    run.check_named(layers, spec.layers, "convolutions")
     baseline = run.quality()
     seen = run.inputs_seen(layers)
     rows: list[dict[str, Any]] = []

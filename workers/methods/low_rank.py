@@ -14,7 +14,7 @@ import onnx
 import torch
 from torch import nn
 
-from service.core.errors import CompressionFailed, InvalidInput
+from service.core.errors import CompressionFailed
 from service.core.methods.low_rank import LowRankStep
 from workers.factorization.layers import factorise_conv, factorise_linear, parameters
 from workers.methods.base import StepContext, StepData, StepResult
@@ -55,9 +55,7 @@ def apply(model: onnx.ModelProto, spec: LowRankStep, data: StepData, ctx: StepCo
     ctx.progress(0.0, "converting the model to a trainable form")
     run = TrainableRun(model, data)
     layers = weighted_layers(run.module)
-    unknown = sorted(set(spec.layers or []) - set(layers))
-    if unknown:
-        raise InvalidInput(f"unknown layers {unknown}; this model's layers are {sorted(layers)}", code="unknown_layer")
+    run.check_named(layers, spec.layers)
     baseline = run.quality()
     seen = run.inputs_seen(layers)
     rows: list[dict[str, Any]] = []

@@ -19,51 +19,33 @@ from workers.methods.base import StepContext, StepData, StepResult
 from workers.pruning import structured, unstructured
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, selected_layers, weighted_layers
 from workers.trainable.device import training_device
-from workers.trainable.from_onnx import OnnxGraphModule
-from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
-from workers.trainable.verify import trainable
+from workers.trainable.to_onnx import export, has_dynamic_batch
+from workers.trainable.run import TrainableRun
 from workers.trainable.write_back import trained_onnx
-from workers.trainable.training import FINETUNE_LR, finetune_epochs, predict, quality, tensors, train, train_config
+from workers.trainable.training import FINETUNE_LR, finetune_epochs, predict, train, train_config
 
 name = "prune"
 SPEC = PruneStep
 TAYLOR_BATCHES = 8
 
 
-class _Run:
-    """The state one prune step works on: the module, its data, the original's outputs as reference."""
+class _Run(TrainableRun):
+    """The state one prune step works on (TrainableRun: the module, its data, the original's outputs as
+    reference), plus the rounds' fine-tuning log."""
 
     def __init__(self, model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepContext) -> None:
+        super().__init__(model, data)
         self.spec, self.ctx = spec, ctx
-        self.module: OnnxGraphModule = trainable(model, data)
         self.has_data = data.available
         self.fixed_batch = data.fixed_batch
         self.dynamic_batch = has_dynamic_batch(model)
-        names = self.module.input_names
-        if data.available:
-            self.inputs, self.labels = tensors(data, names), data.labels
-            held_out = data.evaluation or data
-            self.eval_inputs, self.eval_labels = tensors(held_out, names), held_out.labels
-            self.evaluated_on = "evaluation data" if data.evaluation else "training data (no evaluation dataset)"
-        else:
-            rng = np.random.default_rng(0)
-            shapes = [example_input(model, i) for i in names]
-            self.inputs = self.eval_inputs = [torch.from_numpy(rng.standard_normal(e.shape).astype(e.dtype)) for e in shapes]
-            self.labels = self.eval_labels = None
-            self.evaluated_on = "synthetic inputs"
-        self.teacher = predict(self.module, self.inputs)
-        self.eval_teacher = predict(self.module, self.eval_inputs)
-        self.metric = "accuracy" if self.eval_labels is not None and self.eval_teacher.dim() == 2 else "agreement_with_original"
         self.baseline = self.quality()
         # Per round: the score after each fine-tuning epoch (index 0: just pruned) and the epoch kept.
         self.finetune_log: list[dict] = []
         self.epochs = finetune_epochs(spec.finetune_epochs, data.available)
         self.config = train_config(spec.training, self.epochs, FINETUNE_LR)
 
-    def quality(self) -> float:
-        return quality(predict(self.module, self.eval_inputs), self.eval_labels, self.eval_teacher)
-
-    def finetune(self, round_index: int, rounds: int, after_step=None) -> list[float]:
+    def finetune(self, round_index: int, rounds: int, after_step=None) -> list[float]:  # type: ignore[override]
         if self.epochs == 0:
             return []
 

@@ -13,6 +13,7 @@ import onnx
 import torch
 from torch import nn
 
+from service.core.errors import InvalidInput
 from workers.methods.base import StepData
 from workers.trainable.from_onnx import OnnxGraphModule
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
@@ -44,6 +45,13 @@ class TrainableRun:
 
     def quality(self, module: nn.Module | None = None) -> float:
         return quality(predict(module or self.module, self.eval_inputs), self.eval_labels, self.eval_teacher)
+
+    @staticmethod
+    def check_named(layers: dict[str, nn.Module], asked: list[str] | None, what: str = "layers") -> None:
+        """Every layer the step names must exist; the error lists the model's."""
+        unknown = sorted(set(asked or []) - set(layers))
+        if unknown:
+            raise InvalidInput(f"unknown {what} {unknown}; this model's are {sorted(layers)}", code="unknown_layer")
 
     def inputs_seen(self, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         """The input each named layer receives on the example batch."""
