@@ -20,11 +20,10 @@ from workers.clustering.kmeans import kmeans_1d
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.pruning.layers import weighted_layers
 from workers.trainable.device import training_device
-from workers.trainable.from_onnx import to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
-from workers.trainable.verify import trainable
+from workers.trainable.run import TrainableRun
 from workers.trainable.write_back import trained_onnx
-from workers.trainable.training import FINETUNE_LR, finetune_epochs, predict, quality, tensors, train, train_config
+from workers.trainable.training import finetune_epochs
 
 name = "cluster"
 SPEC = ClusterStep
@@ -85,7 +84,8 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
         raise CompressionFailed("centroid fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
     epochs = finetune_epochs(spec.finetune_epochs, data.available)
     ctx.progress(0.0, "clustering weights")
-    module = trainable(model, data)
+    run = TrainableRun(model, data)  # the original's outputs are taken before any weight is clustered
+    module = run.module
     layers = weighted_layers(module)
     unknown = sorted((set(spec.skip_layers) | set(spec.layer_bits)) - set(layers))
     if unknown:
@@ -106,26 +106,19 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     curve: list[float] = []
     finetune_outcome: dict[str, Any] = {}
     if data.available:
-        names = module.input_names
-        held_out = data.evaluation or data
-        eval_inputs = tensors(held_out, names)
-        original = to_torch(model)  # converted once: the reference for evaluation and the teacher for fine-tuning
-        reference = predict(original, eval_inputs)
-        before_score = quality(predict(module, eval_inputs), held_out.labels, reference)
+        before_score = run.quality()
         if epochs:
-            train_inputs = tensors(data, names)
-            teacher = predict(original, train_inputs)
             for s in shared.values():
                 s.keep_zero()
 
-            def on_epoch(epoch: int, loss: float) -> None:
-                ctx.progress(0.3 + 0.6 * (epoch + 1) / epochs, f"fine-tuning centroids: epoch {epoch + 1}/{epochs}, loss {loss:.4f}", milestone=True)
+            def on_epoch(epoch: int, total: int, loss: float) -> None:
+                ctx.progress(0.3 + 0.6 * (epoch + 1) / total, f"fine-tuning centroids: epoch {epoch + 1}/{total}, loss {loss:.4f}", milestone=True)
 
-            config = train_config(spec.training, epochs, FINETUNE_LR)
             # The best epoch on held-out data is kept (the clustered state counts as epoch 0).
-            curve = train(module, train_inputs, data.labels, teacher, config, on_epoch, lambda: [s.keep_zero() for s in shared.values()], data.fixed_batch,
-                          keep_best=lambda: quality(predict(module, eval_inputs), held_out.labels, reference), outcome=finetune_outcome)
-        after_score = quality(predict(module, eval_inputs), held_out.labels, reference)
+            finetune_outcome = run.finetune(epochs, spec.training, on_epoch, after_step=lambda: [s.keep_zero() for s in shared.values()])
+            curve = finetune_outcome.pop("losses")
+            finetune_outcome.pop("epochs")
+        after_score = run.quality()
 
     clustered_now = {n: storage.Clustered(s.codebook.detach().numpy().astype(np.float32), s.labels.numpy(), spec.layer_bits.get(n, spec.bits), s.fixed_zero) for n, s in shared.items()}
     for layer in chosen.values():

@@ -17,11 +17,10 @@ from service.core.specs import QuantizeStep
 from workers.clustering.storage import find_initializer, replace_initializers
 from workers.methods.base import StepContext, StepData
 from workers.pruning.layers import weighted_layers
-from workers.trainable.from_onnx import to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
-from workers.trainable.verify import trainable
+from workers.trainable.run import TrainableRun
 from workers.trainable.write_back import trained_onnx
-from workers.trainable.training import STUDENT_LR, predict, quality, tensors, train, train_config
+from workers.trainable.training import STUDENT_LR
 
 
 class Binarize(nn.Module):
@@ -70,7 +69,8 @@ def _encode_binary(name: str, weight: np.ndarray, prefix: str) -> tuple[list, li
 def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
     if spec.finetune_epochs and not data.available:
         raise CompressionFailed("binary fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
-    module = trainable(model, data)
+    run = TrainableRun(model, data)  # the original's outputs are taken before any weight is binarised
+    module = run.module
     layers = weighted_layers(module)
     names = list(layers)
     chosen = names[1:-1] if spec.binary_keep_first_last and len(names) > 2 else names
@@ -80,21 +80,16 @@ def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: Step
         parametrize.register_parametrization(layers[layer_name], "weight", Binarize())
     scores: dict[str, Any] = {}
     if data.available:
-        held_out = data.evaluation or data
-        eval_inputs = tensors(held_out, module.input_names)
-        original = to_torch(model)  # converted once: the reference for evaluation and the teacher for fine-tuning
-        reference = predict(original, eval_inputs)
-        scores["before_finetune"] = quality(predict(module, eval_inputs), held_out.labels, reference)
+        scores["before_finetune"] = run.quality()
         if spec.finetune_epochs:
-            train_inputs = tensors(data, module.input_names)
-            # Binarizing is a big change: straight-through training needs the larger student step.
-            config = train_config(spec.training, spec.finetune_epochs, STUDENT_LR)
+            def on_epoch(epoch: int, total: int, loss: float) -> None:
+                ctx.progress(0.1 + 0.8 * (epoch + 1) / total, f"straight-through fine-tuning: epoch {epoch + 1}/{total}, loss {loss:.4f}", milestone=True)
 
-            def on_epoch(epoch: int, loss: float) -> None:
-                ctx.progress(0.1 + 0.8 * (epoch + 1) / spec.finetune_epochs, f"straight-through fine-tuning: epoch {epoch + 1}/{spec.finetune_epochs}, loss {loss:.4f}", milestone=True)
-
-            train(module, train_inputs, data.labels, predict(original, train_inputs), config, on_epoch, None, data.fixed_batch)
-        scores["after"] = quality(predict(module, eval_inputs), held_out.labels, reference)
+            # Binarizing is a big change: straight-through training needs the larger student step. The
+            # best epoch on held-out data is kept (the binarised state counts as epoch 0).
+            outcome = run.finetune(spec.finetune_epochs, spec.training, on_epoch, default_lr=STUDENT_LR)
+            scores["finetune"] = {k: v for k, v in outcome.items() if k != "losses"}
+        scores["after"] = run.quality()
     for layer_name in chosen:
         parametrize.remove_parametrizations(layers[layer_name], "weight", leave_parametrized=True)
     example = tuple(torch.from_numpy(example_input(model, n)) for n in module.input_names)

@@ -74,14 +74,15 @@ class TrainableRun:
         self.module.layers[key] = replacement
 
     def finetune(self, asked_epochs: int | None, training: Any, on_epoch: Callable[[int, int, float], None], *, distil: bool = False,
-                 default_lr: float = FINETUNE_LR) -> dict[str, Any]:
+                 default_lr: float = FINETUNE_LR, after_step: Callable[[], Any] | None = None) -> dict[str, Any]:
         """Train the changed module (on labels, or with `distil` or without labels on the original's
-        outputs), keeping the best epoch on the held-out data; returns the scores and the epoch kept."""
+        outputs), keeping the best epoch on the held-out data; returns the scores, the epoch kept and
+        the loss per epoch. `after_step` runs after each optimiser step (e.g. re-imposing a constraint)."""
         epochs = finetune_epochs(asked_epochs, self.data.available)
-        outcome: dict[str, Any] = {"epochs": epochs, "target": "the original model's outputs" if distil or self.labels is None else "labels"}
+        outcome: dict[str, Any] = {"epochs": epochs, "target": "the original model's outputs" if distil or self.labels is None else "labels", "losses": []}
         if epochs:
-            train(self.module, self.inputs, None if distil else self.labels, self.teacher, train_config(training, epochs, default_lr),
-                  lambda epoch, loss: on_epoch(epoch, epochs, loss), None, self.data.fixed_batch, keep_best=self.quality, outcome=outcome)
+            outcome["losses"] = train(self.module, self.inputs, None if distil else self.labels, self.teacher, train_config(training, epochs, default_lr),
+                                      lambda epoch, loss: on_epoch(epoch, epochs, loss), after_step, self.data.fixed_batch, keep_best=self.quality, outcome=outcome)
         return outcome
 
     def to_onnx(self) -> onnx.ModelProto:
