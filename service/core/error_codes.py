@@ -63,6 +63,7 @@ JOB_CODES: dict[str, str] = {
     "structured_pruning_unsupported": "structured pruning cannot narrow this architecture's layers",
     "structured_pruning_failed": "torch-pruning could not prune this graph",
     "nothing_to_cluster": "no layer large enough to cluster",
+    "nothing_to_prune": "no MatMul/Gemm/Conv weight to prune",
     "nothing_to_quantize": "nothing in the model the chosen quantization applies to",
     "nothing_to_fuse": "ONNX Runtime's transformer optimizer fused nothing (a fusion candidate only)",
     "quantization_target_missed": "no quantization candidate met the quality target (the candidate table in the message)",
