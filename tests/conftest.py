@@ -123,8 +123,9 @@ class WorkerProcess:
     def __init__(self, settings: Settings, log_path: Path, role: str = "jobs") -> None:
         self.settings = settings
         self.log = open(log_path, "ab")
+        self.node = f"w{uuid.uuid4().hex[:6]}@"  # the Celery node name starts so (%h adds the host)
         self.proc = subprocess.Popen(
-            worker_command(settings, hostname=f"w{uuid.uuid4().hex[:6]}@%h", role=role),
+            worker_command(settings, hostname=f"{self.node}%h", role=role),
             env=env_of(settings), stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
         )
         self.wait_ready()

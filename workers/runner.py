@@ -101,11 +101,13 @@ def _job_input(session, job) -> JobInput:
     )
 
 
-def run_job(job_id: str, settings: Settings) -> Outcome:
+def run_job(job_id: str, settings: Settings, node: str | None = None) -> Outcome:
+    """Run one delivery of a job; `node` is the Celery worker's name, recorded with the process id."""
     url = settings.resolved_database_url
     owner = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+    worker = f"{node or socket.gethostname()} pid {os.getpid()}"
     with session_scope(url) as session:
-        lease = take_lease(session, job_id, owner, settings.lease_ttl_s)
+        lease = take_lease(session, job_id, owner, settings.lease_ttl_s, worker=worker)
         job = lease.job
         if job is None:
             return Outcome()

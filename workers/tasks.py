@@ -18,13 +18,13 @@ log = logging.getLogger(__name__)
 DB_RETRY_S = 5.0
 
 
-@app.task(name=RUN_JOB_TASK)
-def run_job(job_id: str) -> None:
+@app.task(name=RUN_JOB_TASK, bind=True)
+def run_job(self, job_id: str) -> None:  # bound: self.request names the worker node
     from workers.runner import run_job as run  # heavy imports stay in the worker child
 
     settings = get_settings()
     try:
-        outcome = run(job_id, settings)
+        outcome = run(job_id, settings, node=self.request.hostname)
     except DBAPIError:
         # The job store is unavailable: put the job back rather than let this message be
         # acknowledged as failed and the job sit queued forever (the reconciler is the backstop

@@ -209,6 +209,7 @@ class JobPublic(BaseModel):
     artifacts: list[ArtifactPublic]
     error: ErrorBody | None
     attempts: int
+    worker: str | None = Field(None, description="The worker that ran the job, or runs it now (the last one when it was redelivered): Celery node name and process id.")
     cancel_requested: bool
     webhook_url: str | None
     created_at: datetime

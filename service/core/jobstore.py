@@ -38,6 +38,7 @@ def job_public(job: Job) -> dict[str, Any]:
         "artifacts": job.artifacts or [],
         "error": job.error,
         "attempts": job.attempts,
+        "worker": job.worker,
         "cancel_requested": job.cancel_requested,
         "webhook_url": job.webhook_url,
         "created_at": aware(job.created_at),
@@ -54,7 +55,7 @@ class LeaseResult:
     held_by_other: bool = False  # another delivery holds a live lease
 
 
-def take_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> LeaseResult:
+def take_lease(session: Session, job_id: str, owner: str, ttl_s: float, worker: str | None = None) -> LeaseResult:
     """Start (or take over) a job whose lease is free or expired; count the attempt."""
     now = utcnow()
     result = session.execute(
@@ -67,6 +68,7 @@ def take_lease(session: Session, job_id: str, owner: str, ttl_s: float) -> Lease
         )
         .values(
             lease_owner=owner,
+            worker=worker or owner,
             lease_expires_at=now + timedelta(seconds=ttl_s),
             attempts=Job.attempts + 1,
             status="running",
