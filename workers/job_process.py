@@ -62,7 +62,7 @@ def _progress_reporter(settings, job_id: str, owner: str):
 
 def run(request: dict[str, Any]) -> dict[str, Any]:
     """Run the pipeline; return the outcome as {"status", ...fields} (never raises)."""
-    from service.core.artifacts import ArtifactStore
+    from service.core.artifacts import open_store
     from service.core.errors import JobCancelled, ModelshrinkError
     from service.core.settings import get_settings
     from workers.job_input import JobInput
@@ -73,7 +73,7 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     work_dir = Path(request["work_dir"])
     progress = _progress_reporter(settings, job.job_id, request["owner"])
     try:
-        metrics, artifacts = run_pipeline(job, ArtifactStore(settings.resolved_artifact_dir), settings, work_dir, progress)
+        metrics, artifacts = run_pipeline(job, open_store(settings), settings, work_dir, progress)
     except LeaseLost:
         return {"status": "lease_lost"}
     except JobCancelled as exc:

@@ -15,7 +15,7 @@ from service.api.routes.uploads_common import CheckQueue
 from service.api.streams import StreamLimiter
 from service.api.observability import MetricsMiddleware, build_registry
 from service.api.routes import datasets, health, jobs, methods, models
-from service.core.artifacts import ArtifactStore
+from service.core.artifacts import open_store
 from service.core.db import migrate
 from service.core.errors import ApiError
 from service.core.readiness import ReadinessMonitor
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
         description="Compress neural networks: upload a model, submit a job of steps, download a smaller, faster, validated ONNX model with measured before/after metrics.",
     )
     app.state.settings = settings
-    app.state.store = ArtifactStore(settings.resolved_artifact_dir)
+    app.state.store = open_store(settings)
     app.state.readiness = ReadinessMonitor(settings)  # checking starts with the app (lifespan)
     app.state.checks = CheckQueue(settings.max_concurrent_checks, settings.max_waiting_checks)
     app.state.streams = StreamLimiter(settings.max_event_streams, settings.max_event_streams_per_tenant)

@@ -18,7 +18,9 @@ class Settings(BaseSettings):
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Root of the embedded defaults: SQLite file, artifacts, embedded Redis.")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///<data_dir>/modelshrink.db")
     broker_url: str | None = Field(None, description="Redis URL; default: the embedded redis-server's unix socket in data_dir")
-    artifact_dir: Path | None = Field(None, description="Artifact store root (a shared filesystem when scaling out); default <data_dir>/artifacts")
+    artifact_dir: Path | None = Field(None, description="Artifact store root (a shared filesystem when scaling out); default <data_dir>/artifacts. With artifact_url: this process's local cache")
+    artifact_url: str | None = Field(None, description="s3://bucket/prefix: artifacts in S3-compatible object storage, so workers and API replicas need no shared disk")
+    s3_endpoint_url: str | None = Field(None, description="The S3 endpoint for a non-AWS store (MinIO, Ceph radosgw), e.g. http://minio:9000")
 
     max_upload_bytes: int = 2 * 1024**3
     # JSON bodies (job specs): uploads have their own limit above.

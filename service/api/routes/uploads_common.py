@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +102,4 @@ def commit_row(session: Session, row: object) -> None:
 
 
 def move_into_store(upload: ReceivedUpload, store: ArtifactStore, key: str) -> None:
-    target = store.path(key)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(upload.path, target)
+    store.import_file(key, upload.path)
