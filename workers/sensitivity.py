@@ -69,7 +69,10 @@ def layer_sensitivity(original: onnx.ModelProto, compressed: onnx.ModelProto, da
         probe.CopyFrom(base)
         for init in probe.graph.initializer:
             if init.name == name:
-                init.CopyFrom(new_values[name])
+                # In the original's own type: an fp16 model's weight put into the float32 graph is its
+                # float16 values widened, which is exactly the change being measured.
+                value = numpy_helper.to_array(new_values[name]).astype(numpy_helper.to_array(init).dtype)
+                init.CopyFrom(numpy_helper.from_array(value, name))
         cosine = _cosine(reference, _outputs(_session(probe, threads), data))
         rows.append({"layer": _layer_label(name, consumers), "tensor": name, "cosine": cosine, "drop": 1.0 - cosine})
     return sorted(rows, key=lambda r: r["drop"], reverse=True)

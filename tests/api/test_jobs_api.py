@@ -148,3 +148,14 @@ def test_distill_specs_are_checked_at_submit(client: TestClient, model_id: str) 
 def test_bundle_steps_must_come_last(client: TestClient, model_id: str) -> None:
     response = client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"method": "huffman"}, {"method": "quantize", "mode": "fp16"}]})
     assert response.status_code == 422 and "must be the last step" in response.json()["error"]["message"]
+
+
+def test_a_jobs_report_page_is_html_and_only_its_tenants(client: TestClient, model_id: str, settings) -> None:
+    from tests.conftest import new_key
+
+    job_id = client.post("/v1/jobs", json={"model_id": model_id, "steps": [{"method": "quantize"}]}).json()["id"]
+    page = client.get(f"/v1/jobs/{job_id}/report.html")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert job_id in page.text and "queued" in page.text
+    other = {"Authorization": f"Bearer {new_key(settings, tenant='globex')}"}
+    assert client.get(f"/v1/jobs/{job_id}/report.html", headers=other).status_code == 404

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse
@@ -19,6 +19,7 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
 from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, JobCreate, JobPublic, JobsPublic, JobStatus
+from service.core import report_html
 from service.core.datasets import check_against_model, check_labels_fit
 from service.core.db import session_scope
 from service.core.events import channel, publish, redis_url
@@ -232,6 +233,14 @@ async def job_events(job_id: str, request: Request, session: SessionDep, tenant:
 
     # The background task releases the slot too, in case the client left before the stream started.
     return EventSourceResponse(stream(), ping=15, background=BackgroundTask(slot.release))
+
+
+# response_class Response: error answers are documented as the JSON they are; the page itself as text/html.
+@router.get("/{job_id}/report.html", response_class=Response, responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}, **ITEM_RESPONSES})
+def job_report_html(job_id: str, session: SessionDep, tenant: CurrentTenant) -> HTMLResponse:
+    """The job's report as one self-contained page (inline SVG): before/after bars, warnings, per-layer
+    bars, training curves, quantize's candidates; for a running or failed job, what is known so far."""
+    return HTMLResponse(report_html.render(job_public(owned_job(session, tenant.id, job_id))))
 
 
 @router.get(

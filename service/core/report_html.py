@@ -1,0 +1,146 @@
+"""A job's report as one self-contained HTML page (inline SVG, no scripts, no external files): what a
+platform team shows. Before/after bars (size, latency per batch size, accuracy or fidelity), the
+warnings in words, per step: per-layer bars (sparsity, width, rank, bits, sensitivity, whatever the
+step reported), training curves, and quantize's candidates as a size-vs-speed scatter with the
+chosen one marked.
+
+Rendered from the job's stored metrics on request; written by hand because it is a few SVG shapes
+(a plotting library would add a dependency the API does not otherwise need). Every text is escaped.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+WIDTH = 640
+BAR_HEIGHT = 18
+COLOURS = {"original": "#8c8c8c", "compressed": "#2b7bb9", "chosen": "#d95f02", "point": "#2b7bb9", "warn": "#b2182b"}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _bars(title: str, rows: list[tuple[str, float | None, str]], unit: str = "") -> str:
+    """Horizontal bars: (label, value, colour key); values of None are listed as n/a."""
+    present = [v for _, v, _ in rows if v is not None]
+    if not present:
+        return ""
+    top = max(max(present), 1e-12)
+    height = 28 + len(rows) * (BAR_HEIGHT + 6)
+    parts = [f'<svg class="bars" role="img" aria-label="{escape(title)}" width="{WIDTH}" height="{height}" xmlns="http://www.w3.org/2000/svg">',
+             f'<text x="0" y="16" font-weight="bold">{escape(title)}</text>']
+    for i, (label, value, colour) in enumerate(rows):
+        y = 28 + i * (BAR_HEIGHT + 6)
+        parts.append(f'<text x="0" y="{y + 13}" font-size="12">{escape(label[:38])}</text>')
+        if value is None:
+            parts.append(f'<text x="250" y="{y + 13}" font-size="12">n/a</text>')
+            continue
+        length = max(1.0, (WIDTH - 360) * value / top)
+        parts.append(f'<rect x="250" y="{y}" width="{length:.1f}" height="{BAR_HEIGHT}" fill="{COLOURS.get(colour, colour)}"/>')
+        parts.append(f'<text x="{255 + length:.1f}" y="{y + 13}" font-size="12">{escape(_fmt(value))}{escape(unit)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _curve(title: str, values: list[float]) -> str:
+    points = [v for v in values if isinstance(v, (int, float))]
+    if len(points) < 2:
+        return ""
+    low, high = min(points), max(points)
+    span = (high - low) or 1.0
+    w, h = WIDTH - 80, 120
+    coords = " ".join(f"{40 + w * i / (len(points) - 1):.1f},{20 + h * (1 - (v - low) / span):.1f}" for i, v in enumerate(points))
+    return (f'<svg class="curve" role="img" aria-label="{escape(title)}" width="{WIDTH}" height="{h + 50}" xmlns="http://www.w3.org/2000/svg">'
+            f'<text x="0" y="14" font-weight="bold">{escape(title)}</text>'
+            f'<polyline points="{coords}" fill="none" stroke="{COLOURS["compressed"]}" stroke-width="2"/>'
+            f'<text x="0" y="{h + 40}" font-size="11">{escape(_fmt(low))} .. {escape(_fmt(high))} over {len(points)} points</text></svg>')
+
+
+def _scatter(title: str, rows: list[dict[str, Any]], chosen: str | None) -> str:
+    """Quantize candidates: compression ratio (x) against speedup at the first batch size (y)."""
+    points = []
+    for row in rows:
+        speed = next(iter((row.get("speedup_by_batch") or {}).values()), None)
+        if row.get("compression_ratio") and speed:
+            points.append((row["compression_ratio"], speed, row["candidate"], row["candidate"] == chosen, row.get("meets_target")))
+    if not points:
+        return ""
+    max_x, max_y = max(p[0] for p in points) * 1.1, max(p[1] for p in points) * 1.1
+    w, h = WIDTH - 80, 220
+    parts = [f'<svg class="scatter" role="img" aria-label="{escape(title)}" width="{WIDTH}" height="{h + 60}" xmlns="http://www.w3.org/2000/svg">',
+             f'<text x="0" y="14" font-weight="bold">{escape(title)}</text>',
+             f'<line x1="40" y1="{20 + h}" x2="{40 + w}" y2="{20 + h}" stroke="#333"/><line x1="40" y1="20" x2="40" y2="{20 + h}" stroke="#333"/>',
+             f'<text x="{40 + w - 120}" y="{h + 40}" font-size="11">size ratio (x) →</text><text x="44" y="30" font-size="11">speedup ↑</text>']
+    for x, y, name, is_chosen, meets in points:
+        cx, cy = 40 + w * x / max_x, 20 + h * (1 - y / max_y)
+        colour = COLOURS["chosen"] if is_chosen else (COLOURS["point"] if meets else COLOURS["original"])
+        parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{7 if is_chosen else 4}" fill="{colour}"><title>{escape(name)}: {x:.2f}x smaller, {y:.2f}x faster</title></circle>')
+    parts.append(f'<text x="40" y="{h + 55}" font-size="11">orange: kept; blue: met the quality target; grey: missed it</text></svg>')
+    return "".join(parts)
+
+
+def _layer_bars(step: dict[str, Any]) -> str:
+    layers = step.get("layers")
+    if not isinstance(layers, list) or not layers or not isinstance(layers[0], dict):
+        return ""
+    for key, title in (("sparsity", "sparsity per layer"), ("relative_error", "int4 error per layer"), ("bits", "bits per layer"),
+                       ("weight_ratio", "weights kept per layer"), ("removed_fraction", "removed per layer")):
+        if any(isinstance(row.get(key), (int, float)) for row in layers):
+            return _bars(title, [(str(row.get("layer", "?")), row.get(key), "compressed") for row in layers[:40]])
+    if any("parameters_after" in row for row in layers):
+        return _bars("parameters after / before per layer",
+                     [(str(row.get("layer", "?")), row["parameters_after"] / max(1, row.get("parameters_before") or 1), "compressed") for row in layers[:40]])
+    return ""
+
+
+def render(job: dict[str, Any]) -> str:
+    metrics = job.get("metrics") or {}
+    original, compressed = metrics.get("original") or {}, metrics.get("compressed") or {}
+    sections = [f"<h1>modelshrink job {escape(job['id'])}</h1>",
+                f"<p>status <b>{escape(job['status'])}</b>; steps: {escape(', '.join(s.get('method', '?') for s in job.get('steps', [])))}</p>"]
+    if job.get("error"):
+        sections.append(f'<p style="color:{COLOURS["warn"]}">error <b>{escape(job["error"]["code"])}</b>: {escape(job["error"]["message"])}</p>')
+    if metrics:
+        sections.append(f"<p>{_fmt(metrics.get('compression_ratio'))}x smaller, {_fmt(metrics.get('speedup'))}x the speed at batch "
+                        f"{escape(_fmt((original.get('latency_ms') or {}).get('batch')))}; measured on {escape(str((metrics.get('evaluation') or {}).get('data')))}</p>")
+        warnings = metrics.get("warnings") or []
+        if warnings:
+            sections.append("<ul class=\"warnings\">" + "".join(f'<li style="color:{COLOURS["warn"]}">{escape(w)}</li>' for w in warnings) + "</ul>")
+        else:
+            sections.append("<p>No warnings: not worse than the original on any measured axis.</p>")
+        sections.append(_bars("size (MB)", [("original", original.get("size_bytes", 0) / 1e6, "original"), ("compressed", compressed.get("size_bytes", 0) / 1e6, "compressed")]))
+        for o, c in zip(original.get("latency_by_batch") or [], compressed.get("latency_by_batch") or []):
+            sections.append(_bars(f"p50 latency at batch {o['batch']} (ms)", [("original", o["p50"], "original"), ("compressed", c["p50"], "compressed")]))
+        if original.get("accuracy") is not None:
+            sections.append(_bars("accuracy", [("original", original["accuracy"], "original"), ("compressed", compressed.get("accuracy"), "compressed")]))
+        fidelity = compressed.get("fidelity") or {}
+        if fidelity:
+            sections.append(_bars("fidelity to the original", [("cosine", fidelity.get("cosine"), "compressed"), ("top-1 agreement", fidelity.get("top1_agreement"), "compressed")]))
+        if metrics.get("sensitivity"):
+            sections.append(_bars("layers most responsible for the loss (cosine drop)", [(r["layer"], r["drop"], "warn") for r in metrics["sensitivity"][:10]]))
+        for step in metrics.get("step_reports") or []:
+            sections.append(f"<h2>step {step.get('index', 0) + 1}: {escape(str(step.get('method')))}</h2>")
+            if step.get("candidates"):
+                sections.append(_scatter("quantize candidates", step["candidates"], step.get("chosen")))
+                sections.append(f"<p>kept <b>{escape(str(step.get('chosen')))}</b>: {escape(str(step.get('reason', '')))}</p>")
+            sections.append(_layer_bars(step))
+            for key in ("curve", "finetune_loss"):
+                values = step.get(key)
+                if isinstance(values, list) and values and isinstance(values[0], dict):
+                    values = [v.get("validation", v.get("loss")) for v in values]
+                if isinstance(values, list):
+                    sections.append(_curve(f"{key.replace('_', ' ')}", values))
+            scores = (step.get("finetune") or {}).get("scores_by_epoch") or step.get("scores_by_epoch")
+            if isinstance(scores, list):
+                sections.append(_curve("held-out score by fine-tuning epoch", scores))
+            for r, log in enumerate(step.get("finetune_by_round") or []):
+                if isinstance(log, dict) and isinstance(log.get("scores_by_epoch"), list):
+                    sections.append(_curve(f"held-out score by fine-tuning epoch, round {r + 1}", log["scores_by_epoch"]))
+    body = "\n".join(s for s in sections if s)
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>modelshrink job report</title>"
+            "<style>body{font-family:sans-serif;max-width:700px;margin:2em auto}svg{display:block;margin:1em 0}</style></head>"
+            f"<body>{body}</body></html>")
