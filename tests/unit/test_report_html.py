@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from html.parser import HTMLParser
 from pathlib import Path
 
-import numpy as np
 
 from service.core.artifacts import ArtifactStore
 from service.core.datasets import inspect_npz
