@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -178,11 +178,8 @@ class LayerSensitivity(Tolerant):
     drop: float
 
 
-class StepReport(Tolerant):
-    """What one step did; the fields after `index` and `method` are the method's own (README, Methods)."""
-
-    index: int
-    method: str
+# What each step did, typed per method (each method's report model, from its spec module).
+StepReport = Annotated[Union[tuple(spec.report_model for spec in STEP_TYPES)], Field(discriminator="method")]  # type: ignore[valid-type]
 
 
 class JobMetrics(Tolerant):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ def test_each_replaced_layer_keeps_one_over_o_plus_one_over_k_squared_of_its_wei
     x = np.random.default_rng(0).standard_normal((32, 1, 14, 14)).astype(np.float32)
     result = method.apply(model, DepthwiseSeparableStep(finetune_epochs=1), StepData(inputs={"x": x}), StepContext(work_dir=tmp_path))
     report = result.report
+    DepthwiseSeparableStep.report_model.model_validate({"index": 0, "method": DepthwiseSeparableStep().method, **json.loads(json.dumps(report, default=str))})
     assert [row["layer"].split(".", 1)[-1] for row in report["layers"]] == ["block.0", "block.3", "down.0"]
     assert report["left_alone"][0]["layer"].endswith("stem.0")  # one input channel: left alone by default
     for row in report["layers"]:

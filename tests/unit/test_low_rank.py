@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import io
 import tempfile
 from pathlib import Path
@@ -64,6 +65,7 @@ def test_convolutions_are_factorised_in_the_users_graph_with_fewer_macs(tmp_path
     spec = LowRankStep(rank_ratio=0.5, min_layer_parameters=500, finetune_epochs=1)
     result = low_rank.apply(model, spec, StepData(inputs={"x": x}), StepContext(work_dir=tmp_path))
     report = result.report
+    LowRankStep.report_model.model_validate({"index": 0, "method": LowRankStep().method, **json.loads(json.dumps(report, default=str))})
     convs = [row for row in report["layers"] if row["kind"] == "conv (Tucker-2)"]
     assert len(convs) == 3  # the block's two 3x3 convs and the strided one (the 1-channel stem is too small)
     assert all(row["parameters_after"] < row["parameters_before"] and row["macs_after"] < row["macs_before"] for row in convs)

@@ -7,6 +7,7 @@ axes and run at other batch sizes and sequence lengths."""
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import onnxruntime as ort
 import pytest
 
 from bench.architectures import ARCHITECTURES, EXPORTERS, TOKEN_MODELS, Export, dataset, export
+from service.api.schemas import JobMetrics
 from service.core.artifacts import ArtifactStore
 from service.core.datasets import inspect_npz
 from service.core.onnx_probe import probe_onnx
@@ -85,6 +87,8 @@ def test_method_on_real_architecture(arch: str, exporter: str, step: str, worksp
         assert refused.value.code == REFUSED[(arch, step)]
         return
     metrics, artifacts = run_pipeline(job, store, Settings(data_dir=workspace), work, lambda *a, **k: None)
+    # What the API will answer with validates against the documented (per-method) schema.
+    JobMetrics.model_validate(json.loads(json.dumps(metrics, default=str)))
 
     if step.startswith("distill"):  # one epoch on random tiny models: what is learnt varies, its kind does not
         assert metrics["step_reports"][0]["output_kind"] == OUTPUT_KINDS[arch]

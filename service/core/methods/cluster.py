@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from service.core.methods.common import MethodSpec, NameList, TrainingSpec
+from service.core.methods.common import MethodSpec, NameList, StepReport, TrainingSpec
+
+class ClusterReport(StepReport):
+    method: Literal["cluster"] = "cluster"
+    bits: int | None = None
+    path: str | None = None
+    layers: list[dict[str, Any]] = Field(default_factory=list, description="Per layer: bits, centroids, stored and dense bytes.")
+    quality_before_finetune: float | None = None
+    quality_after: float | None = None
+    finetune_epochs: int | None = None
+
 
 class ClusterStep(MethodSpec):
     """Weight sharing: k-means per layer; the model stores a codebook and bit-packed indices."""
 
     listing_order: ClassVar[int] = 40
+    report_model: ClassVar[type[StepReport]] = ClusterReport
     method: Literal["cluster"] = "cluster"
     bits: int = Field(5, ge=2, le=8, description="2^bits centroids per layer (a pruned layer reserves one for zero).")
     init: Literal["linear", "density", "kmeans++"] = Field("linear", description="Centroid initialisation (Han et al. found linear best).")

@@ -29,6 +29,15 @@ class StepCheck:
     other_model: Callable[[str], Any]  # another of the tenant's models by id (404 when not theirs)
 
 
+class StepReport(BaseModel):
+    """What one step did: `index`, `method` and the method's own fields (each method's report model
+    lists them; a report may carry more: reports grow, and older jobs must stay readable)."""
+
+    model_config = ConfigDict(extra="allow")
+    index: int = Field(description="The step's position in the job (0-based).")
+    method: str
+
+
 class MethodSpec(StrictModel):
     """A job step. Each method is one module in service/core/methods/ (this spec and its facts) and
     one in workers/methods/ (its apply); the registries, /v1/methods and the OpenAPI schema derive from them."""
@@ -37,6 +46,8 @@ class MethodSpec(StrictModel):
     writes_bundle: ClassVar[bool] = False
     # Position in /v1/methods and in the OpenAPI union.
     listing_order: ClassVar[int] = 100
+    # The schema of what the step reports (job.metrics.step_reports[i]).
+    report_model: ClassVar[type[StepReport]] = StepReport
 
     def needs_dataset(self) -> bool:
         """True when the step cannot run without the job's dataset (calibration, training, importance)."""

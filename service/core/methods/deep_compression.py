@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from service.core.methods.cluster import ClusterStep
-from service.core.methods.common import MethodSpec, TrainingSpec
+from service.core.methods.common import MethodSpec, StepReport, TrainingSpec
 from service.core.methods.prune import PruneStep
+
+class DeepCompressionReport(StepReport):
+    method: Literal["deep_compression"] = "deep_compression"
+    stages: list[dict[str, Any]] = Field(default_factory=list, description="Per stage (pruned, clustered, Huffman-coded): size, ratio, accuracy.")
+    paper: dict[str, Any] | None = None
+
 
 class DeepCompressionStep(MethodSpec):
     """The Deep Compression recipe (Han, Mao & Dally, ICLR 2016): prune with fine-tuning, cluster with
@@ -16,6 +22,7 @@ class DeepCompressionStep(MethodSpec):
 
     writes_bundle: ClassVar[bool] = True
     listing_order: ClassVar[int] = 60
+    report_model: ClassVar[type[StepReport]] = DeepCompressionReport
     method: Literal["deep_compression"] = "deep_compression"
     prune: PruneStep = Field(default_factory=lambda: PruneStep(kind="unstructured", amount=0.92, iterations=3, finetune_epochs=3, training=TrainingSpec(lr=1e-3)))
     cluster: ClusterStep = Field(default_factory=lambda: ClusterStep(bits=4, finetune_epochs=2, training=TrainingSpec(lr=1e-4)))

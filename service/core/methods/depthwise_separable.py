@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from service.core.methods.common import MethodSpec, NameList, TrainingSpec
+from service.core.methods.common import MethodSpec, NameList, StepReport, TrainingSpec
+
+
+class DepthwiseSeparableReport(StepReport):
+    method: Literal["depthwise_separable"] = "depthwise_separable"
+    layers: list[dict[str, Any]] = Field(default_factory=list, description="Per layer: weight ratio against 1/O + 1/K^2, approximation error, MACs.")
+    left_alone: list[dict[str, Any]] = Field(default_factory=list)
+    quality_metric: str | None = None
+    quality: dict[str, float | None] | None = None
+    distillation: dict[str, Any] | None = None
 
 
 class DepthwiseSeparableStep(MethodSpec):
@@ -16,6 +25,7 @@ class DepthwiseSeparableStep(MethodSpec):
     layer keeps 1/O + 1/K^2 of its weights (O output channels)."""
 
     listing_order: ClassVar[int] = 80
+    report_model: ClassVar[type[StepReport]] = DepthwiseSeparableReport
     method: Literal["depthwise_separable"] = "depthwise_separable"
     layers: NameList | None = Field(None, max_length=4096, description="Replace only these convolutions (torch names as reported). Default: every K x K convolution with groups 1 and more than `min_in_channels` input channels.")
     min_in_channels: int = Field(4, ge=1, description="Leave convolutions with fewer input channels (an RGB or grayscale stem) alone by default.")

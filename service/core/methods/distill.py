@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from service.core.errors import InvalidInput
-from service.core.methods.common import MethodSpec, NameList, StepCheck, StrictModel, TrainingSpec
+from service.core.methods.common import MethodSpec, NameList, StepCheck, StepReport, StrictModel, TrainingSpec
 
 class StudentSpec(StrictModel):
     """How the service derives the student from the teacher."""
@@ -25,10 +25,24 @@ class HintSpec(StrictModel):
     student_layer: str
 
 
+class DistillReport(StepReport):
+    method: Literal["distill"] = "distill"
+    student: dict[str, Any] | None = Field(None, description="How the student was made (kind, width, ranks, dropped layers, or an uploaded model).")
+    teacher_parameters: int | None = None
+    student_parameters: int | None = None
+    output_kind: str | None = Field(None, description="classifier, token_logits or features: it decides the loss.")
+    quality_metric: str | None = None
+    teacher_score: float | None = None
+    student_score: float | None = None
+    best_epoch: int | None = None
+    curve: list[dict[str, Any]] = Field(default_factory=list)
+
+
 class DistillStep(MethodSpec):
     """Train a smaller student on the uploaded model's outputs (knowledge distillation)."""
 
     listing_order: ClassVar[int] = 30
+    report_model: ClassVar[type[StepReport]] = DistillReport
     method: Literal["distill"] = "distill"
     student_model_id: str | None = Field(None, description="Use this uploaded model as the student (same inputs and outputs as the teacher).")
     student: StudentSpec = Field(default_factory=StudentSpec, description="How to derive the student when student_model_id is not given.")

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from service.core.methods.common import MethodSpec, NameList
+from service.core.methods.common import MethodSpec, NameList, StepReport
+
+
+class EarlyExitReport(StepReport):
+    method: Literal["early_exit"] = "early_exit"
+    exits: list[dict[str, Any]] = Field(default_factory=list)
+    model_macs: int | None = None
+    thresholds: list[dict[str, Any]] = Field(default_factory=list, description="Per threshold: accuracy, average MACs, share leaving at each exit.")
+    chosen: dict[str, Any] | None = None
+    deployable: dict[str, Any] | None = Field(None, description="The nested-If model: ONNX Runtime time per sample at batch 1, exit shares measured.")
 
 
 class EarlyExitStep(MethodSpec):
@@ -17,6 +26,7 @@ class EarlyExitStep(MethodSpec):
     the original's input and first output, and adds `exit_index`."""
 
     listing_order: ClassVar[int] = 90
+    report_model: ClassVar[type[StepReport]] = EarlyExitReport
     method: Literal["early_exit"] = "early_exit"
     exits: NameList | None = Field(
         None, max_length=8, description="Layers after which to attach an exit (torch names as reported). Default: up to 3 layers, evenly spaced among those within the first half of the model's MACs."

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from service.core.methods.common import MethodSpec, NameList, TrainingSpec
+from service.core.methods.common import MethodSpec, NameList, StepReport, TrainingSpec
+
+
+class LowRankReport(StepReport):
+    method: Literal["low_rank"] = "low_rank"
+    layers: list[dict[str, Any]] = Field(default_factory=list, description="Per layer: rank(s), parameters, MACs and time before/after.")
+    factorised_parameters: dict[str, Any] | None = None
+    macs_in_factorised_layers: dict[str, Any] | None = None
+    quality_metric: str | None = None
+    quality: dict[str, float | None] | None = None
+    finetune: dict[str, Any] | None = None
 
 
 class LowRankStep(MethodSpec):
@@ -15,6 +25,7 @@ class LowRankStep(MethodSpec):
     Each layer is factorised only where that stores fewer numbers; then fine-tuned to recover."""
 
     listing_order: ClassVar[int] = 70
+    report_model: ClassVar[type[StepReport]] = LowRankReport
     method: Literal["low_rank"] = "low_rank"
     rank_ratio: float | None = Field(
         None, gt=0, lt=1, description="Keep this fraction of each layer's full rank (per mode, for convolutions). Default: chosen by `energy`."

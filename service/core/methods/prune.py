@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from service.core.methods.common import MethodSpec, NameList, TrainingSpec
+from service.core.methods.common import MethodSpec, NameList, StepReport, TrainingSpec
+
+class PruneReport(StepReport):
+    method: Literal["prune"] = "prune"
+    kind: str | None = None
+    path: str | None = Field(None, description="onnx_initializers when the ONNX weights were pruned directly (no training, graph the converter refuses).")
+    achieved: float | None = Field(None, description="Share of the chosen weights (unstructured) or parameters (structured) removed.")
+    target_reached: bool | None = None
+    stopped: str | None = None
+    quality_metric: str | None = None
+    baseline: float | None = None
+    final: float | None = None
+    rounds: list[dict[str, Any]] = Field(default_factory=list)
+    layers: list[dict[str, Any]] = Field(default_factory=list, description="Per layer: shape before/after, sparsity, threshold.")
+    storage: dict[str, Any] | None = None
+    finetune_epochs: int | None = None
+
 
 class PruneStep(MethodSpec):
     """Prune weights (unstructured: stored sparse, so the file shrinks) or whole neurons/channels
     (structured: layers physically narrower), optionally in rounds of prune -> fine-tune."""
 
     listing_order: ClassVar[int] = 20
+    report_model: ClassVar[type[StepReport]] = PruneReport
     method: Literal["prune"] = "prune"
     kind: Literal["unstructured", "structured"] = "unstructured"
     amount: float = Field(0.5, gt=0, lt=1, description="Fraction of weights (unstructured) or channels/neurons (structured) to remove.")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.core.methods.common import CalibrationSpec, MethodSpec, NameList, StrictModel, TrainingSpec
+from service.core.methods.common import CalibrationSpec, MethodSpec, NameList, StepReport, StrictModel, TrainingSpec
 
 class QualityTarget(StrictModel):
     """What "still behaves like the original" means when quantize measures its candidates."""
@@ -19,10 +19,44 @@ class QualityTarget(StrictModel):
 QUANTIZE_FAMILIES = ("int8_dynamic", "int8_static", "fp16", "int4_weight_only")
 
 
+class QuantizeCandidate(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    candidate: str = Field(description="e.g. int8_dynamic/per-channel/matmul, fused+int8_dynamic/..., int4_weight_only/hqq")
+    settings: dict[str, Any] = Field(default_factory=dict)
+    status: str = Field(description="measured or failed")
+    error: str | None = None
+    compression_ratio: float | None = None
+    meets_target: bool = False
+    cosine: float | None = None
+    top1_agreement: float | None = None
+    accuracy: float | None = None
+    accuracy_drop: float | None = None
+    speedup_by_batch: dict[str, float] = Field(default_factory=dict, description="batch size -> original p50 / candidate p50, timed interleaved")
+
+
+class QuantizeReport(StepReport):
+    method: Literal["quantize"] = "quantize"
+    mode: str | None = None
+    chosen: str | None = Field(None, description="The kept candidate's name.")
+    settings: dict[str, Any] | None = None
+    objective: str | None = None
+    target: dict[str, Any] | None = Field(None, description="The quality target and whether it was met (`met`).")
+    measured_on: str | None = None
+    reason: str | None = None
+    candidates: list[QuantizeCandidate] = Field(default_factory=list)
+    sensitivity: list[dict[str, Any]] | None = Field(None, description="Layers ranked by the fidelity each costs quantized alone (when mixed precision ran).")
+    float_layers: list[dict[str, Any]] = Field(default_factory=list, description="Weights left in float32 and why.")
+    warnings: list[str] = Field(default_factory=list)
+    transformer_fusion: dict[str, int] | None = None
+    ops_before: dict[str, int] = Field(default_factory=dict)
+    ops_after: dict[str, int] = Field(default_factory=dict)
+
+
 class QuantizeStep(MethodSpec):
     """Quantize an ONNX model with ONNX Runtime's quantization tools, choosing the settings by measurement."""
 
     listing_order: ClassVar[int] = 10
+    report_model: ClassVar[type[StepReport]] = QuantizeReport
     method: Literal["quantize"] = "quantize"
     mode: Literal["auto", "int8_dynamic", "int8_static", "fp16", "int4_weight_only", "binary"] = Field(
         "auto",
