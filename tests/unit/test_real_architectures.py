@@ -34,11 +34,16 @@ STEPS = {
     "prune-structured": {"method": "prune", "kind": "structured", "amount": 0.3},
     "distill-width": {"method": "distill", "student": {"kind": "width", "width": 0.5}, "epochs": 1},
     "distill-low-rank": {"method": "distill", "student": {"kind": "low_rank", "energy": 0.8}, "epochs": 1},
+    "quantize-auto": {"method": "quantize"},
+    "low-rank": {"method": "low_rank", "rank_ratio": 0.5, "min_layer_parameters": 256, "finetune_epochs": 1},
+    "depthwise-separable": {"method": "depthwise_separable", "finetune_epochs": 1},
 }
 # What each architecture's output is, hence its distillation loss.
 OUTPUT_KINDS = {"bert": "features", "gpt2": "token_logits", "vit": "classifier", "resnet": "classifier"}
 # GPT-2's MLP is Conv1D with reshapes around it: refused with a clear code, not attempted.
-REFUSED = {("gpt2", "prune-structured"): "structured_pruning_unsupported", ("gpt2", "distill-width"): "invalid_student"}
+REFUSED = {("gpt2", "prune-structured"): "structured_pruning_unsupported", ("gpt2", "distill-width"): "invalid_student",
+           # No K x K convolution with 4+ input channels (ViT's patch embedding reads 3): nothing to make separable.
+           **{(arch, "depthwise-separable"): "nothing_to_replace" for arch in ("bert", "gpt2", "vit")}}
 
 
 @pytest.fixture(scope="module")
