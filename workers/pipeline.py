@@ -4,6 +4,7 @@ models, not about queues or leases (those are in workers.runner)."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import onnx
 
 from service.core.artifacts import ArtifactStore
-from service.core.errors import CompressionFailed, InvalidInput
+from service.core.errors import CompressionFailed, InvalidInput, ModelshrinkError
 from service.core.onnx_probe import probe_onnx
 from service.core.settings import Settings
 from service.core.specs import MeasureSpec, step_adapter
@@ -24,6 +25,8 @@ from workers.job_input import JobInput
 from workers.methods import METHODS
 from workers.methods.base import StepContext, StepData
 from workers.constant_folding import fold
+
+log = logging.getLogger(__name__)
 
 # Share of the progress bar: the steps, then measuring both models.
 STEPS_SHARE = 0.6
@@ -111,12 +114,19 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
         ctx.work_dir.mkdir(parents=True, exist_ok=True)
         try:
             result = METHODS[step.method].apply(model, step, train, ctx)
-        except (RuntimeError, ValueError, IndexError) as exc:
-            # What a model or its data makes torch / ONNX Runtime refuse (a shape a method cannot
-            # handle, an index out of range) is about the client's input: say so with the step's own
-            # code, not internal_error. Host paths are cut from the library's message.
+        except ModelshrinkError:  # our own codes (and cancellation) pass through unchanged
+            raise
+        except MemoryError as exc:
+            raise CompressionFailed(f"steps[{index}] ({step.method}) ran out of memory on this model", code="resource_limit") from exc
+        except Exception as exc:
+            # Whatever torch, ONNX Runtime, onnx or a method's graph surgery raises while working on
+            # the client's model (a shape it cannot handle, a graph pattern it does not expect) is
+            # about that model: say so with the step's own code, never internal_error. The traceback
+            # stays in the worker's log; host paths are cut from the message the client sees.
+            log.warning("steps[%d] (%s) failed on job %s's model", index, step.method, job.job_id, exc_info=True)
             detail = re.sub(r"(/[\w.\-]+)+", "<path>", (str(exc).splitlines() or [type(exc).__name__])[0])[:300]
-            raise CompressionFailed(f"steps[{index}] ({step.method}) could not process this model: {detail}", code=f"{step.method}_failed") from exc
+            raise CompressionFailed(f"steps[{index}] ({step.method}) could not process this model: {type(exc).__name__}: {detail}",
+                                    code=f"{step.method}_failed") from exc
         model = result.model
         final_bundle = result.bundle
         reports.append({"index": index, "method": step.method, **result.report})

@@ -92,3 +92,22 @@ def test_a_library_refusing_the_clients_model_is_a_step_error_not_internal_error
         _run(mlp(), [{"method": "quantize", "mode": "fp16"}], None, tmp_path)
     assert failed.value.code == "quantize_failed"
     assert "steps[0] (quantize) could not process this model" in failed.value.message and "/srv" not in failed.value.message
+
+
+def test_any_failure_of_a_method_on_the_clients_model_gets_the_steps_code(tmp_path: Path, monkeypatch) -> None:
+    """Graph surgery meeting a pattern it does not expect (KeyError, AssertionError, onnx's checker)
+    is about the model too; running out of memory is resource_limit. Never internal_error."""
+    import pytest
+
+    from service.core.errors import CompressionFailed
+    from workers.methods import METHODS
+
+    for error, code in ((KeyError("/model/node_7_output"), "quantize_failed"), (AssertionError("unexpected graph"), "quantize_failed"),
+                        (MemoryError(), "resource_limit")):
+        def fail(*_a, error: BaseException = error, **_k):
+            raise error
+
+        monkeypatch.setattr(METHODS["quantize"], "apply", fail)
+        with pytest.raises(CompressionFailed) as failed:
+            _run(mlp(), [{"method": "quantize", "mode": "fp16"}], None, tmp_path / code / type(error).__name__)
+        assert failed.value.code == code, (error, failed.value.code)

@@ -19,7 +19,6 @@ import onnx
 
 from service.core.errors import CompressionFailed, JobFailure
 from service.core.specs import QuantizeStep
-from workers.data import graph_inputs, synthetic_data, token_vocabularies
 from workers.methods import quantize_lowbit
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.quantization import fusion, int4, int8, mixed_precision, selection, smoothing
@@ -54,6 +53,8 @@ def _split(model: onnx.ModelProto, data: StepData) -> tuple[StepData, StepData, 
         return data, data, f"the dataset's {n} samples (too few to hold some out: calibration used the same samples)"
     if data.probe is not None and data.probe.available:
         return data, data.probe, data.probe.description or "synthetic inputs"
+    from workers.data import graph_inputs, synthetic_data, token_vocabularies  # workers.data imports the methods package: import at use
+
     probe, description = synthetic_data(graph_inputs(model), SYNTHETIC_SAMPLES, seed=0, vocab=token_vocabularies(model))
     return data, probe, description
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -32,7 +32,7 @@ class EarlyExitStep(MethodSpec):
         None, max_length=8, description="Layers after which to attach an exit (torch names as reported). Default: up to 3 layers, evenly spaced among those within the first half of the model's MACs."
     )
     max_accuracy_drop: float = Field(0.002, ge=0, le=1, description="Largest accuracy loss (0.002 = 0.2 points) the chosen threshold may cost on the held-out data.")
-    thresholds: list[float] | None = Field(None, max_length=64, description="Confidence thresholds to evaluate (default: 0.5 to 0.9999).")
+    thresholds: list[Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]] | None = Field(None, min_length=1, max_length=64, description="Confidence thresholds to evaluate (default: 0.5 to 0.9999).")
     head_grid: int = Field(6, ge=1, le=16, description="A convolutional exit average-pools its feature map to head_grid x head_grid before its linear classifier.")
     head_hidden: int = Field(128, ge=0, le=4096, description="Hidden units of each exit head's one hidden layer (ReLU); 0 for a single linear layer.")
     epochs: int = Field(10, ge=1, le=1000, description="Head training epochs (on cached features: cheap).")
