@@ -30,6 +30,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, path: str = "/healthz", timeout_s: float = 60.0) -> bool:
+    """Poll the service until `path` answers 200 (True) or the time is up (False)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 @contextmanager
 def running_service(extra_env: dict[str, str] | None = None, command: str = "serve") -> Iterator[dict[str, Any]]:
     data_dir = Path(tempfile.mkdtemp(prefix="modelshrink-bench-"))
@@ -39,16 +52,7 @@ def running_service(extra_env: dict[str, str] | None = None, command: str = "ser
     key = subprocess.run([exe, "keys", "create", "--tenant", "bench"], env=env, capture_output=True, text=True, check=True).stdout.strip()
     proc = subprocess.Popen([exe, command, "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=open(data_dir / "service.log", "w"))
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            ready = httpx.get(f"{url}/readyz" if command == "serve" else f"{url}/healthz", timeout=2)
-            if ready.status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
+    if not wait_healthy(url, "/readyz" if command == "serve" else "/healthz"):
         proc.terminate()
         raise RuntimeError(f"service did not become ready; see {data_dir / 'service.log'}")
     try:

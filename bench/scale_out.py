@@ -17,9 +17,8 @@ import time
 import uuid
 from pathlib import Path
 
-import httpx
 
-from bench.common import free_port, report
+from bench.common import free_port, report, wait_healthy
 from service.client import Client
 from tests.builders import mlp, to_bytes
 
@@ -39,13 +38,8 @@ def _mix(workers: int) -> dict:
               for i in range(workers)]
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+        if not wait_healthy(url):
+            raise RuntimeError(f"the API did not answer; see {data_dir / 'api.log'}")
         model = Path(data_dir / "mlp.onnx")
         model.write_bytes(to_bytes(mlp(in_features=784, hidden=1024, classes=10)))
         clients = []

@@ -90,3 +90,17 @@ def depthwise_separable(layer: nn.Conv2d) -> tuple[nn.Sequential, dict] | None:
     approx = torch.einsum("oc,cij->ocij", pointwise.weight.detach()[:, :, 0, 0], depthwise.weight.detach()[:, 0])
     error = float(torch.linalg.norm(approx - w) / torch.linalg.norm(w).clamp(min=1e-12))
     return nn.Sequential(depthwise, pointwise), {"approximation_error": round(error, 5), "expected_ratio": round(1 / o + 1 / (kh * kw), 5)}
+
+
+def macs(layer: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates per sample for a Linear/Conv2d or a Sequential of them, on input x."""
+    total, batch = 0, len(x)
+    with torch.no_grad():
+        for part in (layer if isinstance(layer, nn.Sequential) else [layer]):
+            y = part(x)
+            if isinstance(part, nn.Linear):
+                total += part.in_features * part.out_features * (y.numel() // y.shape[-1] // batch)
+            elif isinstance(part, nn.Conv2d):
+                total += part.weight[0].numel() * y.numel() // batch
+            x = y
+    return int(total)

@@ -12,9 +12,8 @@ from torch import nn
 
 from service.core.errors import CompressionFailed
 from service.core.methods.depthwise_separable import DepthwiseSeparableStep
-from workers.factorization.layers import depthwise_separable, parameters
+from workers.factorization.layers import depthwise_separable, macs, parameters
 from workers.methods.base import StepContext, StepData, StepResult
-from workers.methods.low_rank import _macs
 from workers.trainable.run import TrainableRun
 
 name = "depthwise_separable"
@@ -48,7 +47,7 @@ def apply(model: onnx.ModelProto, spec: DepthwiseSeparableStep, data: StepData, 
         rows.append({"layer": layer_name, "kernel": list(layer.kernel_size), "in_channels": layer.in_channels, "out_channels": layer.out_channels,
                      "parameters_before": parameters(layer), "parameters_after": parameters(replacement),
                      "weight_ratio": round(ratio, 5), **facts, "ratio_vs_expected": round(ratio / facts["expected_ratio"], 4),
-                     "macs_before": _macs(layer, x) if x is not None else None, "macs_after": _macs(replacement, x) if x is not None else None})
+                     "macs_before": macs(layer, x) if x is not None else None, "macs_after": macs(replacement, x) if x is not None else None})
         run.replace(layer_name, replacement)
     if not rows:
         raise CompressionFailed("no convolution to replace: depthwise-separable replaces K x K convolutions with groups 1 "

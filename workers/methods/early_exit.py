@@ -14,10 +14,10 @@ import torch
 from service.core.errors import CompressionFailed, InvalidInput
 from service.core.methods.early_exit import EarlyExitStep
 from workers.constant_folding import fold
+from workers.factorization.layers import macs
 from workers.dynamic.heads import Exit, policy_table, pool, pooling_kernel, train_heads
 from workers.dynamic.onnx_exits import deployable
 from workers.methods.base import StepContext, StepData, StepResult
-from workers.methods.low_rank import _macs
 from workers.pruning.layers import weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.run import TrainableRun
@@ -97,8 +97,8 @@ def apply(model: onnx.ModelProto, spec: EarlyExitStep, data: StepData, ctx: Step
     layers = weighted_layers(run.module)
     names = list(layers)
     seen = run.inputs_seen(layers)
-    macs = [_macs(layers[n], seen[n]) if n in seen else 0 for n in names]
-    cumulative = list(np.cumsum(macs))
+    layer_macs = [macs(layers[n], seen[n]) if n in seen else 0 for n in names]
+    cumulative = list(np.cumsum(layer_macs))
     total = int(cumulative[-1]) if cumulative else 0
     chosen = _choose_exits(names, cumulative, total, spec.exits)
     if not chosen:

@@ -16,7 +16,7 @@ from torch import nn
 
 from service.core.errors import CompressionFailed
 from service.core.methods.low_rank import LowRankStep
-from workers.factorization.layers import factorise_conv, factorise_linear, parameters
+from workers.factorization.layers import factorise_conv, factorise_linear, macs, parameters
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.pruning.layers import weighted_layers
 from workers.trainable.run import TrainableRun
@@ -24,20 +24,6 @@ from workers.trainable.run import TrainableRun
 name = "low_rank"
 SPEC = LowRankStep
 TIMING_RUNS = 20
-
-
-def _macs(layer: nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates per sample for a Linear/Conv2d or a Sequential of them, on input x."""
-    total, batch = 0, len(x)
-    with torch.no_grad():
-        for part in (layer if isinstance(layer, nn.Sequential) else [layer]):
-            y = part(x)
-            if isinstance(part, nn.Linear):
-                total += part.in_features * part.out_features * (y.numel() // y.shape[-1] // batch)
-            elif isinstance(part, nn.Conv2d):
-                total += part.weight[0].numel() * y.numel() // batch
-            x = y
-    return int(total)
 
 
 def _time_ms(layer: nn.Module, x: torch.Tensor) -> float:
@@ -80,7 +66,7 @@ def apply(model: onnx.ModelProto, spec: LowRankStep, data: StepData, ctx: StepCo
         x = seen[layer_name]
         rows.append({"layer": layer_name, "kind": "linear (SVD)" if isinstance(layer, nn.Linear) else "conv (Tucker-2)", **ranks,
                      "parameters_before": parameters(layer), "parameters_after": parameters(replacement),
-                     "macs_before": _macs(layer, x), "macs_after": _macs(replacement, x),
+                     "macs_before": macs(layer, x), "macs_after": macs(replacement, x),
                      "layer_ms_before": round(_time_ms(layer, x), 4), "layer_ms_after": round(_time_ms(replacement, x), 4)})
         run.replace(layer_name, replacement)
     if not rows:

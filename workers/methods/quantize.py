@@ -175,9 +175,12 @@ def _measure(builder: Builder, reference: Reference, candidate: Candidate, timin
         raise
     except Exception as exc:  # noqa: BLE001 - one candidate ORT cannot build is a row in the table, not a failed job
         return Measured(candidate, error=f"ONNX Runtime could not build it: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}")
-    measured = reference.measure(Measured(candidate, path, details=details))
-    if timing and measured.error is None and (only is None) and (not candidate.float_nodes or measured.meets(builder.spec.target)):
+    wants_time = timing and only is None
+    measured = reference.measure(Measured(candidate, path, details=details), keep_session=wants_time)
+    if wants_time and measured.error is None and (not candidate.float_nodes or measured.meets(builder.spec.target)):
         reference.time(measured, progress)
+    else:
+        reference.release(measured)
     if only is not None or measured.error is not None or (candidate.float_nodes and not measured.meets(builder.spec.target)):
         path.unlink(missing_ok=True)  # never kept: a model's worth of disk per sensitivity probe otherwise
         measured.path = None

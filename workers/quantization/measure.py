@@ -86,6 +86,7 @@ class Reference:
         self.outputs = m.first_outputs(self.session, data, MAX_SAMPLES)
         self.accuracy = m.accuracy(self.outputs, data.labels)
         self.size_bytes = original.stat().st_size
+        self._sessions: dict[Path, Any] = {}
 
     def fidelity(self, measured: Measured, session: Any) -> None:
         outputs = m.first_outputs(session, self.data, MAX_SAMPLES)
@@ -99,7 +100,7 @@ class Reference:
         if measured.accuracy is not None and self.accuracy is not None:
             measured.accuracy_drop = self.accuracy - measured.accuracy
 
-    def measure(self, measured: Measured) -> Measured:
+    def measure(self, measured: Measured, keep_session: bool = False) -> Measured:
         """Size and fidelity (a candidate ONNX Runtime cannot load or run is marked failed)."""
         assert measured.path is not None
         measured.size_bytes = measured.path.stat().st_size
@@ -107,14 +108,20 @@ class Reference:
         try:
             session = m.make_session(measured.path, self.threads)
             self.fidelity(measured, session)
+            if keep_session:  # for `time`, which takes it (or `release`)
+                self._sessions[measured.path] = session
         except Exception as exc:  # noqa: BLE001 - a candidate ONNX Runtime cannot load or run is a failed candidate, not a failed job
             measured.error = f"ONNX Runtime could not run it: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}"
         return measured
 
+    def release(self, measured: Measured) -> None:
+        if measured.path is not None:
+            self._sessions.pop(measured.path, None)
+
     def time(self, measured: Measured, progress: Callable[[float, str], None]) -> Measured:
         """p50 latency relative to the original's, the two timed interleaved at each batch size."""
         assert measured.path is not None
-        session = m.make_session(measured.path, self.threads)
+        session = self._sessions.pop(measured.path, None) or m.make_session(measured.path, self.threads)
         batches = [self.data.fixed_batch] if self.data.fixed_batch else TIMING.batch_sizes
         spec = TIMING.model_copy(update={"threads": self.threads, "batch_sizes": batches})
         original, candidate = m.latency([self.session, session], self.data, spec, progress)

@@ -39,6 +39,7 @@ class TrainableRun:
             self.labels = self.eval_labels = None
             self.evaluated_on = "synthetic inputs"
         self.example = tuple(t[: data.fixed_batch or example_batch] for t in self.eval_inputs)
+        # Now, before the method changes the module: these are the original's outputs.
         self.teacher = predict(self.module, self.inputs)
         self.eval_teacher = predict(self.module, self.eval_inputs)
         self.metric = "accuracy" if self.eval_labels is not None and self.eval_teacher.dim() == 2 else "agreement_with_original"
