@@ -9,9 +9,11 @@ from sqlalchemy.exc import DBAPIError
 from service.core.db import session_scope
 from service.core.dispatch import dispatch
 from service.core.jobstore import job_public
+from service.core.search_driver import advance
+from service.core.search_view import candidate_jobs, search_public
 from service.core.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, enqueue_job, enqueue_webhook
 from service.core.settings import get_settings
-from service.core.tables import Job
+from service.core.tables import Job, Search
 from workers.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -40,8 +42,11 @@ def run_job(self, job_id: str) -> None:  # bound: self.request names the worker 
         with session_scope(settings.resolved_database_url) as session:
             job = session.get(Job, job_id)
             tenant_id = job.tenant_id if job is not None else None
+            search_id = job.search_id if job is not None else None
             if job is not None and job.webhook_url:
                 enqueue_webhook(settings, job_id)
+        if search_id is not None:
+            advance(settings, search_id)  # the search judges this candidate, maybe starts the next rung
         if tenant_id is not None:
             dispatch(settings, tenant_id)  # this tenant's next waiting job takes the freed place
 
@@ -60,14 +65,16 @@ class WebhookRetry(Exception):
     max_retries=get_settings().webhook_max_retries,
 )
 def deliver_webhook(self, job_id: str) -> None:
+    """`job_id` names a job or a search (ids carry their kind's prefix)."""
     from service.core.webhooks import WebhookRefused, deliver
 
     settings = get_settings()
     with session_scope(settings.resolved_database_url) as session:
-        job = session.get(Job, job_id)
-        if job is None or not job.webhook_url:
+        row: Job | Search | None = session.get(Search if job_id.startswith("srch_") else Job, job_id)
+        if row is None or not row.webhook_url:
             return
-        payload, url = job_public(job), job.webhook_url
+        payload = search_public(row, candidate_jobs(session, row.id)) if isinstance(row, Search) else job_public(row)
+        url = row.webhook_url
     try:
         status = deliver(url, payload, settings)
         log.info("webhook for %s answered %s", job_id, status)

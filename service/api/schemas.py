@@ -229,3 +229,77 @@ class MethodPublic(BaseModel):
 class MethodsPublic(BaseModel):
     data: list[MethodPublic]
     count: int
+
+
+SEARCH_METHODS = Literal["quantize", "prune", "distill", "cluster", "deep_compression", "low_rank"]
+
+
+class SearchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_id: str
+    dataset_id: str | None = Field(None, description="Fine-tuning / calibration data; without it only quantization is tried (on synthetic inputs).")
+    eval_dataset_id: str | None = Field(None, description="Held-out data the constraint is judged on (e.g. the test split).")
+    objective: Literal["size", "latency"] = Field(description="What `best` is best at among candidates meeting the constraint.")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="Largest absolute accuracy loss (0.002 = 0.2 points); needs labels in the evaluation data.")
+    min_fidelity: float | None = Field(None, ge=0, le=1, description="Smallest mean cosine of the candidate's outputs to the original's. Default when neither is given: 0.99.")
+    budget_minutes: float = Field(30.0, gt=0, le=7 * 24 * 60, description="Wall-clock budget: at the deadline unfinished candidates are cancelled and the best finished one is kept.")
+    methods: list[SEARCH_METHODS] | None = Field(None, min_length=1, description="Only recipes made of these methods (default: all).")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of every candidate's training: the same search gives the same candidates.")
+    measure: MeasureSpec = Field(default_factory=MeasureSpec, description="How every candidate's before/after metrics are measured.")
+    webhook_url: str | None = Field(None, max_length=2048, description="POSTed the final search JSON (signed) when the search ends.")
+
+
+class CandidatePoint(BaseModel):
+    job_id: str
+    recipe: str
+    rung: int
+    size_bytes: int
+    compression_ratio: float
+    speedup: float = Field(description="Geometric mean of the speedups at the measured batch sizes.")
+    latency_ms: float | None = Field(description="p50 at the first measured batch size.")
+    accuracy: float | None
+    accuracy_drop: float | None
+    fidelity: float | None = Field(description="Mean output cosine to the original.")
+    meets_constraint: bool
+    violation: float = Field(description="0 when the constraint holds; else how far off, in the constraint's units.")
+
+
+class SearchCandidate(BaseModel):
+    job_id: str
+    recipe: str | None
+    rung: int
+    status: JobStatus
+    steps: list[dict[str, Any]]
+    metrics: CandidatePoint | None = Field(description="What the search compares, once the candidate succeeded (the job has the full metrics).")
+    error: ErrorBody | None
+
+
+SearchStatus = Literal["running", "succeeded", "failed", "cancelled"]
+
+
+class SearchPublic(BaseModel):
+    id: str
+    status: SearchStatus
+    model_id: str
+    dataset_id: str | None
+    eval_dataset_id: str | None
+    request: dict[str, Any]
+    rungs: int = Field(description="Successive-halving rungs: the first runs every recipe on a third of its fine-tuning budget, the next promotes the promising ones to the full budget.")
+    rung: int
+    progress: Progress
+    candidates: list[SearchCandidate]
+    pareto: list[str] = Field(description="Job ids of the candidates no other beats on size, speed and quality at once, smallest first.")
+    best: str | None = Field(description="The candidate meeting the constraint with the best objective (so far, while running); null with `closest` when none does.")
+    closest: list[str] = Field(description="When no candidate met the constraint: those that came nearest.")
+    reason: str | None = Field(description="Why the search ended (all candidates finished, budget reached, cancelled).")
+    error: ErrorBody | None
+    cancel_requested: bool
+    webhook_url: str | None
+    deadline_at: datetime
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class SearchesPublic(BaseModel):
+    data: list[SearchPublic]
+    count: int

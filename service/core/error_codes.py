@@ -67,6 +67,8 @@ JOB_CODES: dict[str, str] = {
     "nothing_to_quantize": "nothing in the model the chosen quantization applies to",
     "nothing_to_fuse": "ONNX Runtime's transformer optimizer fused nothing (a fusion candidate only)",
     "quantization_target_missed": "no quantization candidate met the quality target (the candidate table in the message)",
+    "search_target_missed": "no candidate of a search met its constraint (the closest candidates in the message and in `closest`)",
+    "search_no_candidates": "a search's `methods` left no recipe to try",
     "quantize_failed": "no quantization candidate could be built or run",
     "bundle_mismatch": "the Huffman bundle does not decode to the model",
     "nothing_to_factorise": "no layer gets smaller when factorised at that rank",

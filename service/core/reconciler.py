@@ -10,7 +10,8 @@ Redis lock elects it) looks for
 - `running` jobs whose lease expired over `reconcile_grace_s` ago with no message: re-queued, so a
   worker takes them over (counting the attempt; max_attempts still ends a job that keeps killing workers);
 - either kind with a cancel requested and no live lease: ended as `cancelled`;
-- tenants with jobs waiting their turn (service.core.dispatch): dispatched up to their allowance.
+- tenants with jobs waiting their turn (service.core.dispatch): dispatched up to their allowance;
+- searches not yet ended: advanced (service.core.search_driver), which enforces their deadlines.
 
 A message counts when it sits in the queue list or in kombu's `unacked` hash (delivered, not yet
 acknowledged, including retries waiting on a countdown). A duplicate message is harmless: deliveries
@@ -33,6 +34,7 @@ from service.core.dispatch import dispatch, waiting_tenants
 from service.core.events import publish, redis_client
 from service.core.jobstore import finish
 from service.core.queue import RUN_JOB_TASK, enqueue_job
+from service.core.search_driver import active_searches, advance
 from service.core.settings import Settings
 from service.core.tables import Job, utcnow
 
@@ -86,9 +88,14 @@ def reconcile(settings: Settings) -> dict[str, list[str]]:
                 )
             ).limit(1000)
         ).all()
-    done: dict[str, list[str]] = {"requeued": [], "cancelled": [], "dispatched": []}
+    done: dict[str, list[str]] = {"requeued": [], "cancelled": [], "dispatched": [], "searches": []}
     for tenant_id in waiting_tenants(settings):
         done["dispatched"] += dispatch(settings, tenant_id)
+    # Searches move on when a candidate ends; this pass catches a deadline with nothing running and a
+    # call that was lost (a worker dying between finishing a candidate and advancing its search).
+    for search_id in active_searches(settings):
+        advance(settings, search_id)
+        done["searches"].append(search_id)
     if not rows:
         return done
     present = jobs_with_messages(settings)

@@ -90,6 +90,8 @@ class Job(Base):
     model_id: Mapped[str] = mapped_column(String(64))
     dataset_id: Mapped[str | None] = mapped_column(String(64), default=None)
     eval_dataset_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # The search this job is a candidate of (service.core.search_driver), if any.
+    search_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
     steps: Mapped[list[Any]] = mapped_column(default=list)
     options: Mapped[dict[str, Any]] = mapped_column(default=dict)
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
@@ -109,6 +111,35 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Search(Base):
+    """A search across methods to a target: its candidates are ordinary jobs (Job.search_id)."""
+
+    __tablename__ = "searches"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_searches_tenant_idempotency"),)
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("srch"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    model_id: Mapped[str] = mapped_column(String(64))
+    dataset_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    eval_dataset_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    request: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # What the planner knows of the model and data (transformer, convolutions, labels): fixed at creation.
+    facts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="running", index=True)
+    rung: Mapped[int] = mapped_column(Integer, default=0)
+    # Optimistic lock: every advance of the search is one UPDATE ... WHERE version = seen.
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
+    webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)
+    deadline_at: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

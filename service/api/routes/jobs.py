@@ -6,15 +6,14 @@ import hashlib
 import json
 from typing import Annotated, Any
 
-import redis.asyncio as aioredis
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
+from service.api.follow import follow
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
@@ -22,18 +21,17 @@ from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES
 from service.core import report_html
 from service.core.datasets import check_against_model, check_labels_fit
 from service.core.db import session_scope
-from service.core.events import channel, publish, redis_url
+from service.core.events import publish
 from service.core.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, ServiceUnavailable
 from service.core.jobstore import job_public, request_cancel
 from service.core.dispatch import dispatch
 from service.core.queue import enqueue_webhook
+from service.core.search_driver import advance
 from service.core.specs import StepCheck
 from service.core.tables import TERMINAL_STATUSES, Job, new_id
 from service.core.webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=AUTH_RESPONSES)
-# Terminal states are published; the job row is re-read only this often as a fallback.
-RECHECK_INTERVAL_S = 10.0
 
 
 def owned_job(session, tenant_id: str, job_id: str) -> Job:
@@ -170,6 +168,8 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings
         raise Conflict(f"job {job_id} already ended ({job.status})")
     status = request_cancel(session, job)
     publish(settings, job.id, {"status": status, "progress": job.progress or {}})
+    if status == "cancelled" and job.search_id:
+        advance(settings, job.search_id)  # a candidate cancelled on its own: its search judges without it
     if status == "cancelled":
         try:
             dispatch(settings, tenant.id)  # its turn passes to the tenant's next waiting job
@@ -195,44 +195,13 @@ async def job_events(job_id: str, request: Request, session: SessionDep, tenant:
     await run_in_threadpool(owned_job, session, tenant.id, job_id)
     # A stream may stay open for hours: it must not hold a pooled database connection while it waits.
     await run_in_threadpool(session.close)
-    slot = request.app.state.streams.acquire(tenant.id)
     url = settings.resolved_database_url
 
     def snapshot() -> dict[str, Any]:
         with session_scope(url) as s:
             return JobPublic.model_validate(job_public(s.get(Job, job_id))).model_dump(mode="json")
 
-    async def stream():
-        client = aioredis.Redis.from_url(redis_url(settings))
-        pubsub = client.pubsub()
-        try:
-            # Subscribe before reading the row, so nothing between the two is missed.
-            await pubsub.subscribe(channel(job_id))
-            job = await run_in_threadpool(snapshot)
-            last = (job["status"], job["progress"])
-            yield {"event": "progress", "data": json.dumps({"status": job["status"], "progress": job["progress"]})}
-            while job["status"] not in TERMINAL_STATUSES and not await request.is_disconnected():
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=RECHECK_INTERVAL_S)
-                if message is not None:
-                    update = json.loads(message["data"])
-                    if (update["status"], update["progress"]) != last and update["status"] not in TERMINAL_STATUSES:
-                        last = (update["status"], update["progress"])
-                        yield {"event": "progress", "data": json.dumps(update)}
-                    if update["status"] not in TERMINAL_STATUSES:
-                        continue
-                # A terminal message, or quiet for a while: the job row decides (it also catches
-                # changes nobody published).
-                job = await run_in_threadpool(snapshot)
-            if job["status"] in TERMINAL_STATUSES:
-                yield {"event": "progress", "data": json.dumps({"status": job["status"], "progress": job["progress"]})}
-                yield {"event": "end", "data": json.dumps(job)}
-        finally:
-            slot.release()
-            await pubsub.aclose()
-            await client.aclose()
-
-    # The background task releases the slot too, in case the client left before the stream started.
-    return EventSourceResponse(stream(), ping=15, background=BackgroundTask(slot.release))
+    return follow(request, settings, tenant.id, job_id, snapshot)
 
 
 # response_class Response: error answers are documented as the JSON they are; the page itself as text/html.

@@ -1,0 +1,59 @@
+"""Server-sent events for anything with a status and progress (a job, a search): `progress` events as
+they are published on Redis, then one `end` event with the final object."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from fastapi import Request
+from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from service.core.events import channel, redis_url
+from service.core.settings import Settings
+from service.core.tables import TERMINAL_STATUSES
+
+# Terminal states are published; the row is re-read only this often as a fallback.
+RECHECK_INTERVAL_S = 10.0
+
+
+def follow(request: Request, settings: Settings, tenant_id: str, object_id: str, snapshot: Callable[[], dict[str, Any]]) -> EventSourceResponse:
+    """`snapshot` reads the object fresh from the store (in a thread: it opens its own session).
+    The caller has checked ownership and closed its pooled session: a stream may stay open for hours."""
+    slot = request.app.state.streams.acquire(tenant_id)
+
+    async def stream():
+        client = aioredis.Redis.from_url(redis_url(settings))
+        pubsub = client.pubsub()
+        try:
+            # Subscribe before reading the row, so nothing between the two is missed.
+            await pubsub.subscribe(channel(object_id))
+            current = await run_in_threadpool(snapshot)
+            last = (current["status"], current["progress"])
+            yield {"event": "progress", "data": json.dumps({"status": current["status"], "progress": current["progress"]})}
+            while current["status"] not in TERMINAL_STATUSES and not await request.is_disconnected():
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=RECHECK_INTERVAL_S)
+                if message is not None:
+                    update = json.loads(message["data"])
+                    if (update["status"], update["progress"]) != last and update["status"] not in TERMINAL_STATUSES:
+                        last = (update["status"], update["progress"])
+                        yield {"event": "progress", "data": json.dumps(update)}
+                    if update["status"] not in TERMINAL_STATUSES:
+                        continue
+                # A terminal message, or quiet for a while: the row decides (it also catches changes
+                # nobody published).
+                current = await run_in_threadpool(snapshot)
+            if current["status"] in TERMINAL_STATUSES:
+                yield {"event": "progress", "data": json.dumps({"status": current["status"], "progress": current["progress"]})}
+                yield {"event": "end", "data": json.dumps(current)}
+        finally:
+            slot.release()
+            await pubsub.aclose()
+            await client.aclose()
+
+    # The background task releases the slot too, in case the client left before the stream started.
+    return EventSourceResponse(stream(), ping=15, background=BackgroundTask(slot.release))

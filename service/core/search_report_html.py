@@ -1,0 +1,96 @@
+"""A search's report as one self-contained page (inline SVG, no scripts): the outcome in words, the
+Pareto scatters (size against quality, speed against quality) with the front joined and the chosen
+candidate marked, and the candidate table with each candidate's recipe, rung, status and numbers.
+Drawn with report_html's shapes, by hand for the same reason (a few SVG elements)."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from service.core.report_html import COLOURS, WIDTH, _bars, _fmt
+
+PLOT_HEIGHT = 240
+
+
+def _pareto_scatter(title: str, axis: str, candidates: list[dict[str, Any]], front: set[str], best: str | None, quality: str) -> str:
+    """x: the axis (compression ratio or speedup, larger is better); y: quality (accuracy or fidelity)."""
+    points = [(c["metrics"][axis], c["metrics"][quality], c) for c in candidates if c.get("metrics") and c["metrics"].get(quality) is not None]
+    if not points:
+        return ""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_low, x_high = min(xs + [1.0]), max(xs) * 1.08
+    y_low, y_high = min(ys), max(ys)
+    y_span = (y_high - y_low) or max(abs(y_high) * 0.01, 1e-3)
+    w, h = WIDTH - 90, PLOT_HEIGHT
+
+    def place(x: float, y: float) -> tuple[float, float]:
+        return 50 + w * (x - x_low) / ((x_high - x_low) or 1.0), 24 + h * (1 - (y - y_low + y_span * 0.05) / (y_span * 1.1))
+
+    parts = [f'<svg class="pareto" role="img" aria-label="{escape(title)}" width="{WIDTH}" height="{h + 70}" xmlns="http://www.w3.org/2000/svg">',
+             f'<text x="0" y="14" font-weight="bold">{escape(title)}</text>',
+             f'<line x1="50" y1="{24 + h}" x2="{50 + w}" y2="{24 + h}" stroke="#333"/><line x1="50" y1="24" x2="50" y2="{24 + h}" stroke="#333"/>',
+             f'<text x="{w - 90}" y="{h + 44}" font-size="11">{escape(axis.replace("_", " "))} →</text>',
+             f'<text x="54" y="34" font-size="11">{escape(quality)} ↑ ({escape(_fmt(y_low))} .. {escape(_fmt(y_high))})</text>']
+    on_front = sorted((p for p in points if p[2]["job_id"] in front), key=lambda p: p[0])
+    if len(on_front) > 1:
+        coords = " ".join("{:.1f},{:.1f}".format(*place(x, y)) for x, y, _ in on_front)
+        parts.append(f'<polyline class="front" points="{coords}" fill="none" stroke="{COLOURS["compressed"]}" stroke-dasharray="4 3"/>')
+    for x, y, c in points:
+        cx, cy = place(x, y)
+        chosen = c["job_id"] == best
+        colour = COLOURS["chosen"] if chosen else (COLOURS["point"] if c["metrics"]["meets_constraint"] else COLOURS["original"])
+        parts.append(f'<circle class="{"chosen" if chosen else "candidate"}" cx="{cx:.1f}" cy="{cy:.1f}" r="{8 if chosen else 5}" fill="{colour}">'
+                     f'<title>{escape(str(c["recipe"]))} (rung {c["rung"] + 1}): {x:.3g}x, {quality} {y:.4g}</title></circle>')
+    parts.append(f'<text x="50" y="{h + 62}" font-size="11">orange: best; blue: meets the constraint; grey: misses it; dashed: the Pareto front</text></svg>')
+    return "".join(parts)
+
+
+def _table(candidates: list[dict[str, Any]], front: set[str], best: str | None) -> str:
+    head = "<tr><th>recipe</th><th>rung</th><th>status</th><th>size ratio</th><th>speedup</th><th>accuracy</th><th>fidelity</th><th>meets</th><th>Pareto</th></tr>"
+    rows = []
+    for c in candidates:
+        m = c.get("metrics") or {}
+        note = escape(c["error"]["code"]) if c.get("error") else ""
+        mark = " ★" if c["job_id"] == best else ""
+        cells = [f'{escape(str(c["recipe"]))}{mark}<br><code>{escape(c["job_id"])}</code>', str(c["rung"] + 1), f'{escape(c["status"])} {note}',
+                 _fmt(m.get("compression_ratio", "")), _fmt(m.get("speedup", "")), _fmt(m.get("accuracy", "")), _fmt(m.get("fidelity", "")),
+                 "" if m.get("meets_constraint") is None else ("yes" if m["meets_constraint"] else "no"), "yes" if c["job_id"] in front else ""]
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    return f'<table class="candidates">{head}{"".join(rows)}</table>'
+
+
+def render_search(search: dict[str, Any]) -> str:
+    request, candidates, best = search["request"], search["candidates"], search.get("best")
+    front = set(search.get("pareto") or [])
+    quality = "accuracy" if request.get("max_accuracy_drop") is not None else "fidelity"
+    constraint = " and ".join(
+        text for text in (
+            f"accuracy within {request['max_accuracy_drop'] * 100:.3g} points" if request.get("max_accuracy_drop") is not None else "",
+            f"fidelity (cosine) at least {request['min_fidelity']}" if request.get("min_fidelity") is not None else "",
+        ) if text
+    )
+    sections = [f"<h1>modelshrink search {escape(search['id'])}</h1>",
+                f"<p>status <b>{escape(search['status'])}</b>; objective <b>{escape(request['objective'])}</b> with {escape(constraint)}; "
+                f"budget {escape(_fmt(request['budget_minutes']))} minutes; {len(candidates)} candidates</p>"]
+    if search.get("reason"):
+        sections.append(f"<p>{escape(search['reason'])}</p>")
+    if search.get("error"):
+        sections.append(f'<p style="color:{COLOURS["warn"]}">error <b>{escape(search["error"]["code"])}</b>: {escape(search["error"]["message"])}</p>')
+    chosen = next((c for c in candidates if c["job_id"] == best), None)
+    if chosen and chosen.get("metrics"):
+        m = chosen["metrics"]
+        sections.append(f'<p class="best">best: <b>{escape(str(chosen["recipe"]))}</b> (job <code>{escape(best or "")}</code>): '
+                        f'{_fmt(m["compression_ratio"])}x smaller, {_fmt(m["speedup"])}x the speed, {quality} {_fmt(m.get(quality))}</p>')
+        sections.append(_bars("size ratio of the best and of the Pareto front", [(str(c["recipe"]), c["metrics"]["compression_ratio"], "chosen" if c["job_id"] == best else "compressed")
+                                                                            for c in candidates if c["job_id"] in front and c.get("metrics")], "x"))
+    elif search["status"] != "running":
+        sections.append(f'<p style="color:{COLOURS["warn"]}">no candidate met the constraint; closest: {escape(", ".join(search.get("closest") or []))}</p>')
+    sections.append(_pareto_scatter(f"size ratio against {quality}", "compression_ratio", candidates, front, best, quality))
+    sections.append(_pareto_scatter(f"speedup against {quality}", "speedup", candidates, front, best, quality))
+    sections.append(_table(candidates, front, best))
+    body = "\n".join(s for s in sections if s)
+    return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>modelshrink search report</title>"
+            "<style>body{font-family:sans-serif;max-width:760px;margin:2em auto}svg{display:block;margin:1em 0}"
+            "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}</style></head>"
+            f"<body>{body}</body></html>")

@@ -1,0 +1,115 @@
+"""Judging a search's candidates: the constraint, the objective, the Pareto front, the best, what to promote.
+
+Pure functions over the candidates' job metrics (no database), so the rules are tested directly.
+Quality is accuracy when the evaluation data has labels, else fidelity (mean output cosine to the
+original); the constraint is `max_accuracy_drop` (absolute) and/or `min_fidelity`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Point:
+    """One finished candidate, reduced to what the search compares."""
+
+    job_id: str
+    recipe: str
+    rung: int
+    size_bytes: int
+    ratio: float  # original size / candidate size
+    speedup: float  # geometric mean over the measured batch sizes
+    latency_ms: float | None  # p50 at the first batch size
+    accuracy: float | None
+    accuracy_drop: float | None
+    fidelity: float | None
+    violation: float  # 0 when the constraint holds; else how far off, in the constraint's own units
+
+    @property
+    def feasible(self) -> bool:
+        return self.violation <= 0.0
+
+    def objective(self, objective: str) -> float:
+        """Larger is better."""
+        return self.ratio if objective == "size" else self.speedup
+
+    def quality(self) -> float:
+        return self.accuracy if self.accuracy is not None else (self.fidelity if self.fidelity is not None else -math.inf)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id, "recipe": self.recipe, "rung": self.rung, "size_bytes": self.size_bytes,
+            "compression_ratio": round(self.ratio, 4), "speedup": round(self.speedup, 4), "latency_ms": self.latency_ms,
+            "accuracy": self.accuracy, "accuracy_drop": self.accuracy_drop, "fidelity": self.fidelity,
+            "meets_constraint": self.feasible, "violation": round(self.violation, 6),
+        }
+
+
+def _speedup(metrics: dict[str, Any]) -> float:
+    before = {row["batch"]: row["p50"] for row in metrics["original"].get("latency_by_batch") or []}
+    after = {row["batch"]: row["p50"] for row in metrics["compressed"].get("latency_by_batch") or []}
+    ratios = [before[b] / after[b] for b in before if b in after and after[b] > 0]
+    if not ratios:
+        return float(metrics.get("speedup") or 1.0)
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def point(job_id: str, recipe: str, rung: int, metrics: dict[str, Any], constraint: dict[str, float | None]) -> Point:
+    original, compressed = metrics["original"], metrics["compressed"]
+    accuracy = compressed.get("accuracy")
+    drop = original["accuracy"] - accuracy if accuracy is not None and original.get("accuracy") is not None else None
+    fidelity = (compressed.get("fidelity") or {}).get("cosine")
+    violation = 0.0
+    max_drop, min_fidelity = constraint.get("max_accuracy_drop"), constraint.get("min_fidelity")
+    if max_drop is not None:
+        violation = max(violation, (drop - max_drop) if drop is not None else math.inf)
+    if min_fidelity is not None:
+        violation = max(violation, (min_fidelity - fidelity) if fidelity is not None else math.inf)
+    latency = (compressed.get("latency_by_batch") or [{}])[0].get("p50")
+    return Point(
+        job_id, recipe, rung, int(compressed["size_bytes"]), float(metrics["compression_ratio"]), _speedup(metrics),
+        latency, accuracy, drop, fidelity, violation,
+    )
+
+
+def pareto(points: list[Point]) -> list[Point]:
+    """Candidates no other candidate beats on size, speed and quality at once (ordered by size)."""
+
+    def dominates(a: Point, b: Point) -> bool:
+        no_worse = a.size_bytes <= b.size_bytes and a.speedup >= b.speedup and a.quality() >= b.quality()
+        better = a.size_bytes < b.size_bytes or a.speedup > b.speedup or a.quality() > b.quality()
+        return no_worse and better
+
+    front = [p for p in points if not any(dominates(q, p) for q in points if q is not p)]
+    return sorted(front, key=lambda p: (p.size_bytes, p.job_id))
+
+
+def best(points: list[Point], objective: str) -> Point | None:
+    """The feasible candidate with the best objective (then the better quality, then the earlier job)."""
+    feasible = [p for p in points if p.feasible]
+    if not feasible:
+        return None
+    return max(feasible, key=lambda p: (p.objective(objective), p.quality(), _neg(p.job_id)))
+
+
+def closest(points: list[Point], count: int = 3) -> list[Point]:
+    """When nothing is feasible: the candidates that came nearest to the constraint."""
+    return sorted(points, key=lambda p: (p.violation, p.job_id))[:count]
+
+
+def promote(points: list[Point], trainable: set[str], objective: str, room: int) -> list[Point]:
+    """Successive halving with early rejection: of the first rung's trainable candidates, those that
+    miss the constraint but would beat the best feasible candidate's objective if more fine-tuning
+    brought them within it, nearest to the constraint first, at most `room` (half the rung)."""
+    incumbent = best(points, objective)
+    bar = incumbent.objective(objective) if incumbent is not None else -math.inf
+    hopeful = [p for p in points if p.rung == 0 and p.recipe in trainable and not p.feasible and p.objective(objective) > bar and math.isfinite(p.violation)]
+    return sorted(hopeful, key=lambda p: (p.violation, -p.objective(objective), p.job_id))[:room]
+
+
+def _neg(text: str) -> tuple[int, ...]:
+    # Earlier job ids win ties deterministically without a separate sort.
+    return tuple(-ord(c) for c in text)

@@ -1,0 +1,62 @@
+"""A search as the API shows it: its candidates with their measured points, the Pareto front, the
+best so far (final once the search ends) and why it ended."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from service.core.jobstore import aware
+from service.core.search_driver import points_of
+from service.core.search_plan import LAST_RUNG
+from service.core.search_select import best, pareto
+from service.core.tables import TERMINAL_STATUSES, Job, Search
+
+
+def candidate_jobs(session: Session, search_id: str) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.search_id == search_id).order_by(Job.created_at, Job.id)).all())
+
+
+def search_public(search: Search, jobs: list[Job]) -> dict[str, Any]:
+    points = {p.job_id: p for p in points_of(search, jobs)}
+    objective = search.request["objective"]
+    result = search.result or {}
+    ended = search.status in TERMINAL_STATUSES
+    chosen = result.get("best") if ended else (lambda p: p.job_id if p else None)(best(list(points.values()), objective))
+    candidates = []
+    for job in jobs:
+        info = (job.options or {}).get("search") or {}
+        p = points.get(job.id)
+        candidates.append({
+            "job_id": job.id,
+            "recipe": info.get("recipe"),
+            "rung": info.get("rung", 0),
+            "status": job.status,
+            "steps": job.steps,
+            "metrics": p.public() if p else None,
+            "error": job.error,
+        })
+    return {
+        "id": search.id,
+        "status": search.status,
+        "model_id": search.model_id,
+        "dataset_id": search.dataset_id,
+        "eval_dataset_id": search.eval_dataset_id,
+        "request": search.request,
+        "rungs": LAST_RUNG + 1,
+        "rung": search.rung,
+        "progress": search.progress or {"fraction": 0.0, "step": None, "message": "planning"},
+        "candidates": candidates,
+        "pareto": [p.job_id for p in pareto(list(points.values()))],
+        "best": chosen,
+        "closest": result.get("closest", []),
+        "reason": result.get("reason"),
+        "error": search.error,
+        "cancel_requested": search.cancel_requested,
+        "webhook_url": search.webhook_url,
+        "deadline_at": aware(search.deadline_at),
+        "created_at": aware(search.created_at),
+        "finished_at": aware(search.finished_at),
+    }
