@@ -19,6 +19,7 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	./scripts/ensure-services.sh
+	./scripts/ensure-browser.sh
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

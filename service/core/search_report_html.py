@@ -11,6 +11,7 @@ from typing import Any
 from service.core.report_html import COLOURS, WIDTH, _bars, _fmt
 
 PLOT_HEIGHT = 240
+TOP = 44  # title and the quality axis's label above the plot
 
 
 def _pareto_scatter(title: str, axis: str, candidates: list[dict[str, Any]], front: set[str], best: str | None, quality: str) -> str:
@@ -25,13 +26,13 @@ def _pareto_scatter(title: str, axis: str, candidates: list[dict[str, Any]], fro
     w, h = WIDTH - 90, PLOT_HEIGHT
 
     def place(x: float, y: float) -> tuple[float, float]:
-        return 50 + w * (x - x_low) / ((x_high - x_low) or 1.0), 24 + h * (1 - (y - y_low + y_span * 0.05) / (y_span * 1.1))
+        return 50 + w * (x - x_low) / ((x_high - x_low) or 1.0), TOP + h * (1 - (y - y_low + y_span * 0.05) / (y_span * 1.1))
 
-    parts = [f'<svg class="pareto" role="img" aria-label="{escape(title)}" width="{WIDTH}" height="{h + 70}" xmlns="http://www.w3.org/2000/svg">',
+    parts = [f'<svg class="pareto" role="img" aria-label="{escape(title)}" width="{WIDTH}" height="{h + TOP + 46}" xmlns="http://www.w3.org/2000/svg">',
              f'<text x="0" y="14" font-weight="bold">{escape(title)}</text>',
-             f'<line x1="50" y1="{24 + h}" x2="{50 + w}" y2="{24 + h}" stroke="#333"/><line x1="50" y1="24" x2="50" y2="{24 + h}" stroke="#333"/>',
-             f'<text x="{w - 90}" y="{h + 44}" font-size="11">{escape(axis.replace("_", " "))} →</text>',
-             f'<text x="54" y="34" font-size="11">{escape(quality)} ↑ ({escape(_fmt(y_low))} .. {escape(_fmt(y_high))})</text>']
+             f'<text x="0" y="32" font-size="11">{escape(quality)} ↑ ({escape(_fmt(y_low))} .. {escape(_fmt(y_high))})</text>',
+             f'<line x1="50" y1="{TOP + h}" x2="{50 + w}" y2="{TOP + h}" stroke="#333"/><line x1="50" y1="{TOP}" x2="50" y2="{TOP + h}" stroke="#333"/>',
+             f'<text x="{w - 90}" y="{h + TOP + 20}" font-size="11">{escape(axis.replace("_", " "))} →</text>']
     on_front = sorted((p for p in points if p[2]["job_id"] in front), key=lambda p: p[0])
     if len(on_front) > 1:
         coords = " ".join("{:.1f},{:.1f}".format(*place(x, y)) for x, y, _ in on_front)
@@ -42,7 +43,7 @@ def _pareto_scatter(title: str, axis: str, candidates: list[dict[str, Any]], fro
         colour = COLOURS["chosen"] if chosen else (COLOURS["point"] if c["metrics"]["meets_constraint"] else COLOURS["original"])
         parts.append(f'<circle class="{"chosen" if chosen else "candidate"}" cx="{cx:.1f}" cy="{cy:.1f}" r="{8 if chosen else 5}" fill="{colour}">'
                      f'<title>{escape(str(c["recipe"]))} (rung {c["rung"] + 1}): {x:.3g}x, {quality} {y:.4g}</title></circle>')
-    parts.append(f'<text x="50" y="{h + 62}" font-size="11">orange: best; blue: meets the constraint; grey: misses it; dashed: the Pareto front</text></svg>')
+    parts.append(f'<text x="50" y="{h + TOP + 38}" font-size="11">orange: best; blue: meets the constraint; grey: misses it; dashed: the Pareto front</text></svg>')
     return "".join(parts)
 
 
