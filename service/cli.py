@@ -247,6 +247,71 @@ def download(job_id: str, output: Annotated[Path, typer.Option("-o", "--output")
     err.print(f"saved {output}")
 
 
+def print_search(search: Any) -> None:
+    """The candidate table of a search (a modelshrink.client SearchPublic), best starred."""
+    table = Table(title=f"search {search.id}: {search.status}")
+    table.add_column("recipe", no_wrap=True)
+    for column in ("rung", "status", "size ratio", "speedup", "accuracy", "fidelity", "meets", "Pareto"):
+        table.add_column(column)
+    front = set(search.pareto)
+    for c in search.candidates:
+        m = c.metrics
+        table.add_row(
+            (c.recipe or "?") + (" *" if c.job_id == search.best else ""), str(c.rung + 1), c.status + (f" ({c.error.code})" if c.error else ""),
+            _fmt(m and m.compression_ratio, "x"), _fmt(m and m.speedup, "x"), _fmt(m and m.accuracy), _fmt(m and m.fidelity),
+            "" if m is None else ("yes" if m.meets_constraint else "no"), "yes" if c.job_id in front else "",
+        )
+    out.print(table)
+    if search.reason:
+        out.print(search.reason)
+
+
+@app.command()
+def search(
+    model: Path,
+    objective: Annotated[str, typer.Option(help="size or latency: what the best candidate is best at.")] = "size",
+    dataset: Annotated[Path | None, typer.Option(help=".npz fine-tuning/calibration data")] = None,
+    eval_dataset: Annotated[Path | None, typer.Option(help=".npz held-out data the constraint is judged on")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Largest absolute accuracy loss (0.005 = half a point).")] = None,
+    min_fidelity: Annotated[float | None, typer.Option(help="Smallest output cosine to the original (default 0.99 when no accuracy drop is given).")] = None,
+    budget_minutes: Annotated[float, typer.Option(help="Wall-clock budget of the whole search.")] = 30.0,
+    method: Annotated[list[str] | None, typer.Option(help="Only recipes made of these methods; repeat for more.")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the search, print its candidates and save the best model.")] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where --wait saves the best model.")] = None,
+) -> None:
+    """Upload MODEL (and datasets) and search across methods for the best model within the constraint."""
+    from modelshrink.client import ApiFailure, Client
+
+    try:
+        client = Client()
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    try:
+        with client:
+            model_id = client.upload_model(model).id
+            dataset_id = client.upload_dataset(dataset).id if dataset else None
+            eval_id = client.upload_dataset(eval_dataset).id if eval_dataset else None
+            found = client.search(model_id, objective, dataset_id=dataset_id, eval_dataset_id=eval_id, max_accuracy_drop=max_accuracy_drop,
+                                  min_fidelity=min_fidelity, budget_minutes=budget_minutes, methods=method or None)
+            err.print(f"search {found.id} started: {len(found.candidates)} candidates in the first rung")
+            if not wait:
+                print(found.id)
+                return
+            found = client.wait_search(found.id)
+            print_search(found)
+            if found.best is None:
+                err.print(f"[red]search {found.id} {found.status}: {found.error.message if found.error else ''}[/red]")
+                raise typer.Exit(1)
+            dest = output or model.with_name(model.stem + ".best.onnx")
+            client.download(found.best, dest)
+            err.print(f"saved {dest} (job {found.best})")
+            print(found.id)
+    except ApiFailure as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+
+
 @app.command()
 def unpack(bundle: Path, output: Annotated[Path, typer.Option("-o", "--output")]) -> None:
     """Decode a .msz bundle (the huffman step's artifact) back to its exact ONNX model."""

@@ -1,4 +1,5 @@
-"""A small HTTP client for the modelshrink API (used by the CLI and the benchmarks)."""
+"""The HTTP layer of the modelshrink API answering plain dicts (the benchmarks use it; the typed SDK,
+`modelshrink.client`, and the CLI build on it)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,43 @@ class ApiFailure(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
+
+
+def failure(status: int, body: bytes) -> ApiFailure:
+    """The API's error body ({"error": {code, message}}) as an exception."""
+    try:
+        err = json.loads(body)["error"]
+        return ApiFailure(status, err["code"], err["message"])
+    except (ValueError, KeyError, TypeError):
+        return ApiFailure(status, "http_error", body[:500].decode(errors="replace"))
+
+
+class EventParser:
+    """Server-sent events, fed line by line: `feed` returns (event, data) when a blank line ends one."""
+
+    def __init__(self) -> None:
+        self.event, self.data = "message", []
+
+    def feed(self, line: str) -> tuple[str, dict[str, Any]] | None:
+        if line.startswith("event:"):
+            self.event = line[6:].strip()
+        elif line.startswith("data:"):
+            self.data.append(line[5:].strip())
+        elif not line and self.data:
+            found = (self.event, json.loads("\n".join(self.data)))
+            self.event, self.data = "message", []
+            return found
+        return None
+
+
+def zipped_with_external_data(path: Path, folder: Path) -> Path:
+    """An .onnx whose weights sit in external data files beside it, zipped with them (what the API takes)."""
+    bundle = folder / f"{path.stem}.zip"
+    with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED) as zf:  # weights barely compress
+        zf.write(path, path.name)
+        for data_file in external_data_files(path):
+            zf.write(path.parent / data_file, data_file)
+    return bundle
 
 
 def external_data_files(path: Path) -> list[str]:
@@ -44,11 +82,7 @@ class Client:
 
     def _check(self, response: httpx.Response) -> httpx.Response:
         if response.status_code >= 400:
-            try:
-                err = response.json()["error"]
-                raise ApiFailure(response.status_code, err["code"], err["message"])
-            except (ValueError, KeyError, TypeError):
-                raise ApiFailure(response.status_code, "http_error", response.text[:500]) from None
+            raise failure(response.status_code, response.read())
         return response
 
     def _upload(self, path: Path, route: str) -> dict[str, Any]:
@@ -58,15 +92,10 @@ class Client:
     def upload_model(self, path: Path) -> dict[str, Any]:
         """Upload an .onnx file; one that keeps its weights in external data files (torch.onnx.export's
         default) goes up zipped with them, as the API expects."""
-        data_files = external_data_files(path)
-        if not data_files:
+        if not external_data_files(path):
             return self._upload(path, "/v1/models")
         with tempfile.TemporaryDirectory() as tmp:
-            bundle = Path(tmp) / f"{path.stem}.zip"
-            with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED) as zf:  # weights barely compress
-                zf.write(path, path.name)
-                for data_file in data_files:
-                    zf.write(path.parent / data_file, data_file)
+            bundle = zipped_with_external_data(path, Path(tmp))
             with open(bundle, "rb") as fh:
                 return self._check(self.http.post("/v1/models", files={"file": (bundle.name, fh)}, data={"name": path.name})).json()
 
@@ -83,21 +112,31 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel")).json()
 
-    def events(self, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Yield (event, data) from the job's server-sent events until the job ends."""
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as response:
+    def events(self, job_id: str, kind: str = "jobs") -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (event, data) from a job's (or, kind="searches", a search's) server-sent events until it ends."""
+        with self.http.stream("GET", f"/v1/{kind}/{job_id}/events", timeout=None) as response:
             self._check(response)
-            event, data = "message", []
+            parser = EventParser()
             for line in response.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif not line and data:
-                    yield event, json.loads("\n".join(data))
-                    if event == "end":
+                found = parser.feed(line)
+                if found is not None:
+                    yield found
+                    if found[0] == "end":
                         return
-                    event, data = "message", []
+
+    def start_search(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self._check(self.http.post("/v1/searches", json=body, headers=headers)).json()
+
+    def search(self, search_id: str) -> dict[str, Any]:
+        return self._check(self.http.get(f"/v1/searches/{search_id}")).json()
+
+    def cancel_search(self, search_id: str) -> dict[str, Any]:
+        return self._check(self.http.post(f"/v1/searches/{search_id}/cancel")).json()
+
+    def report_html(self, object_id: str) -> str:
+        kind = "searches" if object_id.startswith("srch_") else "jobs"
+        return self._check(self.http.get(f"/v1/{kind}/{object_id}/report.html")).text
 
     def download(self, job_id: str, name: str, dest: Path) -> Path:
         with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
