@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check service workers bench tests
+	$(BIN)/ruff check service workers bench tests modelshrink
 	$(BIN)/mypy service/core
 
 openapi: $(STAMP)

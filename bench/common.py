@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -60,6 +61,35 @@ def running_service(extra_env: dict[str, str] | None = None, command: str = "ser
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@contextmanager
+def scale_out_service(workers: int, prefix: str = "scale-out-") -> Iterator[dict[str, Any]]:
+    """The scale-out configuration: `modelshrink api` plus `workers` worker processes, Redis on 6379,
+    PostgreSQL on 5432 (database `test`), one artifact directory; its own queue name."""
+    data_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    env = {**os.environ, "MODELSHRINK_DATA_DIR": str(data_dir), "MODELSHRINK_DATABASE_URL": "postgresql+psycopg://postgres@localhost:5432/test",
+           "MODELSHRINK_BROKER_URL": "redis://localhost:6379/0", "MODELSHRINK_QUEUE_NAME": f"bench-{uuid.uuid4().hex[:8]}",
+           "MODELSHRINK_MAX_DATASET_DECOMPRESSED_BYTES": str(2 * 1024**3)}
+    exe = str(Path(sys.executable).parent / "modelshrink")
+    port = free_port()
+    procs = [subprocess.Popen([exe, "api", "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=open(data_dir / "api.log", "w"))]
+    procs += [subprocess.Popen([exe, "worker", "--hostname", f"bench{i}@%h"], env=env, stdout=subprocess.DEVNULL, stderr=open(data_dir / f"worker{i}.log", "w"))
+              for i in range(workers)]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        if not wait_healthy(url):
+            raise RuntimeError(f"the API did not answer; see {data_dir / 'api.log'}")
+
+        def new_key(tenant: str) -> str:
+            return subprocess.run([exe, "keys", "create", "--tenant", tenant], env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+        yield {"url": url, "data_dir": data_dir, "env": env, "new_key": new_key}
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
 
 
 def machine() -> dict[str, Any]:
