@@ -85,15 +85,26 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 def worker(
     hostname: str = "worker@%h",
     webhooks: Annotated[bool, typer.Option("--webhooks", help="Deliver webhooks (run one such worker per deployment) instead of running jobs.")] = False,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda: what this worker trains on (default: MODELSHRINK_WORKER_DEVICE, else auto).")] = None,
+    gpu: Annotated[int | None, typer.Option(help="The GPU this worker owns (sets CUDA_VISIBLE_DEVICES; implies --device cuda). Start one worker per GPU.")] = None,
 ) -> None:
     """Run one Celery worker alone (one per GPU; configured like `api`)."""
     from service.core.db import migrate
+    from service.core.settings import Settings
     from service.processes import worker_command
 
-    settings = get_settings()
+    env = _child_env()
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"], device = str(gpu), "cuda"
+    if device is not None:
+        if device not in ("cpu", "cuda"):
+            err.print("[red]--device: cpu or cuda[/red]")
+            raise typer.Exit(2)
+        env["MODELSHRINK_WORKER_DEVICE"] = device
+    settings = Settings(**({"worker_device": device} if device else {}))
     migrate(settings.resolved_database_url)
     command = worker_command(settings, hostname, role="webhooks" if webhooks else "jobs")
-    os.execve(command[0], command, _child_env())
+    os.execve(command[0], command, env)
 
 
 @keys_app.command("create")

@@ -11,7 +11,8 @@ from service.core.dispatch import dispatch
 from service.core.jobstore import job_public
 from service.core.search_driver import advance
 from service.core.search_view import candidate_jobs, search_public
-from service.core.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, enqueue_job, enqueue_webhook
+from service.core.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, enqueue_webhook
+from service.core.routing import enqueue_routed
 from service.core.settings import get_settings
 from service.core.tables import Job, Search
 from workers.celery_app import app
@@ -32,12 +33,12 @@ def run_job(self, job_id: str) -> None:  # bound: self.request names the worker 
         # acknowledged as failed and the job sit queued forever (the reconciler is the backstop
         # when the broker is out too).
         log.warning("job store unavailable while starting %s; re-queued in %.0f s", job_id, DB_RETRY_S, exc_info=True)
-        enqueue_job(settings, job_id, countdown=DB_RETRY_S)
+        enqueue_routed(settings, job_id, countdown=DB_RETRY_S)
         return
     if outcome.retry_after_s:
         # Another worker holds a live lease: look again once it would have expired, so the job is
         # never left without a message in the queue if that worker dies.
-        enqueue_job(settings, job_id, countdown=outcome.retry_after_s)
+        enqueue_routed(settings, job_id, countdown=outcome.retry_after_s)
     if outcome.finished:
         with session_scope(settings.resolved_database_url) as session:
             job = session.get(Job, job_id)

@@ -15,7 +15,7 @@ import logging
 from sqlalchemy import func, select, update
 
 from service.core.db import rowcount, session_scope
-from service.core.queue import enqueue_job
+from service.core.routing import enqueue_routed
 from service.core.settings import Settings
 from service.core.tables import Job, utcnow
 
@@ -49,7 +49,7 @@ def dispatch(settings: Settings, tenant_id: str) -> list[str]:
         if not claimed:
             continue
         try:
-            enqueue_job(settings, job_id)
+            enqueue_routed(settings, job_id)
         except Exception:
             with session_scope(url) as session:  # let the next dispatch (or the reconciler) try again
                 session.execute(update(Job).where(Job.id == job_id).values(dispatched_at=None).execution_options(synchronize_session=False))

@@ -51,8 +51,9 @@ def _producer(settings: Settings) -> Celery:
     return _producers[key]
 
 
-def enqueue_job(settings: Settings, job_id: str, countdown: float | None = None) -> None:
-    _producer(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=settings.queue_name, countdown=countdown)
+def enqueue_job(settings: Settings, job_id: str, countdown: float | None = None, queue: str | None = None) -> None:
+    """On `queue` (default: the shared one); service.core.routing.enqueue_routed picks it by the job's steps."""
+    _producer(settings).send_task(RUN_JOB_TASK, args=[job_id], queue=queue or settings.queue_name, countdown=countdown)
 
 
 def webhook_queue(settings: Settings) -> str:
@@ -66,7 +67,9 @@ def enqueue_webhook(settings: Settings, job_id: str) -> None:
 
 def queue_depth(settings: Settings) -> int:
     # redis-py directly, not kombu's bounded connection pool: a burst of scrapes must not queue up on it.
-    return int(redis_client(settings).llen(settings.queue_name))
+    # Both job queues: the shared one and the GPU one (service.core.routing).
+    client = redis_client(settings)
+    return int(client.llen(settings.queue_name)) + int(client.llen(f"{settings.queue_name}.cuda"))
 
 
 def ping_workers(settings: Settings, timeout: float = 1.0) -> int:

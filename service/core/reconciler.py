@@ -11,7 +11,8 @@ Redis lock elects it) looks for
   worker takes them over (counting the attempt; max_attempts still ends a job that keeps killing workers);
 - either kind with a cancel requested and no live lease: ended as `cancelled`;
 - tenants with jobs waiting their turn (service.core.dispatch): dispatched up to their allowance;
-- searches not yet ended: advanced (service.core.search_driver), which enforces their deadlines.
+- searches not yet ended: advanced (service.core.search_driver), which enforces their deadlines;
+- jobs in the GPU queue when no GPU worker runs any more: moved to the shared queue (service.core.routing).
 
 A message counts when it sits in the queue list or in kombu's `unacked` hash (delivered, not yet
 acknowledged, including retries waiting on a countdown). A duplicate message is harmless: deliveries
@@ -33,7 +34,8 @@ from service.core.db import session_scope
 from service.core.dispatch import dispatch, waiting_tenants
 from service.core.events import publish, redis_client
 from service.core.jobstore import finish
-from service.core.queue import RUN_JOB_TASK, enqueue_job
+from service.core.queue import RUN_JOB_TASK
+from service.core.routing import cuda_queue, enqueue_routed, workers_by_device
 from service.core.search_driver import active_searches, advance
 from service.core.settings import Settings
 from service.core.tables import Job, utcnow
@@ -59,7 +61,7 @@ def _job_id_of(envelope: dict[str, Any]) -> str | None:
 def jobs_with_messages(settings: Settings) -> set[str]:
     client = redis_client(settings)
     found = set()
-    for raw in client.lrange(settings.queue_name, 0, -1):
+    for raw in client.lrange(settings.queue_name, 0, -1) + client.lrange(cuda_queue(settings), 0, -1):
         job_id = _job_id_of(json.loads(raw))
         if job_id:
             found.add(job_id)
@@ -72,6 +74,20 @@ def jobs_with_messages(settings: Settings) -> set[str]:
         if job_id:
             found.add(job_id)
     return found
+
+
+def reroute_without_gpu_workers(settings: Settings) -> list[str]:
+    """Jobs waiting in the GPU queue when no GPU worker runs any more go to the shared queue, in order
+    (newest first to its consuming end, so the oldest ends up first in line)."""
+    client = redis_client(settings)
+    moved: list[str] = []
+    if workers_by_device(settings)["cuda"] > 0:
+        return moved
+    while (raw := client.lmove(cuda_queue(settings), settings.queue_name, "LEFT", "RIGHT")) is not None:
+        moved.append(_job_id_of(json.loads(raw)) or "?")
+    if moved:
+        log.warning("no GPU worker runs: moved %d job(s) from the GPU queue to the shared one", len(moved))
+    return moved
 
 
 def reconcile(settings: Settings) -> dict[str, list[str]]:
@@ -88,7 +104,8 @@ def reconcile(settings: Settings) -> dict[str, list[str]]:
                 )
             ).limit(1000)
         ).all()
-    done: dict[str, list[str]] = {"requeued": [], "cancelled": [], "dispatched": [], "searches": []}
+    done: dict[str, list[str]] = {"requeued": [], "cancelled": [], "dispatched": [], "searches": [], "rerouted": []}
+    done["rerouted"] = reroute_without_gpu_workers(settings)
     for tenant_id in waiting_tenants(settings):
         done["dispatched"] += dispatch(settings, tenant_id)
     # Searches move on when a candidate ends; this pass catches a deadline with nothing running and a
@@ -108,7 +125,7 @@ def reconcile(settings: Settings) -> dict[str, list[str]]:
                 publish(settings, job_id, {"status": "cancelled", "progress": {"fraction": 0.0, "step": None, "message": "cancelled"}})
                 done["cancelled"].append(job_id)
         elif job_id not in present:
-            enqueue_job(settings, job_id)
+            enqueue_routed(settings, job_id)
             done["requeued"].append(job_id)
     for action in ("requeued", "cancelled"):
         if done[action]:

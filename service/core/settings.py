@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -68,6 +68,12 @@ class Settings(BaseSettings):
 
     queue_name: str = "modelshrink"
     worker_concurrency: int = 1
+    # What this worker process trains on: "cuda" workers also take the `<queue>.cuda` queue, where
+    # training jobs go while any such worker runs (service.core.routing). "auto": cuda when the
+    # machine shows an NVIDIA device.
+    worker_device: Literal["auto", "cpu", "cuda"] = "auto"
+    # CPU threads of one job (torch, OpenMP); default: the machine's cores over its job workers.
+    job_threads: int | None = Field(None, ge=1, le=1024)
 
     # Webhooks: only hosts listed here, and never private/loopback addresses unless allowed.
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)

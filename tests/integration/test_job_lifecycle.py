@@ -27,10 +27,11 @@ QUICK_MEASURE = {"warmup": 1, "runs": 5, "batch_sizes": [1, 8]}
 SLOW_MEASURE = {"warmup": 0, "runs": 30000, "batch_sizes": [1]}
 
 
-def follow(client: TestClient, job_id: str) -> tuple[dict, list[dict]]:
-    """Read the job's server-sent events to the end; return the final job and the progress events."""
+def follow(client: TestClient, job_id: str, kind: str = "jobs") -> tuple[dict, list[dict]]:
+    """Read a job's (kind="searches": a search's) server-sent events to the end; return the final
+    object and the progress events."""
     events, final = [], None
-    with client.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+    with client.stream("GET", f"/v1/{kind}/{job_id}/events") as response:
         assert response.status_code == 200
         event = None
         for line in response.iter_lines():

@@ -20,20 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def follow_search(client: TestClient, search_id: str) -> tuple[dict, list[dict]]:
-    events, final = [], None
-    with client.stream("GET", f"/v1/searches/{search_id}/events") as response:
-        assert response.status_code == 200
-        event = None
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                data = json.loads(line.split(":", 1)[1])
-                if event == "end":
-                    final = data
-                    break
-                events.append(data)
-    return final, events
+    return follow(client, search_id, kind="searches")
 
 
 def _upload_eval(client: TestClient, model) -> str:

@@ -53,6 +53,11 @@ class MethodSpec(StrictModel):
         """True when the step cannot run without the job's dataset (calibration, training, importance)."""
         return False
 
+    def trains(self, has_dataset: bool) -> bool:
+        """True when the step takes gradient steps (fine-tuning, distillation, head training): such
+        jobs go to GPU workers when any are running (service.core.routing)."""
+        return False
+
     def referenced_models(self) -> list[str]:
         """Ids of other uploaded models the step uses (e.g. a distillation student)."""
         return []

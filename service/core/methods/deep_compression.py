@@ -30,3 +30,6 @@ class DeepCompressionStep(MethodSpec):
 
     def needs_dataset(self) -> bool:
         return self.prune.needs_dataset() or self.cluster.needs_dataset()
+
+    def trains(self, has_dataset: bool) -> bool:
+        return self.prune.trains(has_dataset) or self.cluster.trains(has_dataset)

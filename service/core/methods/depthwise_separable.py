@@ -34,3 +34,6 @@ class DepthwiseSeparableStep(MethodSpec):
 
     def needs_dataset(self) -> bool:
         return (self.finetune_epochs or 0) > 0
+
+    def trains(self, has_dataset: bool) -> bool:
+        return (self.finetune_epochs if self.finetune_epochs is not None else (3 if has_dataset else 0)) > 0 and has_dataset

@@ -59,6 +59,9 @@ class DistillStep(MethodSpec):
     def needs_dataset(self) -> bool:
         return True
 
+    def trains(self, has_dataset: bool) -> bool:
+        return True
+
     def referenced_models(self) -> list[str]:
         return [self.student_model_id] if self.student_model_id else []
 

@@ -41,3 +41,6 @@ class EarlyExitStep(MethodSpec):
 
     def needs_dataset(self) -> bool:
         return True
+
+    def trains(self, has_dataset: bool) -> bool:
+        return True

@@ -68,3 +68,6 @@ class PruneStep(MethodSpec):
 
     def needs_dataset(self) -> bool:
         return (self.finetune_epochs or 0) > 0 or self.importance in ("apoz", "taylor") or self.max_accuracy_drop is not None
+
+    def trains(self, has_dataset: bool) -> bool:
+        return (self.finetune_epochs if self.finetune_epochs is not None else (2 if has_dataset else 0)) > 0 and has_dataset

@@ -118,3 +118,6 @@ class QuantizeStep(MethodSpec):
 
     def needs_dataset(self) -> bool:
         return self.mode == "int8_static" or (self.mode == "binary" and self.finetune_epochs > 0) or (self.mode == "int4_weight_only" and self.int4_algorithm == "gptq")
+
+    def trains(self, has_dataset: bool) -> bool:
+        return self.mode == "binary" and self.finetune_epochs > 0 and has_dataset

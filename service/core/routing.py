@@ -1,0 +1,126 @@
+"""GPU routing: jobs that train go to GPU workers while any are running; everything else, and
+training when no GPU worker runs, goes to the shared queue every worker takes.
+
+Two Celery queues per deployment: `<queue_name>` and `<queue_name>.cuda`. A CPU worker consumes the
+first; a CUDA worker (one process per GPU, CUDA_VISIBLE_DEVICES) consumes both, so a GPU machine is
+never idle while CPU work waits, and with prefetch 1 a training job waits behind at most one job per
+GPU worker. Workers announce themselves with a Redis key per process that expires unless renewed
+(`announce`); dispatch reads them when it routes a job. A training job routed to the CUDA queue
+whose GPU workers then all stop is not lost: the reconciler finds it without a consumer and routes
+it again (see service.core.reconciler).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+from service.core.db import session_scope
+from service.core.events import redis_client
+from service.core.queue import enqueue_job
+from service.core.settings import Settings
+from service.core.specs import step_adapter
+from service.core.tables import Job
+
+log = logging.getLogger(__name__)
+ANNOUNCE_TTL_S = 30
+ANNOUNCE_EVERY_S = 10.0
+
+
+def cuda_queue(settings: Settings) -> str:
+    return f"{settings.queue_name}.cuda"
+
+
+def job_queues(settings: Settings) -> list[str]:
+    return [settings.queue_name, cuda_queue(settings)]
+
+
+def worker_device(settings: Settings) -> str:
+    if settings.worker_device != "auto":
+        return settings.worker_device
+    # Looked up without touching CUDA: the worker's parent process forks the pool and must not hold a context.
+    return "cuda" if Path("/dev/nvidia0").exists() or any(Path("/proc/driver/nvidia/gpus").glob("*")) else "cpu"
+
+
+def consumed_queues(settings: Settings) -> list[str]:
+    return job_queues(settings)[::-1] if worker_device(settings) == "cuda" else [settings.queue_name]
+
+
+def _announce_key(settings: Settings, device: str, hostname: str) -> str:
+    return f"modelshrink:{settings.queue_name}:workers:{device}:{hostname}"
+
+
+def announce(settings: Settings, hostname: str, stop: threading.Event) -> threading.Thread:
+    """Keep this worker's key alive until `stop` is set (a daemon thread in the worker's parent)."""
+    device = worker_device(settings)
+    key = _announce_key(settings, device, hostname)
+
+    def loop() -> None:
+        while True:
+            try:
+                redis_client(settings).set(key, "1", ex=ANNOUNCE_TTL_S)
+            except Exception:  # the broker blinked; the next beat announces again
+                log.warning("could not announce worker %s", hostname, exc_info=True)
+            if stop.wait(ANNOUNCE_EVERY_S):
+                break
+        try:
+            redis_client(settings).delete(key)
+        except Exception:  # noqa: BLE001 - the key expires on its own
+            pass
+
+    thread = threading.Thread(target=loop, daemon=True, name="announce")
+    thread.start()
+    return thread
+
+
+def workers_by_device(settings: Settings) -> dict[str, int]:
+    counts: dict[str, int] = {"cpu": 0, "cuda": 0}
+    for key in redis_client(settings).scan_iter(match=f"modelshrink:{settings.queue_name}:workers:*", count=500):
+        device = key.decode().split(":")[3]
+        counts[device] = counts.get(device, 0) + 1
+    return counts
+
+
+def job_workers_on_this_machine(settings: Settings) -> int:
+    """Job workers announced from this machine (Celery node names end with @<host>)."""
+    host = socket.gethostname()
+    count = 0
+    for key in redis_client(settings).scan_iter(match=f"modelshrink:{settings.queue_name}:workers:*", count=500):
+        if key.decode().rsplit("@", 1)[-1] == host:
+            count += 1
+    return count
+
+
+def job_threads(settings: Settings) -> int:
+    """CPU threads a job may use: MODELSHRINK_JOB_THREADS, else this machine's cores shared evenly by
+    the job workers running on it."""
+    if settings.job_threads:
+        return settings.job_threads
+    try:
+        workers = job_workers_on_this_machine(settings)
+    except Exception:  # noqa: BLE001 - the broker blinked: assume this worker is alone
+        workers = 1
+    return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+
+def trains(steps: list[dict[str, Any]], has_dataset: bool) -> bool:
+    return any(step_adapter.validate_python(step).trains(has_dataset) for step in steps)
+
+
+def queue_for(settings: Settings, job: Job) -> str:
+    if trains(job.steps, job.dataset_id is not None) and workers_by_device(settings)["cuda"] > 0:
+        return cuda_queue(settings)
+    return settings.queue_name
+
+
+def enqueue_routed(settings: Settings, job_id: str, countdown: float | None = None) -> str:
+    """Enqueue a job on the queue its steps call for; returns that queue."""
+    with session_scope(settings.resolved_database_url) as session:
+        job = session.get(Job, job_id)
+        queue = queue_for(settings, job) if job is not None else settings.queue_name
+    enqueue_job(settings, job_id, countdown=countdown, queue=queue)
+    return queue
