@@ -1,11 +1,12 @@
-# API image: FastAPI + Celery producer; never imports torch (it still installs the package's
-# dependencies, pinned to the CPU torch wheel to keep the image small).
+# API image: FastAPI, the Celery producer, the upload checks (onnx, ONNX Runtime). No torch: the
+# package is installed without its `worker` extra, and the API never imports it.
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml constraints.txt README.md ./
 COPY service ./service
 COPY workers ./workers
-RUN pip install --no-cache-dir --extra-index-url https://download.pytorch.org/whl/cpu -c constraints.txt . \
+COPY modelshrink ./modelshrink
+RUN pip install --no-cache-dir -c constraints.txt . \
  && useradd --create-home modelshrink
 USER modelshrink
 ENV MODELSHRINK_DATA_DIR=/data

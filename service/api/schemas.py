@@ -127,6 +127,12 @@ class ArtifactPublic(BaseModel):
     sha256: str
 
 
+class ArtifactUrl(BaseModel):
+    url: str = Field(description="GET it without the API key (it is signed); it serves the file as an attachment.")
+    expires_in_s: int
+    sha256: str = Field(description="Check the download against it.")
+
+
 class Tolerant(BaseModel):
     # Metrics are stored with the job: a field added later must not make older jobs unreadable.
     model_config = ConfigDict(extra="allow")

@@ -38,6 +38,7 @@ API_CODES: dict[str, str] = {
     "internal_error": "500: a fault of the service (never for something a client sent)",
     "method_not_allowed": "405: the path does not take this HTTP method",
     "http_error": "another HTTP error from the framework (the status says which)",
+    "presigned_unavailable": "a presigned download URL was asked of a service that keeps artifacts on disk",
 }
 
 # Job failures: job.error.code of a failed or cancelled job.

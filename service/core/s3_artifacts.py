@@ -31,13 +31,15 @@ def parse_url(url: str) -> tuple[str, str]:
 
 
 class S3ArtifactStore(ArtifactStore):
-    def __init__(self, url: str, cache_root: Path, endpoint_url: str | None = None, client: Any = None) -> None:
+    def __init__(self, url: str, cache_root: Path, endpoint_url: str | None = None, client: Any = None, public_endpoint_url: str | None = None) -> None:
         super().__init__(cache_root)
         import boto3
         from boto3.s3.transfer import TransferConfig
 
         self.bucket, self.prefix = parse_url(url)
         self.client = client or boto3.client("s3", endpoint_url=endpoint_url)
+        # Presigned URLs carry the host they were signed for: the one clients reach, if it differs.
+        self.signer = boto3.client("s3", endpoint_url=public_endpoint_url) if public_endpoint_url else self.client
         self.transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
 
     def object_key(self, key: str) -> str:
@@ -61,6 +63,10 @@ class S3ArtifactStore(ArtifactStore):
                 Path(tmp).unlink(missing_ok=True)
                 raise
         return local
+
+    def presigned_url(self, key: str, filename: str, expires_s: int) -> str:
+        params = {"Bucket": self.bucket, "Key": self.object_key(key), "ResponseContentDisposition": f'attachment; filename="{filename}"'}
+        return str(self.signer.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s))
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

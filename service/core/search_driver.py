@@ -132,19 +132,33 @@ def decide(search: Search, jobs: list[Job], settings: Settings) -> Decision:
     if time_left <= 0:
         budget = f"budget of {search.request['budget_minutes']} minutes reached"
         return Decision(_finish(search, jobs, None, budget + (f"; {len(active)} unfinished candidates cancelled" if active else "")), cancel=active)
+    new = _promotions(search, jobs, plan, bool(active), time_left, settings)
+    if new:
+        planned = max(planned, len(jobs) + len(new))
+        return Decision({"rung": LAST_RUNG, "progress": _progress(search, jobs + new, LAST_RUNG, planned), "result": {"planned": planned}}, new_jobs=new)
     if active:
         return Decision({"progress": _progress(search, jobs, search.rung, planned)})
-    if search.rung < LAST_RUNG:
-        trainable = {r.name for r in plan if r.trainable}
-        room = math.ceil(sum(1 for j in jobs if (j.options or {}).get("search", {}).get("recipe") in trainable) / 2)
-        promoted = promote(points_of(search, jobs), trainable, search.request["objective"], room)
-        if promoted and time_left >= MIN_RUNG_SECONDS:
-            by_name = {r.name: r for r in plan}
-            new = [_candidate(search, by_name[p.recipe], search.rung + 1, time_left, settings) for p in promoted]
-            planned = len(jobs) + len(new)
-            return Decision({"rung": search.rung + 1, "progress": _progress(search, jobs + new, search.rung + 1, planned), "result": {"planned": planned}},
-                            new_jobs=new)
     return Decision(_finish(search, jobs, None, f"all {len(jobs)} candidates finished"))
+
+
+def _promotions(search: Search, jobs: list[Job], plan: list[Recipe], running: bool, time_left: float, settings: Settings) -> list[Job]:
+    """Asynchronous successive halving: a first-rung candidate is promoted as soon as it qualifies
+    (service.core.search_select.promote), not when its whole rung has ended, so workers never idle
+    behind the slowest candidate. While the first rung still runs, only against a feasible incumbent:
+    without one, a later candidate may still show the miss is hopeless."""
+    if time_left < MIN_RUNG_SECONDS:
+        return []
+    trainable = {r.name for r in plan if r.trainable}
+    info = [(j.options or {}).get("search", {}) for j in jobs]
+    first_rung = sum(1 for i in info if i.get("rung", 0) == 0 and i.get("recipe") in trainable)
+    promoted = {i.get("recipe") for i in info if i.get("rung", 0) > 0}
+    room = math.ceil(first_rung / 2) - len(promoted)
+    points = points_of(search, jobs)
+    if room <= 0 or (running and best(points, search.request["objective"]) is None):
+        return []
+    chosen = promote(points, trainable - promoted, search.request["objective"], room)
+    by_name = {r.name: r for r in plan}
+    return [_candidate(search, by_name[p.recipe], LAST_RUNG, time_left, settings) for p in chosen]
 
 
 def advance(settings: Settings, search_id: str) -> str | None:

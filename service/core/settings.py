@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     artifact_dir: Path | None = Field(None, description="Artifact store root (a shared filesystem when scaling out); default <data_dir>/artifacts. With artifact_url: this process's local cache")
     artifact_url: str | None = Field(None, description="s3://bucket/prefix: artifacts in S3-compatible object storage, so workers and API replicas need no shared disk")
     s3_endpoint_url: str | None = Field(None, description="The S3 endpoint for a non-AWS store (MinIO, Ceph radosgw), e.g. http://minio:9000")
+    s3_public_endpoint_url: str | None = Field(None, description="The endpoint clients reach, for presigned download URLs, when it differs from s3_endpoint_url")
+    presigned_url_ttl_s: int = Field(900, ge=1, le=7 * 24 * 3600, description="How long a presigned download URL stays valid")
 
     max_upload_bytes: int = 2 * 1024**3
     # JSON bodies (job specs): uploads have their own limit above.

@@ -109,6 +109,8 @@ def test_int8_job_end_to_end(backend: Settings, start_worker) -> None:
         assert download.status_code == 200
         assert hashlib.sha256(download.content).hexdigest() == artifacts["model.onnx"]["sha256"]
         assert len(download.content) == compressed["size_bytes"]
+        no_url = client.get(f"/v1/jobs/{job_id}/artifacts/model.onnx/url")  # files on disk: no presigned URL
+        assert no_url.status_code == 409 and no_url.json()["error"]["code"] == "presigned_unavailable"
         onnx.checker.check_model(onnx.load_model_from_string(download.content))
         session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
         assert session.run(None, {"x": np.zeros((3, 32), np.float32)})[0].shape == (3, 4)

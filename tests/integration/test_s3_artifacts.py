@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import httpx
 import pytest
 
 from service.core.settings import Settings
@@ -67,6 +68,13 @@ def test_jobs_run_with_artifacts_only_in_object_storage(tmp_path: Path, s3_endpo
         assert not (tmp_path / "api-cache" / "jobs").exists()
         downloaded = client.get(f"/v1/jobs/{job_id}/artifacts/model.onnx").content
         assert hashlib.sha256(downloaded).hexdigest() == artifact["sha256"]
+        # Or straight from the bucket, by a presigned URL, without the API key.
+        signed = client.get(f"/v1/jobs/{job_id}/artifacts/model.onnx/url").json()
+        assert signed["sha256"] == artifact["sha256"] and signed["expires_in_s"] == 900
+        direct = httpx.get(signed["url"])
+        assert direct.status_code == 200 and hashlib.sha256(direct.content).hexdigest() == artifact["sha256"]
+        assert 'filename="model.onnx"' in direct.headers["content-disposition"]
+        assert client.get(f"/v1/jobs/{job_id}/artifacts/nope.onnx/url").status_code == 404
         assert list((tmp_path / "worker-cache").rglob("*.npz")), "the worker fetched the dataset from the bucket"
         # Deleting the dataset deletes its objects from the bucket too.
         assert client.delete(f"/v1/datasets/{dataset_id}").status_code == 204

@@ -124,7 +124,7 @@ def test_driver_plans_the_first_rung_then_promotes_then_finishes(tmp_path: Path)
     search, settings = _search(tmp_path)
     first = decide(search, [], settings)
     assert [j.options["search"]["recipe"] for j in first.new_jobs] == ["quantize-auto", "distill-w25-quantize"]
-    assert all(j.search_id == "srch_t" and j.options["limits"]["time_limit_s"] <= 30 * 60 for j in first.new_jobs)
+    assert all(j.search_id == "srch_t" and j.options["limits"]["time_limit_s"] <= 30 * 60 + 1 for j in first.new_jobs)
     assert first.new_jobs[1].steps[0]["epochs"] == 2  # a third of 6
     assert decide(search, first.new_jobs, settings).values.keys() == {"progress"}  # nothing ended yet
     quantized, distilled = first.new_jobs
@@ -138,6 +138,21 @@ def test_driver_plans_the_first_rung_then_promotes_then_finishes(tmp_path: Path)
     search.rung = 1
     done = decide(search, first.new_jobs + [_finished(second.new_jobs[0], "succeeded", metrics(12.0, 2.5, accuracy=0.978))], settings)
     assert done.values["status"] == "succeeded" and done.values["result"]["best"] == second.new_jobs[0].id
+
+
+def test_a_qualifying_candidate_is_promoted_while_its_rung_still_runs(tmp_path: Path) -> None:
+    search, settings = _search(tmp_path, methods=["quantize", "distill", "low_rank"])
+    quantized, distilled, factorised = decide(search, [], settings).new_jobs
+    search.result = {"planned": 5}
+    _finished(distilled, "succeeded", metrics(12.0, 2.5, accuracy=0.97))  # misses, 12x
+    # No feasible candidate yet: a later one may show the miss is hopeless, so nothing is promoted.
+    assert decide(search, [quantized, distilled, factorised], settings).new_jobs == []
+    _finished(quantized, "succeeded", metrics(4.0, 2.0, accuracy=0.979))  # feasible incumbent, 4x
+    early = decide(search, [quantized, distilled, factorised], settings)  # low_rank still runs
+    assert [j.options["search"]["recipe"] for j in early.new_jobs] == ["distill-w25-quantize"] and early.values["rung"] == 1
+    # Promoted once only; the room (half of two trainable recipes) is used up.
+    _finished(factorised, "succeeded", metrics(8.0, 1.5, accuracy=0.96))
+    assert decide(search, [quantized, distilled, factorised, *early.new_jobs], settings).new_jobs == []
 
 
 def test_driver_ends_at_the_deadline_and_on_cancel_cancelling_the_rest(tmp_path: Path) -> None:

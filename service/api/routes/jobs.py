@@ -17,7 +17,7 @@ from service.api.follow import follow
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
-from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, JobCreate, JobPublic, JobsPublic, JobStatus
+from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, ArtifactUrl, JobCreate, JobPublic, JobsPublic, JobStatus
 from service.core import report_html
 from service.core.datasets import check_against_model, check_labels_fit
 from service.core.db import session_scope
@@ -210,6 +210,20 @@ def job_report_html(job_id: str, session: SessionDep, tenant: CurrentTenant) -> 
     """The job's report as one self-contained page (inline SVG): before/after bars, warnings, per-layer
     bars, training curves, quantize's candidates; for a running or failed job, what is known so far."""
     return HTMLResponse(report_html.render(job_public(owned_job(session, tenant.id, job_id))))
+
+
+@router.get("/{job_id}/artifacts/{name}/url", response_model=ArtifactUrl, responses={**ITEM_RESPONSES, 409: {"model": ErrorResponse}})
+def artifact_url(job_id: str, name: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep, settings: SettingsDep) -> dict:
+    """A presigned URL that downloads the artifact straight from the object store (large models need
+    not pass through the API). Only with S3-compatible artifact storage: 409 `presigned_unavailable` otherwise."""
+    job = owned_job(session, tenant.id, job_id)
+    artifact = next((a for a in job.artifacts or [] if a["name"] == name), None)
+    if artifact is None:
+        raise NotFound(f"job {job_id} has no artifact '{name}'" + ("" if job.status == "succeeded" else f" (status: {job.status})"))
+    url = store.presigned_url(f"jobs/{tenant.id}/{job_id}/{name}", name, settings.presigned_url_ttl_s)
+    if url is None:
+        raise Conflict("this service stores artifacts on disk, not in object storage: download through GET .../artifacts/{name}", code="presigned_unavailable")
+    return {"url": url, "expires_in_s": settings.presigned_url_ttl_s, "sha256": artifact["sha256"]}
 
 
 @router.get(
