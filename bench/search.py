@@ -31,9 +31,10 @@ def _candidates(search: Any) -> list[list[Any]]:
     rows = []
     for c in search.candidates:
         m = c.metrics
+        drop = None if m is None or m.accuracy_drop is None else round(100 * m.accuracy_drop, 2)
+        fidelity = None if m is None or m.fidelity is None else round(m.fidelity, 4)
         rows.append([c.recipe, c.rung + 1, c.status + (f" ({c.error.code})" if c.error else ""), m and round(m.compression_ratio, 2), m and round(m.speedup, 2),
-                     m and m.accuracy_drop is not None and round(100 * m.accuracy_drop, 2), m and m.fidelity is not None and round(m.fidelity, 4),
-                     m and m.meets_constraint, c.job_id in search.pareto, c.job_id == search.best])
+                     drop, fidelity, m and m.meets_constraint, c.job_id in search.pareto, c.job_id == search.best])
     return rows
 
 
