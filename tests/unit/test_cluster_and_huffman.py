@@ -133,3 +133,42 @@ def test_binary_stores_one_bit_per_weight(tmp_path: Path) -> None:
     assert sum(int(np.prod(i.dims)) for i in packed) * 8 >= 256 * 256 + 256 * 256 + 256 * 4
     assert sum(int(np.prod(i.dims)) for i in packed) <= (256 * 256 * 2 + 256 * 4) // 8 + 3
     assert result.report["quality"]["after"] is not None
+
+
+def test_grouped_codebooks_follow_rows_of_different_scales_and_decode_exactly(tmp_path: Path) -> None:
+    from workers.clustering import storage
+    from workers.methods.cluster import _cluster_layer
+
+    rng = np.random.default_rng(0)
+    weight = (rng.standard_normal((64, 48)) * np.geomspace(0.01, 10, 64)[:, None]).astype(np.float32)  # rows 1000x apart in scale
+    whole, grouped = _cluster_layer(weight, 4, "linear", 0), _cluster_layer(weight, 4, "linear", 0, group_size=8)
+    assert not whole.grouped and grouped.grouped and len(grouped.codebook) == 8 * 16
+    # Mean relative error per row: one codebook for all rows spends its centroids on the large ones.
+    error = {name: float((np.linalg.norm(c.codebook[c.labels] - weight, axis=1) / np.linalg.norm(weight, axis=1)).mean())
+             for name, c in (("whole", whole), ("grouped", grouped))}
+    assert error["grouped"] < error["whole"] / 5, error
+    # In a graph (and transposed, as exporters store MatMul weights): ONNX Runtime rebuilds codebook[labels] exactly.
+    for c in (grouped, storage.Clustered(grouped.codebook, grouped.labels.T.copy(), 4, False)):
+        shape = list(c.labels.shape)
+        dense = onnx.numpy_helper.from_array(np.zeros(shape, np.float32), "w")
+        graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                                       [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, shape)], initializer=[dense])
+        plain = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+        model = storage.replace_initializers(plain, {"w": storage.encode("w", c, prefix="g")})
+        model.ir_version = 8
+        import onnxruntime as ort
+
+        (out,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+        assert np.array_equal(out, c.codebook[c.labels])
+        assert storage.stored_bytes(c) < c.labels.size  # still about half a byte per weight
+
+
+def test_cluster_step_with_groups_runs_and_fine_tunes(tmp_path: Path) -> None:
+    model = mlp(in_features=64, hidden=128)
+    data = data_for(model)
+    result = cluster.apply(model, ClusterStep(bits=4, group_size=16, finetune_epochs=1), data, StepContext(work_dir=tmp_path))
+    onnx.checker.check_model(result.model, full_check=True)
+    grouped = [r for r in result.report["layers"] if r["centroids"] > 16]
+    assert grouped, result.report["layers"]
+    x = data.inputs["x"][:4]
+    assert reference_outputs(result.model, x).shape == reference_outputs(model, x).shape

@@ -19,10 +19,30 @@ from workers.sparse_pack import encode_gaps, scatter_nodes
 
 @dataclass
 class Clustered:
-    codebook: np.ndarray  # float32[k]; for a sparse layer codebook[0] == 0 stands for pruned weights
+    # float32[k], or [groups * k] when groups of rows have codebooks of their own (labels then index the
+    # whole array: group g's centroids are codebook[g*k:(g+1)*k]); for a sparse layer codebook[0] == 0
+    # stands for pruned weights.
+    codebook: np.ndarray
     labels: np.ndarray  # int, same shape as the weight
     bits: int
     sparse: bool
+
+    @property
+    def grouped(self) -> bool:
+        return not self.sparse and len(self.codebook) > 2**self.bits
+
+
+def group_offsets(c: Clustered) -> np.ndarray:
+    """Per row ([R, 1]) or per column ([1, C]) of the 2-D labels: the first label of its group's codebook
+    (columns when the exporter stored the weight transposed)."""
+    k = 2**c.bits
+    labels = c.labels.reshape(c.labels.shape[0], -1)
+    offsets = labels // k * k
+    if (offsets == offsets[:, :1]).all():
+        return offsets[:, :1].astype(np.int32)
+    if (offsets == offsets[:1, :]).all():
+        return offsets[:1, :].astype(np.int32)
+    raise ValueError("a grouped codebook's groups must follow rows or columns")
 
 
 def pack_nibbles(indices: np.ndarray) -> np.ndarray:
@@ -73,7 +93,7 @@ def _indices_nodes(prefix: str, stored: np.ndarray, n: int, packed: bool) -> tup
 def stored_bytes(c: Clustered) -> int:
     n = c.labels.size
     if not c.sparse:
-        return (n + 1) // 2 if c.bits <= 4 else n
+        return ((n + 1) // 2 if c.bits <= 4 else n) + (4 * group_offsets(c).size if c.grouped else 0)
     _, gaps = encode_gaps(c.labels.ravel())
     m = len(gaps)
     return m + ((m + 1) // 2 if c.bits <= 4 else m)
@@ -87,6 +107,22 @@ def encode(name: str, c: Clustered, prefix: str | None = None) -> tuple[list, li
     n = c.labels.size
     packed = c.bits <= 4
     inits = [_const(f"{name}c", c.codebook.astype(np.float32)), _const(f"{name}h", shape)]
+    if c.grouped:
+        # Local indices (bits each, as an ungrouped layer stores them) plus each group's offset into
+        # the concatenated codebooks, added per row (or column) by broadcasting.
+        offsets = group_offsets(c)
+        local = c.labels.reshape(c.labels.shape[0], -1) - offsets
+        stored = pack_nibbles(local) if packed else local.astype(np.uint8).ravel()
+        nodes, more, idx = _indices_nodes(name, stored, n, packed)
+        inits += [_const(f"{name}o", offsets), _const(f"{name}r", np.array(local.shape, np.int64))]
+        nodes += [
+            helper.make_node("Reshape", [idx, f"{name}r"], [f"{name}l"]),
+            helper.make_node("Add", [f"{name}l", f"{name}o"], [f"{name}a"]),
+            helper.make_node("Reshape", [f"{name}a", FLAT], [f"{name}f"]),
+            helper.make_node("Gather", [f"{name}c", f"{name}f"], [f"{name}d"], axis=0),
+            helper.make_node("Reshape", [f"{name}d", f"{name}h"], [out_name]),
+        ]
+        return nodes, inits + more
     if not c.sparse:
         stored = pack_nibbles(c.labels) if packed else c.labels.astype(np.uint8).ravel()
         nodes, more, idx = _indices_nodes(name, stored, n, packed)

@@ -49,7 +49,7 @@ class SharedWeight(nn.Module):
             self.codebook[0] = 0.0
 
 
-def _cluster_layer(weight: np.ndarray, bits: int, init: str, seed: int) -> storage.Clustered:
+def _cluster_layer(weight: np.ndarray, bits: int, init: str, seed: int, group_size: int | None = None) -> storage.Clustered:
     flat = weight.ravel()
     zeros = flat == 0
     if zeros.mean() > SPARSE_LAYER:
@@ -58,8 +58,26 @@ def _cluster_layer(weight: np.ndarray, bits: int, init: str, seed: int) -> stora
         labels[~zeros] = labels_nz + 1
         codebook = np.concatenate([[0.0], centroids]).astype(np.float32)
         return storage.Clustered(codebook, labels.reshape(weight.shape), bits, sparse=True)
+    if group_size and weight.ndim >= 2 and weight.shape[0] > group_size:
+        return _cluster_groups(weight, bits, init, seed, group_size)
     codebook, labels = kmeans_1d(flat, 2**bits, init, seed=seed)
     return storage.Clustered(codebook, labels.reshape(weight.shape), bits, sparse=False)
+
+
+def _cluster_groups(weight: np.ndarray, bits: int, init: str, seed: int, group_size: int) -> storage.Clustered:
+    """A codebook per `group_size` consecutive rows (output channels), concatenated: labels index the
+    whole array, so training (SharedWeight) and decoding treat it as one codebook."""
+    k = 2**bits
+    rows = weight.reshape(weight.shape[0], -1)
+    labels = np.empty(rows.shape, np.int64)
+    codebooks = []
+    for group, start in enumerate(range(0, rows.shape[0], group_size)):
+        block = rows[start:start + group_size]
+        centroids, local = kmeans_1d(block.ravel(), k, init, seed=seed + group)
+        # A group with fewer distinct values than k gets fewer centroids: pad so offsets stay group * k.
+        codebooks.append(np.pad(centroids, (0, k - len(centroids)), mode="edge"))
+        labels[start:start + group_size] = local.reshape(block.shape) + group * k
+    return storage.Clustered(np.concatenate(codebooks).astype(np.float32), labels.reshape(weight.shape), bits, sparse=False)
 
 
 def _cluster_embeddings(model: onnx.ModelProto, replacements: dict, spec: ClusterStep) -> list[dict[str, Any]]:
@@ -73,7 +91,7 @@ def _cluster_embeddings(model: onnx.ModelProto, replacements: dict, spec: Cluste
         if weight.size < spec.min_elements or init.name in spec.skip_layers:
             continue
         bits = spec.layer_bits.get(init.name, spec.bits)
-        c = _cluster_layer(weight, bits, spec.init, spec.training.seed + 1000 + index)
+        c = _cluster_layer(weight, bits, spec.init, spec.training.seed + 1000 + index, spec.group_size)
         replacements[init.name] = storage.encode(init.name, c, prefix=f"em{index}")
         rows.append({"layer": init.name, "embedding": True, "shape": list(weight.shape), "bits": bits, "centroids": len(c.codebook),
                      "sparse": c.sparse, "stored_bytes": storage.stored_bytes(c) + 4 * len(c.codebook), "dense_bytes": weight.size * 4})
@@ -90,7 +108,7 @@ def _cluster_initializers(model: onnx.ModelProto, spec: ClusterStep, refusal: Co
         weight = onnx.numpy_helper.to_array(inits[name])
         if weight.size < spec.min_elements or name in spec.skip_layers:
             continue
-        c = _cluster_layer(weight, spec.layer_bits.get(name, spec.bits), spec.init, spec.training.seed + index)
+        c = _cluster_layer(weight, spec.layer_bits.get(name, spec.bits), spec.init, spec.training.seed + index, spec.group_size)
         replacements[name] = storage.encode(name, c, prefix=f"cl{index}")
         rows.append({"layer": name, "shape": list(weight.shape), "bits": c.bits, "centroids": len(c.codebook), "sparse": c.sparse,
                      "stored_bytes": storage.stored_bytes(c) + 4 * len(c.codebook), "dense_bytes": weight.size * 4})
@@ -127,7 +145,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
 
     shared: dict[str, SharedWeight] = {}
     for i, (layer_name, layer) in enumerate(chosen.items()):
-        clustered = _cluster_layer(layer.weight.detach().numpy(), spec.layer_bits.get(layer_name, spec.bits), spec.init, spec.training.seed + i)
+        clustered = _cluster_layer(layer.weight.detach().numpy(), spec.layer_bits.get(layer_name, spec.bits), spec.init, spec.training.seed + i, spec.group_size)
         shared[layer_name] = SharedWeight(clustered.codebook, clustered.labels, clustered.sparse)
         parametrize.register_parametrization(layer, "weight", shared[layer_name], unsafe=True)
         layer.parametrizations.weight.original.requires_grad_(False)

@@ -29,6 +29,11 @@ class ClusterStep(MethodSpec):
     layer_bits: dict[str, int] = Field(default_factory=dict, description="Per-layer overrides of `bits`, by layer name.")
     skip_layers: NameList = Field(default_factory=list, max_length=4096)
     min_elements: int = Field(256, ge=1, le=2**31, description="Smaller weight tensors stay float32.")
+    group_size: int | None = Field(
+        None, ge=1, le=2**20,
+        description="Output channels (rows) sharing one codebook; default: one codebook per layer. Transformer weights, whose rows differ "
+        "in scale, keep far more fidelity with groups (e.g. 32) at a few bytes per row. Pruned layers keep one codebook.",
+    )
     embeddings: bool = Field(
         True, description="Also cluster embedding tables (a Gather's weight): often most of a language model's size. They are clustered as they are, not fine-tuned.",
     )
