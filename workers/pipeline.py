@@ -138,7 +138,8 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
         raise CompressionFailed("the compressed model is too large for a single-file ONNX artifact") from exc
     progress(STEPS_SHARE, "validate", "checking the compressed model with onnx.checker and ONNX Runtime", True)
     try:
-        probe_onnx(compressed_path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes)
+        # Scaled to the original's size: a compressed model rebuilds weights about that large at load.
+        probe_onnx(compressed_path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes, decoded_bytes=original_path.stat().st_size)
     except InvalidInput as exc:
         raise CompressionFailed(f"the compressed model failed validation: {exc.message}", code="invalid_output") from exc
 

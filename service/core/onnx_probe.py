@@ -30,14 +30,16 @@ PROBE_BASE_BYTES = 512 * 1024**2
 PROBE_BYTES_PER_MODEL_BYTE = 8
 
 
-def probe_memory_for(path: Path, cap: int) -> int:
-    return min(cap, PROBE_BASE_BYTES + PROBE_BYTES_PER_MODEL_BYTE * path.stat().st_size)
+def probe_memory_for(path: Path, cap: int, size_bytes: int | None = None) -> int:
+    return min(cap, PROBE_BASE_BYTES + PROBE_BYTES_PER_MODEL_BYTE * max(path.stat().st_size, size_bytes or 0))
 
 
-def probe_onnx(path: Path, *, timeout_s: float, memory_bytes: int, run: bool = True) -> dict[str, Any]:
+def probe_onnx(path: Path, *, timeout_s: float, memory_bytes: int, run: bool = True, decoded_bytes: int | None = None) -> dict[str, Any]:
     """Describe a valid model, or raise InvalidInput saying what is wrong with it. `memory_bytes` caps
-    the child's address space, which is scaled to the model's size below that cap."""
-    memory_bytes = probe_memory_for(path, memory_bytes)
+    the child's address space, which is scaled to the model's size below that cap; `decoded_bytes`
+    scales it to what a compressed model unfolds into when loaded (codebooks, packed indices and sparse
+    gaps become dense weights: a 6 MB clustered MiniLM decodes to 90 MB)."""
+    memory_bytes = probe_memory_for(path, memory_bytes, decoded_bytes)
 
     def limit() -> None:  # runs in the child before exec
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))

@@ -155,3 +155,36 @@ def test_a_labelled_dataset_fine_tunes_by_default_and_never_ends_worse_than_no_f
     assert log["kept_epoch"] == 0 and hurt.report["final"] == log["scores_by_epoch"][0]
     without = run(model, StepData(), tmp_path / "c", kind="unstructured", amount=0.7)
     assert without.report["finetune_epochs"] == 0
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def test_wanda_keeps_small_weights_on_loud_features_and_prunes_each_row_alike(tmp_path: Path) -> None:
+    # Input features 100x apart in scale: magnitude pruning drops the small weights that multiply the
+    # loud ones; Wanda (|w| x feature norm, per row) keeps them and stays closer to the original.
+    model = mlp(in_features=32, hidden=64, classes=8)
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((256, 32)) * np.geomspace(0.05, 5, 32)).astype(np.float32)
+    data = StepData(inputs={"x": x}, labels=reference_outputs(model, x).argmax(-1))
+    out = {}
+    for importance in ("l1", "wanda"):
+        step = PruneStep(kind="unstructured", amount=0.6, importance=importance, finetune_epochs=0, scope="layer")
+        result = prune.apply(model, step, data, StepContext(work_dir=tmp_path / importance))
+        out[importance] = (result, reference_outputs(result.model, x))
+    reference = reference_outputs(model, x)
+    assert _cosine(out["wanda"][1], reference) > _cosine(out["l1"][1], reference)
+    first = next(w for w in weights_of(fold(out["wanda"][0].model)) if w.shape in ((32, 64), (64, 32)))
+    rows = first.T if first.shape == (32, 64) else first  # torch's [out, in]
+    assert np.allclose((rows == 0).mean(1), 0.6, atol=1 / 32)  # every output row pruned by the same share
+
+
+def weights_of(model: onnx.ModelProto) -> list[np.ndarray]:
+    return [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
+
+
+def test_wanda_needs_unstructured_pruning_and_data() -> None:
+    with pytest.raises(ValueError, match="wanda"):
+        PruneStep(kind="structured", importance="wanda")
+    assert PruneStep(importance="wanda").needs_dataset()

@@ -30,6 +30,7 @@ STEPS = {
     "int8": {"method": "quantize", "mode": "int8_dynamic"},
     "prune-unstructured": {"method": "prune", "kind": "unstructured", "amount": 0.5, "finetune_epochs": 1},
     "cluster-4bit": {"method": "cluster", "bits": 4},
+    "cluster-4bit-grouped": {"method": "cluster", "bits": 4, "group_size": 8, "finetune_epochs": 1},
     "deep-compression": {"method": "deep_compression"},
     "prune-structured": {"method": "prune", "kind": "structured", "amount": 0.3},
     "distill-width": {"method": "distill", "student": {"kind": "width", "width": 0.5}, "epochs": 1},

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from torch import nn
 
 from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
@@ -28,6 +29,7 @@ from workers.trainable.training import FINETUNE_LR, finetune_epochs, predict, tr
 name = "prune"
 SPEC = PruneStep
 TAYLOR_BATCHES = 8
+WANDA_BATCHES = 16  # calibration batches for the input-feature norms
 
 
 class _Run(TrainableRun):
@@ -61,6 +63,33 @@ class _Run(TrainableRun):
                        keep_best=self.quality, outcome=outcome)
         self.finetune_log.append(outcome)
         return losses
+
+    @torch.no_grad()
+    def input_norms(self, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """Per layer, the L2 norm of each input feature (channel) over the data (Wanda's activation term)."""
+        sums: dict[str, torch.Tensor] = {}
+
+        def hook(name: str):
+            def record(_module: nn.Module, args: tuple, _output: Any) -> None:
+                x = args[0].detach().float()
+                # Linear: features on the last axis; Conv: channels on axis 1.
+                flat = x.reshape(-1, x.shape[-1]) if isinstance(_module, nn.Linear) else x.transpose(0, 1).reshape(x.shape[1], -1).T
+                sums[name] = sums.get(name, 0) + (flat ** 2).sum(0)
+            return record
+
+        handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+        try:
+            self.module.eval()
+            n = len(self.inputs[0])
+            batch = self.fixed_batch or self.config.batch_size
+            for i, start in enumerate(range(0, n, batch)):
+                if i == WANDA_BATCHES:
+                    break
+                self.module(*(t[start:start + batch] for t in self.inputs))
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {name: total.sqrt() for name, total in sums.items()}
 
     def taylor_gradients(self) -> None:
         """Accumulate dLoss/dw over a few batches (for Taylor importance)."""
@@ -130,11 +159,14 @@ def _unstructured(run: _Run) -> dict[str, Any]:
     state: dict[str, Any] = {"masks": None, "thresholds": {}}
 
     def prune_round(r: int) -> dict[str, Any]:
-        grads = None
+        grads = norms = None
         if spec.importance == "taylor":
             run.taylor_gradients()
             grads = {n: layer.weight.grad.detach().clone() for n, layer in layers.items()}
-        masks, thresholds = unstructured.masks_for(layers, unstructured.scores(layers, spec.importance, grads), spec, (r + 1) / spec.iterations, state["masks"])
+        if spec.importance == "wanda":
+            norms = run.input_norms(layers)
+        scores = unstructured.scores(layers, spec.importance, grads, norms)
+        masks, thresholds = unstructured.masks_for(layers, scores, spec, (r + 1) / spec.iterations, state["masks"], per_row=spec.importance == "wanda")
         unstructured.apply_masks(layers, masks)
         state["masks"], state["thresholds"] = masks, thresholds
         return {"sparsity": unstructured.sparsity(layers)}
@@ -241,7 +273,7 @@ def _prune_initializers(model: onnx.ModelProto, spec: PruneStep, refusal: Compre
 
 
 def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepContext) -> StepResult:
-    needs_data = (spec.finetune_epochs or 0) > 0 or spec.importance in ("apoz", "taylor") or spec.max_accuracy_drop is not None
+    needs_data = spec.needs_dataset()
     if needs_data and not data.available:
         raise CompressionFailed("this prune step fine-tunes or measures importance on data: submit the job with a dataset_id", code="dataset_required")
     ctx.progress(0.0, "converting the model to a trainable form")

@@ -8,12 +8,22 @@ from torch import nn
 from service.core.specs import PruneStep
 
 
-def scores(layers: dict[str, nn.Module], importance: str, grads: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    """Per-weight importance: |w| (l1 and l2 rank single weights identically) or |w * dL/dw| (taylor)."""
+def scores(layers: dict[str, nn.Module], importance: str, grads: dict[str, torch.Tensor] | None,
+           input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Per-weight importance: |w| (l1 and l2 rank single weights identically), |w * dL/dw| (taylor), or
+    |w| times the norm of the input feature it multiplies (wanda: a small weight on a loud feature matters)."""
     out = {}
     for name, layer in layers.items():
         w = layer.weight.detach()
-        out[name] = (w * grads[name]).abs() if importance == "taylor" and grads is not None else w.abs()
+        if importance == "taylor" and grads is not None:
+            out[name] = (w * grads[name]).abs()
+        elif importance == "wanda" and input_norms is not None and name in input_norms:
+            norm = input_norms[name].to(w.device)
+            # Linear [out, in] x norm[in]; Conv [out, in/groups, kh, kw]: the channel norm over each group's inputs.
+            shape = (1, -1) + (1,) * (w.dim() - 2)
+            out[name] = w.abs() * (norm.reshape(shape) if norm.numel() == w.shape[1] else norm.reshape(-1, w.shape[1]).mean(0).reshape(shape))
+        else:
+            out[name] = w.abs()
     return out
 
 
@@ -25,10 +35,12 @@ def _kth(values: torch.Tensor, fraction: float) -> float:
 
 
 def masks_for(
-    layers: dict[str, nn.Module], layer_scores: dict[str, torch.Tensor], spec: PruneStep, fraction_of_target: float, current: dict[str, torch.Tensor] | None
+    layers: dict[str, nn.Module], layer_scores: dict[str, torch.Tensor], spec: PruneStep, fraction_of_target: float, current: dict[str, torch.Tensor] | None,
+    per_row: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Masks that prune `fraction_of_target` of each layer's target amount (global threshold over the
-    layers without an override). Already-pruned weights stay pruned (scored below everything)."""
+    layers without an override; with `per_row`, the same fraction of every output row, Wanda's comparison
+    group). Already-pruned weights stay pruned (scored below everything)."""
 
     def target(amount: float) -> float:
         return 1.0 - (1.0 - amount) ** fraction_of_target  # geometric: each round removes a share of what is left
@@ -40,6 +52,15 @@ def masks_for(
             s[current[name] == 0] = -1.0
         masked_scores[name] = s
     masks, thresholds = {}, {}
+    if per_row:
+        for n, s in masked_scores.items():
+            rows = s.reshape(s.shape[0], -1)
+            k = int(round(target(spec.layer_amounts.get(n, spec.amount)) * rows.shape[1]))
+            mask = torch.ones_like(rows)
+            if k > 0:
+                mask.scatter_(1, rows.argsort(dim=1)[:, :k], 0.0)
+            masks[n] = mask.reshape(s.shape)  # no one threshold per layer: each row has its own
+        return masks, thresholds
     pooled = [n for n in layers if n not in spec.layer_amounts]
     if spec.scope == "global" and pooled:
         flat = torch.cat([masked_scores[n].flatten() for n in pooled])

@@ -34,8 +34,9 @@ class PruneStep(MethodSpec):
     kind: Literal["unstructured", "structured"] = "unstructured"
     amount: float = Field(0.5, gt=0, lt=1, description="Fraction of weights (unstructured) or channels/neurons (structured) to remove.")
     scope: Literal["global", "layer"] = Field("global", description="One threshold across layers, or the same fraction in every layer.")
-    importance: Literal["l1", "l2", "apoz", "taylor"] = Field(
-        "l1", description="l1/l2 weight magnitude; apoz: how often a neuron outputs zero on the data (structured only); taylor: |weight x gradient|."
+    importance: Literal["l1", "l2", "apoz", "taylor", "wanda"] = Field(
+        "l1", description="l1/l2 weight magnitude; apoz: how often a neuron outputs zero on the data (structured only); taylor: |weight x gradient|; "
+        "wanda: |weight| x the L2 norm of its input feature on the data, compared within each output row (Sun et al. 2023; unstructured only).",
     )
     layer_amounts: dict[str, float] = Field(default_factory=dict, description="Per-layer overrides of `amount`, by layer name (see the step report).")
     skip_layers: NameList = Field(default_factory=list, max_length=4096, description="Layers left untouched.")
@@ -59,6 +60,8 @@ class PruneStep(MethodSpec):
     def _consistent(self) -> "PruneStep":
         if self.importance == "apoz" and self.kind != "structured":
             raise ValueError("importance 'apoz' ranks neurons, so it needs kind 'structured'")
+        if self.importance == "wanda" and (self.kind != "unstructured" or self.lottery_ticket):
+            raise ValueError("importance 'wanda' ranks single weights within their row, so it needs kind 'unstructured' (and no lottery_ticket)")
         if self.lottery_ticket and (self.kind != "unstructured" or (self.finetune_epochs or 0) < 1):
             raise ValueError("lottery_ticket needs kind 'unstructured' and finetune_epochs >= 1 (the ticket is trained)")
         for name, amount in self.layer_amounts.items():
@@ -67,7 +70,7 @@ class PruneStep(MethodSpec):
         return self
 
     def needs_dataset(self) -> bool:
-        return (self.finetune_epochs or 0) > 0 or self.importance in ("apoz", "taylor") or self.max_accuracy_drop is not None
+        return (self.finetune_epochs or 0) > 0 or self.importance in ("apoz", "taylor", "wanda") or self.max_accuracy_drop is not None
 
     def trains(self, has_dataset: bool) -> bool:
         return (self.finetune_epochs if self.finetune_epochs is not None else (2 if has_dataset else 0)) > 0 and has_dataset
