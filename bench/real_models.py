@@ -37,7 +37,11 @@ METHODS = {
     "distill-low-rank": {"method": "distill", "student": {"kind": "low_rank", "energy": 0.9}, "epochs": 3},
     "cluster-4bit": {"method": "cluster", "bits": 4},
     "deep-compression": {"method": "deep_compression"},
+    # Variants made for transformers (not in the default matrix: `--methods prune-wanda,cluster-4bit-grouped`).
+    "prune-wanda": {"method": "prune", "kind": "unstructured", "amount": 0.5, "importance": "wanda", "scope": "layer"},
+    "cluster-4bit-grouped": {"method": "cluster", "bits": 4, "group_size": 32},
 }
+DEFAULT_METHODS = [m for m in METHODS if m not in ("prune-wanda", "cluster-4bit-grouped")]
 MEASURE = {"runs": 30, "warmup": 3, "batch_sizes": [1, 32], "max_eval_samples": 100}
 SEQ = 32
 
@@ -158,7 +162,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="minilm,resnet18,vit-tiny,gpt2")
     parser.add_argument("--exporters", default="torchscript,dynamo")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
