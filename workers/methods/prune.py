@@ -80,12 +80,8 @@ class _Run(TrainableRun):
         handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
         try:
             self.module.eval()
-            n = len(self.inputs[0])
-            batch = self.fixed_batch or self.config.batch_size
-            for i, start in enumerate(range(0, n, batch)):
-                if i == WANDA_BATCHES:
-                    break
-                self.module(*(t[start:start + batch] for t in self.inputs))
+            for rows in self._batches(WANDA_BATCHES):
+                self.module(*(t[rows] for t in self.inputs))
         finally:
             for handle in handles:
                 handle.remove()
@@ -97,15 +93,16 @@ class _Run(TrainableRun):
 
         self.module.zero_grad()
         self.module.train()
-        n = len(self.inputs[0])
-        batch = self.fixed_batch or self.config.batch_size
-        for i, start in enumerate(range(0, n, batch)):
-            if i == TAYLOR_BATCHES:
-                break
-            out = self.module(*(t[start:start + batch] for t in self.inputs))
-            target = torch.from_numpy(self.labels[start:start + batch]).long() if self.labels is not None else self.teacher[start:start + batch].argmax(1)
+        for rows in self._batches(TAYLOR_BATCHES):
+            out = self.module(*(t[rows] for t in self.inputs))
+            target = torch.from_numpy(self.labels[rows]).long() if self.labels is not None else self.teacher[rows].argmax(1)
             F.cross_entropy(out, target).backward()
         self.module.eval()
+
+    def _batches(self, limit: int) -> list[slice]:
+        """The first `limit` batches of the data, as row slices (the job's fixed batch size, if any)."""
+        batch = self.fixed_batch or self.config.batch_size
+        return [slice(start, start + batch) for start in range(0, len(self.inputs[0]), batch)][:limit]
 
     def exceeds_budget(self, value: float) -> bool:
         return self.spec.max_accuracy_drop is not None and self.baseline - value > self.spec.max_accuracy_drop + 1e-12
