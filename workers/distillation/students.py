@@ -12,6 +12,7 @@ from torch import nn
 from service.core.errors import InvalidInput
 from service.core.specs import StudentSpec
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, output_layer, weighted_layers
+from workers.distillation.transformer_depth import drop_blocks
 from workers.factorization.layers import factorise_linear
 from workers.trainable.from_onnx import OnnxGraphModule
 
@@ -48,9 +49,13 @@ def _shape_preserving(layer: nn.Module) -> bool:
 def by_depth(teacher: OnnxGraphModule, spec: StudentSpec) -> tuple[OnnxGraphModule, list[str]]:
     """Replace shape-preserving layers by identities (a residual block's branch then adds only its skip)."""
     if is_transformer(teacher):
-        # A square linear in a transformer is an attention projection, not a block: removing it breaks attention.
-        raise InvalidInput("depth students of transformers (whole blocks removed) are not supported yet; use a width "
-                           "(feed-forward) or low_rank student", code="invalid_student")
+        # A square linear in a transformer is an attention projection, not a block: whole blocks go instead.
+        if spec.drop_layers:
+            raise InvalidInput("a transformer's depth student drops whole blocks: give drop_count (every other block goes first), not drop_layers",
+                               code="invalid_student")
+        student = copy.deepcopy(teacher)
+        dropped, student.block_aliases = drop_blocks(student, spec.drop_count)
+        return student, dropped
     student = copy.deepcopy(teacher)
     names = {student.layer_names[k]: k for k in student.layers}
     droppable = [n for n, k in names.items() if _shape_preserving(student.layers[k]) and n != output_layer(student)]

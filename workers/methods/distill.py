@@ -14,6 +14,7 @@ from service.core.errors import CompressionFailed, InvalidInput
 from service.core.specs import DistillStep
 from workers.distillation import students
 from workers.distillation.trainer import Data, distill, output_kind
+from workers.distillation.transformer_depth import drop_in_graph
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.trainable.device import training_device
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
@@ -137,5 +138,8 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
     ctx.progress(0.97, "exporting the student to ONNX", milestone=True)
     # A narrowed or factorised copy of the teacher goes back into the user's graph; an uploaded
     # student or a depth student is exported.
-    result = trained_onnx(model, student, example, lambda: export(student, example, teacher.input_names, teacher.output_names, has_dynamic_batch(model)))
+    # A transformer depth student goes back into the user's graph with the same blocks dropped there.
+    aliases = getattr(student, "block_aliases", None)
+    target = drop_in_graph(model, aliases) if aliases else model
+    result = trained_onnx(target, student, example, lambda: export(student, example, teacher.input_names, teacher.output_names, has_dynamic_batch(model)))
     return StepResult(model=result, report=report)

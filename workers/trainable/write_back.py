@@ -36,7 +36,19 @@ def trained_onnx(original: onnx.ModelProto, module: OnnxGraphModule, example: tu
             return candidate
     except Exception:  # any failure of the fast path falls back to a full export
         log.warning("writing trained weights back into the graph failed; exporting instead", exc_info=True)
-    return export_as_new()
+    return _axis_names_of(original, export_as_new())
+
+
+def _axis_names_of(original: onnx.ModelProto, exported: onnx.ModelProto) -> onnx.ModelProto:
+    """A fresh export names its dynamic axes itself ("N"); the user's names ("batch") are kept."""
+    old = {v.name: v for v in list(original.graph.input) + list(original.graph.output)}
+    for value in list(exported.graph.input) + list(exported.graph.output):
+        if value.name not in old:
+            continue
+        for new_dim, old_dim in zip(value.type.tensor_type.shape.dim, old[value.name].type.tensor_type.shape.dim):
+            if new_dim.dim_param and old_dim.dim_param:
+                new_dim.dim_param = old_dim.dim_param
+    return exported
 
 
 def _agrees(model: onnx.ModelProto, module: OnnxGraphModule, example: tuple[torch.Tensor, ...]) -> bool:
