@@ -105,14 +105,20 @@ def reconcile(settings: Settings) -> dict[str, list[str]]:
             ).limit(1000)
         ).all()
     done: dict[str, list[str]] = {"requeued": [], "cancelled": [], "dispatched": [], "searches": [], "rerouted": []}
-    done["rerouted"] = reroute_without_gpu_workers(settings)
+    try:
+        done["rerouted"] = reroute_without_gpu_workers(settings)
+    except Exception:  # the rest of the pass (stranded jobs, dispatch) matters more
+        log.warning("rerouting the GPU queue failed", exc_info=True)
     for tenant_id in waiting_tenants(settings):
         done["dispatched"] += dispatch(settings, tenant_id)
     # Searches move on when a candidate ends; this pass catches a deadline with nothing running and a
     # call that was lost (a worker dying between finishing a candidate and advancing its search).
     for search_id in active_searches(settings):
-        advance(settings, search_id)
-        done["searches"].append(search_id)
+        try:
+            advance(settings, search_id)
+            done["searches"].append(search_id)
+        except Exception:  # one search that cannot move must not stop the others or this pass
+            log.warning("search %s could not be advanced", search_id, exc_info=True)
     if not rows:
         return done
     present = jobs_with_messages(settings)
