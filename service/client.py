@@ -112,9 +112,9 @@ class Client:
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._check(self.http.post(f"/v1/jobs/{job_id}/cancel")).json()
 
-    def events(self, job_id: str, kind: str = "jobs") -> Iterator[tuple[str, dict[str, Any]]]:
-        """Yield (event, data) from a job's (or, kind="searches", a search's) server-sent events until it ends."""
-        with self.http.stream("GET", f"/v1/{kind}/{job_id}/events", timeout=None) as response:
+    def events(self, job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Yield (event, data) from the job's server-sent events until the job ends."""
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as response:
             self._check(response)
             parser = EventParser()
             for line in response.iter_lines():
@@ -123,20 +123,6 @@ class Client:
                     yield found
                     if found[0] == "end":
                         return
-
-    def start_search(self, body: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self._check(self.http.post("/v1/searches", json=body, headers=headers)).json()
-
-    def search(self, search_id: str) -> dict[str, Any]:
-        return self._check(self.http.get(f"/v1/searches/{search_id}")).json()
-
-    def cancel_search(self, search_id: str) -> dict[str, Any]:
-        return self._check(self.http.post(f"/v1/searches/{search_id}/cancel")).json()
-
-    def report_html(self, object_id: str) -> str:
-        kind = "searches" if object_id.startswith("srch_") else "jobs"
-        return self._check(self.http.get(f"/v1/{kind}/{object_id}/report.html")).text
 
     def download(self, job_id: str, name: str, dest: Path) -> Path:
         with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:

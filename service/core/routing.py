@@ -4,7 +4,7 @@ training when no GPU worker runs, goes to the shared queue every worker takes.
 Two Celery queues per deployment: `<queue_name>` and `<queue_name>.cuda`. A CPU worker consumes the
 first; a CUDA worker (one process per GPU, CUDA_VISIBLE_DEVICES) consumes both, so a GPU machine is
 never idle while CPU work waits, and with prefetch 1 a training job waits behind at most one job per
-GPU worker. Workers announce themselves with a Redis key per process that expires unless renewed
+GPU worker. Workers announce themselves in one Redis sorted set, an entry per process that lapses unless renewed
 (`announce`); dispatch reads them when it routes a job. A training job routed to the CUDA queue
 whose GPU workers then all stop is not lost: the reconciler finds it without a consumer and routes
 it again (see service.core.reconciler).
@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,26 +51,30 @@ def consumed_queues(settings: Settings) -> list[str]:
     return job_queues(settings)[::-1] if worker_device(settings) == "cuda" else [settings.queue_name]
 
 
-def _announce_key(settings: Settings, device: str, hostname: str) -> str:
-    return f"modelshrink:{settings.queue_name}:workers:{device}:{hostname}"
+def _registry(settings: Settings) -> str:
+    # One sorted set per deployment: member "<device> <celery node>", score the time it lapses. Read
+    # with one range query on every routed dispatch (a SCAN over the keyspace would grow with Redis).
+    return f"modelshrink:{settings.queue_name}:workers"
 
 
 def announce(settings: Settings, hostname: str, stop: threading.Event) -> threading.Thread:
-    """Keep this worker's key alive until `stop` is set (a daemon thread in the worker's parent)."""
-    device = worker_device(settings)
-    key = _announce_key(settings, device, hostname)
+    """Keep this worker announced until `stop` is set (a daemon thread in the worker's parent)."""
+    member = f"{worker_device(settings)} {hostname}"
 
     def loop() -> None:
         while True:
             try:
-                redis_client(settings).set(key, "1", ex=ANNOUNCE_TTL_S)
+                now = time.time()
+                redis_client(settings).zadd(_registry(settings), {member: now + ANNOUNCE_TTL_S})
+                # Entries of workers that died without leaving lapse; any live worker sweeps them.
+                redis_client(settings).zremrangebyscore(_registry(settings), "-inf", now)
             except Exception:  # the broker blinked; the next beat announces again
                 log.warning("could not announce worker %s", hostname, exc_info=True)
             if stop.wait(ANNOUNCE_EVERY_S):
                 break
         try:
-            redis_client(settings).delete(key)
-        except Exception:  # noqa: BLE001 - the key expires on its own
+            redis_client(settings).zrem(_registry(settings), member)
+        except Exception:  # noqa: BLE001 - the announcement lapses on its own
             pass
 
     thread = threading.Thread(target=loop, daemon=True, name="announce")
@@ -77,10 +82,16 @@ def announce(settings: Settings, hostname: str, stop: threading.Event) -> thread
     return thread
 
 
+def announced(settings: Settings) -> list[tuple[str, str]]:
+    """(device, Celery node name) of every job worker whose announcement has not lapsed."""
+    members: list[bytes] = redis_client(settings).zrangebyscore(_registry(settings), time.time(), "+inf")  # type: ignore[assignment]
+    pairs = [m.decode().split(" ", 1) for m in members]
+    return [(device, node) for device, node in pairs]
+
+
 def workers_by_device(settings: Settings) -> dict[str, int]:
     counts: dict[str, int] = {"cpu": 0, "cuda": 0}
-    for key in redis_client(settings).scan_iter(match=f"modelshrink:{settings.queue_name}:workers:*", count=500):
-        device = key.decode().split(":")[3]
+    for device, _node in announced(settings):
         counts[device] = counts.get(device, 0) + 1
     return counts
 
@@ -88,11 +99,7 @@ def workers_by_device(settings: Settings) -> dict[str, int]:
 def job_workers_on_this_machine(settings: Settings) -> int:
     """Job workers announced from this machine (Celery node names end with @<host>)."""
     host = socket.gethostname()
-    count = 0
-    for key in redis_client(settings).scan_iter(match=f"modelshrink:{settings.queue_name}:workers:*", count=500):
-        if key.decode().rsplit("@", 1)[-1] == host:
-            count += 1
-    return count
+    return sum(1 for _device, node in announced(settings) if node.rsplit("@", 1)[-1] == host)
 
 
 def job_threads(settings: Settings) -> int:

@@ -88,11 +88,9 @@ def pareto(points: list[Point]) -> list[Point]:
 
 
 def best(points: list[Point], objective: str) -> Point | None:
-    """The feasible candidate with the best objective (then the better quality, then the earlier job)."""
-    feasible = [p for p in points if p.feasible]
-    if not feasible:
-        return None
-    return max(feasible, key=lambda p: (p.objective(objective), p.quality(), _neg(p.job_id)))
+    """The feasible candidate with the best objective (then the better quality, then the smaller job id)."""
+    feasible = sorted((p for p in points if p.feasible), key=lambda p: (-p.objective(objective), -p.quality(), p.job_id))
+    return feasible[0] if feasible else None
 
 
 def closest(points: list[Point], count: int = 3) -> list[Point]:
@@ -109,7 +107,3 @@ def promote(points: list[Point], trainable: set[str], objective: str, room: int)
     hopeful = [p for p in points if p.rung == 0 and p.recipe in trainable and not p.feasible and p.objective(objective) > bar and math.isfinite(p.violation)]
     return sorted(hopeful, key=lambda p: (p.violation, -p.objective(objective), p.job_id))[:room]
 
-
-def _neg(text: str) -> tuple[int, ...]:
-    # Earlier job ids win ties deterministically without a separate sort.
-    return tuple(-ord(c) for c in text)

@@ -24,7 +24,8 @@ def search_public(search: Search, jobs: list[Job]) -> dict[str, Any]:
     objective = search.request["objective"]
     result = search.result or {}
     ended = search.status in TERMINAL_STATUSES
-    chosen = result.get("best") if ended else (lambda p: p.job_id if p else None)(best(list(points.values()), objective))
+    so_far = best(list(points.values()), objective)
+    chosen = result.get("best") if ended else (so_far.job_id if so_far else None)
     candidates = []
     for job in jobs:
         info = (job.options or {}).get("search") or {}
