@@ -37,12 +37,14 @@ METHODS = {
     "distill-low-rank": {"method": "distill", "student": {"kind": "low_rank", "energy": 0.9}, "epochs": 3},
     "cluster-4bit": {"method": "cluster", "bits": 4},
     "deep-compression": {"method": "deep_compression"},
-    # Variants added later (not in the default matrix: `--methods prune-wanda,cluster-4bit-grouped,distill-depth`).
+    # Variants added later (not in the default matrix; `--methods` names them).
     "prune-wanda": {"method": "prune", "kind": "unstructured", "amount": 0.5, "importance": "wanda", "scope": "layer"},
     "cluster-4bit-grouped": {"method": "cluster", "bits": 4, "group_size": 32},
     "distill-depth": {"method": "distill", "student": {"kind": "depth", "drop_count": 1}, "epochs": 3},
+    "cluster-4bit-grouped-noft": {"method": "cluster", "bits": 4, "group_size": 32, "finetune_epochs": 0},
 }
-DEFAULT_METHODS = [m for m in METHODS if m not in ("prune-wanda", "cluster-4bit-grouped", "distill-depth")]
+VARIANTS = ("prune-wanda", "cluster-4bit-grouped", "distill-depth", "cluster-4bit-grouped-noft")
+DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 MEASURE = {"runs": 30, "warmup": 3, "batch_sizes": [1, 32], "max_eval_samples": 100}
 SEQ = 32
 

@@ -18,7 +18,7 @@ from service.core.specs import ClusterStep
 from workers.clustering import storage
 from workers.clustering.kmeans import kmeans_1d
 from workers.methods.base import StepContext, StepData, StepResult
-from workers.onnx_weights import CONVERTER_REFUSALS, weight_initializers
+from workers.onnx_weights import as_rows, from_rows, weight_layers
 from workers.pruning.layers import weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
@@ -50,6 +50,7 @@ class SharedWeight(nn.Module):
 
 
 def _cluster_layer(weight: np.ndarray, bits: int, init: str, seed: int, group_size: int | None = None) -> storage.Clustered:
+    """`weight` with its output channels first (torch's layout)."""
     flat = weight.ravel()
     zeros = flat == 0
     if zeros.mean() > SPARSE_LAYER:
@@ -98,27 +99,35 @@ def _cluster_embeddings(model: onnx.ModelProto, replacements: dict, spec: Cluste
     return rows
 
 
-def _cluster_initializers(model: onnx.ModelProto, spec: ClusterStep, refusal: CompressionFailed, ctx: StepContext) -> StepResult:
-    """Nothing to train, and the converter cannot take this graph: cluster the ONNX weights directly."""
-    ctx.progress(0.3, "clustering the ONNX weights directly (no conversion needed without fine-tuning)")
+NO_CONVERSION = "nothing is trained, so the ONNX weights were clustered where they are stored (no conversion to torch; the graph is otherwise the one uploaded)"
+
+
+def _cluster_initializers(model: onnx.ModelProto, spec: ClusterStep, ctx: StepContext) -> StepResult:
+    """Nothing to train: cluster the ONNX weights directly (any graph ONNX Runtime runs). Weights are
+    clustered output channels first, as on the trainable path, so `group_size` groups the same rows."""
+    ctx.progress(0.3, "clustering the ONNX weights directly (nothing to train, no conversion needed)")
+    layers = weight_layers(model)
+    unknown = sorted((set(spec.skip_layers) | set(spec.layer_bits)) - set(layers))
+    if unknown:
+        raise InvalidInput(f"unknown layer name(s) {unknown}; the model's layers are {sorted(layers)}", code="unknown_layer")
     inits = {i.name: i for i in model.graph.initializer}
     replacements: dict = {}
     rows = []
-    for index, name in enumerate(weight_initializers(model)):
-        weight = onnx.numpy_helper.to_array(inits[name])
-        if weight.size < spec.min_elements or name in spec.skip_layers:
+    for index, (name, layer) in enumerate(layers.items()):
+        stored = onnx.numpy_helper.to_array(inits[layer.initializer])
+        if stored.size < spec.min_elements or name in spec.skip_layers:
             continue
-        c = _cluster_layer(weight, spec.layer_bits.get(name, spec.bits), spec.init, spec.training.seed + index, spec.group_size)
-        replacements[name] = storage.encode(name, c, prefix=f"cl{index}")
-        rows.append({"layer": name, "shape": list(weight.shape), "bits": c.bits, "centroids": len(c.codebook), "sparse": c.sparse,
-                     "stored_bytes": storage.stored_bytes(c) + 4 * len(c.codebook), "dense_bytes": weight.size * 4})
+        c = _cluster_layer(as_rows(stored, layer), spec.layer_bits.get(name, spec.bits), spec.init, spec.training.seed + index, spec.group_size)
+        c = storage.Clustered(c.codebook, from_rows(c.labels, layer), c.bits, c.sparse)
+        replacements[layer.initializer] = storage.encode(layer.initializer, c, prefix=f"cl{index}")
+        rows.append({"layer": name, "initializer": layer.initializer, "shape": list(stored.shape), "bits": c.bits, "centroids": len(c.codebook),
+                     "sparse": c.sparse, "stored_bytes": storage.stored_bytes(c) + 4 * len(c.codebook), "dense_bytes": stored.size * 4})
     if spec.embeddings:
         rows += _cluster_embeddings(model, replacements, spec)
     if not rows:
         raise CompressionFailed("no layer is large enough to cluster (see min_elements)", code="nothing_to_cluster")
     return StepResult(model=storage.replace_initializers(model, replacements), report={
-        "bits": spec.bits, "init": spec.init, "path": "onnx_initializers",
-        "why_no_conversion": f"no fine-tuning was asked for and the trainable converter refused the graph: {refusal.message[:300]}",
+        "bits": spec.bits, "init": spec.init, "path": "onnx_initializers", "why_no_conversion": NO_CONVERSION,
         "layers": rows, "quality_before_finetune": None, "quality_after": None, "finetune_epochs": 0,
     })
 
@@ -127,13 +136,10 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     if spec.finetune_epochs and not data.available:
         raise CompressionFailed("centroid fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
     epochs = finetune_epochs(spec.finetune_epochs, data.available)
+    if not epochs:
+        return _cluster_initializers(model, spec, ctx)
     ctx.progress(0.0, "clustering weights")
-    try:
-        run = TrainableRun(model, data)  # the original's outputs are taken before any weight is clustered
-    except CompressionFailed as exc:
-        if epochs or exc.code not in CONVERTER_REFUSALS:
-            raise
-        return _cluster_initializers(model, spec, exc, ctx)
+    run = TrainableRun(model, data)  # the original's outputs are taken before any weight is clustered
     module = run.module
     layers = weighted_layers(module)
     unknown = sorted((set(spec.skip_layers) | set(spec.layer_bits)) - set(layers))

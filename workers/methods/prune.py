@@ -17,7 +17,6 @@ from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
 from workers import sparse_pack
 from workers.methods.base import StepContext, StepData, StepResult
-from workers.onnx_weights import CONVERTER_REFUSALS
 from workers.pruning import initializers, structured, unstructured
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, selected_layers, weighted_layers
 from workers.trainable.device import training_device
@@ -253,19 +252,20 @@ def _structured(run: _Run) -> dict[str, Any]:
             "achieved": 1 - sum(p.numel() for p in run.module.parameters()) / params_before}
 
 
-def _prune_initializers(model: onnx.ModelProto, spec: PruneStep, refusal: CompressionFailed, ctx: StepContext) -> StepResult:
-    """Nothing to train, and the converter cannot take this graph: prune the ONNX weights directly."""
-    ctx.progress(0.5, "pruning the ONNX weights directly (no conversion needed without fine-tuning)")
+NO_CONVERSION = "nothing is trained, so the ONNX weights were pruned where they are stored (no conversion to torch; the graph is otherwise the one uploaded)"
+
+
+def _prune_initializers(model: onnx.ModelProto, spec: PruneStep, ctx: StepContext) -> StepResult:
+    """Nothing to train: prune the ONNX weights directly (any graph ONNX Runtime runs)."""
+    ctx.progress(0.5, "pruning the ONNX weights directly (nothing to train, no conversion needed)")
     pruned, rows, achieved = initializers.prune(model, spec)
     if not rows:
         raise CompressionFailed("no MatMul/Gemm/Conv weight to prune in this graph", code="nothing_to_prune")
     result, packing = sparse_pack.pack(pruned)
     return StepResult(model=result, report={
-        "kind": spec.kind, "path": "onnx_initializers",
-        "why_no_conversion": f"no fine-tuning was asked for and the trainable converter refused the graph: {refusal.message[:300]}",
+        "kind": spec.kind, "path": "onnx_initializers", "why_no_conversion": NO_CONVERSION,
         "importance": "magnitude", "scope": spec.scope, "target_amount": spec.amount, "achieved": achieved, "target_reached": True,
         "stopped": None, "layers": rows, "storage": packing, "finetune_epochs": 0,
-        "layer_names": "initializer names (the weights as stored in the graph)",
     })
 
 
@@ -273,14 +273,11 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
     needs_data = spec.needs_dataset()
     if needs_data and not data.available:
         raise CompressionFailed("this prune step fine-tunes or measures importance on data: submit the job with a dataset_id", code="dataset_required")
-    ctx.progress(0.0, "converting the model to a trainable form")
     trains = spec.lottery_ticket or spec.kind != "unstructured" or needs_data or finetune_epochs(spec.finetune_epochs, data.available) > 0
-    try:
-        run = _Run(model, spec, data, ctx)
-    except CompressionFailed as exc:
-        if trains or exc.code not in CONVERTER_REFUSALS:
-            raise
-        return _prune_initializers(model, spec, exc, ctx)
+    if not trains:
+        return _prune_initializers(model, spec, ctx)
+    ctx.progress(0.0, "converting the model to a trainable form")
+    run = _Run(model, spec, data, ctx)
     before = {n: tuple(layer.weight.shape) for n, layer in weighted_layers(run.module).items()}
     torch.manual_seed(spec.training.seed)
     if spec.lottery_ticket:

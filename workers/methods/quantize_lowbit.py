@@ -16,6 +16,7 @@ from service.core.errors import CompressionFailed
 from service.core.specs import QuantizeStep
 from workers.clustering.storage import find_initializer, replace_initializers
 from workers.methods.base import StepContext, StepData
+from workers.onnx_weights import as_rows, from_rows, weight_layers
 from workers.pruning.layers import weighted_layers
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.run import TrainableRun
@@ -36,12 +37,14 @@ class Binarize(nn.Module):
 BITS = "bin__table"
 
 
-def _encode_binary(name: str, weight: np.ndarray, prefix: str) -> tuple[list, list]:
-    """Nodes computing `name` from packed sign bits and per-channel scales."""
-    alpha = np.abs(weight).reshape(weight.shape[0], -1).max(axis=1).astype(np.float32)
+def _encode_binary(name: str, weight: np.ndarray, prefix: str, output_axis: int = 0) -> tuple[list, list]:
+    """Nodes computing `name` from packed sign bits and per-output-channel scales (channels along
+    `output_axis` of the stored tensor; a binarised weight's |w| is its channel's scale)."""
+    alpha = np.abs(np.moveaxis(weight, output_axis, 0)).reshape(weight.shape[output_axis], -1).max(axis=1).astype(np.float32)
     bits = np.packbits(weight.ravel() > 0)
     n = weight.size
-    scale_shape = [weight.shape[0]] + [1] * (weight.ndim - 1)
+    scale_shape = [1] * weight.ndim
+    scale_shape[output_axis] = weight.shape[output_axis]
     inits = [
         numpy_helper.from_array(bits, f"{prefix}b"),
         numpy_helper.from_array(alpha.reshape(scale_shape), f"{prefix}s"),
@@ -66,9 +69,35 @@ def _encode_binary(name: str, weight: np.ndarray, prefix: str) -> tuple[list, li
     return nodes, inits
 
 
+def _binary_initializers(model: onnx.ModelProto, spec: QuantizeStep) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Nothing to train: binarise the ONNX weights where they are stored (sign x the per-output-channel
+    mean |w|, as the straight-through path starts from), on any graph ONNX Runtime runs."""
+    layers = weight_layers(model)
+    names = list(layers)
+    chosen = names[1:-1] if spec.binary_keep_first_last and len(names) > 2 else names
+    if not chosen:
+        raise CompressionFailed("no layer left to binarize (the first and last are kept in float)", code="nothing_to_quantize")
+    inits = {i.name: i for i in model.graph.initializer}
+    replacements = {}
+    for index, layer_name in enumerate(chosen):
+        layer = layers[layer_name]
+        rows = as_rows(numpy_helper.to_array(inits[layer.initializer]), layer)
+        alpha = np.abs(rows).reshape(rows.shape[0], -1).mean(axis=1).reshape([-1] + [1] * (rows.ndim - 1))
+        binarised = from_rows(np.where(rows >= 0, alpha, -alpha).astype(np.float32), layer)
+        replacements[layer.initializer] = _encode_binary(layer.initializer, binarised, f"bn{index}", layer.output_axis)
+    result = replace_initializers(model, replacements)
+    table = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)
+    result.graph.initializer.append(numpy_helper.from_array(table, BITS))
+    float_layers = [{"layer": n, "why": "first or last layer, kept float (binary_keep_first_last)"} for n in names if n not in chosen]
+    return result, {"binarized_layers": chosen, "float_layers": float_layers, "quality": {}, "path": "onnx_initializers",
+                    "why_no_conversion": "nothing is trained, so the ONNX weights were binarised where they are stored (no conversion to torch)"}
+
+
 def binary(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepContext) -> tuple[onnx.ModelProto, dict[str, Any]]:
     if spec.finetune_epochs and not data.available:
         raise CompressionFailed("binary fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
+    if not spec.finetune_epochs:
+        return _binary_initializers(model, spec)
     run = TrainableRun(model, data)  # the original's outputs are taken before any weight is binarised
     module = run.module
     layers = weighted_layers(module)

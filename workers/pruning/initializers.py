@@ -1,5 +1,5 @@
 """Unstructured magnitude pruning on the ONNX initializers themselves (no conversion, no training):
-used when the step fine-tunes nothing and the trainable converter cannot take the graph."""
+the path of every prune step that trains nothing, so it works on any graph ONNX Runtime runs."""
 
 from __future__ import annotations
 
@@ -9,21 +9,26 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from service.core.errors import InvalidInput
 from service.core.specs import PruneStep
-from workers.onnx_weights import weight_initializers
+from workers.onnx_weights import weight_layers
 
 
 def prune(model: onnx.ModelProto, spec: PruneStep) -> tuple[onnx.ModelProto, list[dict[str, Any]], float]:
     """Zero the smallest |w| (L1 and L2 rank the same single weights) per the step's amount and scope;
-    returns the model, a per-weight table and the share of the chosen weights removed."""
+    returns the model, a per-layer table and the share of the chosen weights removed."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    names = list(weight_initializers(out))
+    layers = weight_layers(out)
+    unknown = sorted((set(spec.skip_layers) | set(spec.layer_amounts)) - set(layers))
+    if unknown:
+        raise InvalidInput(f"unknown layer name(s) {unknown}; the model's prunable layers are {sorted(layers)}", code="unknown_layer")
+    names = list(layers)
     if names and not spec.prune_output_layer:
         names = names[:-1]  # the output layer, as in the trainable path
     names = [n for n in names if n not in spec.skip_layers]
     inits = {i.name: i for i in out.graph.initializer}
-    arrays = {n: numpy_helper.to_array(inits[n]).copy() for n in names}
+    arrays = {n: numpy_helper.to_array(inits[layers[n].initializer]).copy() for n in names}
     if not arrays:
         return out, [], 0.0
     thresholds: dict[str, float] = {}
@@ -38,9 +43,10 @@ def prune(model: onnx.ModelProto, spec: PruneStep) -> tuple[onnx.ModelProto, lis
     for n, a in arrays.items():
         mask = np.abs(a) <= thresholds[n]
         a[mask] = 0.0
-        inits[n].CopyFrom(numpy_helper.from_array(a.astype(np.float32), n))
+        tensor = layers[n].initializer
+        inits[tensor].CopyFrom(numpy_helper.from_array(a.astype(np.float32), tensor))
         removed += int(mask.sum())
         total += a.size
-        rows.append({"layer": n, "shape_before": list(a.shape), "shape_after": list(a.shape), "sparsity": float(mask.mean()),
-                     "removed_fraction": 0.0, "importance_threshold": thresholds[n]})
+        rows.append({"layer": n, "initializer": tensor, "shape_before": list(a.shape), "shape_after": list(a.shape),
+                     "sparsity": float(mask.mean()), "removed_fraction": 0.0, "importance_threshold": thresholds[n]})
     return out, rows, removed / max(1, total)

@@ -10,7 +10,6 @@ cannot handle. Supported operators: the weighted layers above plus everything in
 
 from __future__ import annotations
 
-import ast
 import re
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from service.core.errors import CompressionFailed
 from workers.constant_folding import fold
+from workers.onnx_weights import layer_name, weight_aliases
 from workers.trainable.onnx_ops import OPS
 
 WEIGHTED = {"Conv", "Gemm", "BatchNormalization"}
@@ -71,51 +71,6 @@ def _key(name: str, taken: set[str]) -> str:
         key = f"{base}_{n}"
     taken.add(key)
     return key
-
-
-_GENERATED = re.compile(r"^(onnx::.*|val_\d+|_v_\d+)$")
-
-
-def _layer_name(weight_name: str, node: onnx.NodeProto, aliases: dict[str, str] | None = None) -> str:
-    """The torch name a user knows ("encoder.layer.0.intermediate.dense"), from the weight's own name,
-    the initializer it is a transposed copy of, or the exporter's node scope ("/encoder/layer.0/.../MatMul")."""
-    name = (aliases or {}).get(weight_name, weight_name)
-    if name and not _GENERATED.match(name):
-        return name.removesuffix(".weight")
-    scope = _module_scope(node)
-    if scope:
-        return scope
-    if node.name.startswith("/") and node.name.count("/") > 1:
-        return node.name.strip("/").rsplit("/", 1)[0].replace("/", ".")
-    return node.name or name
-
-
-def _module_scope(node: onnx.NodeProto) -> str | None:
-    # The dynamo exporter records the torch module path of every node it writes.
-    for prop in node.metadata_props:
-        if prop.key == "pkg.torch.onnx.name_scopes":
-            try:
-                scopes = ast.literal_eval(prop.value)
-            except (ValueError, SyntaxError):
-                return None
-            # Cumulative module paths ("m", "m.encoder", ...), then the op's own name: keep the deepest path.
-            path = None
-            for scope in scopes:
-                if scope and (path is None or scope.startswith(path + ".")):
-                    path = scope
-            return path
-    return None
-
-
-def weight_aliases(model: onnx.ModelProto) -> dict[str, str]:
-    """Values that are only a re-layout of an initializer (Transpose/Identity/Cast of it) -> its name:
-    folding turns them into initializers with generated names, the source keeps the torch name."""
-    inits = {t.name for t in model.graph.initializer}
-    aliases: dict[str, str] = {}
-    for node in model.graph.node:
-        if node.op_type in ("Transpose", "Identity", "Cast") and node.input and (node.input[0] in inits or node.input[0] in aliases):
-            aliases[node.output[0]] = aliases.get(node.input[0], node.input[0])
-    return aliases
 
 
 class OnnxGraphModule(nn.Module):
@@ -172,16 +127,16 @@ class OnnxGraphModule(nn.Module):
                 continue
             op, attrs = node.op_type, _attrs(node)
             if op == "Conv" and node.input[1] in consts:
-                key = _key(_layer_name(node.input[1], node, aliases), taken)
+                key = _key(layer_name(node.input[1], node, aliases), taken)
                 self.layers[key], pre_pad = self._conv(node, attrs, consts)
-                self.layer_names[key] = _layer_name(node.input[1], node, aliases)
+                self.layer_names[key] = layer_name(node.input[1], node, aliases)
                 self.sources[key] = {"kind": "conv", "weight": node.input[1], "bias": node.input[2] if len(node.input) > 2 and node.input[2] else None,
                                      "nodes": [node.output[0]]}
                 self.plan.append(("layer", key, [node.input[0]], list(node.output), pre_pad))
             elif op == "Gemm" and node.input[1] in consts and not attrs.get("transA", 0):
-                key = _key(_layer_name(node.input[1], node, aliases), taken)
+                key = _key(layer_name(node.input[1], node, aliases), taken)
                 self.layers[key] = self._gemm(node, attrs, consts)
-                self.layer_names[key] = _layer_name(node.input[1], node, aliases)
+                self.layer_names[key] = layer_name(node.input[1], node, aliases)
                 self.sources[key] = {"kind": "gemm", "weight": node.input[1], "bias": node.input[2] if len(node.input) > 2 and node.input[2] else None,
                                      "alpha": attrs.get("alpha", 1.0), "beta": attrs.get("beta", 1.0), "trans_b": bool(attrs.get("transB", 0)),
                                      "nodes": [node.output[0]]}
@@ -200,9 +155,9 @@ class OnnxGraphModule(nn.Module):
                     linear.weight.copy_(torch.from_numpy(weight.T.copy()))
                     if bias is not None:
                         linear.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
-                key = _key(_layer_name(node.input[1], node, aliases), taken)
+                key = _key(layer_name(node.input[1], node, aliases), taken)
                 self.layers[key] = linear
-                self.layer_names[key] = _layer_name(node.input[1], node, aliases)
+                self.layer_names[key] = layer_name(node.input[1], node, aliases)
                 self.sources[key] = {"kind": "matmul", "weight": node.input[1], "bias": bias_name,
                                      "nodes": [node.output[0]] + ([output] if bias_name else [])}
                 self.plan.append(("layer", key, [node.input[0]], [output], None))

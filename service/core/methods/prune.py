@@ -11,7 +11,7 @@ from service.core.methods.common import MethodSpec, NameList, StepReport, Traini
 class PruneReport(StepReport):
     method: Literal["prune"] = "prune"
     kind: str | None = None
-    path: str | None = Field(None, description="onnx_initializers when the ONNX weights were pruned directly (no training, graph the converter refuses).")
+    path: str | None = Field(None, description="onnx_initializers when the ONNX weights were pruned where they are stored (the step trains nothing: no conversion to torch).")
     achieved: float | None = Field(None, description="Share of the chosen weights (unstructured) or parameters (structured) removed.")
     target_reached: bool | None = None
     stopped: str | None = None
