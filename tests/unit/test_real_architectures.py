@@ -33,6 +33,7 @@ STEPS = {
     "cluster-4bit-grouped": {"method": "cluster", "bits": 4, "group_size": 8, "finetune_epochs": 1},
     "deep-compression": {"method": "deep_compression"},
     "prune-structured": {"method": "prune", "kind": "structured", "amount": 0.3},
+    "prune-heads": {"method": "prune", "kind": "structured", "amount": 0.3, "heads": 0.5, "finetune_epochs": 1},
     "distill-width": {"method": "distill", "student": {"kind": "width", "width": 0.5}, "epochs": 1},
     "distill-low-rank": {"method": "distill", "student": {"kind": "low_rank", "energy": 0.8}, "epochs": 1},
     "distill-depth": {"method": "distill", "student": {"kind": "depth", "drop_count": 1}, "epochs": 1},
@@ -44,6 +45,8 @@ STEPS = {
 OUTPUT_KINDS = {"bert": "features", "gpt2": "token_logits", "vit": "classifier", "resnet": "classifier"}
 # GPT-2's MLP is Conv1D with reshapes around it: refused with a clear code, not attempted.
 REFUSED = {("gpt2", "prune-structured"): "structured_pruning_unsupported", ("gpt2", "distill-width"): "invalid_student",
+           # Heads need separate query/key/value projections: GPT-2 fuses them, ResNet has none.
+           ("gpt2", "prune-heads"): "head_pruning_unsupported", ("resnet", "prune-heads"): "head_pruning_unsupported",
            # No K x K convolution with 4+ input channels (ViT's patch embedding reads 3): nothing to make separable.
            **{(arch, "depthwise-separable"): "nothing_to_replace" for arch in ("bert", "gpt2", "vit")}}
 
@@ -120,6 +123,13 @@ def test_method_on_real_architecture(arch: str, exporter: str, step: str, worksp
     if step == "cluster-4bit" and arch in TOKEN_MODELS:  # the token embedding table is clustered too
         rows = metrics["step_reports"][0]["layers"]
         assert any(row.get("embedding") and row["shape"][0] == exp.vocab for row in rows)
+    if step == "prune-heads":  # one head of two gone in every block, and the feed-forward units narrowed too
+        report = metrics["step_reports"][0]
+        assert report["heads"]["removed"] == 2 and all(row["heads_after"] == 1 for row in report["heads"]["blocks"])
+        layers = {row["layer"]: row for row in report["layers"]}
+        queries = [row for name, row in layers.items() if name.endswith(("query", "q_proj"))]
+        assert queries and all(row["shape_after"][0] == row["shape_before"][0] // 2 for row in queries), layers
+        assert metrics["compressed"]["macs"] < metrics["original"]["macs"]
     if step == "prune-structured":
         layers = {row["layer"]: row for row in metrics["step_reports"][0]["layers"]}
         narrowed = [name for name, row in layers.items() if row["shape_after"][0] < row["shape_before"][0]]

@@ -17,11 +17,12 @@ from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
 from workers import sparse_pack
 from workers.methods.base import StepContext, StepData, StepResult
-from workers.pruning import initializers, structured, unstructured
+from workers.pruning import heads, initializers, structured, unstructured
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, selected_layers, weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.to_onnx import export, has_dynamic_batch
 from workers.trainable.run import TrainableRun
+from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
 from workers.trainable.training import FINETUNE_LR, finetune_epochs, predict, train, train_config
 
@@ -197,8 +198,18 @@ def _lottery(run: _Run) -> dict[str, Any]:
     return {"rounds": rounds, "kept_round": "ticket", "stopped": stopped, "thresholds": thresholds, "achieved": unstructured.sparsity(layers)}
 
 
+def _finetune_only(run: _Run) -> dict[str, Any]:
+    """`amount: 0` with `heads`: the heads are already gone from the graph; rounds of fine-tuning only."""
+    params = sum(p.numel() for p in run.module.parameters())
+    rounds, best, stopped = _iterate(run, lambda r: {"parameters": params}, lambda: None, lambda: copy.deepcopy(run.module))
+    run.module = best[0]
+    return {"rounds": rounds, "kept_round": best[1], "stopped": stopped, "thresholds": {}, "achieved": 0.0}
+
+
 def _structured(run: _Run) -> dict[str, Any]:
     spec = run.spec
+    if spec.amount == 0:
+        return _finetune_only(run)
     all_layers = weighted_layers(run.module)
     selected = selected_layers(run.module, spec)
     if is_transformer(run.module):
@@ -269,6 +280,12 @@ def _prune_initializers(model: onnx.ModelProto, spec: PruneStep, ctx: StepContex
     })
 
 
+def _head_feeds(run: _Run, samples: int = 32) -> dict[str, np.ndarray]:
+    """The data heads are ranked on: the step's own inputs (synthetic ones when the job has none)."""
+    rows = run.fixed_batch or samples
+    return {name: t[:rows].numpy() for name, t in zip(run.module.input_names, run.inputs)}
+
+
 def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepContext) -> StepResult:
     needs_data = spec.needs_dataset()
     if needs_data and not data.available:
@@ -277,8 +294,14 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
     if not trains:
         return _prune_initializers(model, spec, ctx)
     ctx.progress(0.0, "converting the model to a trainable form")
-    run = _Run(model, spec, data, ctx)
+    run = _Run(model, spec, data, ctx)  # built on the original: its outputs are the reference
     before = {n: tuple(layer.weight.shape) for n, layer in weighted_layers(run.module).items()}
+    params_original = sum(p.numel() for p in run.module.parameters())
+    graph, head_report = model, None
+    if spec.heads:
+        ctx.progress(0.01, "measuring each attention head's importance")
+        graph, head_report = heads.prune_heads(model, spec.heads, _head_feeds(run), ctx.threads)
+        run.module = trainable(graph, data)
     torch.manual_seed(spec.training.seed)
     if spec.lottery_ticket:
         outcome = _lottery(run)
@@ -288,7 +311,7 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         outcome = _structured(run)
     ctx.progress(0.97, "exporting to ONNX")
     example = tuple(t[:2] for t in run.inputs) if not run.fixed_batch else tuple(t[: run.fixed_batch] for t in run.inputs)
-    result = trained_onnx(model, run.module, example, lambda: export(run.module, example, run.module.input_names, run.module.output_names, run.dynamic_batch))
+    result = trained_onnx(graph, run.module, example, lambda: export(run.module, example, run.module.input_names, run.module.output_names, run.dynamic_batch))
     packing: dict[str, Any] = {"packed_tensors": []}
     if spec.kind == "unstructured":
         result, packing = sparse_pack.pack(result)
@@ -316,4 +339,7 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         "finetune_lr": run.config.lr,
         "finetune_by_round": run.finetune_log,
     }
+    if head_report is not None:
+        report["heads"] = head_report
+        report["achieved"] = 1 - sum(p.numel() for p in run.module.parameters()) / params_original  # heads and units together
     return StepResult(model=result, report=report)

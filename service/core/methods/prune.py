@@ -22,6 +22,7 @@ class PruneReport(StepReport):
     layers: list[dict[str, Any]] = Field(default_factory=list, description="Per layer: shape before/after, sparsity, threshold.")
     storage: dict[str, Any] | None = None
     finetune_epochs: int | None = None
+    heads: dict[str, Any] | None = Field(None, description="Attention heads removed (with `heads`): how many of how many, per block which ones and every head's measured importance.")
 
 
 class PruneStep(MethodSpec):
@@ -32,7 +33,13 @@ class PruneStep(MethodSpec):
     report_model: ClassVar[type[StepReport]] = PruneReport
     method: Literal["prune"] = "prune"
     kind: Literal["unstructured", "structured"] = "unstructured"
-    amount: float = Field(0.5, gt=0, lt=1, description="Fraction of weights (unstructured) or channels/neurons (structured) to remove.")
+    amount: float = Field(0.5, ge=0, lt=1, description="Fraction of weights (unstructured) or channels/neurons (structured) to remove; 0 only with `heads` (attention heads alone).")
+    heads: float = Field(
+        0.0, ge=0, lt=1,
+        description="structured, transformers: fraction of all attention heads to remove as well (query/key/value and output projections "
+        "narrowed in the graph). Heads are ranked by how much the outputs change with each one switched off, on the job's data; at "
+        "least one head is kept per block. Needs separate query/key/value projections (BERT, MiniLM, RoBERTa, ViT; not GPT-2's fused c_attn).",
+    )
     scope: Literal["global", "layer"] = Field("global", description="One threshold across layers, or the same fraction in every layer.")
     importance: Literal["l1", "l2", "apoz", "taylor", "wanda"] = Field(
         "l1", description="l1/l2 weight magnitude; apoz: how often a neuron outputs zero on the data (structured only); taylor: |weight x gradient|; "
@@ -58,6 +65,10 @@ class PruneStep(MethodSpec):
 
     @model_validator(mode="after")
     def _consistent(self) -> "PruneStep":
+        if self.heads and self.kind != "structured":
+            raise ValueError("heads removes whole attention heads, so it needs kind 'structured'")
+        if self.amount == 0 and not self.heads:
+            raise ValueError("amount must be > 0 (0 is allowed only with heads > 0: attention heads alone)")
         if self.importance == "apoz" and self.kind != "structured":
             raise ValueError("importance 'apoz' ranks neurons, so it needs kind 'structured'")
         if self.importance == "wanda" and (self.kind != "unstructured" or self.lottery_ticket):

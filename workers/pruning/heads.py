@@ -1,0 +1,399 @@
+"""Attention-head pruning on the ONNX graph itself: whole heads removed from a transformer's
+self-attention blocks, so the query/key/value projections and the output projection are physically
+narrower (fewer MACs, faster at every batch size).
+
+Why on the graph and not through torch-pruning: the converter's module runs the exporter's reshapes
+into heads as ONNX ops, which DepGraph cannot see through, while the graph states them plainly. Both
+torch exporters write Hugging Face attention as `view(batch, seq, -1, head_dim)` ... `reshape(batch,
+seq, -1)`, so the number of heads is inferred at run time and removing a head needs only its slices
+of Q, K, V (output columns and biases) and of the output projection (input rows). A graph that spells
+the head count out in a constant is detected by the check below, not silently mis-pruned.
+
+Importance is measured, not guessed: each head is switched off alone (its slice of the output
+projection's input multiplied by 0, through a mask input added to one ONNX Runtime session) and the
+change of the model's outputs on the data is its importance (Michel et al. 2019 rank heads by the
+loss change; without labels, the output change stands in). The lowest-ranked heads across the model
+are removed, keeping at least one per block. The pruned graph must then compute exactly what the
+original computes with those heads masked, or the step fails with `head_pruning_unsupported`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from service.core.errors import CompressionFailed
+from workers.onnx_weights import layer_name
+
+# Ops a projection's output passes through on its way into the attention products (reshape into
+# heads, transposes, the scaling), and from the attention output to the output projection.
+PASS_THROUGH = {"Reshape", "Transpose", "Mul", "Div", "Add", "Cast", "Identity", "Squeeze", "Unsqueeze"}
+PROBS_THROUGH = {"Where", "IsNaN", "Cast", "Dropout", "Identity", "Mul", "Div"}  # softmax -> probabilities as used
+DATA_FIRST = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast", "Identity", "Dropout"}  # input 0 is the data
+SCORES_THROUGH = {"Add", "Where", "Mul", "Div", "Cast", "Sub"}  # scores -> softmax (mask, scaling)
+
+
+class HeadPruningUnsupported(CompressionFailed):
+    code = "head_pruning_unsupported"
+
+
+@dataclass
+class Projection:
+    node: onnx.NodeProto  # MatMul or Gemm with a constant weight
+    index: int  # of that node in the graph
+    weight: str
+    output_axis: int  # of the stored weight
+    bias: str | None = None  # the value the node reads
+    bias_source: str | None = None  # the initializer behind it (TorchScript shares equal tensors through Identity)
+    bias_index: int | None = None  # the Add holding the bias (MatMul + Add)
+
+
+@dataclass
+class AttentionBlock:
+    name: str
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
+    head_dim: int
+    heads: int
+    # Reshapes that spell the head count out (a constant [.., heads, head_dim] target after a projection, or
+    # [.., heads * head_dim] before the output projection: exports with a fixed sequence length fold to these).
+    split_shapes: list[int] = field(default_factory=list)
+    merge_shapes: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+
+
+class _Graph:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.inits = {i.name: i for i in model.graph.initializer}
+        # One list of node objects (protobuf may hand out fresh wrappers on each iteration): indices by identity.
+        self.nodes = list(model.graph.node)
+        self.index = {id(n): i for i, n in enumerate(self.nodes)}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.nodes:
+            for out in node.output:
+                self.producer[out] = node
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+
+    def source(self, name: str) -> str | None:
+        """The initializer `name` is, directly or through Identity nodes."""
+        for _ in range(8):
+            if name in self.inits:
+                return name
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return None
+
+    def const(self, name: str) -> np.ndarray | None:
+        source = self.source(name)
+        if source is not None:
+            return numpy_helper.to_array(self.inits[source])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return numpy_helper.to_array(attr.t)
+        return None
+
+    def computed(self, node: onnx.NodeProto) -> list[str]:
+        return [i for i in node.input if i and self.const(i) is None]
+
+    def projection(self, node: onnx.NodeProto | None) -> Projection | None:
+        if node is None or node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            return None
+        weight = self.const(node.input[1])
+        if weight is None or weight.ndim != 2 or node.input[1] not in self.inits:
+            return None  # (a weight reached through Identity is shared with another layer: not sliced)
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        proj = Projection(node, self.index[id(node)], node.input[1], 0 if (node.op_type == "Gemm" and trans_b) else 1)
+        if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] and self.source(node.input[2]):
+            proj.bias, proj.bias_source = node.input[2], self.source(node.input[2])
+        users = self.consumers.get(node.output[0], [])
+        if node.op_type == "MatMul" and len(users) == 1 and users[0].op_type == "Add":
+            other = [i for i in users[0].input if i != node.output[0]]
+            bias = self.const(other[0]) if other else None
+            if bias is not None and bias.shape == (weight.shape[1],) and self.source(other[0]):
+                proj.bias, proj.bias_source, proj.bias_index = other[0], self.source(other[0]), self.index[id(users[0])]
+        return proj
+
+    def upstream_projection(self, value: str, through: set[str] = PASS_THROUGH, limit: int = 12) -> Projection | None:
+        """The constant-weight projection `value` is computed from, through reshapes/transposes/scaling."""
+        for _ in range(limit):
+            node = self.producer.get(value)
+            if node is None:
+                return None
+            found = self.projection(node)
+            if found is not None:
+                return found
+            if node.op_type not in through:
+                return None
+            if node.op_type in DATA_FIRST:
+                value = node.input[0]
+                continue
+            computed = self.computed(node)
+            if len(computed) != 1:
+                return None
+            value = computed[0]
+        return None
+
+    def upstream_op(self, value: str, op: str, through: set[str], limit: int = 8) -> onnx.NodeProto | None:
+        """The nearest `op` node `value` derives from through `through` ops (every computed input tried)."""
+        node = self.producer.get(value)
+        if node is None or limit == 0:
+            return None
+        if node.op_type == op:
+            return node
+        if node.op_type not in through:
+            return None
+        for name in self.computed(node):
+            found = self.upstream_op(name, op, through, limit - 1)
+            if found is not None:
+                return found
+        return None
+
+    def downstream_projection(self, value: str, limit: int = 6) -> Projection | None:
+        for _ in range(limit):
+            users = [u for u in self.consumers.get(value, []) if u.op_type != "Shape"]  # shape reads follow the width by themselves
+            if len(users) != 1:
+                return None
+            node = users[0]
+            if node.op_type in ("MatMul", "Gemm") and node.input[0] == value:
+                return self.projection(node)
+            if node.op_type not in ("Reshape", "Transpose", "Identity", "Cast"):
+                return None
+            value = node.output[0]
+        return None
+
+    def reshape_after(self, projection: Projection) -> onnx.NodeProto | None:
+        """The reshape into heads just after this projection."""
+        value = self.nodes[projection.bias_index if projection.bias_index is not None else projection.index].output[0]
+        for _ in range(4):
+            users = self.consumers.get(value, [])
+            reshape = next((u for u in users if u.op_type == "Reshape"), None)
+            if reshape is not None:
+                return reshape
+            if len(users) != 1 or users[0].op_type not in ("Mul", "Div", "Identity", "Cast"):
+                return None
+            value = users[0].output[0]
+        return None
+
+    def head_dim(self, projection: Projection) -> int | None:
+        """The last entry of the reshape into heads just after this projection: head_dim."""
+        reshape = self.reshape_after(projection)
+        return self._last_dim(reshape.input[1]) if reshape is not None else None
+
+    def reshapes_between(self, value: str, end: onnx.NodeProto, limit: int = 6) -> list[onnx.NodeProto]:
+        found = []
+        for _ in range(limit):
+            users = [u for u in self.consumers.get(value, []) if u.op_type != "Shape"]
+            if len(users) != 1 or users[0] is end:
+                break
+            if users[0].op_type == "Reshape":
+                found.append(users[0])
+            value = users[0].output[0]
+        return found
+
+    def _last_dim(self, shape: str) -> int | None:
+        const = self.const(shape)
+        if const is not None and const.ndim == 1 and const.size >= 3:
+            return int(const[-1]) if const[-1] > 0 else None
+        node = self.producer.get(shape)
+        if node is not None and node.op_type == "Concat" and node.input:
+            last = self.const(node.input[-1])
+            if last is not None and last.size == 1 and int(last.ravel()[0]) > 0:
+                return int(last.ravel()[0])
+        return None
+
+
+def find_blocks(model: onnx.ModelProto) -> list[AttentionBlock]:
+    """Self-attention blocks with separate Q, K, V projections (BERT, MiniLM, RoBERTa, DistilBERT, ViT).
+    GPT-2's fused c_attn (one projection split three ways) is not matched."""
+    g = _Graph(model)
+    blocks = []
+    for node in g.nodes:
+        if node.op_type != "MatMul" or len(g.computed(node)) != 2:
+            continue
+        softmax = g.upstream_op(node.input[0], "Softmax", PROBS_THROUGH)
+        if softmax is None:
+            continue  # not probabilities x values
+        scores = g.upstream_op(softmax.input[0], "MatMul", SCORES_THROUGH)
+        if scores is None or len(g.computed(scores)) != 2:
+            continue
+        q, k = g.upstream_projection(scores.input[0]), g.upstream_projection(scores.input[1])
+        v, o = g.upstream_projection(node.input[1]), g.downstream_projection(node.output[0])
+        if None in (q, k, v, o):
+            continue
+        assert q is not None and k is not None and v is not None and o is not None
+        head_dim = g.head_dim(v) or g.head_dim(q)
+        width = numpy_helper.to_array(g.inits[v.weight]).shape[v.output_axis]
+        if not head_dim or width % head_dim or len({q.weight, k.weight, v.weight}) != 3:
+            continue
+        heads = width // head_dim
+        split = [r for r in (g.reshape_after(p) for p in (q, k, v)) if r is not None and _entry(g.const(r.input[1]), -2) == heads]
+        merge = [r for r in g.reshapes_between(node.output[0], o.node) if _entry(g.const(r.input[1]), -1) == width]
+        # Named after the output projection's module ("...attention.output.dense" -> "...attention.output").
+        name = layer_name(o.weight, o.node)
+        blocks.append(AttentionBlock(name.rsplit(".", 1)[0] if "." in name else name, q, k, v, o, head_dim, heads,
+                                     [g.index[id(r)] for r in split], [g.index[id(r)] for r in merge]))
+    return blocks
+
+
+def _entry(shape: np.ndarray | None, position: int) -> int | None:
+    return int(shape[position]) if shape is not None and shape.ndim == 1 and shape.size >= abs(position) else None
+
+
+def _masked(model: onnx.ModelProto, blocks: list[AttentionBlock]) -> onnx.ModelProto:
+    """The model with a head mask input per block, multiplied into the output projection's input."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inserts = []
+    for b, block in enumerate(blocks):
+        index = block.o.index
+        source = out.graph.node[index].input[0]
+        mask, masked = f"heads__mask{b}", f"heads__masked{b}"
+        out.graph.input.append(helper.make_tensor_value_info(mask, TensorProto.FLOAT, [block.heads * block.head_dim]))
+        out.graph.node[index].input[0] = masked
+        inserts.append((index, helper.make_node("Mul", [source, mask], [masked], name=f"heads__mul{b}")))
+    for index, node in sorted(inserts, key=lambda t: -t[0]):
+        out.graph.node.insert(index, node)
+    return out
+
+
+def _session(model: onnx.ModelProto, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _masks(blocks: list[AttentionBlock], off: dict[int, list[int]] | None = None) -> dict[str, np.ndarray]:
+    feeds = {}
+    for b, block in enumerate(blocks):
+        mask = np.ones(block.heads * block.head_dim, np.float32)
+        for h in (off or {}).get(b, []):
+            mask[h * block.head_dim:(h + 1) * block.head_dim] = 0.0
+        feeds[f"heads__mask{b}"] = mask
+    return feeds
+
+
+def importance(model: onnx.ModelProto, blocks: list[AttentionBlock], feeds: dict[str, np.ndarray], threads: int = 1) -> np.ndarray:
+    """[blocks, heads]: the relative change of the model's first output when that head alone is off."""
+    session = _session(_masked(model, blocks), threads)
+    reference = session.run(None, {**feeds, **_masks(blocks)})[0].astype(np.float64)
+    scale = float((reference ** 2).mean()) or 1.0
+    scores = np.full((len(blocks), max(b.heads for b in blocks)), np.inf)
+    for b, block in enumerate(blocks):
+        for h in range(block.heads):
+            out = session.run(None, {**feeds, **_masks(blocks, {b: [h]})})[0]
+            scores[b, h] = float(((out - reference) ** 2).mean()) / scale
+    return scores
+
+
+def choose(blocks: list[AttentionBlock], scores: np.ndarray, fraction: float) -> dict[int, list[int]]:
+    """The lowest-scored heads across blocks, `fraction` of all, at least one head kept per block."""
+    total = sum(b.heads for b in blocks)
+    budget = int(round(fraction * total))
+    order = sorted(((scores[b, h], b, h) for b, block in enumerate(blocks) for h in range(block.heads)))
+    removed: dict[int, list[int]] = {}
+    for _, b, h in order:
+        if budget == 0:
+            break
+        if len(removed.get(b, [])) < blocks[b].heads - 1:
+            removed.setdefault(b, []).append(h)
+            budget -= 1
+    return {b: sorted(hs) for b, hs in removed.items()}
+
+
+def _slice(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], readers: dict[str, int], name: str, axis: int, keep: np.ndarray,
+           node: onnx.NodeProto, tag: str, source: str | None = None) -> None:
+    """`source` (default `name`) sliced along `axis`, for `node` where it reads `name`: in place when
+    nothing else reads the tensor (so the layer keeps its name), else as a new tensor (shared ones stay
+    intact for their other users)."""
+    source = source or name
+    array = np.ascontiguousarray(np.take(numpy_helper.to_array(inits[source]), keep, axis=axis))
+    if source == name and readers.get(name, 0) == 1:
+        inits[name].CopyFrom(numpy_helper.from_array(array, name))
+        return
+    new_name = f"{source}__{tag}"
+    model.graph.initializer.append(numpy_helper.from_array(array, new_name))
+    for i, value in enumerate(node.input):
+        if value == name:
+            node.input[i] = new_name
+
+
+def remove(model: onnx.ModelProto, blocks: list[AttentionBlock], removed: dict[int, list[int]]) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = list(out.graph.node)
+    inits = {i.name: i for i in out.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in nodes:
+        for value in n.input:
+            readers[value] = readers.get(value, 0) + 1
+    used_before = {i.name for i in out.graph.initializer}
+    for b, heads in removed.items():
+        block = blocks[b]
+        keep = np.concatenate([np.arange(h * block.head_dim, (h + 1) * block.head_dim) for h in range(block.heads) if h not in heads])
+        for tag, proj in (("q", block.q), ("k", block.k), ("v", block.v)):
+            _slice(out, inits, readers, proj.weight, proj.output_axis, keep, nodes[proj.index], f"h{b}{tag}")
+            if proj.bias:
+                _slice(out, inits, readers, proj.bias, 0, keep, nodes[proj.bias_index if proj.bias_index is not None else proj.index], f"h{b}{tag}b", proj.bias_source)
+        _slice(out, inits, readers, block.o.weight, 1 - block.o.output_axis, keep, nodes[block.o.index], f"h{b}o")
+        kept = block.heads - len(heads)
+        for indices, position, value in ((block.split_shapes, -2, kept), (block.merge_shapes, -1, kept * block.head_dim)):
+            for index in indices:
+                shape = _Graph(model).const(model.graph.node[index].input[1])
+                assert shape is not None
+                shape = shape.copy()
+                shape[position] = value
+                name = f"heads__shape{b}_{index}"
+                out.graph.initializer.append(numpy_helper.from_array(shape, name))
+                nodes[index].input[1] = name
+        block.removed = heads
+    # Drop initializers nothing reads any more (the unsliced originals).
+    read = {i for n in out.graph.node for i in n.input} | {o.name for o in out.graph.output}
+    kept = [i for i in out.graph.initializer if i.name in read or i.name not in used_before]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    # Shapes recorded for intermediate values may name the old widths: let ONNX Runtime infer them.
+    del out.graph.value_info[:]
+    return out
+
+
+def prune_heads(model: onnx.ModelProto, fraction: float, feeds: dict[str, np.ndarray], threads: int = 1) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    blocks = find_blocks(model)
+    if not blocks:
+        raise HeadPruningUnsupported(
+            "no self-attention block with separate query, key and value projections was found (GPT-2's fused c_attn is not "
+            "supported); leave `heads` at 0 to prune feed-forward units only",
+        )
+    scores = importance(model, blocks, feeds, threads)
+    removed = choose(blocks, scores, fraction)
+    pruned = remove(model, blocks, removed)
+    # The pruned graph must compute what the original computes with those heads masked.
+    expected = _session(_masked(model, blocks), threads).run(None, {**feeds, **_masks(blocks, removed)})
+    try:
+        got = _session(pruned, threads).run(None, feeds)
+    except Exception as exc:  # an exporter that spells the head count out in a constant reshape
+        raise HeadPruningUnsupported(f"the graph does not run with fewer heads ({str(exc).splitlines()[0][:200]}); its reshapes into heads "
+                                     "probably state the head count as a constant") from exc
+    for e, o in zip(expected, got):
+        if e.shape != o.shape or not np.allclose(e, o, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(e).max()))):
+            raise HeadPruningUnsupported("the graph with heads removed does not compute what the original computes with those heads "
+                                         "switched off; its reshapes into heads probably state the head count as a constant")
+    rows = [{"layer": block.name, "heads_before": block.heads, "heads_after": block.heads - len(block.removed), "head_dim": block.head_dim,
+             "removed": block.removed, "importance": [round(float(s), 6) for s in scores[b, :block.heads]]} for b, block in enumerate(blocks)]
+    total = sum(b.heads for b in blocks)
+    return pruned, {"removed": sum(len(h) for h in removed.values()), "total": total, "fraction_asked": fraction,
+                    "importance": "relative change of the outputs with the head switched off, on the job's data", "blocks": rows}
