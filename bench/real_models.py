@@ -42,8 +42,9 @@ METHODS = {
     "cluster-4bit-grouped": {"method": "cluster", "bits": 4, "group_size": 32},
     "distill-depth": {"method": "distill", "student": {"kind": "depth", "drop_count": 1}, "epochs": 3},
     "cluster-4bit-grouped-noft": {"method": "cluster", "bits": 4, "group_size": 32, "finetune_epochs": 0},
+    "prune-heads": {"method": "prune", "kind": "structured", "amount": 0.3, "heads": 0.25},
 }
-VARIANTS = ("prune-wanda", "cluster-4bit-grouped", "distill-depth", "cluster-4bit-grouped-noft")
+VARIANTS = ("prune-wanda", "cluster-4bit-grouped", "distill-depth", "cluster-4bit-grouped-noft", "prune-heads")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 MEASURE = {"runs": 30, "warmup": 3, "batch_sizes": [1, 32], "max_eval_samples": 100}
 SEQ = 32

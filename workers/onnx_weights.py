@@ -70,6 +70,19 @@ def weight_aliases(model: onnx.ModelProto) -> dict[str, str]:
     return aliases
 
 
+def tied_aliases(model: onnx.ModelProto) -> dict[str, str]:
+    """Re-layouts of an initializer (alias -> source) whose source other nodes also read: a tied weight,
+    e.g. GPT-2's output projection reading Transpose(the token embedding). Training such a layer on its
+    own would untie it and store the table twice."""
+    aliases = weight_aliases(model)
+    readers: set[str] = set()
+    for node in model.graph.node:
+        if node.output and node.output[0] in aliases:
+            continue  # the re-layout itself
+        readers.update(node.input)
+    return {alias: source for alias, source in aliases.items() if source in readers}
+
+
 def _output_axis(node: onnx.NodeProto, rank: int) -> int:
     if node.op_type == "MatMul":
         return rank - 1  # x @ W: W is [in, out]

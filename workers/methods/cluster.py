@@ -145,7 +145,10 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     unknown = sorted((set(spec.skip_layers) | set(spec.layer_bits)) - set(layers))
     if unknown:
         raise InvalidInput(f"unknown layer name(s) {unknown}; the model's layers are {sorted(layers)}", code="unknown_layer")
-    chosen = {n: layer for n, layer in layers.items() if n not in spec.skip_layers and layer.weight.numel() >= spec.min_elements}
+    # A tied weight (the output projection reading the token embedding) is left to the embedding: it is
+    # clustered there (spec.embeddings) and read through the tie, so it stays stored once.
+    chosen = {n: layer for n, layer in layers.items()
+              if n not in spec.skip_layers and layer.weight.numel() >= spec.min_elements and layer.weight.requires_grad}
     if not chosen:
         raise CompressionFailed("no layer is large enough to cluster (see min_elements)", code="nothing_to_cluster")
 

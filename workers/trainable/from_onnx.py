@@ -21,7 +21,7 @@ from torch import nn
 
 from service.core.errors import CompressionFailed
 from workers.constant_folding import fold
-from workers.onnx_weights import layer_name, weight_aliases
+from workers.onnx_weights import layer_name, tied_aliases, weight_aliases
 from workers.trainable.onnx_ops import OPS
 
 WEIGHTED = {"Conv", "Gemm", "BatchNormalization"}
@@ -76,7 +76,7 @@ def _key(name: str, taken: set[str]) -> str:
 class OnnxGraphModule(nn.Module):
     """Runs the ONNX graph node by node; weighted layers are submodules in `self.layers`."""
 
-    def __init__(self, model: onnx.ModelProto, aliases: dict[str, str] | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, aliases: dict[str, str] | None = None, tied: set[str] | None = None) -> None:
         super().__init__()
         graph = model.graph
         # One list of node objects for every pass: protobuf may hand out fresh wrappers on each
@@ -155,6 +155,10 @@ class OnnxGraphModule(nn.Module):
                     linear.weight.copy_(torch.from_numpy(weight.T.copy()))
                     if bias is not None:
                         linear.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+                if node.input[1] in (tied or ()):
+                    # A tied weight (GPT-2's output projection is the token embedding transposed): kept
+                    # as it is, so the model still stores the table once (write_back re-ties it).
+                    linear.weight.requires_grad_(False)
                 key = _key(layer_name(node.input[1], node, aliases), taken)
                 self.layers[key] = linear
                 self.layer_names[key] = layer_name(node.input[1], node, aliases)
@@ -290,7 +294,7 @@ class OnnxGraphModule(nn.Module):
 def to_torch(model: onnx.ModelProto) -> OnnxGraphModule:
     try:
         # fold(): weights stored compactly (sparse gaps, cluster indices) become dense tensors first.
-        return OnnxGraphModule(fold(model), weight_aliases(model)).eval()  # inference semantics (batch norm running statistics) until trained
+        return OnnxGraphModule(fold(model), weight_aliases(model), set(tied_aliases(model))).eval()  # inference semantics (batch norm running statistics) until trained
     except CompressionFailed:
         raise
     except Exception as exc:

@@ -18,6 +18,7 @@ import torch
 from onnx import numpy_helper
 
 from workers.constant_folding import fold
+from workers.onnx_weights import tied_aliases
 
 from workers.trainable.from_onnx import OnnxGraphModule
 
@@ -68,11 +69,36 @@ def _agrees(model: onnx.ModelProto, module: OnnxGraphModule, example: tuple[torc
     return agree
 
 
+def _retie(model: onnx.ModelProto, original: onnx.ModelProto, folded_values: dict[str, np.ndarray]) -> None:
+    """Folding turned a tied weight's re-layout (Transpose of the token embedding) into a tensor of its
+    own; where training left it as it was, compute it from the table again, as the user's graph did,
+    instead of storing the table twice."""
+    tied = tied_aliases(original)
+    inits = {t.name: t for t in model.graph.initializer}
+    producers = {n.output[0]: n for n in original.graph.node if n.output}
+    restore = []
+    for alias, source in tied.items():
+        if alias not in inits or source not in inits or alias not in folded_values:
+            continue
+        if not np.array_equal(numpy_helper.to_array(inits[alias]), folded_values[alias]):
+            continue  # trained on its own: it is a different tensor now
+        chain, value = [], alias
+        while value != source:
+            node = producers[value]
+            chain.append(node)
+            value = node.input[0]
+        restore += reversed(chain)
+        model.graph.initializer.remove(inits[alias])
+    for offset, node in enumerate(restore):
+        model.graph.node.insert(offset, node)
+
+
 def write_back(original: onnx.ModelProto, module: OnnxGraphModule) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(fold(original))  # the graph the module was converted from
     by_output = {node.output[0]: node for node in model.graph.node if node.output}
     inits = {t.name: t for t in model.graph.initializer}
+    folded_values = {name: numpy_helper.to_array(inits[name]) for name in tied_aliases(original) if name in inits}
     users: dict[str, set[str]] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -110,6 +136,7 @@ def write_back(original: onnx.ModelProto, module: OnnxGraphModule) -> onnx.Model
                 kept = [a for a in node.attribute if a.name != "allowzero"]
                 del node.attribute[:]
                 node.attribute.extend(kept)
+    _retie(model, original, folded_values)
     # Recorded intermediate shapes may name old widths; ONNX Runtime infers them again.
     del model.graph.value_info[:]
     # Weights nothing reads any more (a factorised layer's full matrix, a split shared tensor) go.
