@@ -15,7 +15,9 @@ from torch import nn
 
 from service.core.specs import DistillStep
 from workers.trainable.device import training_device
-from workers.trainable.training import STUDENT_LR, make_optimizer, predict, quality, train_config
+from workers.trainable.training import STUDENT_LR, make_optimizer, output_kind, predict, quality, soft_loss, train_config
+
+__all__ = ["Data", "History", "distill", "output_kind"]
 
 
 @dataclass
@@ -56,27 +58,6 @@ def _projection(student_dim: int, teacher_dim: int, conv: bool) -> nn.Module:
     if student_dim == teacher_dim:
         return nn.Identity()
     return nn.Conv2d(student_dim, teacher_dim, 1) if conv else nn.Linear(student_dim, teacher_dim)
-
-
-def output_kind(teacher_out: torch.Tensor, vocabulary_sizes: set[int]) -> str:
-    """classifier: [batch, classes] logits; token_logits: [batch, positions, vocabulary]; features:
-    anything else (hidden states, embeddings, feature maps)."""
-    if teacher_out.dim() == 2 and teacher_out.shape[1] > 1:
-        return "classifier"
-    if teacher_out.dim() == 3 and teacher_out.shape[-1] in vocabulary_sizes:
-        return "token_logits"
-    return "features"
-
-
-def soft_loss(student: torch.Tensor, teacher: torch.Tensor, t: float, kind: str) -> torch.Tensor:
-    if kind == "classifier":
-        return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
-    if kind == "token_logits":  # KL at every position, averaged over positions
-        v = student.shape[-1]
-        return F.kl_div(F.log_softmax(student.reshape(-1, v) / t, 1), F.softmax(teacher.reshape(-1, v) / t, 1), reduction="batchmean") * t * t
-    # Hidden states / embeddings: direction (cosine) and magnitude (MSE) per vector.
-    s, te = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    return (1 - F.cosine_similarity(s, te, dim=1)).mean() + F.mse_loss(s, te)
 
 
 def distill(
@@ -153,7 +134,7 @@ def distill(
         if scheduler:
             scheduler.step()
         student.to("cpu")
-        score = quality(predict(student, validation.inputs), validation.labels, validation.teacher)
+        score = quality(predict(student, validation.inputs), validation.labels, validation.teacher, validation.kind)
         record = {"epoch": epoch + 1, **{k: v / max(1, seen) for k, v in totals.items() if v}, "validation": score}
         history.epochs.append(record)
         if score > history.best_score:

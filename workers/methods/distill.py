@@ -85,14 +85,14 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
     from workers.data import token_vocabularies  # workers.data imports the methods package: import at use
 
     teacher_train = predict(teacher, train_inputs)
-    kind = output_kind(teacher_train, set(token_vocabularies(model).values()))
+    kind = output_kind(teacher_train, set(token_vocabularies(model).values()), teacher.output_names[0], data.labels is not None)
     if kind != "classifier" and spec.compare_baseline:
         raise CompressionFailed("compare_baseline trains on class labels: the model's output is not [batch, classes] logits", code="labels_required")
     labels = data.labels if kind == "classifier" else None  # labels are class indices: meaningless for other outputs
     train = Data(train_inputs, labels, teacher_train, kind)
     validation = Data(eval_inputs, held_out.labels if kind == "classifier" else None, predict(teacher, eval_inputs), kind)
     metric = "accuracy" if validation.labels is not None else ("agreement_with_teacher" if kind == "classifier" else "cosine_to_teacher")
-    teacher_score = quality(validation.teacher, validation.labels, validation.teacher)
+    teacher_score = quality(validation.teacher, validation.labels, validation.teacher, kind)
 
     example = tuple(x[: data.fixed_batch or 2] for x in train_inputs)
     student, derivation = _student(teacher, spec, example, ctx)

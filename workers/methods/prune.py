@@ -60,7 +60,7 @@ class _Run(TrainableRun):
         # Keep the best epoch on the evaluation data (the pruned state counts): never worse than no fine-tuning.
         outcome: dict = {}
         losses = train(self.module, self.inputs, self.labels, self.teacher, config, on_epoch, after_step, self.fixed_batch,
-                       keep_best=self.quality, outcome=outcome)
+                       keep_best=self.quality, outcome=outcome, kind=self.kind)
         self.finetune_log.append(outcome)
         return losses
 

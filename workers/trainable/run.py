@@ -17,7 +17,7 @@ from service.core.errors import InvalidInput
 from workers.methods.base import StepData
 from workers.trainable.from_onnx import OnnxGraphModule
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
-from workers.trainable.training import FINETUNE_LR, finetune_epochs, predict, quality, tensors, train, train_config
+from workers.trainable.training import FINETUNE_LR, finetune_epochs, output_kind, predict, quality, tensors, train, train_config
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
 
@@ -42,10 +42,17 @@ class TrainableRun:
         # Now, before the method changes the module: these are the original's outputs.
         self.teacher = predict(self.module, self.inputs)
         self.eval_teacher = predict(self.module, self.eval_inputs)
-        self.metric = "accuracy" if self.eval_labels is not None and self.eval_teacher.dim() == 2 else "agreement_with_original"
+        from workers.data import token_vocabularies  # workers.data imports the methods package: import at use
+
+        # What the output is decides the fine-tuning loss and the score (a sentence embedding is not class logits).
+        self.kind = output_kind(self.teacher, set(token_vocabularies(model).values()), self.module.output_names[0], self.labels is not None)
+        if self.kind == "classifier":
+            self.metric = "accuracy" if self.eval_labels is not None else "agreement_with_original"
+        else:
+            self.metric = "cosine_to_original"
 
     def quality(self, module: nn.Module | None = None) -> float:
-        return quality(predict(module or self.module, self.eval_inputs), self.eval_labels, self.eval_teacher)
+        return quality(predict(module or self.module, self.eval_inputs), self.eval_labels, self.eval_teacher, self.kind)
 
     @staticmethod
     def check_named(layers: dict[str, nn.Module], asked: list[str] | None, what: str = "layers") -> None:
@@ -83,7 +90,8 @@ class TrainableRun:
         outcome: dict[str, Any] = {"epochs": epochs, "target": "the original model's outputs" if distil or self.labels is None else "labels", "losses": []}
         if epochs:
             outcome["losses"] = train(self.module, self.inputs, None if distil else self.labels, self.teacher, train_config(training, epochs, default_lr),
-                                      lambda epoch, loss: on_epoch(epoch, epochs, loss), after_step, self.data.fixed_batch, keep_best=self.quality, outcome=outcome)
+                                      lambda epoch, loss: on_epoch(epoch, epochs, loss), after_step, self.data.fixed_batch, keep_best=self.quality,
+                                      outcome=outcome, kind=self.kind)
         return outcome
 
     def to_onnx(self) -> onnx.ModelProto:

@@ -1,13 +1,16 @@
 """Fine-tuning and evaluation of trainable modules on a job's data.
 
 Labels, when the data has them, give a cross-entropy loss; without labels the original model's
-outputs are the targets (soft-target distillation at temperature T, loss scaled by T^2, for
-classifiers; mean squared error otherwise), so an unlabelled production sample still trains.
+outputs are the targets, by what the output is (`output_kind`): soft-target distillation at
+temperature T (loss scaled by T^2) for class logits, the same at every position for per-token
+logits, 1 - cosine + MSE per vector for embeddings and hidden states. So an unlabelled production
+sample still trains, and a sentence embedding is not mistaken for class logits.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,29 +74,57 @@ def predict(module: nn.Module, inputs: list[torch.Tensor], batch_size: int = 256
     return torch.cat(outs)
 
 
-def is_classifier(outputs: torch.Tensor) -> bool:
-    return outputs.dim() == 2 and outputs.shape[1] > 1
+# Output names that say "this is a vector representation, not class scores".
+_EMBEDDING_NAME = re.compile(r"embed|pool|feature|hidden|vector|encod|represent", re.IGNORECASE)
 
 
-def quality(outputs: torch.Tensor, labels: np.ndarray | None, reference: torch.Tensor) -> float:
+def output_kind(outputs: torch.Tensor, vocabulary_sizes: set[int] | None = None, name: str | None = None, has_labels: bool = False) -> str:
+    """classifier: [batch, classes] logits; token_logits: [batch, positions, vocabulary]; features:
+    anything else (hidden states, embeddings, feature maps). A [batch, d] output is an embedding, not
+    logits, when its rows are L2-normalised (sentence-transformers' Normalize) or its name says so
+    ("sentence_embedding", "pooler_output"), unless the data has class labels for it."""
+    if outputs.dim() == 3 and outputs.shape[-1] in (vocabulary_sizes or set()):
+        return "token_logits"
+    if outputs.dim() == 2 and outputs.shape[1] > 1:
+        if has_labels:
+            return "classifier"
+        norms = outputs.detach().double().norm(dim=1)
+        normalised = len(norms) > 0 and bool(((norms - 1).abs() < 1e-3).all())
+        return "features" if normalised or (name is not None and _EMBEDDING_NAME.search(name)) else "classifier"
+    return "features"
+
+
+def _kind(outputs: torch.Tensor, kind: str | None) -> str:
+    return kind or ("classifier" if outputs.dim() == 2 and outputs.shape[1] > 1 else "features")
+
+
+def quality(outputs: torch.Tensor, labels: np.ndarray | None, reference: torch.Tensor, kind: str | None = None) -> float:
     """Accuracy against labels when there are labels; otherwise top-1 agreement with the original
-    model (or, for a non-classifier, cosine similarity to it)."""
-    if is_classifier(outputs):
+    model for class logits, or the mean cosine similarity to it for anything else."""
+    if _kind(outputs, kind) == "classifier":
         target = torch.from_numpy(labels) if labels is not None else reference.argmax(1)
         return float((outputs.argmax(1) == target[: len(outputs)]).float().mean())
     return float(F.cosine_similarity(outputs.flatten(1), reference.flatten(1)).mean())
 
 
-def _loss(student: torch.Tensor, labels: torch.Tensor | None, teacher: torch.Tensor) -> torch.Tensor:
-    if labels is not None and is_classifier(student):
-        return F.cross_entropy(student, labels)
-    if is_classifier(student):
-        t = DISTILL_TEMPERATURE
+def soft_loss(student: torch.Tensor, teacher: torch.Tensor, t: float, kind: str) -> torch.Tensor:
+    """The loss towards the original's (teacher's) outputs, by what they are."""
+    if kind == "classifier":
         return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
+    if kind == "token_logits":  # KL at every position, averaged over positions
+        v = student.shape[-1]
+        return F.kl_div(F.log_softmax(student.reshape(-1, v) / t, 1), F.softmax(teacher.reshape(-1, v) / t, 1), reduction="batchmean") * t * t
     # Embeddings and hidden states: direction matters most (a normalised sentence embedding's MSE is
     # tiny whatever happens), so 1 - cosine per vector, plus MSE for the magnitude.
-    s, t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
-    return (1 - F.cosine_similarity(s, t, dim=1)).mean() + F.mse_loss(s, t)
+    s, te = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    return (1 - F.cosine_similarity(s, te, dim=1)).mean() + F.mse_loss(s, te)
+
+
+def _loss(student: torch.Tensor, labels: torch.Tensor | None, teacher: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+    kind = _kind(student, kind)
+    if labels is not None and kind == "classifier":
+        return F.cross_entropy(student, labels)
+    return soft_loss(student, teacher, DISTILL_TEMPERATURE, kind)
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -113,6 +144,7 @@ def train(
     fixed_batch: int | None = None,
     keep_best: Callable[[], float] | None = None,
     outcome: dict | None = None,
+    kind: str | None = None,
 ) -> list[float]:
     """Train for config.epochs; `on_epoch(epoch, loss)` runs after each epoch (progress, cancel);
     `after_step` after each optimiser step (e.g. re-applying pruning masks). With `keep_best` (a
@@ -141,7 +173,7 @@ def train(
                 continue  # batch norm cannot train on one sample
             out = module(*(t[idx].to(device) for t in inputs))
             out = out[0] if isinstance(out, tuple) else out
-            loss = _loss(out, label_tensor[idx].to(device) if label_tensor is not None else None, teacher[idx].to(device))
+            loss = _loss(out, label_tensor[idx].to(device) if label_tensor is not None else None, teacher[idx].to(device), kind)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
