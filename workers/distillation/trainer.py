@@ -97,13 +97,14 @@ def distill(
     history = History()
     best_state = copy.deepcopy(student.state_dict())
     n = len(train.inputs[0])
+    batch = config.batch_for(n)
     for epoch in range(spec.epochs):
         student.to(device).train()
         order = torch.randperm(n, generator=generator)
         totals = {"loss": 0.0, "soft": 0.0, "hard": 0.0, "hint": 0.0}
         seen = 0
-        for start in range(0, n, config.batch_size):
-            idx = order[start:start + config.batch_size]
+        for start in range(0, n, batch):
+            idx = order[start:start + batch]
             if len(idx) < 2:
                 continue
             out = student(*(x[idx].to(device) for x in train.inputs))

@@ -37,6 +37,20 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     seed: int = 0
+    auto_batch: bool = False  # the step did not set batch_size: small datasets get smaller batches
+
+    def batch_for(self, samples: int) -> int:
+        """The batch size to train `samples` with: as asked, or by default at least MIN_STEPS_PER_EPOCH
+        steps an epoch (measured on MiniLM, 300 sentences: 10 steps in 2 epochs left 50% Wanda pruning at
+        cosine 0.921, 150 steps at 0.941), never below MIN_AUTO_BATCH."""
+        if not self.auto_batch:
+            return self.batch_size
+        return max(MIN_AUTO_BATCH, min(self.batch_size, samples // MIN_STEPS_PER_EPOCH))
+
+
+DEFAULT_BATCH = 64
+MIN_STEPS_PER_EPOCH = 16
+MIN_AUTO_BATCH = 8
 
 
 # A trained model is fine-tuned gently; a new student learns from scratch.
@@ -49,7 +63,9 @@ DEFAULT_FINETUNE_EPOCHS = 2
 def train_config(training, epochs: int, default_lr: float) -> TrainConfig:
     values = training.model_dump()
     values["lr"] = values.get("lr") or default_lr
-    return TrainConfig(epochs=epochs, **values)
+    auto_batch = values.get("batch_size") is None
+    values["batch_size"] = values.get("batch_size") or DEFAULT_BATCH
+    return TrainConfig(epochs=epochs, auto_batch=auto_batch, **values)
 
 
 def finetune_epochs(asked: int | None, data_available: bool) -> int:
@@ -161,7 +177,7 @@ def train(
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], config)
     label_tensor = torch.from_numpy(labels).long() if labels is not None else None
     n = len(inputs[0])
-    batch = fixed_batch or config.batch_size
+    batch = fixed_batch or config.batch_for(n)
     losses = []
     for epoch in range(config.epochs):
         module.train()
@@ -193,6 +209,8 @@ def train(
     module.to("cpu").eval()
     if best_state is not None:
         module.load_state_dict(best_state)
-    if outcome is not None and keep_best is not None:
-        outcome.update({"scores_by_epoch": scores, "kept_epoch": best_epoch})
+    if outcome is not None:
+        outcome["batch_size"] = batch
+        if keep_best is not None:
+            outcome.update({"scores_by_epoch": scores, "kept_epoch": best_epoch})
     return losses

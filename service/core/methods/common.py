@@ -90,7 +90,11 @@ class CalibrationSpec(StrictModel):
 class TrainingSpec(StrictModel):
     """How fine-tuning runs (labels when the data has them, otherwise the original model's outputs)."""
 
-    batch_size: int = Field(64, ge=1, le=65536)
+    batch_size: int | None = Field(
+        None, ge=1, le=65536,
+        description="Default (null): 64, smaller on a small dataset so every epoch takes at least 16 optimiser steps (never below 8): "
+        "300 sentences at 64 are 5 steps an epoch, too few to recover a pruned or clustered transformer. A number given here is used as it is.",
+    )
     lr: float | None = Field(None, gt=0, le=10, description="Default: 1e-4 when fine-tuning the uploaded (trained) model, which a larger step can push further from the original than no fine-tuning at all; 1e-3 when training a new student.")
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0, le=1)
