@@ -153,3 +153,25 @@ def test_a_converter_that_disagrees_with_onnx_runtime_is_caught_at_the_diverging
     with pytest.raises(ConversionMismatch) as info:
         trainable(model, data)
     assert info.value.code == "conversion_mismatch" and "'first_relu' (Relu)" in info.value.message
+
+
+@pytest.mark.parametrize("starts,ends,axes,steps", [
+    ([-1], [-9223372036854775808], [1], [-1]),  # x[:, ::-1], as padding code that reverses pads writes it
+    ([4], [0], [1], [-2]),
+    ([-2], [-5], [1], [-1]),
+    ([3, 10], [-10, -100], [0, 1], [-1, -3]),
+    ([0], [9223372036854775807], [1], [2]),
+])
+def test_slice_with_negative_steps_matches_onnx(starts, ends, axes, steps) -> None:
+    """MobileNetV2 from transformers slices backwards; ONNX's clamping rules, checked against its reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    from workers.trainable.onnx_ops import OPS
+
+    x = np.arange(24, dtype=np.float32).reshape(4, 6)
+    consts = [numpy_helper.from_array(np.array(v, np.int64), n) for v, n in ((starts, "s"), (ends, "e"), (axes, "a"), (steps, "p"))]
+    graph = helper.make_graph([helper.make_node("Slice", ["x", "s", "e", "a", "p"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 6])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], consts)
+    expected = ReferenceEvaluator(helper.make_model(graph)).run(None, {"x": x})[0]
+    got = OPS["Slice"]([torch.from_numpy(x), *(torch.tensor(v) for v in (starts, ends, axes, steps))], {})[0].numpy()
+    np.testing.assert_array_equal(got, expected)

@@ -136,7 +136,8 @@ def distill(
             scheduler.step()
         student.to("cpu")
         score = quality(predict(student, validation.inputs), validation.labels, validation.teacher, validation.kind)
-        record = {"epoch": epoch + 1, **{k: v / max(1, seen) for k, v in totals.items() if v}, "validation": score}
+        # "loss" always (a student that already matches its teacher scores 0); the parts that were used.
+        record = {"epoch": epoch + 1, **{k: v / max(1, seen) for k, v in totals.items() if v or k == "loss"}, "validation": score}
         history.epochs.append(record)
         if score > history.best_score:
             history.best_score, history.best_epoch = score, epoch + 1

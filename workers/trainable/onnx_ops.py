@@ -90,11 +90,28 @@ def _slice(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
     axes = inputs[3].tolist() if len(inputs) > 3 and inputs[3] is not None else list(range(len(starts)))
     steps = inputs[4].tolist() if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
     index: list[Any] = [slice(None)] * x.dim()
+    reversed_axes = []
     for s, e, a, st in zip(starts, ends, axes, steps):
-        if st <= 0:
-            raise NotImplementedError("Slice with a non-positive step")
+        if st == 0:
+            raise NotImplementedError("Slice with a zero step")
+        if st < 0:  # torch slices forwards only: gather the indices ONNX's clamping rules pick
+            reversed_axes.append((a % x.dim(), _backward_indices(int(s), int(e), int(st), x.shape[a])))
+            continue
         index[a] = slice(int(s), None if e >= 2**62 else int(e), int(st))
-    return [x[tuple(index)]]
+    out = x[tuple(index)]
+    for axis, picked in reversed_axes:
+        out = out.index_select(axis, torch.tensor(picked, dtype=torch.long, device=out.device))
+    return [out]
+
+
+def _backward_indices(start: int, end: int, step: int, dim: int) -> list[int]:
+    """ONNX Slice with a negative step (e.g. x[::-1], written by padding code that reverses pads):
+    negative bounds count from the end, start is clamped to [0, dim-1] and end to [-1, dim-1]."""
+    start = start + dim if start < 0 else start
+    end = end + dim if end < 0 else end
+    start = min(max(start, 0), dim - 1)
+    end = min(max(end, -1), dim - 1)
+    return list(range(start, end, step))
 
 
 def _split(inputs: list[Any], attrs: dict[str, Any]) -> list[Any]:
