@@ -101,7 +101,10 @@ def test_web_page_uploads_submits_follows_and_shows_reports(service, browser, tm
     model_path = save(model, tmp_path / "model.onnx")
     data_path = tmp_path / "data.npz"
     data_path.write_bytes(dataset_npz(model, samples=128))
-    wait = WebDriverWait(browser, WAIT_S)
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    # The page re-renders its tables as events arrive: an element found a moment ago may be replaced.
+    wait = WebDriverWait(browser, WAIT_S, ignored_exceptions=(StaleElementReferenceException,))
     page = browser
     page.get(f"{url}/ui")
     assert page.title == "modelshrink"
@@ -121,7 +124,7 @@ def test_web_page_uploads_submits_follows_and_shows_reports(service, browser, tm
     steps.send_keys('[{"method": "quantize", "mode": "int8_dynamic"}]')
     page.find_element(By.ID, "submit-job").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#jobs tr.row .status.succeeded"))
-    job_row = page.find_element(By.CSS_SELECTOR, "#jobs tr.row").get_attribute("id")
+    job_row = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#jobs tr.row").get_attribute("id"))
     _open_report(page, wait, job_row)
     page.switch_to.frame(page.find_element(By.ID, "report"))
     bars = _rendered(page, "svg.bars")
@@ -141,7 +144,7 @@ def test_web_page_uploads_submits_follows_and_shows_reports(service, browser, tm
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#searches tr.row .status.succeeded, #searches tr.row .status.failed"))
     assert page.find_elements(By.CSS_SELECTOR, "#searches tr.row .status.succeeded")
     assert len(page.find_elements(By.CSS_SELECTOR, "#jobs tr.row")) >= 3  # the job and the search's candidates
-    _open_report(page, wait, page.find_element(By.CSS_SELECTOR, "#searches tr.row").get_attribute("id"))
+    _open_report(page, wait, wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#searches tr.row").get_attribute("id")))
     page.switch_to.frame(page.find_element(By.ID, "report"))
     scatters = _rendered(page, "svg.pareto")
     assert len(scatters) == 2 and all(s["w"] > 300 and s["h"] > 200 for s in scatters)
