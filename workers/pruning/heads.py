@@ -337,6 +337,7 @@ def remove(model: onnx.ModelProto, blocks: list[AttentionBlock], removed: dict[i
     out.CopyFrom(model)
     nodes = list(out.graph.node)
     inits = {i.name: i for i in out.graph.initializer}
+    original = _Graph(model)  # for the shape constants, read once
     readers: dict[str, int] = {}
     for n in nodes:
         for value in n.input:
@@ -353,7 +354,7 @@ def remove(model: onnx.ModelProto, blocks: list[AttentionBlock], removed: dict[i
         kept = block.heads - len(heads)
         for indices, position, value in ((block.split_shapes, -2, kept), (block.merge_shapes, -1, kept * block.head_dim)):
             for index in indices:
-                shape = _Graph(model).const(model.graph.node[index].input[1])
+                shape = original.const(original.nodes[index].input[1])
                 assert shape is not None
                 shape = shape.copy()
                 shape[position] = value
