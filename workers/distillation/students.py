@@ -12,6 +12,7 @@ from torch import nn
 from service.core.errors import InvalidInput
 from service.core.specs import StudentSpec
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, output_layer, weighted_layers
+from workers.distillation.residual_depth import drop_residual_blocks, residual_blocks
 from workers.distillation.transformer_depth import drop_blocks
 from workers.factorization.layers import factorise_linear
 from workers.trainable.from_onnx import OnnxGraphModule
@@ -47,7 +48,8 @@ def _shape_preserving(layer: nn.Module) -> bool:
 
 
 def by_depth(teacher: OnnxGraphModule, spec: StudentSpec) -> tuple[OnnxGraphModule, list[str]]:
-    """Replace shape-preserving layers by identities (a residual block's branch then adds only its skip)."""
+    """Drop whole blocks: a transformer's (from its LayerNorms), a residual CNN's identity-shortcut blocks;
+    otherwise (or with `drop_layers`) replace shape-preserving layers by identities."""
     if is_transformer(teacher):
         # A square linear in a transformer is an attention projection, not a block: whole blocks go instead.
         if spec.drop_layers:
@@ -55,6 +57,11 @@ def by_depth(teacher: OnnxGraphModule, spec: StudentSpec) -> tuple[OnnxGraphModu
                                code="invalid_student")
         student = copy.deepcopy(teacher)
         dropped, student.block_aliases = drop_blocks(student, spec.drop_count)
+        return student, dropped
+    if not spec.drop_layers and residual_blocks(teacher):
+        # Whole residual blocks, not single layers, when the network has them (see residual_depth).
+        student = copy.deepcopy(teacher)
+        dropped, student.block_aliases = drop_residual_blocks(student, spec.drop_count)
         return student, dropped
     student = copy.deepcopy(teacher)
     names = {student.layer_names[k]: k for k in student.layers}

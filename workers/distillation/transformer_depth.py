@@ -35,9 +35,10 @@ def residual_stream(module: OnnxGraphModule) -> list[str]:
     return [norm[3][0] if post else norm[2][0] for norm in norms[::2]]
 
 
-def chosen_blocks(blocks: int, count: int) -> list[int]:
-    """Every other block first (1, 3, 5, ...: the first block stays), then from the end."""
-    order = list(range(1, blocks, 2)) + [b for b in range(blocks - 1, 0, -1) if b % 2 == 0]
+def chosen_blocks(blocks: int, count: int, keep_first: bool = True) -> list[int]:
+    """Every other block first (1, 3, 5, ...), then from the end; the first block stays unless
+    `keep_first` is false (then it goes last)."""
+    order = list(range(1, blocks, 2)) + [b for b in range(blocks - 1, 0, -1) if b % 2 == 0] + ([] if keep_first else [0])
     return sorted(order[:count])
 
 
@@ -51,9 +52,15 @@ def drop_blocks(student: OnnxGraphModule, count: int) -> tuple[list[str], dict[s
         raise InvalidInput(f"this transformer shows {max(blocks, 0)} blocks (from its LayerNorms); a depth student must keep at least one "
                            f"(drop_count {count})", code="invalid_student")
     dropped = chosen_blocks(blocks, count)
-    # The tensor after a dropped block becomes an alias of the tensor before it; the block's own steps
-    # then feed nothing and go (graph outputs keep their names even when one of them is aliased).
     aliases = {stream[b + 1]: stream[b] for b in dropped}
+    apply_aliases(student, aliases)
+    return [f"block {b}" for b in dropped], aliases
+
+
+def apply_aliases(student: OnnxGraphModule, aliases: dict[str, str]) -> None:
+    """The tensor after a dropped block becomes an alias of the tensor before it; the block's own steps
+    then feed nothing and go, with their layers (graph outputs keep their names even when one of them
+    is aliased)."""
     plan = [("op", "Identity", [aliases[step[3][0]]], [step[3][0]], {"_outputs": 1}) if step[3] and step[3][0] in aliases else step
             for step in student.plan]
     needed = set(student.output_names)
@@ -68,7 +75,6 @@ def drop_blocks(student: OnnxGraphModule, count: int) -> tuple[list[str], dict[s
         del student.layers[key]
         student.layer_names.pop(key, None)
         student.sources.pop(key, None)
-    return [f"block {b}" for b in dropped], aliases
 
 
 def drop_in_graph(model: onnx.ModelProto, aliases: dict[str, str]) -> onnx.ModelProto:

@@ -51,7 +51,7 @@ def apply(model: onnx.ModelProto, spec: DepthwiseSeparableStep, data: StepData, 
         run.replace(layer_name, replacement)
     if not rows:
         raise CompressionFailed("no convolution to replace: depthwise-separable replaces K x K convolutions with groups 1 "
-                                f"({', '.join(s['layer'] + ': ' + s['why'] for s in skipped) or 'this model has none'})", code="nothing_to_replace")
+                                f"({_skipped_summary(skipped) or 'this model has none'})", code="nothing_to_replace")
     after_replacing = run.quality()
 
     def on_epoch(epoch: int, epochs: int, loss: float) -> None:
@@ -70,3 +70,16 @@ def apply(model: onnx.ModelProto, spec: DepthwiseSeparableStep, data: StepData, 
         "distillation": outcome,
         "evaluated_on": run.evaluated_on,
     })
+
+
+def _skipped_summary(skipped: list[dict], shown: int = 3) -> str:
+    """Why layers were passed over, grouped by reason (a MobileNet has dozens of 1x1 and depthwise
+    convolutions: one line each would bury the message)."""
+    by_reason: dict[str, list[str]] = {}
+    for row in skipped:
+        by_reason.setdefault(row["why"], []).append(row["layer"])
+    parts = []
+    for why, layers in by_reason.items():
+        more = f" and {len(layers) - shown} more" if len(layers) > shown else ""
+        parts.append(f"{why}: {', '.join(layers[:shown])}{more}")
+    return "; ".join(parts)

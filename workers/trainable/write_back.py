@@ -109,6 +109,8 @@ def write_back(original: onnx.ModelProto, module: OnnxGraphModule) -> onnx.Model
         if isinstance(layer, torch.nn.Sequential):
             _factorise(model, by_output, layer, source, key)
             continue
+        if source["kind"] == "conv":
+            _set_group(by_output[source["nodes"][0]], layer.groups)
         for name, value in _trained_values(layer, source).items():
             if name not in inits:
                 continue
@@ -202,9 +204,7 @@ def _factorise_conv(model: onnx.ModelProto, by_output: dict, layer: torch.nn.Seq
         if i == cores[0]:
             node.input[:] = inputs
             node.output[0] = output
-            kept = [a for a in node.attribute if a.name != "group"]
-            del node.attribute[:]
-            node.attribute.extend(kept + [onnx.helper.make_attribute("group", part.groups)])
+            _set_group(node, part.groups)
             new_nodes.append(node)
         else:
             new_nodes.append(onnx.helper.make_node("Conv", inputs, [output], kernel_shape=[1, 1]))
@@ -212,6 +212,17 @@ def _factorise_conv(model: onnx.ModelProto, by_output: dict, layer: torch.nn.Seq
     model.graph.node.remove(node)
     for offset, new in enumerate(new_nodes):
         model.graph.node.insert(position + offset, new)
+
+
+def _set_group(node: onnx.NodeProto, groups: int) -> None:
+    """A depthwise convolution narrowed by structured pruning has as many groups as channels left; a
+    factorised convolution's core takes its part's groups."""
+    current = next((a.i for a in node.attribute if a.name == "group"), 1)
+    if current == groups:
+        return
+    kept = [a for a in node.attribute if a.name != "group"]
+    del node.attribute[:]
+    node.attribute.extend(kept + [onnx.helper.make_attribute("group", groups)])
 
 
 def _trained_values(layer: torch.nn.Module, source: dict) -> dict[str, np.ndarray]:

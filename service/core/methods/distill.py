@@ -15,7 +15,7 @@ class StudentSpec(StrictModel):
     kind: Literal["width", "depth", "low_rank"] = "width"
     width: float = Field(0.5, gt=0, lt=1, description="width: fraction of every hidden layer's neurons/channels kept (the teacher's most important, by L2 norm).")
     drop_layers: NameList = Field(default_factory=list, max_length=4096, description="depth: layers to remove (each must map its input shape to itself, e.g. a residual block's conv).")
-    drop_count: int = Field(1, ge=1, le=100, description="depth, when drop_layers is empty: remove this many shape-preserving layers, last first.")
+    drop_count: int = Field(1, ge=1, le=100, description="depth, when drop_layers is empty: remove this many whole blocks (a transformer's, or a CNN's identity-shortcut residual blocks; every other one first), or, in a network without either, this many shape-preserving layers, last first.")
     rank: int | None = Field(None, ge=1, le=65536, description="low_rank: rank of every factorised linear layer.")
     energy: float = Field(0.9, gt=0, le=1, description="low_rank, when rank is unset: keep the singular values holding this share of the energy.")
 
