@@ -154,6 +154,7 @@ def run_pipeline_metrics(exp: Export, train: bytes, held_out: bytes, step: dict,
     try:
         metrics, _ = run_pipeline(job, store, Settings(data_dir=work), job_dir, lambda *a, **k: None)
     except ModelshrinkError as exc:
+        print("ERROR", exc.code, exc.message, flush=True)
         return exc.code, None
     return "ok", metrics
 

@@ -13,6 +13,7 @@ from onnx import numpy_helper
 
 from service.core.specs import MeasureSpec
 from workers.methods.base import StepData
+from workers.output_kind import SCORED, output_kind
 
 EVAL_BATCH = 32
 
@@ -127,12 +128,15 @@ def _is_classifier(out: np.ndarray) -> bool:
     return out.ndim >= 2 and out.shape[-1] > 1
 
 
-def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float | None]:
+def fidelity(reference: np.ndarray, candidate: np.ndarray, kind: str | None = None) -> dict[str, float | None]:
+    """Cosine to the original's outputs (per sample), the largest difference, and, for scores
+    (`kind` classifier or token_logits, see workers.output_kind), how often the argmax agrees: for an
+    embedding or hidden states the argmax of a vector means nothing, so it is left out (None)."""
     ref, cand = reference.reshape(len(reference), -1), candidate.reshape(len(candidate), -1)
     denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
     cosine = np.where(denom > 0, (ref * cand).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0)
     agreement = None
-    if _is_classifier(reference):
+    if (kind or output_kind(reference)) in SCORED:
         agreement = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
     return {"top1_agreement": agreement, "max_abs_diff": float(np.abs(ref - cand).max()), "cosine": float(cosine.mean())}
 

@@ -22,6 +22,7 @@ from workers import verdict
 from workers.sensitivity import layer_sensitivity
 from workers.data import load_step_data, synthetic_data, token_vocabularies
 from workers.job_input import JobInput
+from workers.output_kind import model_output_kind
 from workers.methods import METHODS
 from workers.methods.base import StepContext, StepData
 from workers.constant_folding import fold
@@ -147,7 +148,8 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
     original, ref_out, original_session = _describe(original_path, evaluation, spec)
     compressed, out, compressed_session = _describe(compressed_path, evaluation, spec)
     _refuse_non_finite(ref_out, out)
-    compressed["fidelity"] = m.fidelity(ref_out, out)
+    kind = model_output_kind(onnx.load_model(str(original_path), load_external_data=False), ref_out, evaluation.labels is not None)
+    compressed["fidelity"] = m.fidelity(ref_out, out, kind)
     timing = m.latency([original_session, compressed_session], evaluation, spec,
                        lambda f, msg: progress(STEPS_SHARE + f * (0.95 - STEPS_SHARE), "measure", f"both models, interleaved: {msg}"))
     _with_latency(original, timing[0])

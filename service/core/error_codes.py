@@ -63,6 +63,7 @@ JOB_CODES: dict[str, str] = {
     "accuracy_budget_exceeded": "pruning could not stay within max_accuracy_drop",
     "structured_pruning_unsupported": "structured pruning cannot narrow this architecture's layers",
     "structured_pruning_failed": "torch-pruning could not prune this graph",
+    "importance_unsupported": "the chosen pruning importance cannot be measured on this model's outputs (Taylor on embeddings)",
     "head_pruning_unsupported": "no attention heads can be removed from this graph (separate query/key/value projections are needed)",
     "nothing_to_cluster": "no layer large enough to cluster",
     "nothing_to_prune": "no MatMul/Gemm/Conv weight to prune",

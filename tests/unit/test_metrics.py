@@ -23,10 +23,10 @@ def test_macs_of_mlp_and_cnn() -> None:
 
 
 def test_fidelity_of_identical_and_flipped_outputs() -> None:
-    ref = np.array([[1.0, 0.0], [0.0, 1.0]])
+    ref = np.array([[3.0, 0.0], [0.0, 3.0]])  # logits (rows of length 1 would read as an embedding)
     assert metrics.fidelity(ref, ref) == {"top1_agreement": 1.0, "max_abs_diff": 0.0, "cosine": 1.0}
     flipped = metrics.fidelity(ref, ref[:, ::-1])
-    assert flipped["top1_agreement"] == 0.0 and flipped["max_abs_diff"] == 1.0 and flipped["cosine"] == 0.0
+    assert flipped["top1_agreement"] == 0.0 and flipped["max_abs_diff"] == 3.0 and flipped["cosine"] == 0.0
 
 
 def test_accuracy_needs_labels_and_class_scores() -> None:

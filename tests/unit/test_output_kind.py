@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -59,3 +60,31 @@ def test_pruning_an_embedding_model_fine_tunes_towards_its_cosine(tmp_path: Path
     scores = report["finetune_by_round"][0]["scores_by_epoch"]
     assert 0.5 < scores[0] < 0.999 and max(scores) > scores[0]  # pruned state scored by cosine, and training raised it
     assert report["final"] == max(scores)
+
+
+def test_fidelity_reports_top1_agreement_only_for_scores() -> None:
+    from workers.metrics import fidelity
+
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((8, 10))
+    assert fidelity(logits, logits + 0.01)["top1_agreement"] == 1.0  # shape alone: class scores
+    assert fidelity(logits, logits, "features")["top1_agreement"] is None
+    hidden = rng.standard_normal((8, 5, 32))
+    assert fidelity(hidden, hidden)["top1_agreement"] is None  # hidden states, not vocabulary-wide
+    assert fidelity(hidden, hidden, "token_logits")["top1_agreement"] == 1.0
+
+
+def test_taylor_importance_is_refused_for_embeddings_and_works_per_token(tmp_path: Path) -> None:
+    from service.core.errors import CompressionFailed
+    from tests.unit.test_real_architectures import _feeds
+    from bench.architectures import export
+
+    x = np.random.default_rng(1).standard_normal((64, 32)).astype(np.float32)
+    with pytest.raises(CompressionFailed) as refused:
+        prune.apply(normalised_encoder(), PruneStep(amount=0.5, importance="taylor"), StepData(inputs={"x": x}), StepContext(work_dir=tmp_path))
+    assert refused.value.code == "importance_unsupported" and "wanda" in refused.value.message
+    # A language model's [batch, positions, vocabulary] logits: cross-entropy at every position.
+    exp = export("gpt2", "dynamo", tmp_path)
+    result = prune.apply(onnx.load(str(exp.path)), PruneStep(amount=0.5, importance="taylor", finetune_epochs=0),
+                         StepData(inputs=_feeds(exp, 16)), StepContext(work_dir=tmp_path))
+    assert result.report["output_kind"] == "token_logits" and result.report["achieved"] > 0.45

@@ -17,7 +17,7 @@ from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
 from workers import sparse_pack
 from workers.methods.base import StepContext, StepData, StepResult
-from workers.pruning import heads, initializers, structured, unstructured
+from workers.pruning import ffn, heads, initializers, structured, unstructured
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, selected_layers, weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.to_onnx import export, has_dynamic_batch
@@ -88,15 +88,24 @@ class _Run(TrainableRun):
         return {name: total.sqrt() for name, total in sums.items()}
 
     def taylor_gradients(self) -> None:
-        """Accumulate dLoss/dw over a few batches (for Taylor importance)."""
+        """Accumulate dLoss/dw over a few batches (for Taylor importance): cross-entropy against the
+        labels, or against the original's own top class (at every position, for token logits). The
+        loss towards the original's outputs would not do: at the original it is at its minimum, so
+        its gradient is zero. Features (embeddings, hidden states) have no classes to take it against."""
         import torch.nn.functional as F
 
+        if self.kind == "features":
+            raise CompressionFailed("`importance: taylor` needs class or token scores to take gradients against; this model outputs "
+                                    "features (an embedding or hidden states): use l1, l2 or wanda", code="importance_unsupported")
         self.module.zero_grad()
         self.module.train()
         for rows in self._batches(TAYLOR_BATCHES):
             out = self.module(*(t[rows] for t in self.inputs))
-            target = torch.from_numpy(self.labels[rows]).long() if self.labels is not None else self.teacher[rows].argmax(1)
-            F.cross_entropy(out, target).backward()
+            if self.labels is not None and self.kind == "classifier":
+                target = torch.from_numpy(self.labels[rows]).long()
+            else:
+                target = self.teacher[rows].argmax(-1)
+            F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1)).backward()
         self.module.eval()
 
     def _batches(self, limit: int) -> list[slice]:
@@ -198,18 +207,23 @@ def _lottery(run: _Run) -> dict[str, Any]:
     return {"rounds": rounds, "kept_round": "ticket", "stopped": stopped, "thresholds": thresholds, "achieved": unstructured.sparsity(layers)}
 
 
-def _finetune_only(run: _Run) -> dict[str, Any]:
-    """`amount: 0` with `heads`: the heads are already gone from the graph; rounds of fine-tuning only."""
+def _finetune_only(run: _Run, params_original: int) -> dict[str, Any]:
+    """The graph was narrowed already (heads with `amount: 0`, or feed-forward units on the graph):
+    rounds of fine-tuning only."""
     params = sum(p.numel() for p in run.module.parameters())
     rounds, best, stopped = _iterate(run, lambda r: {"parameters": params}, lambda: None, lambda: copy.deepcopy(run.module))
     run.module = best[0]
-    return {"rounds": rounds, "kept_round": best[1], "stopped": stopped, "thresholds": {}, "achieved": 0.0}
+    return {"rounds": rounds, "kept_round": best[1], "stopped": stopped, "thresholds": {}, "achieved": 1.0 - params / params_original}
+
+
+def _needs_graph_ffn(run: _Run) -> bool:
+    """A transformer whose feed-forward blocks the converted module cannot narrow (GPT-2's Conv1D
+    reshapes): they are narrowed on the graph (workers.pruning.ffn)."""
+    return run.spec.kind == "structured" and run.spec.amount > 0 and is_transformer(run.module) and not mlp_hidden_layers(run.module)
 
 
 def _structured(run: _Run) -> dict[str, Any]:
     spec = run.spec
-    if spec.amount == 0:
-        return _finetune_only(run)
     all_layers = weighted_layers(run.module)
     selected = selected_layers(run.module, spec)
     if is_transformer(run.module):
@@ -302,8 +316,15 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         ctx.progress(0.01, "measuring each attention head's importance")
         graph, head_report = heads.prune_heads(model, spec.heads, _head_feeds(run), ctx.threads)
         run.module = trainable(graph, data)
+    ffn_report = None
+    if _needs_graph_ffn(run):
+        ctx.progress(0.02, "narrowing the feed-forward blocks in the graph")
+        graph, ffn_report = ffn.prune_ffn(graph, spec, _head_feeds(run), ctx.threads)
+        run.module = trainable(graph, data)
     torch.manual_seed(spec.training.seed)
-    if spec.lottery_ticket:
+    if spec.kind == "structured" and (spec.amount == 0 or ffn_report is not None):
+        outcome = _finetune_only(run, params_original)
+    elif spec.lottery_ticket:
         outcome = _lottery(run)
     elif spec.kind == "unstructured":
         outcome = _unstructured(run)
@@ -328,6 +349,7 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         "target_reached": target_reached,
         "stopped": outcome["stopped"],
         "quality_metric": run.metric,
+        "output_kind": run.kind,
         "evaluated_on": run.evaluated_on,
         "baseline": run.baseline,
         "final": final,
@@ -339,6 +361,8 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         "finetune_lr": run.config.lr,
         "finetune_by_round": run.finetune_log,
     }
+    if ffn_report is not None:
+        report["ffn"] = ffn_report
     if head_report is not None:
         report["heads"] = head_report
         report["achieved"] = 1 - sum(p.numel() for p in run.module.parameters()) / params_original  # heads and units together

@@ -68,7 +68,7 @@ class AttentionBlock:
     removed: list[int] = field(default_factory=list)
 
 
-class _Graph:
+class OnnxGraph:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.inits = {i.name: i for i in model.graph.initializer}
@@ -218,7 +218,7 @@ class _Graph:
 def find_blocks(model: onnx.ModelProto) -> list[AttentionBlock]:
     """Self-attention blocks with separate Q, K, V projections (BERT, MiniLM, RoBERTa, DistilBERT, ViT).
     GPT-2's fused c_attn (one projection split three ways) is not matched."""
-    g = _Graph(model)
+    g = OnnxGraph(model)
     blocks = []
     for node in g.nodes:
         if node.op_type != "MatMul" or len(g.computed(node)) != 2:
@@ -315,7 +315,7 @@ def choose(blocks: list[AttentionBlock], scores: np.ndarray, fraction: float) ->
     return {b: sorted(hs) for b, hs in removed.items()}
 
 
-def _slice(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], readers: dict[str, int], name: str, axis: int, keep: np.ndarray,
+def slice_initializer(model: onnx.ModelProto, inits: dict[str, onnx.TensorProto], readers: dict[str, int], name: str, axis: int, keep: np.ndarray,
            node: onnx.NodeProto, tag: str, source: str | None = None) -> None:
     """`source` (default `name`) sliced along `axis`, for `node` where it reads `name`: in place when
     nothing else reads the tensor (so the layer keeps its name), else as a new tensor (shared ones stay
@@ -337,7 +337,7 @@ def remove(model: onnx.ModelProto, blocks: list[AttentionBlock], removed: dict[i
     out.CopyFrom(model)
     nodes = list(out.graph.node)
     inits = {i.name: i for i in out.graph.initializer}
-    original = _Graph(model)  # for the shape constants, read once
+    original = OnnxGraph(model)  # for the shape constants, read once
     readers: dict[str, int] = {}
     for n in nodes:
         for value in n.input:
@@ -347,10 +347,10 @@ def remove(model: onnx.ModelProto, blocks: list[AttentionBlock], removed: dict[i
         block = blocks[b]
         keep = np.concatenate([np.arange(h * block.head_dim, (h + 1) * block.head_dim) for h in range(block.heads) if h not in heads])
         for tag, proj in (("q", block.q), ("k", block.k), ("v", block.v)):
-            _slice(out, inits, readers, proj.weight, proj.output_axis, keep, nodes[proj.index], f"h{b}{tag}")
+            slice_initializer(out, inits, readers, proj.weight, proj.output_axis, keep, nodes[proj.index], f"h{b}{tag}")
             if proj.bias:
-                _slice(out, inits, readers, proj.bias, 0, keep, nodes[proj.bias_index if proj.bias_index is not None else proj.index], f"h{b}{tag}b", proj.bias_source)
-        _slice(out, inits, readers, block.o.weight, 1 - block.o.output_axis, keep, nodes[block.o.index], f"h{b}o")
+                slice_initializer(out, inits, readers, proj.bias, 0, keep, nodes[proj.bias_index if proj.bias_index is not None else proj.index], f"h{b}{tag}b", proj.bias_source)
+        slice_initializer(out, inits, readers, block.o.weight, 1 - block.o.output_axis, keep, nodes[block.o.index], f"h{b}o")
         kept = block.heads - len(heads)
         for indices, position, value in ((block.split_shapes, -2, kept), (block.merge_shapes, -1, kept * block.head_dim)):
             for index in indices:

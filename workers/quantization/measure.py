@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from service.core.specs import MeasureSpec, QualityTarget
 from workers import metrics as m
 from workers.methods.base import StepData
+from workers.output_kind import model_output_kind
 from workers.quantization.candidates import Candidate
 
 MAX_SAMPLES = 128
@@ -85,6 +87,7 @@ class Reference:
         self.session = m.make_session(original, threads)
         self.outputs = m.first_outputs(self.session, data, MAX_SAMPLES)
         self.accuracy = m.accuracy(self.outputs, data.labels)
+        self.kind = model_output_kind(onnx.load_model(str(original), load_external_data=False), self.outputs, data.labels is not None)
         self.size_bytes = original.stat().st_size
         self._sessions: dict[Path, Any] = {}
 
@@ -94,7 +97,7 @@ class Reference:
             measured.error = "non-finite outputs where the original's are finite"
             return
         measured.samples = len(outputs)
-        scores = m.fidelity(self.outputs, outputs)
+        scores = m.fidelity(self.outputs, outputs, self.kind)
         measured.cosine, measured.top1_agreement = scores["cosine"], scores["top1_agreement"]
         measured.accuracy = m.accuracy(outputs, self.data.labels)
         if measured.accuracy is not None and self.accuracy is not None:

@@ -10,7 +10,6 @@ sample still trains, and a sentence embedding is not mistaken for class logits.
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers import output_kind as kinds
 from workers.trainable.device import training_device
 
 from typing import TYPE_CHECKING
@@ -90,24 +90,9 @@ def predict(module: nn.Module, inputs: list[torch.Tensor], batch_size: int = 256
     return torch.cat(outs)
 
 
-# Output names that say "this is a vector representation, not class scores".
-_EMBEDDING_NAME = re.compile(r"embed|pool|feature|hidden|vector|encod|represent", re.IGNORECASE)
-
-
 def output_kind(outputs: torch.Tensor, vocabulary_sizes: set[int] | None = None, name: str | None = None, has_labels: bool = False) -> str:
-    """classifier: [batch, classes] logits; token_logits: [batch, positions, vocabulary]; features:
-    anything else (hidden states, embeddings, feature maps). A [batch, d] output is an embedding, not
-    logits, when its rows are L2-normalised (sentence-transformers' Normalize) or its name says so
-    ("sentence_embedding", "pooler_output"), unless the data has class labels for it."""
-    if outputs.dim() == 3 and outputs.shape[-1] in (vocabulary_sizes or set()):
-        return "token_logits"
-    if outputs.dim() == 2 and outputs.shape[1] > 1:
-        if has_labels:
-            return "classifier"
-        norms = outputs.detach().double().norm(dim=1)
-        normalised = len(norms) > 0 and bool(((norms - 1).abs() < 1e-3).all())
-        return "features" if normalised or (name is not None and _EMBEDDING_NAME.search(name)) else "classifier"
-    return "features"
+    """See workers.output_kind: one rule for training and for the pipeline's measurements."""
+    return kinds.output_kind(outputs.detach().cpu().numpy(), vocabulary_sizes, name, has_labels)
 
 
 def _kind(outputs: torch.Tensor, kind: str | None) -> str:

@@ -16,12 +16,14 @@ class PruneReport(StepReport):
     target_reached: bool | None = None
     stopped: str | None = None
     quality_metric: str | None = None
+    output_kind: str | None = Field(None, description="classifier, token_logits or features: what fine-tuning trains towards and how quality is scored.")
     baseline: float | None = None
     final: float | None = None
     rounds: list[dict[str, Any]] = Field(default_factory=list)
     layers: list[dict[str, Any]] = Field(default_factory=list, description="Per layer: shape before/after, sparsity, threshold.")
     storage: dict[str, Any] | None = None
     finetune_epochs: int | None = None
+    ffn: dict[str, Any] | None = Field(None, description="Feed-forward units removed on the graph itself (transformers whose MLP reshapes around its layers with the width spelled out, as GPT-2's Conv1D): units before/after per block, the importance used.")
     heads: dict[str, Any] | None = Field(None, description="Attention heads removed (with `heads`): how many of how many, per block which ones and every head's measured importance.")
 
 
