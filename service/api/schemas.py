@@ -153,7 +153,7 @@ class Latency(Tolerant):
 
 class Fidelity(Tolerant):
     cosine: float = Field(description="Mean cosine similarity of the compressed model's first output to the original's, per sample.")
-    top1_agreement: float | None = Field(None, description="Share of samples with the same argmax (classifier-shaped outputs).")
+    top1_agreement: float | None = Field(None, description="Share of samples (of positions, for a language model) with the same argmax; null when the output is an embedding or hidden states, whose argmax means nothing.")
     max_abs_diff: float | None = None
 
 
