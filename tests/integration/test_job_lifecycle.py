@@ -94,7 +94,7 @@ def test_int8_job_end_to_end(backend: Settings, start_worker) -> None:
         metrics = job["metrics"]
         original, compressed = metrics["original"], metrics["compressed"]
         assert original["size_bytes"] == client.get(f"/v1/models/{model_id}").json()["size_bytes"]
-        assert compressed["size_bytes"] < original["size_bytes"] / 2
+        assert compressed["size_bytes"] < original["size_bytes"] / 2, metrics["step_reports"][0]
         assert metrics["compression_ratio"] == pytest.approx(original["size_bytes"] / compressed["size_bytes"])
         assert metrics["speedup"] == pytest.approx(original["latency_ms"]["p50"] / compressed["latency_ms"]["p50"])
         assert [b["batch"] for b in original["latency_by_batch"]] == [1, 8]

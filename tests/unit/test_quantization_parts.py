@@ -116,3 +116,20 @@ def test_static_int8_with_smoothquant_runs_on_a_bert_export(workspace: Path, tmp
     assert report["smooth_quant"]["activations"] > 0 and report["settings"]["smooth_quant"] is True
     feed = dict(np.load(io.BytesIO(dataset(exp, 3, seq=10))))
     assert np.isfinite(_run(result.model, feed)).all()
+
+
+def test_latency_within_timing_noise_is_a_tie_broken_by_size() -> None:
+    from service.core.specs import QualityTarget
+    from workers.quantization.candidates import Candidate
+    from workers.quantization.measure import Measured
+    from workers.quantization.selection import best
+
+    def measured(size: int, speed: float, float_nodes: tuple[str, ...] = ()) -> Measured:
+        return Measured(Candidate("int8_dynamic", float_nodes=float_nodes), size_bytes=size, compression=10_000 / size, cosine=0.999,
+                        latency_ratio={1: 1 / speed, 32: 1 / speed})
+
+    quantized, mostly_float = measured(3_000, 1.50), measured(9_000, 1.53, ("MatMul_0", "MatMul_3"))
+    assert best([quantized, mostly_float], QualityTarget(), "latency") is quantized  # 2% "faster" is noise
+    clearly_faster = measured(9_000, 1.80, ("MatMul_0",))
+    assert best([quantized, clearly_faster], QualityTarget(), "latency") is clearly_faster
+    assert best([quantized, clearly_faster], QualityTarget(), "size") is quantized

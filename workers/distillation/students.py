@@ -47,7 +47,7 @@ def _shape_preserving(layer: nn.Module) -> bool:
     return False
 
 
-def by_depth(teacher: OnnxGraphModule, spec: StudentSpec) -> tuple[OnnxGraphModule, list[str]]:
+def by_depth(teacher: OnnxGraphModule, spec: StudentSpec, probe: tuple[torch.Tensor, ...] | None = None) -> tuple[OnnxGraphModule, list[str]]:
     """Drop whole blocks: a transformer's (from its LayerNorms), a residual CNN's identity-shortcut blocks;
     otherwise (or with `drop_layers`) replace shape-preserving layers by identities."""
     if is_transformer(teacher):
@@ -61,7 +61,7 @@ def by_depth(teacher: OnnxGraphModule, spec: StudentSpec) -> tuple[OnnxGraphModu
     if not spec.drop_layers and residual_blocks(teacher):
         # Whole residual blocks, not single layers, when the network has them (see residual_depth).
         student = copy.deepcopy(teacher)
-        dropped, student.block_aliases = drop_residual_blocks(student, spec.drop_count)
+        dropped, student.block_aliases = drop_residual_blocks(student, spec.drop_count, probe)
         return student, dropped
     student = copy.deepcopy(teacher)
     names = {student.layer_names[k]: k for k in student.layers}

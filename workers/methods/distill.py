@@ -27,7 +27,8 @@ name = "distill"
 SPEC = DistillStep
 
 
-def _student(teacher: OnnxGraphModule, spec: DistillStep, example: tuple[torch.Tensor, ...], ctx: StepContext) -> tuple[OnnxGraphModule, dict[str, Any]]:
+def _student(teacher: OnnxGraphModule, spec: DistillStep, example: tuple[torch.Tensor, ...], ctx: StepContext,
+             probe: tuple[torch.Tensor, ...]) -> tuple[OnnxGraphModule, dict[str, Any]]:
     if spec.student_model_id:
         if ctx.load_model is None:
             raise CompressionFailed("uploaded students are not available in this context", code="invalid_student")
@@ -45,7 +46,7 @@ def _student(teacher: OnnxGraphModule, spec: DistillStep, example: tuple[torch.T
     if kind == "width":
         return students.by_width(teacher, spec.student.width, example), {"kind": "width", "width": spec.student.width}
     if kind == "depth":
-        student, dropped = students.by_depth(teacher, spec.student)
+        student, dropped = students.by_depth(teacher, spec.student, probe)
         return student, {"kind": "depth", "dropped_layers": dropped}
     student, ranks = students.by_low_rank(teacher, spec.student)
     return student, {"kind": "low_rank", "ranks": ranks}
@@ -95,7 +96,9 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
     teacher_score = quality(validation.teacher, validation.labels, validation.teacher, kind)
 
     example = tuple(x[: data.fixed_batch or 2] for x in train_inputs)
-    student, derivation = _student(teacher, spec, example, ctx)
+    # Residual blocks are chosen by what skipping each costs on a slice of the data.
+    probe = tuple(x[: data.fixed_batch or 32] for x in train_inputs)
+    student, derivation = _student(teacher, spec, example, ctx, probe)
     scratch = copy.deepcopy(student) if spec.compare_baseline else None
     hint_pairs = _hint_pairs(teacher, student, spec, train_inputs)
     share = 0.45 if spec.compare_baseline else 0.9

@@ -312,7 +312,8 @@ def _quantize_measured(model: onnx.ModelProto, spec: QuantizeStep, data: StepDat
 
 
 def _reason(chosen: Measured, spec: QuantizeStep, target_met: bool, count: int) -> str:
-    best_at = "fastest (geometric mean over batch sizes)" if spec.objective == "latency" else "smallest"
+    best_at = ("smallest of the fastest (within 5% of the best geometric-mean latency over batch sizes)" if spec.objective == "latency"
+               else "smallest")
     if not target_met:
         return f"none of {count} candidates met the target; kept the most faithful"
     return f"the {best_at} of the {count} candidates measured that met the target"
