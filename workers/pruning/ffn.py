@@ -27,12 +27,11 @@ from onnx import helper, numpy_helper
 from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
 from workers.onnx_weights import layer_name
+from workers.pruning.layers import ELEMENTWISE as TORCH_SIDE_ELEMENTWISE
 from workers.pruning.heads import OnnxGraph, Projection, differs, session, slice_initializer
 
-# Ops a hidden unit's value passes through unmixed with other units (its other inputs constants or
-# values computed from the same unit, as x * erf(x / sqrt 2)).
-ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Pow", "Sigmoid", "Relu", "Gelu", "Sqrt", "Identity", "Cast", "HardSigmoid",
-               "HardSwish", "LeakyRelu", "Softplus", "Clip", "Neg", "Exp", "Mish", "Elu", "Selu", "Dropout", "FastGelu", "BiasGelu"}
+# The element-wise ops the converted module's MLP detection follows, plus ONNX Runtime's fused GELUs.
+ELEMENTWISE = TORCH_SIDE_ELEMENTWISE | {"FastGelu", "BiasGelu"}
 
 
 class FfnPruningUnsupported(CompressionFailed):
