@@ -175,3 +175,16 @@ def test_slice_with_negative_steps_matches_onnx(starts, ends, axes, steps) -> No
     expected = ReferenceEvaluator(helper.make_model(graph)).run(None, {"x": x})[0]
     got = OPS["Slice"]([torch.from_numpy(x), *(torch.tensor(v) for v in (starts, ends, axes, steps))], {})[0].numpy()
     np.testing.assert_array_equal(got, expected)
+
+
+def test_an_ops_inputs_follow_the_accelerator() -> None:
+    """On a GPU, `Shape` gives a host tensor while the int64 constant it is concatenated with moved to
+    the GPU with the module (every transformer failed to train on CUDA before this; seen on an H200).
+    CI has no GPU, so the rule is checked with torch's `meta` device standing in for one; the GPU
+    itself is exercised by bench/gpu_session.sh."""
+    from workers.trainable.from_onnx import on_one_device
+
+    host, accelerator = torch.tensor([2, 3]), torch.empty(4, device="meta")
+    moved = on_one_device([host, accelerator, None, 3])
+    assert [a.device.type if isinstance(a, torch.Tensor) else a for a in moved] == ["meta", "meta", None, 3]
+    assert on_one_device([host, torch.ones(1)])[0] is host  # all on the host: untouched

@@ -73,6 +73,23 @@ def _to_fp16(model: onnx.ModelProto, spec: QuantizeStep) -> onnx.ModelProto:
     return wrapper.model
 
 
+def _without_initializer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model less the value_info entries that restate an initializer's shape. torch's dynamo
+    exporter writes them; ONNX Runtime's quantizer (1.30 and older) transposes a Gemm's weight under
+    its own name and keeps the stale entry, and the quantized model then fails to load ("Inferred
+    shape and existing shape differ"): every int8 candidate of a dynamo-exported CNN or ViT failed
+    under torch 2.11 + ORT 1.30. An initializer states its own shape, so nothing is lost."""
+    initializers = {t.name for t in model.graph.initializer}
+    if not any(v.name in initializers for v in model.graph.value_info):
+        return model
+    kept = [v for v in model.graph.value_info if v.name not in initializers]
+    clean = onnx.ModelProto()
+    clean.CopyFrom(model)
+    del clean.graph.value_info[:]
+    clean.graph.value_info.extend(kept)
+    return clean
+
+
 class Builder:
     """Builds candidates, sharing what they have in common: one fused graph, one pre-processed (and
     smoothed) graph, one calibration per (graph, method, operator set)."""
@@ -81,7 +98,7 @@ class Builder:
         self.model, self.spec, self.data, self.ctx, self.kinds = model, spec, calibration, ctx, kinds
         self.work = ctx.work_dir
         self.source = self.work / "source.onnx"
-        onnx.save_model(model, str(self.source))
+        onnx.save_model(_without_initializer_shapes(model), str(self.source))
         self._fused: Path | None = None
         self.fusions: dict[str, int] | None = None
         self._prepared: dict[bool, Path] = {}

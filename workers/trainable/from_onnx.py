@@ -283,12 +283,23 @@ class OnnxGraphModule(nn.Module):
                     x = nn.functional.pad(x, extra)
                 results = [self.layers[target](x)]
             else:
-                results = OPS[target](args, extra)
+                results = OPS[target](on_one_device(args), extra)
             env.update(zip(outs, results))
         if capture is not None:
             capture.update(env)
         outputs = tuple(env[name] for name in self.output_names)
         return outputs[0] if len(outputs) == 1 else outputs
+
+
+def on_one_device(args: list[Any]) -> list[Any]:
+    """An op's tensor inputs on one device. On a GPU, shape arithmetic meets the module's buffers:
+    `Shape` gives a CPU tensor (torch keeps sizes on the host) while an int64 constant it is
+    concatenated with, or an index it is gathered by, moved to the GPU with the module. torch refuses
+    to mix them, so the CPU ones follow the accelerator (a few bytes each)."""
+    device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type != "cpu"), None)
+    if device is None:
+        return args
+    return [a.to(device) if isinstance(a, torch.Tensor) and a.device != device else a for a in args]
 
 
 def to_torch(model: onnx.ModelProto) -> OnnxGraphModule:
