@@ -210,9 +210,14 @@ def submit(
             err.print(f"[red]job {job['id']} {job['status']}: {(job.get('error') or {}).get('message', '')}[/red]")
             raise typer.Exit(1)
         print_metrics(job["metrics"])
-        dest = output or model.with_name(model.stem + ".compressed.onnx")
-        client.download(job["id"], "model.onnx", dest)
-        err.print(f"saved {dest}")
+        if any(a["name"] == "model.zip" for a in job["artifacts"]):  # over 2 GB: model.onnx + its external data
+            dest = output or model.with_name(model.stem + ".compressed.zip")
+            client.download(job["id"], "model.zip", dest)
+            err.print(f"saved {dest} (model.onnx with its external data: unzip it and load model.onnx)")
+        else:
+            dest = output or model.with_name(model.stem + ".compressed.onnx")
+            client.download(job["id"], "model.onnx", dest)
+            err.print(f"saved {dest}")
         if any(a["name"] == "model.msz" for a in job["artifacts"]):
             bundle = dest.with_suffix(".msz")
             client.download(job["id"], "model.msz", bundle)
@@ -247,7 +252,7 @@ def status(job_id: str, wait: Annotated[bool, typer.Option(help="Follow the job 
 
 @app.command()
 def download(job_id: str, output: Annotated[Path, typer.Option("-o", "--output")], artifact: str = "model.onnx") -> None:
-    """Save an artifact of a finished job (model.onnx or report.json)."""
+    """Save an artifact of a finished job (model.onnx, or model.zip for a model over 2 GB, or report.json)."""
     from service.client import ApiFailure
 
     try:

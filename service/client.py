@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,27 +48,16 @@ class EventParser:
 
 def zipped_with_external_data(path: Path, folder: Path) -> Path:
     """An .onnx whose weights sit in external data files beside it, zipped with them (what the API takes)."""
-    bundle = folder / f"{path.stem}.zip"
-    with zipfile.ZipFile(bundle, "w", zipfile.ZIP_STORED) as zf:  # weights barely compress
-        zf.write(path, path.name)
-        for data_file in external_data_files(path):
-            zf.write(path.parent / data_file, data_file)
-    return bundle
+    from service.core.onnx_bundle import pack
+
+    return pack(path, folder / f"{path.stem}.zip")
 
 
 def external_data_files(path: Path) -> list[str]:
     """The data files an .onnx refers to (relative names beside it); [] for a single-file model."""
-    if path.suffix != ".onnx":
-        return []
-    import onnx
-    from onnx.external_data_helper import _get_all_tensors
+    from service.core.onnx_bundle import data_files
 
-    model = onnx.load_model(str(path), load_external_data=False)
-    locations = set()
-    for tensor in _get_all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            locations.update(e.value for e in tensor.external_data if e.key == "location")
-    return sorted(locations)
+    return data_files(path) if path.suffix == ".onnx" else []
 
 
 class Client:

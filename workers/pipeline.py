@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from google.protobuf.message import EncodeError
 
 from service.core.artifacts import ArtifactStore
 from service.core.errors import CompressionFailed, InvalidInput, ModelshrinkError
@@ -18,7 +19,7 @@ from service.core.onnx_probe import probe_onnx
 from service.core.settings import Settings
 from service.core.specs import MeasureSpec, step_adapter
 from workers import metrics as m
-from workers import verdict
+from workers import model_files, verdict
 from workers.sensitivity import layer_sensitivity
 from workers.data import load_step_data, synthetic_data, token_vocabularies
 from workers.job_input import JobInput
@@ -35,7 +36,7 @@ STEPS_SHARE = 0.6
 Progress = Callable[..., None]  # (fraction, step label, message, milestone=False)
 
 
-def _load_data(job: JobInput, store: ArtifactStore, spec: MeasureSpec) -> tuple[StepData, StepData, str]:
+def _load_data(job: JobInput, store: ArtifactStore, spec: MeasureSpec, original: Path) -> tuple[StepData, StepData, str]:
     inputs = job.model["inputs"]
     train = StepData()
     if job.dataset:
@@ -44,7 +45,7 @@ def _load_data(job: JobInput, store: ArtifactStore, spec: MeasureSpec) -> tuple[
         return train, load_step_data(store.path(job.eval_dataset["artifact_key"]), job.eval_dataset["arrays"], inputs, "eval dataset"), "eval_dataset"
     if train.available:
         return train, train, "dataset"
-    vocab = token_vocabularies(onnx.load_model(str(store.path(job.model["artifact_key"]))))
+    vocab = token_vocabularies(onnx.load_model(str(original)))
     synthetic, description = synthetic_data(inputs, min(spec.max_eval_samples, 64), seed=0, vocab=vocab)
     synthetic.description = description
     return train, synthetic, "synthetic"
@@ -57,7 +58,7 @@ def _describe(path: Path, data: StepData, spec: MeasureSpec) -> tuple[dict[str, 
     session = m.make_session(path, spec.threads)
     outputs = m.first_outputs(session, data, spec.max_eval_samples)
     result = {
-        "size_bytes": path.stat().st_size,
+        "size_bytes": model_files.on_disk_bytes(path),
         "parameters": params,
         "nonzero_parameters": nonzero,
         "macs": m.macs_per_sample(model),
@@ -88,18 +89,19 @@ def _refuse_non_finite(reference: Any, candidate: Any) -> None:
 
 def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_dir: Path, progress: Progress) -> tuple[dict, list]:
     spec = MeasureSpec.model_validate(job.options.get("measure", {}))
-    train, evaluation, source = _load_data(job, store, spec)
+    # A model over 2 GB is stored as a .zip with external data: unpacked here, loaded from the folder.
+    original_path = model_files.local_graph(store.path(job.model["artifact_key"]), work_dir / "original")
+    train, evaluation, source = _load_data(job, store, spec, original_path)
     if evaluation is not train and source != "synthetic":
         train.evaluation = evaluation
     if source == "synthetic":
         train.probe = evaluation
-    original_path = store.path(job.model["artifact_key"])
     model = onnx.load_model(str(original_path))
 
     def load_referenced(model_id: str) -> onnx.ModelProto:
         if model_id not in job.referenced_models:
             raise CompressionFailed(f"model {model_id} not found", code="input_deleted")
-        return onnx.load_model(str(store.path(job.referenced_models[model_id])))
+        return onnx.load_model(str(model_files.local_graph(store.path(job.referenced_models[model_id]), work_dir / f"referenced-{model_id}")))
 
     reports = []
     final_bundle: bytes | None = None
@@ -119,6 +121,11 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
             raise
         except MemoryError as exc:
             raise CompressionFailed(f"steps[{index}] ({step.method}) ran out of memory on this model", code="resource_limit") from exc
+        except EncodeError as exc:  # a library serialized a model over protobuf's 2 GB limit whole
+            raise CompressionFailed(
+                f"steps[{index}] ({step.method}) cannot work on a model over 2 GB: it hands the whole model to a library as one protobuf "
+                "message, which protobuf caps at 2 GB. quantize (int8_dynamic, int4_weight_only, fp16) works on such models",
+                code="too_large_for_method") from exc
         except Exception as exc:
             # Whatever torch, ONNX Runtime, onnx or a method's graph surgery raises while working on
             # the client's model (a shape it cannot handle, a graph pattern it does not expect) is
@@ -132,15 +139,14 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
         final_bundle = result.bundle
         reports.append({"index": index, "method": step.method, **result.report})
 
-    compressed_path = work_dir / "model.onnx"
-    try:
-        compressed_path.write_bytes(model.SerializeToString())
-    except ValueError as exc:  # protobuf's 2 GB limit
-        raise CompressionFailed("the compressed model is too large for a single-file ONNX artifact") from exc
+    # Over 2 GB the result keeps its weights in external data and ships as model.zip.
+    compressed_path, compressed_file = model_files.save(model, work_dir / "compressed", settings.single_file_limit_bytes)
+    external = compressed_file != compressed_path
     progress(STEPS_SHARE, "validate", "checking the compressed model with onnx.checker and ONNX Runtime", True)
     try:
         # Scaled to the original's size: a compressed model rebuilds weights about that large at load.
-        probe_onnx(compressed_path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes, decoded_bytes=original_path.stat().st_size)
+        probe_onnx(compressed_path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes,
+                   decoded_bytes=model_files.on_disk_bytes(original_path), external_ok=external)
     except InvalidInput as exc:
         raise CompressionFailed(f"the compressed model failed validation: {exc.message}", code="invalid_output") from exc
 
@@ -186,8 +192,9 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
     report = {"job_id": job.job_id, "model": job.model.get("name"), "steps": reports, "metrics": metrics}
     base = f"jobs/{job.tenant_id}/{job.job_id}"
     stored = [("model.msz", store.put_bytes(f"{base}/model.msz", final_bundle))] if final_bundle is not None else []
+    name = "model.zip" if external else "model.onnx"
     stored += [
-        ("model.onnx", store.put_file(f"{base}/model.onnx", compressed_path)),
+        (name, store.put_file(f"{base}/{name}", compressed_file)),
         ("report.json", store.put_bytes(f"{base}/report.json", json.dumps(report, indent=2, default=str).encode())),
     ]
     artifacts = [{"name": name, "size_bytes": f.size_bytes, "sha256": f.sha256} for name, f in stored]

@@ -77,6 +77,7 @@ JOB_CODES: dict[str, str] = {
     "nothing_to_factorise": "no layer gets smaller when factorised at that rank",
     "nothing_to_replace": "no standard K x K convolution to make depthwise-separable",
     "not_a_classifier": "the method needs a classifier's [batch, classes] logits",
+    "too_large_for_method": "the step cannot work on a model over 2 GB (it needs the model as one protobuf message); quantize can",
     "nothing_to_exit": "no layer early enough for an exit",
     "early_exit_target_missed": "no confidence threshold keeps the accuracy within budget while samples exit early",
 }

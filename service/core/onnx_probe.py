@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from service.core.errors import InvalidInput
-from service.core.onnx_bundle import BundleRefused, internalize, is_zip
+from service.core.onnx_bundle import SINGLE_FILE_LIMIT, BundleRefused, internalize, is_zip
 
 
 # Address space the check may use: enough for Python, onnx and ONNX Runtime plus a few copies of the
@@ -34,18 +34,22 @@ def probe_memory_for(path: Path, cap: int, size_bytes: int | None = None) -> int
     return min(cap, PROBE_BASE_BYTES + PROBE_BYTES_PER_MODEL_BYTE * max(path.stat().st_size, size_bytes or 0))
 
 
-def probe_onnx(path: Path, *, timeout_s: float, memory_bytes: int, run: bool = True, decoded_bytes: int | None = None) -> dict[str, Any]:
+def probe_onnx(path: Path, *, timeout_s: float, memory_bytes: int, run: bool = True, decoded_bytes: int | None = None,
+               max_unpacked_bytes: int = 2 * 1024**3, single_file_limit: int = SINGLE_FILE_LIMIT, external_ok: bool = False) -> dict[str, Any]:
     """Describe a valid model, or raise InvalidInput saying what is wrong with it. `memory_bytes` caps
     the child's address space, which is scaled to the model's size below that cap; `decoded_bytes`
     scales it to what a compressed model unfolds into when loaded (codebooks, packed indices and sparse
-    gaps become dense weights: a 6 MB clustered MiniLM decodes to 90 MB)."""
+    gaps become dense weights: a 6 MB clustered MiniLM decodes to 90 MB). A .zip (a model with
+    external data) may unpack to `max_unpacked_bytes`; over `single_file_limit` it keeps its external
+    data, and the description's `stored_file` is the canonical archive to store (`external_data`).
+    `external_ok`: an .onnx whose data files lie beside it (a worker's own output, never an upload)."""
     memory_bytes = probe_memory_for(path, memory_bytes, decoded_bytes)
 
     def limit() -> None:  # runs in the child before exec
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
-    args = [sys.executable, "-m", "service.core.onnx_probe", str(path)] + ([] if run else ["--no-run"])
+    args = [sys.executable, "-m", "service.core.onnx_probe", str(path), str(max_unpacked_bytes), str(single_file_limit)] + ([] if run else ["--no-run"]) + (["--external-ok"] if external_ok else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     try:
         proc = subprocess.run(args, capture_output=True, timeout=timeout_s, preexec_fn=limit, env=env, check=False)
@@ -116,37 +120,40 @@ def _fail(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "code": code, "message": message}
 
 
-def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3) -> dict[str, Any]:
+def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3, single_file_limit: int = SINGLE_FILE_LIMIT, external_ok: bool = False) -> dict[str, Any]:
     import numpy as np
     import onnx
 
     if path.stat().st_size == 0:
         return _fail("invalid_model", "the file is empty")
-    single_file = None
+    unpacked = None
     if is_zip(path):
         # A model with external data, zipped; or a PyTorch archive, which is refused (torch 2.13's
         # torch.export.load unpickles with weights_only=False, so loading one can run code from it).
         work_dir = Path(tempfile.mkdtemp(prefix="bundle-", dir=path.parent))
         try:
-            single_file = internalize(path, work_dir, max_bytes=max_unpacked)
+            unpacked = internalize(path, work_dir, max_bytes=max_unpacked, single_file_limit=single_file_limit)
         except BundleRefused as exc:
             shutil.rmtree(work_dir, ignore_errors=True)
             return _fail(exc.code, exc.message)
-        path = single_file
+        path = unpacked.graph
+    external = unpacked.external if unpacked is not None else external_ok
     try:
         model = onnx.load_model(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - whatever the parser raises, the client's file is not ONNX
         return _fail("invalid_model", "the file is not an ONNX model (it could not be parsed as an ONNX protobuf)")
     if not model.graph.node and not model.graph.output:
         return _fail("invalid_model", "the file is not an ONNX model (no graph found)")
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph)):
+    if not external and any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(model.graph)):
         return _fail(
             "external_data_not_supported",
             "the model references external data files: upload them together as one .zip (e.g. `zip model.zip model.onnx "
             "model.onnx.data`; `modelshrink submit` does this for you), or export a single file (external_data=False)",
         )
     try:
-        onnx.checker.check_model(model, full_check=True)
+        # By path when the weights are external: the checker then reads them itself (and an in-memory
+        # model over 2 GB could not be handed to it at all).
+        onnx.checker.check_model(str(path) if external else model, full_check=True)
     except Exception as exc:  # noqa: BLE001 - the checker raises several types; each means a bad model
         return _fail("invalid_model", f"the ONNX checker rejected the model: {str(exc).splitlines()[0][:300]}")
 
@@ -183,8 +190,9 @@ def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3) -> dict[str
     parameters = int(sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in model.graph.initializer))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     result = {"ok": True, "inputs": inputs, "outputs": outputs, "parameters": parameters, "opset": opset}
-    if single_file is not None:
-        result["single_file"] = str(single_file)  # the API stores this instead of the archive
+    if unpacked is not None:
+        # The API stores this instead of the upload: one self-contained .onnx, or a canonical archive.
+        result.update(stored_file=str(unpacked.stored), external_data=external)
     return result
 
 
@@ -195,10 +203,10 @@ def _ort_np(ort_type: str) -> str:
 
 
 def main() -> None:
-    path = Path(sys.argv[1])
-    run = "--no-run" not in sys.argv[2:]
+    path, max_unpacked, single_file_limit = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    run = "--no-run" not in sys.argv[4:]
     try:
-        result = describe(path, run)
+        result = describe(path, run, max_unpacked, single_file_limit, external_ok="--external-ok" in sys.argv[4:])
     except MemoryError:
         result = _fail("model_too_large", "checking the model exceeded the memory limit")
     print(json.dumps(result))

@@ -24,7 +24,10 @@ class Settings(BaseSettings):
     s3_public_endpoint_url: str | None = Field(None, description="The endpoint clients reach, for presigned download URLs, when it differs from s3_endpoint_url")
     presigned_url_ttl_s: int = Field(900, ge=1, le=7 * 24 * 3600, description="How long a presigned download URL stays valid")
 
-    max_upload_bytes: int = 2 * 1024**3
+    max_upload_bytes: int = 16 * 1024**3
+    # protobuf caps one serialized ONNX model at 2 GB: a model whose weights exceed this keeps them in
+    # external data files, stored and served as a .zip (model.onnx + its data). Lower only to test that path.
+    single_file_limit_bytes: int = Field(2 * 1024**3 - 1, ge=1024, le=2 * 1024**3 - 1)
     # JSON bodies (job specs): uploads have their own limit above.
     max_request_body_bytes: int = Field(1024**2, ge=1024)
     # A dataset is loaded whole by the worker, so its decompressed size is capped separately.

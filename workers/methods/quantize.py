@@ -19,6 +19,7 @@ import onnx
 
 from service.core.errors import CompressionFailed, JobFailure
 from service.core.specs import QuantizeStep
+from workers import model_files
 from workers.methods import quantize_lowbit
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.quantization import fusion, int4, int8, mixed_precision, selection, smoothing
@@ -59,12 +60,14 @@ def _split(model: onnx.ModelProto, data: StepData) -> tuple[StepData, StepData, 
     return data, probe, description
 
 
-def _to_fp16(model: onnx.ModelProto, spec: QuantizeStep) -> onnx.ModelProto:
+def _to_fp16(source: Path, spec: QuantizeStep) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    # By path: the converter then infers shapes with onnx's path-based inference, which works on
+    # models over 2 GB (the in-memory one serializes the model whole).
     converted = convert_float_to_float16(
-        model, keep_io_types=spec.keep_io_types, op_block_list=spec.exclude_op_types or None, node_block_list=spec.exclude_nodes or None,
+        str(source), keep_io_types=spec.keep_io_types, op_block_list=spec.exclude_op_types or None, node_block_list=spec.exclude_nodes or None,
     )
     # The converter appends its input/output Casts at the end of the node list; ONNX Runtime runs
     # that, but onnx.checker (and other runtimes) require topological order.
@@ -98,7 +101,7 @@ class Builder:
         self.model, self.spec, self.data, self.ctx, self.kinds = model, spec, calibration, ctx, kinds
         self.work = ctx.work_dir
         self.source = self.work / "source.onnx"
-        onnx.save_model(_without_initializer_shapes(model), str(self.source))
+        model_files.save_to(_without_initializer_shapes(model), self.source)
         self._fused: Path | None = None
         self.fusions: dict[str, int] | None = None
         self._prepared: dict[bool, Path] = {}
@@ -141,7 +144,7 @@ class Builder:
                 # The inserted 1/s Muls stay float: their outputs, the smoothed activations, are what gets quantized.
                 self.smooth_nodes = [n.name for n in smoothed.graph.node if n.name.endswith(smoothing.SUFFIX)]
                 base = self.work / "smoothed.onnx"
-                onnx.save_model(smoothed, str(base))
+                model_files.save_to(smoothed, base)
             self._prepared[smooth] = int8.prepare(base, self.work / f"prepared-{int(smooth)}.onnx")
         return self._prepared[smooth]
 
@@ -172,11 +175,11 @@ class Builder:
                 details["smooth_quant"] = {"alpha": self.spec.smooth_quant_alpha, "activations": self.smoothed_activations}
             return out, details
         if candidate.family == "fp16":
-            onnx.save_model(_to_fp16(self.model, self.spec), str(out))
+            model_files.save_to(_to_fp16(self.source, self.spec), out)
             return out, {"keep_io_types": self.spec.keep_io_types}
         result, details = int4.quantize(self.model, algorithm=candidate.algorithm, block_size=self.spec.block_size, embeddings=self.spec.int4_embeddings,
                                         exclude=exclude, data=self.data, samples=self.spec.calibration.max_samples)
-        onnx.save_model(result, str(out))
+        model_files.save_to(result, out)
         return out, details
 
 

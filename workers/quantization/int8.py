@@ -40,9 +40,13 @@ def op_types(registry: dict[str, Any], ops: str, chosen: list[str] | None, exclu
 def dynamic(source: Path, out: Path, *, per_channel: bool, reduce_range: bool, ops: list[str], exclude: list[str], only: list[str] | None) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from workers.model_files import is_external
+
     quantize_dynamic(
         str(source), str(out), op_types_to_quantize=ops, per_channel=per_channel, reduce_range=reduce_range,
         weight_type=QuantType.QInt8, nodes_to_exclude=exclude, nodes_to_quantize=only, extra_options=FLOAT_DEFAULT,
+        # A source over 2 GB (weights beside it) may quantize to more than one file can hold, too.
+        use_external_data_format=is_external(source),
     )
 
 

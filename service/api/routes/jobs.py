@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -229,12 +230,13 @@ def artifact_url(job_id: str, name: str, session: SessionDep, tenant: CurrentTen
 @router.get(
     "/{job_id}/artifacts/{name}",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}, "application/json": {}}}, 404: {"model": ErrorResponse}},
+    responses={200: {"content": {"application/octet-stream": {}, "application/zip": {}, "application/json": {}}}, 404: {"model": ErrorResponse}},
 )
 def download_artifact(job_id: str, name: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> Response:
-    """Download an artifact of a succeeded job: `model.onnx` (the compressed model) or `report.json`."""
+    """Download an artifact of a succeeded job: `model.onnx` (the compressed model; `model.zip`, the
+    graph with its external data, when it is over 2 GB), `model.msz` (a Huffman bundle) or `report.json`."""
     job = owned_job(session, tenant.id, job_id)
     if name not in {a["name"] for a in job.artifacts or []}:
         raise NotFound(f"job {job_id} has no artifact '{name}'" + ("" if job.status == "succeeded" else f" (status: {job.status})"))
-    media = "application/json" if name.endswith(".json") else "application/octet-stream"
+    media = {".json": "application/json", ".zip": "application/zip"}.get(Path(name).suffix, "application/octet-stream")
     return FileResponse(store.path(f"jobs/{tenant.id}/{job_id}/{name}"), media_type=media, filename=name)

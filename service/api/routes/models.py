@@ -23,11 +23,11 @@ from service.core.tables import Job, StoredModel, new_id
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=AUTH_RESPONSES)
 
 
-def _adopt_single_file(upload: ReceivedUpload, single: Path) -> ReceivedUpload:
-    """A zipped model with external data was checked and rewritten as one file: store that instead."""
+def _adopt_checked_file(upload: ReceivedUpload, checked: Path) -> ReceivedUpload:
+    """A zipped model with external data was checked and rewritten (as one file, or as a canonical
+    archive when over 2 GB): store that instead of the upload."""
     upload.path.unlink(missing_ok=True)
-    adopted = replace(upload, path=single, size_bytes=single.stat().st_size, sha256=sha256_of(single))
-    return adopted
+    return replace(upload, path=checked, size_bytes=checked.stat().st_size, sha256=sha256_of(checked))
 
 
 def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:
@@ -40,19 +40,21 @@ def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:
 @router.post("", status_code=201, response_model=ModelPublic, responses={422: INVALID_RESPONSE, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("An ONNX model: one .onnx file, or a .zip of one .onnx with its external data files (what torch.onnx.export writes by default)."))
 async def upload_model(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredModel:
     """Upload an ONNX model (multipart field `file`): a single .onnx, or a .zip holding one .onnx and
-    its external data files (stored as one file; models over 2 GB are refused). It is checked with onnx.checker and loaded and
+    its external data files (stored as one file, or over 2 GB as a canonical .zip of `model.onnx` and its data). It is checked with onnx.checker and loaded and
     run in ONNX Runtime in a sandboxed child process before it is accepted."""
 
     def check(path):
-        return probe_onnx(path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes)
+        return probe_onnx(path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes,
+                          max_unpacked_bytes=settings.max_upload_bytes, single_file_limit=settings.single_file_limit_bytes)
 
     upload, info = await accept_upload(request, session, tenant.id, settings, store, check)
     bundle_dir = None
-    if info.get("single_file"):
-        single = Path(info.pop("single_file"))
-        upload, bundle_dir = await run_in_threadpool(_adopt_single_file, upload, single), single.parent
+    if info.get("stored_file"):
+        checked = Path(info.pop("stored_file"))
+        upload, bundle_dir = await run_in_threadpool(_adopt_checked_file, upload, checked), checked.parent
     model_id = new_id("mdl")
-    key = f"models/{tenant.id}/{model_id}/model.onnx"
+    # Over 2 GB a model keeps its external data: stored (and served) as model.zip.
+    key = f"models/{tenant.id}/{model_id}/{'model.zip' if info.pop('external_data', False) else 'model.onnx'}"
     move_into_store(upload, store, key)
     if bundle_dir is not None:
         shutil.rmtree(bundle_dir, ignore_errors=True)
@@ -60,7 +62,7 @@ async def upload_model(request: Request, session: SessionDep, tenant: CurrentTen
         id=model_id,
         tenant_id=tenant.id,
         name=upload.fields.get("name") or upload.filename,
-        format="onnx",
+        format="onnx_zip" if key.endswith(".zip") else "onnx",
         size_bytes=upload.size_bytes,
         sha256=upload.sha256,
         artifact_key=key,
