@@ -35,7 +35,7 @@ def build(folder: Path, layers: int) -> Path:
     initializers, nodes, x, offset = [], [], "x", 0
     with open(folder / "model.onnx.data", "wb") as data:
         for i in range(layers):
-            weight = (np.random.default_rng(i).standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.sqrt(WIDTH)).tobytes()
+            weight = (np.random.default_rng(i).standard_normal((WIDTH, WIDTH), dtype=np.float32) / np.float32(np.sqrt(WIDTH))).astype(np.float32).tobytes()
             data.write(weight)
             tensor = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[WIDTH, WIDTH], data_location=TensorProto.EXTERNAL)
             for key, value in (("location", "model.onnx.data"), ("offset", str(offset)), ("length", str(len(weight)))):

@@ -49,6 +49,7 @@ def test_over_the_limit_weights_go_beside_the_graph_and_the_model_in_memory_keep
     # The worker gets it back from the stored zip with the upload's checks.
     local = model_files.local_graph(stored, tmp_path / "unpacked")
     np.testing.assert_array_equal(_run(onnx.load_model(str(local))), expected)
+    assert model_files.local_graph(stored, tmp_path / "unpacked") == local  # asked again in the same job: the same files
     assert model_files.local_graph(graph.parent / "model.onnx", tmp_path / "unused") == graph.parent / "model.onnx"
 
 
