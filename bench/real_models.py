@@ -47,9 +47,17 @@ METHODS = {
     "prune-wanda-long": {"method": "prune", "kind": "unstructured", "amount": 0.5, "importance": "wanda", "scope": "layer",
                          "finetune_epochs": 8, "training": {"batch_size": 16}},
     "cluster-4bit-grouped-long": {"method": "cluster", "bits": 4, "group_size": 32, "finetune_epochs": 8, "training": {"batch_size": 16}},
+    # A codebook per 8 rows, and per row (16 float centroids per row: 64 bytes against 192 of indices
+    # on MiniLM's 384-wide rows), without and with fine-tuning.
+    "cluster-4bit-g8-noft": {"method": "cluster", "bits": 4, "group_size": 8, "finetune_epochs": 0},
+    "cluster-4bit-row-noft": {"method": "cluster", "bits": 4, "group_size": 1, "finetune_epochs": 0},
+    "cluster-4bit-row": {"method": "cluster", "bits": 4, "group_size": 1},
+    # Where the 4-bit loss is: the same without the embedding table (it stays float32).
+    "cluster-4bit-grouped-noemb-noft": {"method": "cluster", "bits": 4, "group_size": 32, "embeddings": False, "finetune_epochs": 0},
 }
 VARIANTS = ("prune-wanda", "cluster-4bit-grouped", "distill-depth", "cluster-4bit-grouped-noft", "prune-heads", "prune-wanda-long",
-            "cluster-4bit-grouped-long")
+            "cluster-4bit-grouped-long", "cluster-4bit-g8-noft", "cluster-4bit-row-noft", "cluster-4bit-row",
+            "cluster-4bit-grouped-noemb-noft")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 MEASURE = {"runs": 30, "warmup": 3, "batch_sizes": [1, 32], "max_eval_samples": 100}
 SEQ = 32
