@@ -59,8 +59,8 @@ class ModelPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: str
     name: str
-    format: str
-    size_bytes: int
+    format: str = Field(description="How the model is stored: `onnx` (one self-contained file), or `onnx_zip` (over 2 GB: `model.onnx` with its external data, kept as one .zip).")
+    size_bytes: int = Field(description="Bytes stored: the .onnx, or the .zip for `onnx_zip`.")
     sha256: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]

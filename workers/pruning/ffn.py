@@ -28,7 +28,7 @@ from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
 from workers.onnx_weights import layer_name
 from workers.pruning.layers import ELEMENTWISE as TORCH_SIDE_ELEMENTWISE
-from workers.pruning.heads import OnnxGraph, Projection, differs, session, slice_initializer
+from workers.pruning.graph import OnnxGraph, Projection, differs, session, slice_initializer
 
 # The element-wise ops the converted module's MLP detection follows, plus ONNX Runtime's fused GELUs.
 ELEMENTWISE = TORCH_SIDE_ELEMENTWISE | {"FastGelu", "BiasGelu"}
