@@ -14,7 +14,8 @@ import onnx
 from google.protobuf.message import EncodeError
 from onnx.external_data_helper import _get_all_tensors, load_external_data_for_model
 
-from service.core.onnx_bundle import SINGLE_FILE_LIMIT, data_files, is_zip, pack, unpack
+from service.core.errors import CompressionFailed
+from service.core.onnx_bundle import SINGLE_FILE_LIMIT, BundleRefused, data_files, is_zip, pack, unpack
 
 # Tensors this small stay inside the graph file (shapes, scalars); bigger ones go to the data file.
 EXTERNAL_THRESHOLD = 1024
@@ -27,7 +28,10 @@ def local_graph(stored: Path, work_dir: Path) -> Path:
         return stored
     if work_dir.is_dir():  # unpacked already in this job (a student two steps refer to)
         return next(work_dir.glob("*.onnx"))
-    return unpack(stored, work_dir, max_bytes=4 * stored.stat().st_size + (1 << 20))
+    try:
+        return unpack(stored, work_dir, max_bytes=4 * stored.stat().st_size + (1 << 20))
+    except BundleRefused as exc:  # a stored archive altered since its upload: the job fails with the check's own code
+        raise CompressionFailed(f"the stored model archive fails its checks: {exc.message}", code=exc.code) from exc
 
 
 def on_disk_bytes(graph: Path) -> int:

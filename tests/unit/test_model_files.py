@@ -12,7 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from service.core.onnx_bundle import BundleRefused, internalize, pack
+from service.core.errors import CompressionFailed
+from service.core.onnx_bundle import internalize, pack
 from tests.builders import mlp
 from workers import model_files
 
@@ -77,6 +78,7 @@ def test_a_stored_archive_is_unpacked_with_the_uploads_checks(tmp_path: Path) ->
     with zipfile.ZipFile(forged, "w") as zf:
         zf.writestr("model.onnx", mlp().SerializeToString())
         zf.writestr("../escape.data", b"x")
-    with pytest.raises(BundleRefused, match="unsafe path"):
+    with pytest.raises(CompressionFailed, match="unsafe path") as refused:
         model_files.local_graph(forged, tmp_path / "out")
+    assert refused.value.code == "unsafe_archive"  # a specific code, never internal_error
     assert not (tmp_path / "escape.data").exists()
