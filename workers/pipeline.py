@@ -124,7 +124,7 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
         except EncodeError as exc:  # a library serialized a model over protobuf's 2 GB limit whole
             raise CompressionFailed(
                 f"steps[{index}] ({step.method}) cannot work on a model over 2 GB: it hands the whole model to a library as one protobuf "
-                "message, which protobuf caps at 2 GB. quantize (int8_dynamic, int4_weight_only, fp16) works on such models",
+                "message, which protobuf caps at 2 GB. quantize with mode int8_dynamic works on such models",
                 code="too_large_for_method") from exc
         except Exception as exc:
             # Whatever torch, ONNX Runtime, onnx or a method's graph surgery raises while working on
