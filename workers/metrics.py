@@ -119,9 +119,7 @@ def latency(sessions: list, data: StepData, spec: MeasureSpec, progress: Callabl
 
 
 def first_outputs(session, data: StepData, limit: int) -> np.ndarray:
-    batch = data.batch_size(EVAL_BATCH)
-    outs = [session.run(None, feed)[0] for feed in data.batches(batch, limit=limit)]
-    return np.concatenate(outs, axis=0).astype(np.float64)
+    return data.outputs(lambda feed: session.run(None, feed)[0], EVAL_BATCH, limit=limit).astype(np.float64)
 
 
 def _is_classifier(out: np.ndarray) -> bool:

@@ -32,9 +32,8 @@ def _session(model: onnx.ModelProto, threads: int):
 
 
 def _outputs(session, data: StepData) -> np.ndarray:
-    batch = data.batch_size(16)
-    outs = [session.run(None, feed)[0] for feed in data.batches(batch, limit=MAX_SAMPLES)]
-    return np.concatenate(outs).astype(np.float64).reshape(sum(len(o) for o in outs), -1)
+    outs = data.outputs(lambda feed: session.run(None, feed)[0], 16, limit=MAX_SAMPLES)
+    return outs.astype(np.float64).reshape(len(outs), -1)
 
 
 def _cosine(reference: np.ndarray, candidate: np.ndarray) -> float:

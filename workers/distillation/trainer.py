@@ -15,7 +15,8 @@ from torch import nn
 
 from service.core.specs import DistillStep
 from workers.trainable.device import training_device
-from workers.trainable.training import STUDENT_LR, make_optimizer, output_kind, predict, quality, soft_loss, train_config
+from workers.fixed_batch import exactly, padded_order
+from workers.trainable.training import STUDENT_LR, make_optimizer, module_fixed_batch, output_kind, predict, quality, soft_loss, train_config
 
 __all__ = ["Data", "History", "distill", "output_kind"]
 
@@ -75,6 +76,7 @@ def distill(
     generator = torch.Generator().manual_seed(config.seed)
     labels = torch.from_numpy(train.labels).long() if train.labels is not None else None
     t = spec.temperature
+    fixed = module_fixed_batch(student)
 
     projections = nn.ModuleList()
     teacher_feats: list[torch.Tensor] = []
@@ -82,7 +84,7 @@ def distill(
     if hint_pairs and not hard_labels_only:
         student_hooks = _Hooks({str(i): s for i, (_, s, _) in enumerate(hint_pairs)})
         with torch.no_grad():
-            student(*(x[:2] for x in train.inputs))
+            student(*(exactly(x, fixed) if fixed else x[:2] for x in train.inputs))
         for i, (_, _, feats) in enumerate(hint_pairs):
             s_out = student_hooks.values[str(i)]
             projections.append(_projection(s_out.shape[1], feats.shape[1], s_out.dim() == 4))
@@ -97,15 +99,17 @@ def distill(
     history = History()
     best_state = copy.deepcopy(student.state_dict())
     n = len(train.inputs[0])
-    batch = config.batch_for(n)
+    batch = fixed or config.batch_for(n)
     for epoch in range(spec.epochs):
         student.to(device).train()
         order = torch.randperm(n, generator=generator)
+        if fixed:
+            order = padded_order(order, batch)
         totals = {"loss": 0.0, "soft": 0.0, "hard": 0.0, "hint": 0.0}
         seen = 0
-        for start in range(0, n, batch):
+        for start in range(0, len(order), batch):
             idx = order[start:start + batch]
-            if len(idx) < 2:
+            if len(idx) < 2 and not fixed:
                 continue
             out = student(*(x[idx].to(device) for x in train.inputs))
             out = out[0] if isinstance(out, tuple) else out

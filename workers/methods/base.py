@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+from workers.fixed_batch import chunks
+
 Feed = dict[str, np.ndarray]
 
 
@@ -46,10 +48,22 @@ class StepData:
         return len(next(iter(self.inputs.values()))) if self.inputs else 0
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[Feed]:
+        """Feeds of `batch_size` rows; with a fixed batch, exactly that many (the last one filled up
+        from the start): for calibration and statistics, where a repeated row does no harm."""
+        for feed, _ in self.counted_batches(batch_size, limit):
+            yield feed
+
+    def counted_batches(self, batch_size: int, limit: int | None = None) -> Iterator[tuple[Feed, int]]:
+        """Feeds and how many of their rows are real samples (the rest fill a fixed batch)."""
         n = self.samples if limit is None else min(limit, self.samples)
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
-            yield {name: arr[start:stop] for name, arr in self.inputs.items()}
+        batch = self.fixed_batch or batch_size
+        for idx, real in chunks(n, batch, self.fixed_batch is not None):
+            yield {name: arr[idx] for name, arr in self.inputs.items()}, real
+
+    def outputs(self, run: Callable[[Feed], np.ndarray], batch_size: int, limit: int | None = None) -> np.ndarray:
+        """`run`'s output for every sample, batch by batch, filler rows dropped."""
+        outs = [run(feed)[:real] for feed, real in self.counted_batches(batch_size, limit)]
+        return np.concatenate(outs, axis=0)
 
 
 @dataclass

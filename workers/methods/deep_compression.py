@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import onnx
 
 from service.core.specs import DeepCompressionStep, HuffmanStep
@@ -29,9 +28,8 @@ def _accuracy(model: onnx.ModelProto, held_out: StepData) -> float | None:
         return None
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    batch = held_out.batch_size(512)
-    outs = [session.run(None, {n: feed[n] for n in names})[0] for feed in held_out.batches(batch)]
-    return float((np.concatenate(outs).argmax(-1) == held_out.labels).mean())
+    outs = held_out.outputs(lambda feed: session.run(None, {n: feed[n] for n in names})[0], 512)
+    return float((outs.argmax(-1) == held_out.labels).mean())
 
 
 def _sub_context(ctx: StepContext, start: float, end: float, stage: str) -> StepContext:

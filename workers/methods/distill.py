@@ -13,6 +13,7 @@ from torch import nn
 from service.core.errors import CompressionFailed, InvalidInput
 from service.core.specs import DistillStep
 from workers.distillation import students
+from workers.fixed_batch import exactly
 from workers.distillation.trainer import Data, distill, output_kind
 from workers.distillation.transformer_depth import drop_in_graph
 from workers.methods.base import StepContext, StepData, StepResult
@@ -65,7 +66,8 @@ def _hint_pairs(teacher: OnnxGraphModule, student: OnnxGraphModule, spec: Distil
         handle = t_layers[hint.teacher_layer].register_forward_hook(lambda _m, _i, out, sink=captured: sink.append(out.detach()))
         predict(teacher, inputs)
         handle.remove()
-        pairs.append((t_layers[hint.teacher_layer], s_layers[hint.student_layer], torch.cat(captured)))
+        # predict's fixed-batch filler rows come last: cut back to one row per sample.
+        pairs.append((t_layers[hint.teacher_layer], s_layers[hint.student_layer], torch.cat(captured)[: len(inputs[0])]))
     return pairs
 
 
@@ -95,9 +97,9 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
     metric = "accuracy" if validation.labels is not None else ("agreement_with_teacher" if kind == "classifier" else "cosine_to_teacher")
     teacher_score = quality(validation.teacher, validation.labels, validation.teacher, kind)
 
-    example = tuple(x[: data.fixed_batch or 2] for x in train_inputs)
+    example = tuple(exactly(x, data.fixed_batch) if data.fixed_batch else x[:2] for x in train_inputs)
     # Residual blocks are chosen by what skipping each costs on a slice of the data.
-    probe = tuple(x[: data.fixed_batch or 32] for x in train_inputs)
+    probe = tuple(exactly(x, data.fixed_batch) if data.fixed_batch else x[:32] for x in train_inputs)
     student, derivation = _student(teacher, spec, example, ctx, probe)
     scratch = copy.deepcopy(student) if spec.compare_baseline else None
     hint_pairs = _hint_pairs(teacher, student, spec, train_inputs)

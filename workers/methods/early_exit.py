@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 import torch
 
+from workers.fixed_batch import chunks
+
 from service.core.errors import CompressionFailed, InvalidInput
 from service.core.methods.early_exit import EarlyExitStep
 from workers.constant_folding import fold
@@ -53,13 +55,15 @@ def _features(run: TrainableRun, layer: torch.nn.Module, exit_: Exit, inputs: li
     handle = layer.register_forward_hook(hook)
     device = training_device()
     run.module.to(device).eval()
-    batch = run.data.fixed_batch or 256
+    fixed = run.data.fixed_batch
+    real_rows = []
     with torch.no_grad():
-        for start in range(0, len(inputs[0]), batch):
-            run.module(*(t[start:start + batch].to(device) for t in inputs))
+        for idx, real in chunks(len(inputs[0]), fixed or 256, fixed is not None):
+            run.module(*(t[torch.from_numpy(idx)].to(device) for t in inputs))
+            real_rows.append(real)
     handle.remove()
     run.module.cpu()
-    return torch.cat(captured)
+    return torch.cat([features[:real] for features, real in zip(captured, real_rows)])
 
 
 def _ort_time(original: onnx.ModelProto, exited: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> tuple[float, float, list[int]]:

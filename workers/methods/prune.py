@@ -16,6 +16,7 @@ from torch import nn
 from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
 from workers import sparse_pack
+from workers.fixed_batch import chunks, exactly
 from workers.methods.base import StepContext, StepData, StepResult
 from workers.pruning import ffn, heads, initializers, structured, unstructured
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, selected_layers, weighted_layers
@@ -108,10 +109,10 @@ class _Run(TrainableRun):
             F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1)).backward()
         self.module.eval()
 
-    def _batches(self, limit: int) -> list[slice]:
+    def _batches(self, limit: int) -> list[np.ndarray]:
         """The first `limit` batches of the data, as row slices (the job's fixed batch size, if any)."""
         batch = self.fixed_batch or self.config.batch_size
-        return [slice(start, start + batch) for start in range(0, len(self.inputs[0]), batch)][:limit]
+        return [idx for idx, _ in chunks(len(self.inputs[0]), batch, self.fixed_batch is not None)][:limit]
 
     def exceeds_budget(self, value: float) -> bool:
         return self.spec.max_accuracy_drop is not None and self.baseline - value > self.spec.max_accuracy_drop + 1e-12
@@ -237,7 +238,7 @@ def _structured(run: _Run) -> dict[str, Any]:
                 "(for example, GPT-2's Conv1D reshapes around its MLP); use unstructured pruning, cluster or quantize",
                 code="structured_pruning_unsupported",
             )
-    example = tuple(t[:2] for t in run.inputs) if not run.fixed_batch else tuple(t[: run.fixed_batch] for t in run.inputs)
+    example = tuple(t[:2] for t in run.inputs) if not run.fixed_batch else tuple(exactly(t, run.fixed_batch) for t in run.inputs)
     try:
         pruner, importance = structured.make_pruner(run.module, example, spec, selected, all_layers)
     except Exception as exc:
@@ -296,8 +297,7 @@ def _prune_initializers(model: onnx.ModelProto, spec: PruneStep, ctx: StepContex
 
 def _head_feeds(run: _Run, samples: int = 32) -> dict[str, np.ndarray]:
     """The data heads are ranked on: the step's own inputs (synthetic ones when the job has none)."""
-    rows = run.fixed_batch or samples
-    return {name: t[:rows].numpy() for name, t in zip(run.module.input_names, run.inputs)}
+    return {name: (exactly(t, run.fixed_batch) if run.fixed_batch else t[:samples]).numpy() for name, t in zip(run.module.input_names, run.inputs)}
 
 
 def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepContext) -> StepResult:
@@ -331,7 +331,7 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
     else:
         outcome = _structured(run)
     ctx.progress(0.97, "exporting to ONNX")
-    example = tuple(t[:2] for t in run.inputs) if not run.fixed_batch else tuple(t[: run.fixed_batch] for t in run.inputs)
+    example = tuple(t[:2] for t in run.inputs) if not run.fixed_batch else tuple(exactly(t, run.fixed_batch) for t in run.inputs)
     result = trained_onnx(graph, run.module, example, lambda: export(run.module, example, run.module.input_names, run.module.output_names, run.dynamic_batch))
     packing: dict[str, Any] = {"packed_tensors": []}
     if spec.kind == "unstructured":

@@ -21,6 +21,7 @@ from torch import nn
 
 from service.core.errors import CompressionFailed
 from workers.constant_folding import fold
+from workers.fixed_batch import fixed_batch_of
 from workers.onnx_weights import layer_name, tied_aliases, weight_aliases
 from workers.trainable.onnx_ops import OPS
 
@@ -100,6 +101,8 @@ class OnnxGraphModule(nn.Module):
                 folded.add(id(node))
         self.input_names = [i.name for i in graph.input if i.name not in consts]
         self.output_names = [o.name for o in graph.output]
+        # A fixed-batch export's shape constants spell its batch out: it runs on exactly that many rows.
+        self.fixed_batch = fixed_batch_of(model)
         ranks = self._ranks(model)
         dims = self._dims(model)
         # Reshapes that flatten everything after the batch axis with a constant target such as

@@ -15,6 +15,7 @@ from torch import nn
 
 from service.core.errors import InvalidInput
 from workers.methods.base import StepData
+from workers.fixed_batch import exactly
 from workers.trainable.from_onnx import OnnxGraphModule
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.training import FINETUNE_LR, finetune_epochs, output_kind, predict, quality, tensors, train, train_config
@@ -38,7 +39,7 @@ class TrainableRun:
             self.inputs = self.eval_inputs = [torch.from_numpy(rng.standard_normal(e.shape).astype(e.dtype)) for e in (example_input(model, i) for i in names)]
             self.labels = self.eval_labels = None
             self.evaluated_on = "synthetic inputs"
-        self.example = tuple(t[: data.fixed_batch or example_batch] for t in self.eval_inputs)
+        self.example = tuple(exactly(t, data.fixed_batch) if data.fixed_batch else t[:example_batch] for t in self.eval_inputs)
         # Now, before the method changes the module: these are the original's outputs.
         self.teacher = predict(self.module, self.inputs)
         self.eval_teacher = predict(self.module, self.eval_inputs)

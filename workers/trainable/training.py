@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers import output_kind as kinds
+from workers.fixed_batch import chunks, padded_order
 from workers.trainable.device import training_device
 
 from typing import TYPE_CHECKING
@@ -76,16 +77,23 @@ def tensors(data: "StepData", names: list[str]) -> list[torch.Tensor]:
     return [torch.from_numpy(data.inputs[name]) for name in names]
 
 
+def module_fixed_batch(module: nn.Module) -> int | None:
+    """The batch a module converted from a fixed-batch export accepts (its students inherit it)."""
+    return getattr(module, "fixed_batch", None)
+
+
 @torch.no_grad()
 def predict(module: nn.Module, inputs: list[torch.Tensor], batch_size: int = 256) -> torch.Tensor:
-    """First output over all inputs, computed on the training device, returned on the CPU."""
+    """First output over all inputs, computed on the training device, returned on the CPU; in
+    chunks of the module's fixed batch when it has one (filler rows dropped)."""
     device = training_device()
     module.to(device).eval()
-    n = len(inputs[0])
+    fixed = module_fixed_batch(module)
     outs = []
-    for start in range(0, n, batch_size):
-        out = module(*(t[start:start + batch_size].to(device) for t in inputs))
-        outs.append((out[0] if isinstance(out, tuple) else out).cpu())
+    for idx, real in chunks(len(inputs[0]), fixed or batch_size, fixed is not None):
+        rows = torch.from_numpy(idx)
+        out = module(*(t[rows].to(device) for t in inputs))
+        outs.append((out[0] if isinstance(out, tuple) else out)[:real].cpu())
     module.to("cpu")
     return torch.cat(outs)
 
@@ -162,13 +170,16 @@ def train(
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], config)
     label_tensor = torch.from_numpy(labels).long() if labels is not None else None
     n = len(inputs[0])
+    fixed_batch = fixed_batch or module_fixed_batch(module)
     batch = fixed_batch or config.batch_for(n)
     losses = []
     for epoch in range(config.epochs):
         module.train()
         order = torch.randperm(n, generator=generator)
+        if fixed_batch:
+            order = padded_order(order, batch)
         total, count = 0.0, 0
-        for start in range(0, n - (n % batch if fixed_batch else 0), batch):
+        for start in range(0, len(order), batch):
             idx = order[start:start + batch]
             if len(idx) < 2 and not fixed_batch:
                 continue  # batch norm cannot train on one sample

@@ -16,6 +16,7 @@ import torch
 
 from service.core.errors import CompressionFailed
 from workers.constant_folding import fold
+from workers.fixed_batch import exactly
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 
 SAMPLES = 8
@@ -79,8 +80,7 @@ def _first_divergence(model: onnx.ModelProto, module: OnnxGraphModule, feeds: di
 
 
 def sample_feeds(inputs: dict[str, np.ndarray], fixed_batch: int | None) -> dict[str, np.ndarray]:
-    n = fixed_batch or SAMPLES
-    return {name: array[:n] for name, array in inputs.items()}
+    return {name: exactly(array, fixed_batch) if fixed_batch else array[:SAMPLES] for name, array in inputs.items()}
 
 
 def trainable(model: onnx.ModelProto, data: Any) -> OnnxGraphModule:
