@@ -51,7 +51,7 @@ def _run_on_device(model_path: Path, train_path: Path, held_out_path: Path) -> d
 
     from service.core.specs import step_adapter
     from workers.methods import METHODS
-    from workers.methods.base import StepContext, StepData
+    from workers.steps import StepContext, StepData
     from workers.trainable.device import training_device
 
     model = onnx.load_model(str(model_path))

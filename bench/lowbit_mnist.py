@@ -16,7 +16,7 @@ from tests import mnist
 from tests.builders import reference_outputs
 from tests.cnn_models import downsample, train_residual_cnn
 from workers.methods import cluster, quantize
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 
 
 def accuracy(model: onnx.ModelProto, x, y) -> float:

@@ -50,7 +50,7 @@ def _session(path: Path) -> Any:
 def _peer_row(name: str, original: Path, candidate: Path, held_out: dict[str, np.ndarray]) -> list:
     from service.core.specs import MeasureSpec
     from workers import metrics as m
-    from workers.methods.base import StepData
+    from workers.steps import StepData
 
     data = StepData(inputs=held_out)
     base, cand = _session(original), _session(candidate)

@@ -19,7 +19,7 @@ from service.core.settings import Settings
 from service.core.specs import QuantizeStep
 from tests.builders import dataset_npz, mlp, save
 from workers.methods import quantize
-from workers.methods.base import StepContext
+from workers.steps import StepContext
 from workers.job_input import JobInput
 from workers.pipeline import run_pipeline
 

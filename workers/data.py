@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from service.core.datasets import LABELS, check_against_model
-from workers.methods.base import StepData
+from workers.steps import StepData
 
 
 def fixed_batch(model_inputs: list[dict[str, Any]]) -> int | None:

@@ -12,7 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from service.core.specs import MeasureSpec
-from workers.methods.base import StepData
+from workers.steps import StepData
 from workers.output_kind import SCORED, output_kind
 
 EVAL_BATCH = 32

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from workers.data import token_vocabularies
+
 # Output names that say "this is a vector representation, not class scores".
 EMBEDDING_NAME = re.compile(r"embed|pool|feature|hidden|vector|encod|represent", re.IGNORECASE)
 # Kinds whose last axis holds scores, so an argmax (top-1 agreement, accuracy) means something.
@@ -33,8 +35,5 @@ def output_kind(outputs: np.ndarray, vocabulary_sizes: set[int] | None = None, n
 
 def model_output_kind(model: onnx.ModelProto, outputs: np.ndarray, has_labels: bool) -> str:
     """The kind of `model`'s first output, given what it answered on the evaluation data."""
-    # Imported here: workers.data imports the method registry, whose measurements import this module.
-    from workers.data import token_vocabularies
-
     vocab: Any = set(token_vocabularies(model).values())
     return output_kind(outputs, vocab, model.graph.output[0].name if model.graph.output else None, has_labels)

@@ -22,10 +22,11 @@ from workers import metrics as m
 from workers import model_files, verdict
 from workers.sensitivity import layer_sensitivity
 from workers.data import load_step_data, synthetic_data, token_vocabularies
+from workers.evaluation import Comparison, ReferenceRun, compare
 from workers.job_input import JobInput
 from workers.output_kind import model_output_kind
 from workers.methods import METHODS
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 from workers.constant_folding import fold
 
 log = logging.getLogger(__name__)
@@ -51,20 +52,17 @@ def _load_data(job: JobInput, store: ArtifactStore, spec: MeasureSpec, original:
     return train, synthetic, "synthetic"
 
 
-def _describe(path: Path, data: StepData, spec: MeasureSpec) -> tuple[dict[str, Any], Any, Any]:
+def _describe(path: Path, spec: MeasureSpec) -> tuple[dict[str, Any], Any]:
     # Count parameters and MACs on the dense model a sparse-packed file stands for; size_bytes is the file.
     model = fold(onnx.load_model(str(path)))
     params, nonzero = m.parameter_counts(model)
-    session = m.make_session(path, spec.threads)
-    outputs = m.first_outputs(session, data, spec.max_eval_samples)
     result = {
         "size_bytes": model_files.on_disk_bytes(path),
         "parameters": params,
         "nonzero_parameters": nonzero,
         "macs": m.macs_per_sample(model),
-        "accuracy": m.accuracy(outputs, data.labels),
     }
-    return result, outputs, session
+    return result, m.make_session(path, spec.threads)
 
 
 def _with_latency(result: dict[str, Any], lat: list[dict[str, Any]]) -> None:
@@ -72,16 +70,12 @@ def _with_latency(result: dict[str, Any], lat: list[dict[str, Any]]) -> None:
     result["latency_by_batch"] = lat
 
 
-def _refuse_non_finite(reference: Any, candidate: Any) -> None:
+def _refuse_non_finite(comparison: Comparison) -> None:
     # A model that answers NaN or infinity where the original answered numbers is broken, whatever
     # the fidelity arithmetic would make of it (NaN norms used to read as cosine 1.0).
-    import numpy as np
-
-    bad = ~np.isfinite(candidate) & np.isfinite(reference)
-    if bad.any():
-        samples = int(bad.reshape(len(bad), -1).any(axis=1).sum())
+    if comparison.non_finite_samples:
         raise CompressionFailed(
-            f"the compressed model produces non-finite outputs (NaN or infinity) on {samples} evaluation sample(s) "
+            f"the compressed model produces non-finite outputs (NaN or infinity) on {comparison.non_finite_samples} evaluation sample(s) "
             "where the original's are finite; lower the learning rate or the loss weights",
             code="non_finite",
         )
@@ -151,11 +145,14 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
         raise CompressionFailed(f"the compressed model failed validation: {exc.message}", code="invalid_output") from exc
 
     progress(STEPS_SHARE, "measure", "evaluating both models", True)
-    original, ref_out, original_session = _describe(original_path, evaluation, spec)
-    compressed, out, compressed_session = _describe(compressed_path, evaluation, spec)
-    _refuse_non_finite(ref_out, out)
-    kind = model_output_kind(onnx.load_model(str(original_path), load_external_data=False), ref_out, evaluation.labels is not None)
-    compressed["fidelity"] = m.fidelity(ref_out, out, kind)
+    original, original_session = _describe(original_path, spec)
+    compressed, compressed_session = _describe(compressed_path, spec)
+    reference = ReferenceRun(original_session, evaluation, spec.max_eval_samples)
+    kind = model_output_kind(onnx.load_model(str(original_path), load_external_data=False), reference.first_output, evaluation.labels is not None)
+    comparison = compare(reference, compressed_session, kind)
+    _refuse_non_finite(comparison)
+    original["accuracy"], compressed["accuracy"] = comparison.reference_accuracy(), comparison.accuracy()
+    compressed["fidelity"] = comparison.fidelity()
     timing = m.latency([original_session, compressed_session], evaluation, spec,
                        lambda f, msg: progress(STEPS_SHARE + f * (0.95 - STEPS_SHARE), "measure", f"both models, interleaved: {msg}"))
     _with_latency(original, timing[0])
@@ -181,7 +178,8 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
         "evaluation": {
             "data": source,
             "synthetic": evaluation.description,
-            "samples": min(evaluation.samples, spec.max_eval_samples),
+            "samples": comparison.samples,
+            "positions": comparison.positions_note(),
             "labels": evaluation.labels is not None,
             "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",
             "threads": spec.threads,

@@ -16,7 +16,9 @@ import onnx
 from onnx import numpy_helper
 
 from workers.constant_folding import fold
-from workers.methods.base import StepData
+from workers.evaluation import ReferenceRun, compare
+from workers.steps import StepData
+from workers.output_kind import model_output_kind
 
 MAX_LAYERS = 40  # the largest changed tensors; each costs one session and one pass over the samples
 MAX_SAMPLES = 64
@@ -29,16 +31,6 @@ def _session(model: onnx.ModelProto, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def _outputs(session, data: StepData) -> np.ndarray:
-    outs = data.outputs(lambda feed: session.run(None, feed)[0], 16, limit=MAX_SAMPLES)
-    return outs.astype(np.float64).reshape(len(outs), -1)
-
-
-def _cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    denom = np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1)
-    return float(np.where(denom > 0, (reference * candidate).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0).mean())
 
 
 def _layer_label(name: str, consumers: dict[str, str]) -> str:
@@ -61,7 +53,8 @@ def layer_sensitivity(original: onnx.ModelProto, compressed: onnx.ModelProto, da
     if not changed:
         return None
     consumers = {i: (n.name or n.op_type) for n in base.graph.node for i in n.input}
-    reference = _outputs(_session(base, threads), data)
+    reference = ReferenceRun(_session(base, threads), data, MAX_SAMPLES, batch=16)
+    kind = model_output_kind(base, reference.first_output, data.labels is not None)
     rows = []
     for _, name in sorted(changed, reverse=True)[:MAX_LAYERS]:
         probe = onnx.ModelProto()
@@ -72,6 +65,6 @@ def layer_sensitivity(original: onnx.ModelProto, compressed: onnx.ModelProto, da
                 # float16 values widened, which is exactly the change being measured.
                 value = numpy_helper.to_array(new_values[name]).astype(numpy_helper.to_array(init).dtype)
                 init.CopyFrom(numpy_helper.from_array(value, name))
-        cosine = _cosine(reference, _outputs(_session(probe, threads), data))
+        cosine = float(compare(reference, _session(probe, threads), kind).fidelity()["cosine"])
         rows.append({"layer": _layer_label(name, consumers), "tensor": name, "cosine": cosine, "drop": 1.0 - cosine})
     return sorted(rows, key=lambda r: r["drop"], reverse=True)

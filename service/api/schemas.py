@@ -173,6 +173,7 @@ class EvaluationInfo(Tolerant):
     data: str = Field(description="dataset, eval_dataset or synthetic.")
     synthetic: str | None = Field(None, description="How synthetic inputs were drawn, when they were.")
     samples: int
+    positions: str | None = Field(None, description="For per-token outputs: which positions were compared (those the attention mask marks as real tokens; padding is left out).")
     labels: bool
     runtime: str
     threads: int

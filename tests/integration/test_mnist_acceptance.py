@@ -16,7 +16,7 @@ from tests import mnist
 from tests.builders import reference_outputs
 from tests.cnn_models import downsample, train_residual_cnn
 from workers.methods import prune
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 from workers.metrics import macs_per_sample, parameter_counts
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not mnist.available(), reason="../shared/data/mnist is missing")]

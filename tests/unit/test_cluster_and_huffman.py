@@ -17,7 +17,7 @@ from workers.clustering.kmeans import kmeans_1d
 from workers.clustering.storage import pack_nibbles, unpack_nibbles
 from workers.constant_folding import fold
 from workers.methods import cluster, huffman, prune, quantize
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 from workers.metrics import parameter_counts
 from service.core.specs import PruneStep
 

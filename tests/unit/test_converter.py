@@ -140,7 +140,7 @@ def test_flatten_by_view_of_size_converts_from_either_exporter(tmp_path, dynamo:
 
 
 def test_a_converter_that_disagrees_with_onnx_runtime_is_caught_at_the_diverging_node(monkeypatch) -> None:
-    from workers.methods.base import StepData
+    from workers.steps import StepData
     from workers.trainable import onnx_ops
     from workers.trainable.verify import ConversionMismatch, trainable
 

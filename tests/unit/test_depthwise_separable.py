@@ -17,7 +17,7 @@ from service.core.methods.depthwise_separable import DepthwiseSeparableStep
 from tests.cnn_models import ResidualCNN
 from workers.factorization.layers import depthwise_separable
 from workers.methods import depthwise_separable as method
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 
 
 def test_a_separable_convolution_is_recovered_exactly() -> None:

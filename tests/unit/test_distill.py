@@ -13,7 +13,7 @@ from service.core.errors import CompressionFailed, InvalidInput
 from service.core.specs import DistillStep
 from tests.builders import cnn, mlp, reference_outputs
 from workers.methods import distill
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 from workers.metrics import parameter_counts
 
 

@@ -18,7 +18,7 @@ from service.core.methods.early_exit import EarlyExitStep
 from tests import mnist
 from workers.dynamic.onnx_exits import EXIT_INDEX
 from workers.methods import early_exit
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 
 pytestmark = pytest.mark.skipif(not mnist.available(), reason="MNIST files are not in ../shared/data/mnist")
 

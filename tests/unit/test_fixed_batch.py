@@ -23,7 +23,7 @@ from service.core.settings import Settings
 from tests.builders import dataset_npz, mlp, save
 from workers.fixed_batch import chunks, exactly, padded_order
 from workers.job_input import JobInput
-from workers.methods.base import StepData
+from workers.steps import StepData
 from workers.pipeline import run_pipeline
 
 SAMPLES = 47  # odd: the last batch of 2 is filled up

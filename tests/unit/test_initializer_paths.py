@@ -19,7 +19,7 @@ from service.core.errors import CompressionFailed, InvalidInput
 from service.core.specs import ClusterStep, PruneStep, QuantizeStep
 from workers.clustering.storage import group_offsets
 from workers.methods import cluster, prune, quantize_lowbit
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 from workers.pruning.layers import weighted_layers
 from workers.trainable.run import TrainableRun
 

@@ -20,7 +20,7 @@ from service.core.methods.low_rank import LowRankStep
 from tests.cnn_models import ResidualCNN
 from workers.factorization.layers import factorise_conv, factorise_linear
 from workers.methods import low_rank
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 
 
 def _run(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> np.ndarray:

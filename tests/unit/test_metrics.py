@@ -53,7 +53,7 @@ def test_int4_weights_count_as_weights_not_packed_bytes(tmp_path) -> None:
     from service.core.specs import QuantizeStep
     from tests.builders import mlp
     from workers.methods import quantize
-    from workers.methods.base import StepContext, StepData
+    from workers.steps import StepContext, StepData
 
     model = mlp(in_features=128, hidden=256)
     dense, _ = metrics.parameter_counts(model)

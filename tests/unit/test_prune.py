@@ -13,7 +13,7 @@ from service.core.specs import PruneStep
 from tests.builders import cnn, mlp, reference_outputs
 from workers.constant_folding import fold
 from workers.methods import prune
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 from workers.metrics import macs_per_sample, parameter_counts
 
 

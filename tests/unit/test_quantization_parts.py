@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from bench.architectures import dataset, export
 from service.core.specs import QuantizeStep
 from workers.methods import quantize
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 from workers.quantization import int4, smoothing
 
 

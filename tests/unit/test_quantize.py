@@ -15,7 +15,7 @@ from service.core.specs import QuantizeStep
 from tests.builders import cnn, mlp, reference_outputs
 from workers.methods import quantize
 from workers.quantization.cpu import lacks_vnni
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 
 
 def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

@@ -30,3 +30,13 @@ def test_api_and_methods_never_import_torch_celery_or_fastapi_at_module_level() 
         text = path.read_text()
         for banned in ("celery", "fastapi"):
             assert f"import {banned}" not in text and f"from {banned}" not in text, f"{path} imports {banned}"
+
+
+def test_the_data_reader_and_step_types_load_no_method() -> None:
+    # Methods are imported on first use: what they share (step types, data, measurements) must not pull them all in.
+    import subprocess
+    import sys
+
+    code = "import sys, workers.data, workers.evaluation, workers.metrics; print(sorted(m for m in sys.modules if m.startswith('workers.methods.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

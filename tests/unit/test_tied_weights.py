@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.core.specs import PruneStep
 from workers.methods import prune
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 from workers.onnx_weights import tied_aliases
 
 VOCAB, DIM = 300, 32

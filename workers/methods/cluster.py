@@ -17,7 +17,7 @@ from service.core.errors import CompressionFailed, InvalidInput
 from service.core.specs import ClusterStep
 from workers.clustering import storage
 from workers.clustering.kmeans import kmeans_1d
-from workers.methods.base import StepContext, StepData, StepResult
+from workers.steps import StepContext, StepData, StepResult
 from workers.onnx_weights import as_rows, from_rows, weight_layers
 from workers.pruning.layers import weighted_layers
 from workers.trainable.device import training_device

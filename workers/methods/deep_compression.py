@@ -10,7 +10,7 @@ import onnx
 
 from service.core.specs import DeepCompressionStep, HuffmanStep
 from workers.methods import cluster, huffman, prune
-from workers.methods.base import StepContext, StepData, StepResult
+from workers.steps import StepContext, StepData, StepResult
 
 name = "deep_compression"
 SPEC = DeepCompressionStep

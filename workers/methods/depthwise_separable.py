@@ -13,7 +13,7 @@ from torch import nn
 from service.core.errors import CompressionFailed
 from service.core.methods.depthwise_separable import DepthwiseSeparableStep
 from workers.factorization.layers import depthwise_separable, macs, parameters
-from workers.methods.base import StepContext, StepData, StepResult
+from workers.steps import StepContext, StepData, StepResult
 from workers.trainable.run import TrainableRun
 
 name = "depthwise_separable"

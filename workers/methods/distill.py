@@ -15,8 +15,9 @@ from service.core.specs import DistillStep
 from workers.distillation import students
 from workers.fixed_batch import exactly
 from workers.distillation.trainer import Data, distill, output_kind
+from workers.data import token_vocabularies
 from workers.distillation.transformer_depth import drop_in_graph
-from workers.methods.base import StepContext, StepData, StepResult
+from workers.steps import StepContext, StepData, StepResult
 from workers.trainable.device import training_device
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 from workers.trainable.to_onnx import export, has_dynamic_batch
@@ -85,7 +86,6 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
     names = teacher.input_names
     held_out = data.evaluation or data
     train_inputs, eval_inputs = tensors(data, names), tensors(held_out, names)
-    from workers.data import token_vocabularies  # workers.data imports the methods package: import at use
 
     teacher_train = predict(teacher, train_inputs)
     kind = output_kind(teacher_train, set(token_vocabularies(model).values()), teacher.output_names[0], data.labels is not None)

@@ -19,7 +19,7 @@ from workers.constant_folding import fold
 from workers.factorization.layers import macs
 from workers.dynamic.heads import Exit, policy_table, pool, pooling_kernel, train_heads
 from workers.dynamic.onnx_exits import deployable
-from workers.methods.base import StepContext, StepData, StepResult
+from workers.steps import StepContext, StepData, StepResult
 from workers.pruning.layers import weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.run import TrainableRun

@@ -9,7 +9,7 @@ import onnx
 from service.core.errors import CompressionFailed
 from service.core.specs import HuffmanStep
 from workers import bundle
-from workers.methods.base import StepContext, StepData, StepResult
+from workers.steps import StepContext, StepData, StepResult
 
 name = "huffman"
 SPEC = HuffmanStep

@@ -17,7 +17,7 @@ from torch import nn
 from service.core.errors import CompressionFailed
 from service.core.methods.low_rank import LowRankStep
 from workers.factorization.layers import factorise_conv, factorise_linear, macs, parameters
-from workers.methods.base import StepContext, StepData, StepResult
+from workers.steps import StepContext, StepData, StepResult
 from workers.pruning.layers import weighted_layers
 from workers.trainable.run import TrainableRun
 

@@ -17,7 +17,7 @@ from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
 from workers import sparse_pack
 from workers.fixed_batch import chunks, exactly
-from workers.methods.base import StepContext, StepData, StepResult
+from workers.steps import StepContext, StepData, StepResult
 from workers.pruning import ffn, heads, initializers, structured, unstructured
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, selected_layers, weighted_layers
 from workers.trainable.device import training_device

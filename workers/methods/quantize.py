@@ -21,7 +21,8 @@ from service.core.errors import CompressionFailed, JobFailure
 from service.core.specs import QuantizeStep
 from workers import model_files
 from workers.methods import quantize_lowbit
-from workers.methods.base import StepContext, StepData, StepResult
+from workers.steps import StepContext, StepData, StepResult
+from workers.data import graph_inputs, synthetic_data, token_vocabularies
 from workers.quantization import fusion, int4, int8, mixed_precision, selection, smoothing
 from workers.quantization.candidates import Candidate, plan
 from workers.quantization.measure import MIN_COMPRESSION, Measured, Reference
@@ -54,7 +55,6 @@ def _split(model: onnx.ModelProto, data: StepData) -> tuple[StepData, StepData, 
         return data, data, f"the dataset's {n} samples (too few to hold some out: calibration used the same samples)"
     if data.probe is not None and data.probe.available:
         return data, data.probe, data.probe.description or "synthetic inputs"
-    from workers.data import graph_inputs, synthetic_data, token_vocabularies  # workers.data imports the methods package: import at use
 
     probe, description = synthetic_data(graph_inputs(model), SYNTHETIC_SAMPLES, seed=0, vocab=token_vocabularies(model))
     return data, probe, description
@@ -317,7 +317,7 @@ def _quantize_measured(model: onnx.ModelProto, spec: QuantizeStep, data: StepDat
         "settings": chosen.candidate.settings(),
         "objective": spec.objective,
         "target": spec.target.model_dump() | {"met": target_met},
-        "measured_on": measured_on,
+        "measured_on": measured_on + (f"; {reference.positions}" if reference.positions else ""),
         "reason": _reason(chosen, spec, target_met, len(measured)),
         "candidates": rows,
         "sensitivity": sensitivity,

@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 from service.core.errors import CompressionFailed
 from service.core.specs import QuantizeStep
 from workers.clustering.storage import find_initializer, replace_initializers
-from workers.methods.base import StepContext, StepData
+from workers.steps import StepContext, StepData
 from workers.onnx_weights import as_rows, from_rows, weight_layers
 from workers.pruning.layers import weighted_layers
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from service.core.errors import CompressionFailed
-from workers.methods.base import StepData
+from workers.steps import StepData
 
 MIN_WEIGHTS = 1024  # smaller tensors (biases, norms) are not worth a block structure
 

@@ -22,7 +22,7 @@ from typing import Any
 import onnx
 
 from service.core.errors import CompressionFailed
-from workers.methods.base import StepData
+from workers.steps import StepData
 
 CALIBRATION_BATCH = 16
 # Matrix products and the embedding lookups feeding them: where int8 pays on CPU. Dynamic int8

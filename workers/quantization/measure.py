@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from service.core.specs import MeasureSpec, QualityTarget
 from workers import metrics as m
-from workers.methods.base import StepData
+from workers.evaluation import ReferenceRun, compare
+from workers.steps import StepData
 from workers.output_kind import model_output_kind
 from workers.quantization.candidates import Candidate
 
@@ -85,23 +85,27 @@ class Reference:
         self.data = data
         self.threads = threads
         self.session = m.make_session(original, threads)
-        self.outputs = m.first_outputs(self.session, data, MAX_SAMPLES)
-        self.accuracy = m.accuracy(self.outputs, data.labels)
-        self.kind = model_output_kind(onnx.load_model(str(original), load_external_data=False), self.outputs, data.labels is not None)
+        self.reference = ReferenceRun(self.session, data, MAX_SAMPLES)
+        self.kind = model_output_kind(onnx.load_model(str(original), load_external_data=False), self.reference.first_output, data.labels is not None)
+        self.positions: str | None = None  # how token outputs are compared, once measured
+        # With labels (a classifier), the original's accuracy; candidates are held to its drop.
+        self.accuracy = compare(self.reference, self.session, self.kind).reference_accuracy() if data.labels is not None else None
         self.size_bytes = original.stat().st_size
         self._sessions: dict[Path, Any] = {}
 
     def fidelity(self, measured: Measured, session: Any) -> None:
-        outputs = m.first_outputs(session, self.data, MAX_SAMPLES)
-        if (~np.isfinite(outputs) & np.isfinite(self.outputs)).any():
+        comparison = compare(self.reference, session, self.kind)
+        if comparison.non_finite_samples:
             measured.error = "non-finite outputs where the original's are finite"
             return
-        measured.samples = len(outputs)
-        scores = m.fidelity(self.outputs, outputs, self.kind)
+        self.positions = comparison.positions_note()
+        measured.samples = comparison.samples
+        scores = comparison.fidelity()
         measured.cosine, measured.top1_agreement = scores["cosine"], scores["top1_agreement"]
-        measured.accuracy = m.accuracy(outputs, self.data.labels)
-        if measured.accuracy is not None and self.accuracy is not None:
-            measured.accuracy_drop = self.accuracy - measured.accuracy
+        measured.accuracy = comparison.accuracy()
+        reference_accuracy = comparison.reference_accuracy()
+        if measured.accuracy is not None and reference_accuracy is not None:
+            measured.accuracy_drop = reference_accuracy - measured.accuracy
 
     def measure(self, measured: Measured, keep_session: bool = False) -> Measured:
         """Size and fidelity (a candidate ONNX Runtime cannot load or run is marked failed)."""

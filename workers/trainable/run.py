@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from service.core.errors import InvalidInput
-from workers.methods.base import StepData
+from workers.steps import StepData
+from workers.data import token_vocabularies
 from workers.fixed_batch import exactly
 from workers.trainable.from_onnx import OnnxGraphModule
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
@@ -43,7 +44,6 @@ class TrainableRun:
         # Now, before the method changes the module: these are the original's outputs.
         self.teacher = predict(self.module, self.inputs)
         self.eval_teacher = predict(self.module, self.eval_inputs)
-        from workers.data import token_vocabularies  # workers.data imports the methods package: import at use
 
         # What the output is decides the fine-tuning loss and the score (a sentence embedding is not class logits).
         self.kind = output_kind(self.teacher, set(token_vocabularies(model).values()), self.module.output_names[0], self.labels is not None)

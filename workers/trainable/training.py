@@ -21,11 +21,7 @@ from torch import nn
 from workers import output_kind as kinds
 from workers.fixed_batch import chunks, padded_order
 from workers.trainable.device import training_device
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # methods import this module; a runtime import would be circular
-    from workers.methods.base import StepData
+from workers.steps import StepData
 
 DISTILL_TEMPERATURE = 2.0
 
@@ -73,7 +69,7 @@ def finetune_epochs(asked: int | None, data_available: bool) -> int:
     return asked if asked is not None else (DEFAULT_FINETUNE_EPOCHS if data_available else 0)
 
 
-def tensors(data: "StepData", names: list[str]) -> list[torch.Tensor]:
+def tensors(data: StepData, names: list[str]) -> list[torch.Tensor]:
     return [torch.from_numpy(data.inputs[name]) for name in names]
 
 

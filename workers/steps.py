@@ -1,4 +1,5 @@
-"""The one interface every compression method implements.
+"""The one interface every compression method implements, in a module that imports no method (so
+the data readers, measurements and training code that methods use can import it freely).
 
 A method is a function of (model, spec, data, context) -> StepResult. It never touches Celery, HTTP
 or the database: progress and cancellation reach it only through `StepContext`, so methods are
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import onnx
@@ -90,9 +91,3 @@ class StepResult:
     report: dict[str, Any]
     # A storage bundle that decodes to exactly `model` (the huffman step); shipped as model.msz.
     bundle: bytes | None = None
-
-
-class Method(Protocol):
-    name: str
-
-    def apply(self, model: onnx.ModelProto, spec: Any, data: StepData, ctx: StepContext) -> StepResult: ...
