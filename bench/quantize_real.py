@@ -48,14 +48,20 @@ def _session(path: Path) -> Any:
 
 
 def _peer_row(name: str, original: Path, candidate: Path, held_out: dict[str, np.ndarray]) -> list:
+    import onnx
+
     from service.core.specs import MeasureSpec
     from workers import metrics as m
+    from workers.evaluation import ReferenceRun, compare
+    from workers.output_kind import model_output_kind
     from workers.steps import StepData
 
+    # Compared exactly as the service compares its own result (padded positions left out).
     data = StepData(inputs=held_out)
     base, cand = _session(original), _session(candidate)
-    ref, out = m.first_outputs(base, data, MEASURE["max_eval_samples"]), m.first_outputs(cand, data, MEASURE["max_eval_samples"])
-    fidelity = m.fidelity(ref, out)
+    reference = ReferenceRun(base, data, MEASURE["max_eval_samples"])
+    kind = model_output_kind(onnx.load_model(str(original), load_external_data=False), reference.first_output, False)
+    fidelity = compare(reference, cand, kind).fidelity()
     timing = m.latency([base, cand], data, MeasureSpec(**MEASURE), lambda f, msg: None)
     speed = [o["p50"] / c["p50"] for o, c in zip(timing[0], timing[1])]
     return [name, original.stat().st_size / candidate.stat().st_size, fidelity["cosine"], fidelity["top1_agreement"], *speed]

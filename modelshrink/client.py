@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from service.api.schemas import DatasetPublic, JobPublic, ModelPublic, SearchPublic
+from service.api.schemas import DatasetPublic, JobPublic, ModelPublic, SearchesPublic, SearchPublic
 from service.client import ApiFailure, EventParser, external_data_files, failure, zipped_with_external_data
 
 __all__ = ["ApiFailure", "AsyncClient", "Client"]
@@ -112,6 +112,10 @@ class Client:
 
     def get_search(self, search_id: str) -> SearchPublic:
         return SearchPublic.model_validate(self._json("GET", f"/v1/searches/{search_id}"))
+
+    def list_searches(self, status: str | None = None, limit: int = 50) -> SearchesPublic:
+        params = {"limit": limit, **({"status": status} if status else {})}
+        return SearchesPublic.model_validate(self._json("GET", "/v1/searches", params=params))
 
     def cancel_search(self, search_id: str) -> SearchPublic:
         return SearchPublic.model_validate(self._json("POST", f"/v1/searches/{search_id}/cancel"))
@@ -211,6 +215,10 @@ class AsyncClient:
 
     async def get_search(self, search_id: str) -> SearchPublic:
         return SearchPublic.model_validate(await self._json("GET", f"/v1/searches/{search_id}"))
+
+    async def list_searches(self, status: str | None = None, limit: int = 50) -> SearchesPublic:
+        params = {"limit": limit, **({"status": status} if status else {})}
+        return SearchesPublic.model_validate(await self._json("GET", "/v1/searches", params=params))
 
     async def cancel_search(self, search_id: str) -> SearchPublic:
         return SearchPublic.model_validate(await self._json("POST", f"/v1/searches/{search_id}/cancel"))

@@ -17,11 +17,39 @@ from rich.table import Table
 
 from service.core.settings import get_settings
 
-app = typer.Typer(help="modelshrink: compress neural networks through a REST service.", no_args_is_help=True)
+EXIT_CODES = """Exit codes: 0 done (a job or search that succeeded); 1 the job or search failed, or the API refused the
+request; 2 bad usage (options, no API key); 3 the server cannot be reached; 4 the job or search was cancelled."""
+EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CANCELLED = 1, 2, 3, 4
+
+
+class _App(typer.Typer):
+    """Typer, with the one error every client meets first said in one line instead of a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            return super().__call__(*args, **kwargs)
+        except httpx.TransportError as exc:
+            url = os.environ.get("MODELSHRINK_URL", "http://127.0.0.1:8000")
+            err.print(f"cannot reach {url} ({type(exc).__name__}): is `modelshrink serve` running there? "
+                      "Set MODELSHRINK_URL to the server's address.", soft_wrap=True, markup=False)
+            sys.exit(EXIT_UNREACHABLE)
+
+
+app = _App(help="modelshrink: compress neural networks through a REST service.\n\n" + EXIT_CODES, no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+searches_app = typer.Typer(help="List, show and cancel searches.", no_args_is_help=True)
+app.add_typer(searches_app, name="searches")
 err = Console(stderr=True)
-out = Console()
+# Piped into a file or a script, rich would assume 80 columns and cut numbers to fit: never do that.
+out = Console() if sys.stdout.isatty() else Console(width=240)
+
+
+def exit_code(status: str) -> int:
+    """What a finished job's or search's status means to a script (see EXIT_CODES)."""
+    return {"failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}.get(status, 0)
 
 
 def _child_env() -> dict[str, str]:
@@ -152,9 +180,9 @@ def _fmt(value: Any, unit: str = "") -> str:
 def print_metrics(metrics: dict[str, Any]) -> None:
     o, c = metrics["original"], metrics["compressed"]
     table = Table(title="modelshrink metrics")
-    table.add_column("metric")
-    table.add_column("original", justify="right")
-    table.add_column("compressed", justify="right")
+    table.add_column("metric", overflow="fold")
+    table.add_column("original", justify="right", no_wrap=True)
+    table.add_column("compressed", justify="right", no_wrap=True)
     table.add_row("size (bytes)", _fmt(o["size_bytes"]), _fmt(c["size_bytes"]) + (" (bundle)" if c.get("onnx_size_bytes", c["size_bytes"]) != c["size_bytes"] else ""))
     table.add_row("parameters", _fmt(o["parameters"]), _fmt(c["parameters"]))
     table.add_row("non-zero parameters", _fmt(o.get("nonzero_parameters")), _fmt(c.get("nonzero_parameters")))
@@ -172,28 +200,38 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 
 @app.command()
 def submit(
-    model: Path,
-    step: Annotated[list[str], typer.Option(help='A step as JSON, e.g. \'{"method":"quantize","mode":"int8_static"}\'; repeat for more.')],
+    model: Annotated[Path | None, typer.Argument(help="The .onnx to upload (or --model-id of one uploaded before).")] = None,
+    step: Annotated[list[str] | None, typer.Option(help='A step as JSON, e.g. \'{"method":"quantize","mode":"int8_static"}\'; repeat for more.')] = None,
     dataset: Annotated[Path | None, typer.Option(help=".npz calibration/training data")] = None,
     eval_dataset: Annotated[Path | None, typer.Option(help=".npz evaluation data")] = None,
+    model_id: Annotated[str | None, typer.Option(help="A model uploaded before (mdl_...), instead of MODEL.")] = None,
+    dataset_id: Annotated[str | None, typer.Option(help="A dataset uploaded before (dset_...), instead of --dataset.")] = None,
+    eval_dataset_id: Annotated[str | None, typer.Option(help="An evaluation dataset uploaded before, instead of --eval-dataset.")] = None,
     wait: Annotated[bool, typer.Option(help="Follow progress, print the metrics and save the model.")] = False,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Where --wait saves the compressed model.")] = None,
 ) -> None:
-    """Upload MODEL (and datasets), submit a job, and with --wait follow it to the end."""
+    """Upload MODEL (and datasets), submit a job, and with --wait follow it to the end. Identical bytes
+    uploaded again are not stored twice (the server answers with the model it has)."""
     from service.client import ApiFailure
 
+    if (model is None) == (model_id is None):
+        err.print("[red]give MODEL (a file to upload) or --model-id (one uploaded before), not both[/red]")
+        raise typer.Exit(EXIT_USAGE)
+    if not step:
+        err.print("[red]--step is required: the job's steps as JSON, e.g. --step '{\"method\":\"quantize\"}'[/red]")
+        raise typer.Exit(EXIT_USAGE)
     client = _client()
     try:
         steps = [json.loads(s) for s in step]
     except json.JSONDecodeError as exc:
         err.print(f"[red]--step is not valid JSON: {exc}[/red]")
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
     try:
-        body: dict[str, Any] = {"model_id": client.upload_model(model)["id"], "steps": steps}
-        if dataset:
-            body["dataset_id"] = client.upload_dataset(dataset)["id"]
-        if eval_dataset:
-            body["eval_dataset_id"] = client.upload_dataset(eval_dataset)["id"]
+        body: dict[str, Any] = {"model_id": model_id or client.upload_model(model)["id"], "steps": steps}
+        if dataset or dataset_id:
+            body["dataset_id"] = dataset_id or client.upload_dataset(dataset)["id"]
+        if eval_dataset or eval_dataset_id:
+            body["eval_dataset_id"] = eval_dataset_id or client.upload_dataset(eval_dataset)["id"]
         job = client.submit(body)
         err.print(f"job {job['id']} {job['status']}")
         if not wait:
@@ -208,14 +246,16 @@ def submit(
                     job = data
         if job["status"] != "succeeded":
             err.print(f"[red]job {job['id']} {job['status']}: {(job.get('error') or {}).get('message', '')}[/red]")
-            raise typer.Exit(1)
+            raise typer.Exit(exit_code(job["status"]) or EXIT_FAILED)
         print_metrics(job["metrics"])
+        # Saved beside MODEL, or as <model id>.compressed.* in the current folder for --model-id.
+        source = model if model is not None else Path(f"{model_id}.onnx")
         if any(a["name"] == "model.zip" for a in job["artifacts"]):  # over 2 GB: model.onnx + its external data
-            dest = output or model.with_name(model.stem + ".compressed.zip")
+            dest = output or source.with_name(source.stem + ".compressed.zip")
             client.download(job["id"], "model.zip", dest)
             err.print(f"saved {dest} (model.onnx with its external data: unzip it and load model.onnx)")
         else:
-            dest = output or model.with_name(model.stem + ".compressed.onnx")
+            dest = output or source.with_name(source.stem + ".compressed.onnx")
             client.download(job["id"], "model.onnx", dest)
             err.print(f"saved {dest}")
         if any(a["name"] == "model.msz" for a in job["artifacts"]):
@@ -229,8 +269,12 @@ def submit(
 
 
 @app.command()
-def status(job_id: str, wait: Annotated[bool, typer.Option(help="Follow the job until it ends first.")] = False) -> None:
-    """Show a job: status, progress, error, metrics."""
+def status(
+    job_id: str,
+    wait: Annotated[bool, typer.Option(help="Follow the job until it ends first.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the job as the API answers it (JSON).")] = False,
+) -> None:
+    """Show a job: status, progress, error, metrics. Exits 1 for a failed job, 4 for a cancelled one."""
     from service.client import ApiFailure
 
     try:
@@ -243,11 +287,15 @@ def status(job_id: str, wait: Annotated[bool, typer.Option(help="Follow the job 
     except ApiFailure as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
-    out.print(f"{job['id']}: {job['status']} ({job['progress']['fraction']:.0%} {job['progress'].get('message') or ''})")
-    if job.get("error"):
-        out.print(f"[red]{job['error']['code']}: {job['error']['message']}[/red]")
-    if job.get("metrics"):
-        print_metrics(job["metrics"])
+    if as_json:
+        print(json.dumps(job, indent=2))
+    else:
+        out.print(f"{job['id']}: {job['status']} ({job['progress']['fraction']:.0%} {job['progress'].get('message') or ''})", markup=False)
+        if job.get("error"):
+            out.print(f"{job['error']['code']}: {job['error']['message']}", style="red", markup=False)
+        if job.get("metrics"):
+            print_metrics(job["metrics"])
+    raise typer.Exit(exit_code(job["status"]))
 
 
 @app.command()
@@ -268,7 +316,7 @@ def print_search(search: Any) -> None:
     table = Table(title=f"search {search.id}: {search.status}")
     table.add_column("recipe", no_wrap=True)
     for column in ("rung", "status", "size ratio", "speedup", "accuracy", "fidelity", "meets", "Pareto"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True, min_width=len(column))  # numbers are never cut (they were shown as "2.44…")
     front = set(search.pareto)
     for c in search.candidates:
         m = c.metrics
@@ -318,7 +366,7 @@ def search(
             print_search(found)
             if found.best is None:
                 err.print(f"[red]search {found.id} {found.status}: {found.error.message if found.error else ''}[/red]")
-                raise typer.Exit(1)
+                raise typer.Exit(exit_code(found.status) or EXIT_FAILED)
             dest = output or model.with_name(model.stem + ".best.onnx")
             client.download(found.best, dest)
             err.print(f"saved {dest} (job {found.best})")
@@ -326,6 +374,74 @@ def search(
     except ApiFailure as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
+
+
+def _sdk():
+    from modelshrink.client import Client
+
+    try:
+        return Client()
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+@searches_app.command("list")
+def searches_list(
+    status: Annotated[str | None, typer.Option(help="Only searches in this status (running, succeeded, failed, cancelled).")] = None,
+    limit: int = 50,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The tenant's searches, newest first."""
+    from modelshrink.client import ApiFailure
+
+    try:
+        with _sdk() as client:
+            found = client.list_searches(status, limit)
+    except ApiFailure as exc:
+        err.print(str(exc), style="red", markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    if as_json:
+        print(found.model_dump_json(indent=2))
+        return
+    table = Table(title=f"{found.count} search(es)")
+    for column in ("id", "status", "objective", "candidates", "progress", "best", "created"):
+        table.add_column(column, no_wrap=True)
+    for s in found.data:
+        table.add_row(s.id, s.status, str(s.request.get("objective", "-")), str(len(s.candidates)), f"{s.progress.fraction:.0%}", s.best or "-", str(s.created_at)[:19])
+    out.print(table)
+
+
+@searches_app.command("show")
+def searches_show(search_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """A search's candidates (best starred). Exits 1 for a failed search, 4 for a cancelled one."""
+    from modelshrink.client import ApiFailure
+
+    try:
+        with _sdk() as client:
+            found = client.get_search(search_id)
+    except ApiFailure as exc:
+        err.print(str(exc), style="red", markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    if as_json:
+        print(found.model_dump_json(indent=2))
+    else:
+        print_search(found)
+    raise typer.Exit(exit_code(found.status))
+
+
+@searches_app.command("cancel")
+def searches_cancel(search_id: str) -> None:
+    """Cancel a search: its queued candidates never start, running ones stop at their next boundary."""
+    from modelshrink.client import ApiFailure
+
+    try:
+        with _sdk() as client:
+            found = client.cancel_search(search_id)
+    except ApiFailure as exc:
+        err.print(str(exc), style="red", markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    err.print(f"search {found.id}: {found.status}")
 
 
 @app.command()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -75,3 +76,36 @@ def test_cli_search_waits_prints_the_candidates_and_saves_the_best(served, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     assert "quantize-auto *" in done.stdout and "all 1 candidates finished" in done.stdout and done.stdout.strip().splitlines()[-1].startswith("srch_")
     onnx.checker.check_model(onnx.load(str(tmp_path / "best.onnx")))
+    search_id = done.stdout.strip().splitlines()[-1]
+    cli_env = {**env, "MODELSHRINK_URL": url, "MODELSHRINK_API_KEY": key}
+    listed = subprocess.run([EXE, "searches", "list", "--json"], env=cli_env, capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0 and json.loads(listed.stdout)["data"][0]["id"] == search_id
+    shown = subprocess.run([EXE, "searches", "show", search_id], env=cli_env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "quantize-auto *" in shown.stdout and "…" not in shown.stdout  # numbers never cut
+
+
+def test_cli_exit_codes_one_line_errors_and_no_second_upload(served, tmp_path: Path) -> None:
+    url, key, env = served
+    cli_env = {**env, "MODELSHRINK_URL": url, "MODELSHRINK_API_KEY": key}
+    model_path = save(mlp(), tmp_path / "m.onnx")
+    # A step the worker refuses for this model (an MLP has no attention heads): the job fails.
+    bad = '{"method": "prune", "kind": "structured", "amount": 0.3, "heads": 0.5}'
+    failed = subprocess.run([EXE, "submit", str(model_path), "--step", bad, "--wait"], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and "failed" in failed.stderr, failed.stderr[-2000:]
+    with Client(url, key) as client:
+        jobs = client.http.get("/v1/jobs").json()["data"]
+        model_id = jobs[0]["model_id"]
+        # The same bytes again: the stored model, not a copy.
+        assert client.upload_model(model_path).id == model_id
+        assert client.http.get("/v1/models").json()["count"] == 1
+    status = subprocess.run([EXE, "status", jobs[0]["id"], "--wait"], env=cli_env, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 1 and "failed" in status.stdout
+    reused = subprocess.run([EXE, "submit", "--model-id", model_id, "--step", '{"method": "quantize", "mode": "fp16"}', "--wait",
+                             "-o", str(tmp_path / "fp16.onnx")], env=cli_env, capture_output=True, text=True, timeout=300)
+    assert reused.returncode == 0, reused.stderr[-2000:]
+    onnx.checker.check_model(onnx.load(str(tmp_path / "fp16.onnx")))
+    # No server there: one line that says what to do, exit code 3, no traceback.
+    closed = f"http://127.0.0.1:{free_port()}"
+    unreachable = subprocess.run([EXE, "status", "job_x"], env={**cli_env, "MODELSHRINK_URL": closed}, capture_output=True, text=True, timeout=60)
+    assert unreachable.returncode == 3 and "Traceback" not in unreachable.stderr, unreachable.stderr
+    assert f"cannot reach {closed}" in unreachable.stderr and "modelshrink serve" in unreachable.stderr and "MODELSHRINK_URL" in unreachable.stderr

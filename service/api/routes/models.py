@@ -37,17 +37,24 @@ def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:
     return model
 
 
-@router.post("", status_code=201, response_model=ModelPublic, responses={422: INVALID_RESPONSE, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("An ONNX model: one .onnx file, or a .zip of one .onnx with its external data files (what torch.onnx.export writes by default)."))
-async def upload_model(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredModel:
+@router.post("", status_code=201, response_model=ModelPublic, responses={200: {"model": ModelPublic, "description": "The same bytes were uploaded before: the stored model."}, 422: INVALID_RESPONSE, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("An ONNX model: one .onnx file, or a .zip of one .onnx with its external data files (what torch.onnx.export writes by default)."))
+async def upload_model(request: Request, response: Response, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredModel:
     """Upload an ONNX model (multipart field `file`): a single .onnx, or a .zip holding one .onnx and
     its external data files (stored as one file, or over 2 GB as a canonical .zip of `model.onnx` and its data). It is checked with onnx.checker and loaded and
-    run in ONNX Runtime in a sandboxed child process before it is accepted."""
+    run in ONNX Runtime in a sandboxed child process before it is accepted. The same bytes uploaded
+    again by the same tenant answer 200 with the model already stored (no second copy)."""
+
+    def same_as(sha256: str) -> StoredModel | None:
+        return session.scalars(select(StoredModel).where(StoredModel.tenant_id == tenant.id, StoredModel.sha256 == sha256).limit(1)).first()
 
     def check(path):
         return probe_onnx(path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes,
                           max_unpacked_bytes=settings.max_upload_bytes, single_file_limit=settings.single_file_limit_bytes)
 
-    upload, info = await accept_upload(request, session, tenant.id, settings, store, check)
+    upload, info = await accept_upload(request, session, tenant.id, settings, store, check, same_as)
+    if "existing" in info:
+        response.status_code = 200
+        return info["existing"]
     bundle_dir = None
     if info.get("stored_file"):
         checked = Path(info.pop("stored_file"))

@@ -77,15 +77,23 @@ def _storage_quota(used: int, settings: Settings) -> StorageQuotaExceeded:
 
 
 async def accept_upload(
-    request: Request, session: Session, tenant_id: str, settings: Settings, store: ArtifactStore, check: Callable[[Path], dict[str, Any]]
+    request: Request, session: Session, tenant_id: str, settings: Settings, store: ArtifactStore, check: Callable[[Path], dict[str, Any]],
+    same_as: Callable[[str], Any] | None = None,
 ) -> tuple[ReceivedUpload, dict[str, Any]]:
-    """Stream the upload to a temp file and run `check` on it off the event loop; no file survives a failure."""
+    """Stream the upload to a temp file and run `check` on it off the event loop; no file survives a failure.
+    With `same_as` (sha256 -> a stored row of this tenant's, or None), identical bytes uploaded again
+    are not stored twice: the description is {"existing": row}."""
     used = await run_in_threadpool(stored_bytes, session, tenant_id)
     if used >= settings.tenant_max_stored_bytes:
         raise _storage_quota(used, settings)
     # Streaming and checking can take minutes: hold no pooled database connection meanwhile.
     await run_in_threadpool(session.close)
     upload = await receive_upload(request, store.temp_dir(), settings.max_upload_bytes)
+    if same_as is not None:
+        existing = await run_in_threadpool(same_as, upload.sha256)
+        if existing is not None:
+            upload.path.unlink(missing_ok=True)
+            return upload, {"existing": existing}
     try:
         if used + upload.size_bytes > settings.tenant_max_stored_bytes:
             raise _storage_quota(used + upload.size_bytes, settings)
