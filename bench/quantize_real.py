@@ -96,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="minilm,vit-tiny,resnet18,gpt2")
     parser.add_argument("--exporters", default="torchscript")
+    parser.add_argument("--out", default="quantize_real", help="results file name under bench/results (without .json)")
     parser.add_argument("--strict", action="store_true", help="also `auto` with min_cosine 0.995 (mixed precision at work); writes quantize_real_strict.json")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
@@ -124,7 +125,7 @@ def main() -> None:
                 rows.append([exp.name, *_peer_row(name, exp.path, path, _feeds(held_out)), round(time.perf_counter() - started, 1)])
                 rows[-1].insert(2, "ok")
                 print(*rows[-1], flush=True)
-    report("quantize_real_strict" if args.strict else "quantize_real", "quantize: the service's measured choice beside ONNX Runtime's fixed settings (held-out data)",
+    report(f"{args.out}_strict" if args.strict else args.out, "quantize: the service's measured choice beside ONNX Runtime's fixed settings (held-out data)",
            ["model", "method", "status", "size ratio", "held-out cosine", "top-1 agreement", "speedup b1", "speedup b32", "seconds"], rows,
            {"measure": MEASURE, "step_reports": details})
 
