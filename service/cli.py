@@ -186,6 +186,8 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     table.add_row("size (bytes)", _fmt(o["size_bytes"]), _fmt(c["size_bytes"]) + (" (bundle)" if c.get("onnx_size_bytes", c["size_bytes"]) != c["size_bytes"] else ""))
     table.add_row("parameters", _fmt(o["parameters"]), _fmt(c["parameters"]))
     table.add_row("non-zero parameters", _fmt(o.get("nonzero_parameters")), _fmt(c.get("nonzero_parameters")))
+    if c.get("quantization_parameters"):
+        table.add_row("quantization scales / zero points", _fmt(o.get("quantization_parameters")), _fmt(c.get("quantization_parameters")))
     table.add_row("MACs / sample", _fmt(o.get("macs")), _fmt(c.get("macs")))
     for lo, lc in zip(o["latency_by_batch"], c["latency_by_batch"]):
         table.add_row(f"latency p50 / p95 (ms), batch {lo['batch']}", f"{lo['p50']:.3f} / {lo['p95']:.3f}", f"{lc['p50']:.3f} / {lc['p95']:.3f}")

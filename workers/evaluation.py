@@ -62,7 +62,8 @@ class ReferenceRun:
     def __post_init__(self) -> None:
         self.mask_name = mask_input(self.data)
         self.samples = min(self.limit, self.data.samples)
-        first = self.session.run(None, next(self.data.batches(self.batch, limit=self.limit)))[0]
+        # A few rows first, to learn how large one sample's output is before running a whole batch.
+        first = self.session.run(None, next(self.data.batches(min(self.batch, 4), limit=self.limit)))[0]
         per_sample = first.nbytes / max(1, len(first))
         if not self.data.fixed_batch:
             self.batch = int(max(1, min(self.batch, BATCH_OUTPUT_BYTES // max(1, per_sample))))
@@ -98,27 +99,29 @@ class Comparison:
     masked: bool = False
 
     def add(self, reference: np.ndarray, candidate: np.ndarray, positions: np.ndarray | None, labels: np.ndarray | None) -> None:
-        ref = reference.astype(np.float64).reshape(len(reference), *(reference.shape[1:2] if positions is not None else ()), -1)
-        cand = candidate.astype(np.float64).reshape(ref.shape)
+        # Element-wise work in float32 (a batch of logits is large), sums accumulated in float64.
+        ref = np.array(reference, dtype=np.float32).reshape(len(reference), *(reference.shape[1:2] if positions is not None else ()), -1)
+        cand = np.array(candidate, dtype=np.float32).reshape(ref.shape)
         if positions is not None:
             self.masked = True
-            keep = positions[..., None]
-            ref, cand = np.where(keep, ref, 0.0), np.where(keep, cand, 0.0)
+            keep = positions[..., None].astype(np.float32)
+            ref *= keep
+            cand *= keep
             self.compared_positions += int(positions.sum())
             self.all_positions += positions.size
-        finite_ref = np.isfinite(ref)
-        bad = ~np.isfinite(cand) & finite_ref
+        bad = ~np.isfinite(cand) & np.isfinite(ref)
         if bad.any():
             self.non_finite_samples += int(bad.reshape(len(bad), -1).any(axis=1).sum())
-            cand = np.where(bad, 0.0, cand)
+            cand[bad] = 0.0
         flat_ref, flat_cand = ref.reshape(len(ref), -1), cand.reshape(len(cand), -1)
-        denom = np.linalg.norm(flat_ref, axis=1) * np.linalg.norm(flat_cand, axis=1)
-        cos = np.where(denom > 0, (flat_ref * flat_cand).sum(axis=1) / np.where(denom > 0, denom, 1), 1.0)
+        dot = np.add.reduce(flat_ref * flat_cand, axis=1, dtype=np.float64)
+        denom = np.sqrt(np.add.reduce(flat_ref * flat_ref, axis=1, dtype=np.float64) * np.add.reduce(flat_cand * flat_cand, axis=1, dtype=np.float64))
+        cos = np.where(denom > 0, dot / np.where(denom > 0, denom, 1), 1.0)
         self.cosine_sum += float(cos.sum())
         self.samples += len(ref)
-        diff = np.abs(flat_ref - flat_cand)
-        if diff.size:
-            self.max_abs_diff = max(self.max_abs_diff, float(np.nan_to_num(diff, nan=0.0).max()))
+        if flat_ref.size:
+            flat_cand -= flat_ref
+            self.max_abs_diff = max(self.max_abs_diff, float(np.nan_to_num(np.abs(flat_cand, out=flat_cand), nan=0.0).max()))
         if self.kind in SCORED:
             same = reference.argmax(-1) == candidate.argmax(-1)
             if positions is not None and same.shape == positions.shape:

@@ -18,15 +18,40 @@ from workers.output_kind import SCORED, output_kind
 EVAL_BATCH = 32
 
 
+# Inputs of quantized operators that hold scales and zero points (by position), not weights.
+QUANTIZATION_INPUTS = {
+    "QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "MatMulInteger": (2, 3), "ConvInteger": (2, 3),
+    "QLinearMatMul": (1, 2, 4, 5, 6, 7), "QLinearConv": (1, 2, 4, 5, 6, 7), "MatMulNBits": (2, 3), "DynamicQuantizeMatMul": (2, 3),
+}
+# ONNX Runtime's quantizers name the scales they multiply in with a Mul (dynamic int8) this way.
+QUANTIZATION_SUFFIXES = ("_scale", "_zero_point", "_scales", "_zero_points")
+
+
+def quantization_parameter_names(model: onnx.ModelProto) -> set[str]:
+    """Initializers that are quantization scales or zero points: reported apart from parameters, so a
+    quantized model does not seem to have grown (26,122 -> 27,198 "parameters" on the old quick start)."""
+    names = {n.input[i] for n in model.graph.node for i in QUANTIZATION_INPUTS.get(n.op_type, ()) if i < len(n.input) and n.input[i]}
+    small = {t.name for t in model.graph.initializer if np.prod(t.dims) <= 65536}
+    return (names | {name for name in small if name.endswith(QUANTIZATION_SUFFIXES)}) & {t.name for t in model.graph.initializer}
+
+
+def quantization_parameter_count(model: onnx.ModelProto) -> int:
+    names = quantization_parameter_names(model)
+    return int(sum(np.prod(t.dims) for t in model.graph.initializer if t.name in names))
+
+
 def parameter_counts(model: onnx.ModelProto) -> tuple[int, int]:
-    """Every stored tensor element (quantization scales and zero points included) counted once, and
-    the non-zero ones. A tied weight appears twice once folding has materialised its Transpose (GPT-2's
+    """Every stored weight element counted once (quantization scales and zero points apart: see
+    quantization_parameter_count), and the non-zero ones. A tied weight appears twice once folding has materialised its Transpose (GPT-2's
     output projection reads the token embedding): tensors with the same values in any layout count
     once. A MatMulNBits weight counts as the K x N weights it holds, not its packed bytes."""
     packed = {n.input[1]: _attr(n, "K") * _attr(n, "N") for n in model.graph.node if n.op_type == "MatMulNBits" and len(n.input) > 1}
     total = nonzero = 0
     seen: set[tuple] = set()
+    quantization = quantization_parameter_names(model)
     for init in model.graph.initializer:
+        if init.name in quantization:
+            continue
         arr = numpy_helper.to_array(init)
         if init.name in packed:
             total += packed[init.name]

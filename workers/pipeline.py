@@ -22,6 +22,7 @@ from workers import metrics as m
 from workers import model_files, verdict
 from workers.sensitivity import layer_sensitivity
 from workers.data import load_step_data, synthetic_data, token_vocabularies
+from workers.memory import release_freed_memory
 from workers.evaluation import Comparison, ReferenceRun, compare
 from workers.job_input import JobInput
 from workers.output_kind import model_output_kind
@@ -60,6 +61,7 @@ def _describe(path: Path, spec: MeasureSpec) -> tuple[dict[str, Any], Any]:
         "size_bytes": model_files.on_disk_bytes(path),
         "parameters": params,
         "nonzero_parameters": nonzero,
+        "quantization_parameters": m.quantization_parameter_count(model),
         "macs": m.macs_per_sample(model),
     }
     return result, m.make_session(path, spec.threads)
@@ -144,6 +146,7 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
     except InvalidInput as exc:
         raise CompressionFailed(f"the compressed model failed validation: {exc.message}", code="invalid_output") from exc
 
+    release_freed_memory()  # what the steps built and dropped
     progress(STEPS_SHARE, "measure", "evaluating both models", True)
     original, original_session = _describe(original_path, spec)
     compressed, compressed_session = _describe(compressed_path, spec)

@@ -16,6 +16,7 @@ import onnx
 from onnx import numpy_helper
 
 from workers.constant_folding import fold
+from workers.memory import release_freed_memory
 from workers.evaluation import ReferenceRun, compare
 from workers.steps import StepData
 from workers.output_kind import model_output_kind
@@ -25,12 +26,18 @@ MAX_SAMPLES = 64
 MIN_ELEMENTS = 256
 
 
-def _session(model: onnx.ModelProto, threads: int):
+def _session(model_bytes: bytes, threads: int, override: tuple[str, np.ndarray] | None = None):
+    """A session of the serialized original, with one initializer replaced (ONNX Runtime's
+    add_initializer): no copy of the model per probe (each was a model's worth of memory)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if override is not None:
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(override[1]))
+        options.add_initializer(override[0], value)
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"]), value
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"]), None
 
 
 def _layer_label(name: str, consumers: dict[str, str]) -> str:
@@ -53,18 +60,18 @@ def layer_sensitivity(original: onnx.ModelProto, compressed: onnx.ModelProto, da
     if not changed:
         return None
     consumers = {i: (n.name or n.op_type) for n in base.graph.node for i in n.input}
-    reference = ReferenceRun(_session(base, threads), data, MAX_SAMPLES, batch=16)
+    base_bytes = base.SerializeToString()
+    dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in base.graph.initializer}
+    reference = ReferenceRun(_session(base_bytes, threads)[0], data, MAX_SAMPLES, batch=16)
     kind = model_output_kind(base, reference.first_output, data.labels is not None)
     rows = []
     for _, name in sorted(changed, reverse=True)[:MAX_LAYERS]:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(base)
-        for init in probe.graph.initializer:
-            if init.name == name:
-                # In the original's own type: an fp16 model's weight put into the float32 graph is its
-                # float16 values widened, which is exactly the change being measured.
-                value = numpy_helper.to_array(new_values[name]).astype(numpy_helper.to_array(init).dtype)
-                init.CopyFrom(numpy_helper.from_array(value, name))
-        cosine = float(compare(reference, _session(probe, threads), kind).fidelity()["cosine"])
+        # In the original's own type: an fp16 model's weight put into the float32 graph is its
+        # float16 values widened, which is exactly the change being measured.
+        value = numpy_helper.to_array(new_values[name]).astype(dtypes[name])
+        session, _keep = _session(base_bytes, threads, (name, value))  # the OrtValue must outlive the session
+        cosine = float(compare(reference, session, kind).fidelity()["cosine"])
+        del session, _keep
+        release_freed_memory()
         rows.append({"layer": _layer_label(name, consumers), "tensor": name, "cosine": cosine, "drop": 1.0 - cosine})
     return sorted(rows, key=lambda r: r["drop"], reverse=True)

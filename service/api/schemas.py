@@ -161,6 +161,7 @@ class ModelMeasurement(Tolerant):
     size_bytes: int = Field(description="Bytes of what ships (for a .msz bundle: the bundle).")
     parameters: int | None = Field(None, description="Stored weights, each tensor once (tied weights once; int4 counted as weights).")
     nonzero_parameters: int | None = None
+    quantization_parameters: int = Field(0, description="Quantization scales and zero points, counted apart from `parameters`.")
     macs: int | None = Field(None, description="Multiply-accumulates per sample (None when the graph's shapes cannot be inferred).")
     accuracy: float | None = Field(None, description="With labels in the evaluation data.")
     latency_ms: Latency | None = None

@@ -39,5 +39,9 @@ def test_the_readme_quick_start_runs_as_written(tmp_path: Path) -> None:
         for output in ("model.int8.onnx", "out.onnx"):
             onnx.checker.check_model(onnx.load(str(tmp_path / output)))
         assert "succeeded" in done.stdout and (data / "modelshrink.db").exists()
+        # The first result a newcomer sees is a win: both jobs smaller (measured), neither warns.
+        ratios = [float(r) for r in re.findall(r"compression ratio ([\d.]+)x", done.stdout)]
+        assert len(ratios) == 2 and min(ratios) > 1.5, done.stdout
+        assert "warning:" not in done.stdout, done.stdout
     finally:
         stop(proc)

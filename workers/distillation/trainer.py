@@ -16,7 +16,9 @@ from torch import nn
 from service.core.specs import DistillStep
 from workers.trainable.device import training_device
 from workers.fixed_batch import exactly, padded_order
-from workers.trainable.training import STUDENT_LR, make_optimizer, module_fixed_batch, output_kind, predict, quality, soft_loss, train_config
+from workers.trainable.training import STUDENT_LR, make_optimizer, module_fixed_batch, output_kind, soft_loss, train_config
+from workers.trainable.training import Targets
+from workers.trainable.training import score as score_of
 
 __all__ = ["Data", "History", "distill", "output_kind"]
 
@@ -25,7 +27,7 @@ __all__ = ["Data", "History", "distill", "output_kind"]
 class Data:
     inputs: list[torch.Tensor]
     labels: np.ndarray | None
-    teacher: torch.Tensor  # the teacher's outputs on `inputs`
+    teacher: Targets  # the teacher's outputs on `inputs` (a language model's as its top tokens)
     kind: str = "classifier"  # see output_kind
 
 
@@ -139,7 +141,7 @@ def distill(
         if scheduler:
             scheduler.step()
         student.to("cpu")
-        score = quality(predict(student, validation.inputs), validation.labels, validation.teacher, validation.kind)
+        score = score_of(student, validation.inputs, validation.labels, validation.teacher, validation.kind)
         # "loss" always (a student that already matches its teacher scores 0); the parts that were used.
         record = {"epoch": epoch + 1, **{k: v / max(1, seen) for k, v in totals.items() if v or k == "loss"}, "validation": score}
         history.epochs.append(record)

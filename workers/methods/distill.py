@@ -21,7 +21,7 @@ from workers.steps import StepContext, StepData, StepResult
 from workers.trainable.device import training_device
 from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 from workers.trainable.to_onnx import export, has_dynamic_batch
-from workers.trainable.training import predict, quality, tensors
+from workers.trainable.training import predict, quality, reference_outputs, tensors
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
 
@@ -87,13 +87,15 @@ def apply(model: onnx.ModelProto, spec: DistillStep, data: StepData, ctx: StepCo
     held_out = data.evaluation or data
     train_inputs, eval_inputs = tensors(data, names), tensors(held_out, names)
 
-    teacher_train = predict(teacher, train_inputs)
-    kind = output_kind(teacher_train, set(token_vocabularies(model).values()), teacher.output_names[0], data.labels is not None)
+    few = predict(teacher, [x[: data.fixed_batch or 4] for x in train_inputs])
+    kind = output_kind(few, set(token_vocabularies(model).values()), teacher.output_names[0], data.labels is not None)
+    teacher_train = reference_outputs(teacher, train_inputs, kind, spec.temperature)
     if kind != "classifier" and spec.compare_baseline:
         raise CompressionFailed("compare_baseline trains on class labels: the model's output is not [batch, classes] logits", code="labels_required")
     labels = data.labels if kind == "classifier" else None  # labels are class indices: meaningless for other outputs
     train = Data(train_inputs, labels, teacher_train, kind)
-    validation = Data(eval_inputs, held_out.labels if kind == "classifier" else None, predict(teacher, eval_inputs), kind)
+    validation = Data(eval_inputs, held_out.labels if kind == "classifier" else None,
+                      teacher_train if data.evaluation is None else reference_outputs(teacher, eval_inputs, kind, spec.temperature), kind)
     metric = "accuracy" if validation.labels is not None else ("agreement_with_teacher" if kind == "classifier" else "cosine_to_teacher")
     teacher_score = quality(validation.teacher, validation.labels, validation.teacher, kind)
 

@@ -251,7 +251,7 @@ def _structured(run: _Run) -> dict[str, Any]:
             run.taylor_gradients()
         if spec.importance == "apoz":
             with importance.measure(run.module):
-                predict(run.module, [t[:2048] for t in run.inputs])
+                predict(run.module, [t[:2048] for t in run.inputs], top_k=1)  # only the activations matter
         # Score every channel group before the step; after it, a layer's threshold is the score of
         # the most important channel that was still removed (its k-th smallest, k = channels removed).
         raw = copy.copy(importance)

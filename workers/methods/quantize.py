@@ -20,6 +20,7 @@ import onnx
 from service.core.errors import CompressionFailed, JobFailure
 from service.core.specs import QuantizeStep
 from workers import model_files
+from workers.memory import release_freed_memory
 from workers.methods import quantize_lowbit
 from workers.steps import StepContext, StepData, StepResult
 from workers.data import graph_inputs, synthetic_data, token_vocabularies
@@ -204,6 +205,7 @@ def _measure(builder: Builder, reference: Reference, candidate: Candidate, timin
     if only is not None or measured.error is not None or (candidate.float_nodes and not measured.meets(builder.spec.target)):
         path.unlink(missing_ok=True)  # never kept: a model's worth of disk per sensitivity probe otherwise
         measured.path = None
+    release_freed_memory()  # the candidate's build and its session
     return measured
 
 
@@ -263,6 +265,7 @@ def _quantize_measured(model: onnx.ModelProto, spec: QuantizeStep, data: StepDat
     builder = Builder(model, spec, calibration, ctx, kinds)
     if any(c.fused for c in candidates) and builder.fused() is None:
         candidates = [c for c in candidates if not c.fused]
+    release_freed_memory()  # the transformer optimizer's copies of the graph
     ctx.progress(0.0, f"measuring the original on {held_out.samples} samples")
     reference = Reference(builder.source, held_out, ctx.threads)
     measured: list[Measured] = []

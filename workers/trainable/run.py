@@ -19,7 +19,7 @@ from workers.data import token_vocabularies
 from workers.fixed_batch import exactly
 from workers.trainable.from_onnx import OnnxGraphModule
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
-from workers.trainable.training import FINETUNE_LR, finetune_epochs, output_kind, predict, quality, tensors, train, train_config
+from workers.trainable.training import FINETUNE_LR, finetune_epochs, output_kind, predict, reference_outputs, score, tensors, train, train_config
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
 
@@ -42,18 +42,21 @@ class TrainableRun:
             self.evaluated_on = "synthetic inputs"
         self.example = tuple(exactly(t, data.fixed_batch) if data.fixed_batch else t[:example_batch] for t in self.eval_inputs)
         # Now, before the method changes the module: these are the original's outputs.
-        self.teacher = predict(self.module, self.inputs)
-        self.eval_teacher = predict(self.module, self.eval_inputs)
-
-        # What the output is decides the fine-tuning loss and the score (a sentence embedding is not class logits).
-        self.kind = output_kind(self.teacher, set(token_vocabularies(model).values()), self.module.output_names[0], self.labels is not None)
+        # What the output is decides the fine-tuning loss and the score (a sentence embedding is not class
+        # logits), and how the reference is kept (a language model's as its top tokens); a few rows tell.
+        few = predict(self.module, [t[: data.fixed_batch or 4] for t in self.inputs])
+        self.kind = output_kind(few, set(token_vocabularies(model).values()), self.module.output_names[0], self.labels is not None)
+        self.teacher = reference_outputs(self.module, self.inputs, self.kind)
+        self.eval_teacher = self.teacher if data.evaluation is None else reference_outputs(self.module, self.eval_inputs, self.kind)
         if self.kind == "classifier":
             self.metric = "accuracy" if self.eval_labels is not None else "agreement_with_original"
+        elif self.kind == "token_logits":
+            self.metric = "next_token_agreement_with_original"
         else:
             self.metric = "cosine_to_original"
 
     def quality(self, module: nn.Module | None = None) -> float:
-        return quality(predict(module or self.module, self.eval_inputs), self.eval_labels, self.eval_teacher, self.kind)
+        return score(module or self.module, self.eval_inputs, self.eval_labels, self.eval_teacher, self.kind)
 
     @staticmethod
     def check_named(layers: dict[str, nn.Module], asked: list[str] | None, what: str = "layers") -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers import output_kind as kinds
-from workers.fixed_batch import chunks, padded_order
+from workers.fixed_batch import exactly, padded_order
 from workers.trainable.device import training_device
 from workers.steps import StepData
 
@@ -73,25 +74,99 @@ def tensors(data: StepData, names: list[str]) -> list[torch.Tensor]:
     return [torch.from_numpy(data.inputs[name]) for name in names]
 
 
+# A language model's reference outputs are kept as each position's TOP_K largest logits: the whole
+# distribution of GPT-2 over 256 sequences of 16 tokens is 823 MB (a float per vocabulary word and
+# position), its top 32 are 0.5 MB, and soft targets at temperature 2 put nearly all their mass there.
+TOP_K = 32
+# Batches of reference outputs are cut so that one batch of them stays under this.
+PREDICT_BATCH_BYTES = 64 * 1024**2
+
+
+@dataclass
+class TopTokens:
+    """Per-token scores kept as the log-probabilities (at `temperature`) of the k most likely tokens,
+    descending, their token ids, and the log of the probability left to all other tokens: the
+    distribution coarse-grained into k + 1 outcomes, so the soft-target loss is an exact KL divergence
+    (a randomly initialised model spreads most of its mass outside any top 32)."""
+
+    log_probs: torch.Tensor  # [samples, positions, k]
+    indices: torch.Tensor  # [samples, positions, k]
+    log_rest: torch.Tensor  # [samples, positions]
+    temperature: float
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, k: int, temperature: float) -> "TopTokens":
+        log_probs = F.log_softmax(logits.float() / temperature, -1)
+        top, indices = log_probs.topk(min(k, log_probs.shape[-1]), dim=-1)
+        return cls(top, indices, _log_rest(top), temperature)
+
+    def __getitem__(self, rows: Any) -> "TopTokens":
+        return TopTokens(self.log_probs[rows], self.indices[rows], self.log_rest[rows], self.temperature)
+
+    def __len__(self) -> int:
+        return len(self.log_probs)
+
+    def to(self, device: Any) -> "TopTokens":
+        return TopTokens(self.log_probs.to(device), self.indices.to(device), self.log_rest.to(device), self.temperature)
+
+    def argmax(self, dim: int = -1) -> torch.Tensor:
+        return self.indices[..., 0]
+
+
+Targets = Union[torch.Tensor, TopTokens]
+
+
+def _log_rest(top_log_probs: torch.Tensor) -> torch.Tensor:
+    """log(1 - sum of the top probabilities), kept finite when the top tokens hold all the mass."""
+    covered = torch.logsumexp(top_log_probs, -1).clamp(max=-1e-7)
+    return torch.log(-torch.expm1(covered))
+
+
 def module_fixed_batch(module: nn.Module) -> int | None:
     """The batch a module converted from a fixed-batch export accepts (its students inherit it)."""
     return getattr(module, "fixed_batch", None)
 
 
 @torch.no_grad()
-def predict(module: nn.Module, inputs: list[torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+def predict(module: nn.Module, inputs: list[torch.Tensor], batch_size: int = 256, top_k: int | None = None,
+            temperature: float = DISTILL_TEMPERATURE) -> Any:
     """First output over all inputs, computed on the training device, returned on the CPU; in
-    chunks of the module's fixed batch when it has one (filler rows dropped)."""
+    chunks of the module's fixed batch when it has one (filler rows dropped), else in batches whose
+    outputs stay under PREDICT_BATCH_BYTES. With `top_k`, per-token scores come back as TopTokens."""
     device = training_device()
     module.to(device).eval()
     fixed = module_fixed_batch(module)
-    outs = []
-    for idx, real in chunks(len(inputs[0]), fixed or batch_size, fixed is not None):
-        rows = torch.from_numpy(idx)
+    n = len(inputs[0])
+    outs: list[Any] = []
+    start = 0
+    batch = fixed or min(batch_size, 4)  # a few rows first: how large is one sample's output?
+    while start < n:
+        real = min(batch, n - start)
+        rows = torch.from_numpy(exactly(np.arange(start, start + real), fixed) if fixed else np.arange(start, start + real))
         out = module(*(t[rows].to(device) for t in inputs))
-        outs.append((out[0] if isinstance(out, tuple) else out)[:real].cpu())
+        out = (out[0] if isinstance(out, tuple) else out)[:real]
+        if top_k is not None:
+            outs.append(TopTokens.of(out, top_k, temperature).to("cpu"))
+        else:
+            outs.append(out.cpu())
+        if not fixed:
+            batch = int(max(1, min(batch_size, PREDICT_BATCH_BYTES // max(1, out[:1].numel() * out.element_size()))))
+        start += real
     module.to("cpu")
+    if top_k is not None:
+        return TopTokens(*(torch.cat([getattr(o, f) for o in outs]) for f in ("log_probs", "indices", "log_rest")), temperature)
     return torch.cat(outs)
+
+
+def reference_outputs(module: nn.Module, inputs: list[torch.Tensor], kind: str, temperature: float = DISTILL_TEMPERATURE) -> Targets:
+    """The original's outputs to train and score towards: whole, or a language model's top tokens at
+    the temperature its soft targets will be taken at."""
+    return predict(module, inputs, top_k=TOP_K if kind == "token_logits" else None, temperature=temperature)
+
+
+def score(module: nn.Module, inputs: list[torch.Tensor], labels: np.ndarray | None, reference: Targets, kind: str) -> float:
+    """`quality` of the module's outputs on `inputs`; a language model's as its top token only."""
+    return quality(predict(module, inputs, top_k=1 if kind == "token_logits" else None), labels, reference, kind)
 
 
 def output_kind(outputs: torch.Tensor, vocabulary_sizes: set[int] | None = None, name: str | None = None, has_labels: bool = False) -> str:
@@ -103,17 +178,29 @@ def _kind(outputs: torch.Tensor, kind: str | None) -> str:
     return kind or ("classifier" if outputs.dim() == 2 and outputs.shape[1] > 1 else "features")
 
 
-def quality(outputs: torch.Tensor, labels: np.ndarray | None, reference: torch.Tensor, kind: str | None = None) -> float:
+def quality(outputs: Targets, labels: np.ndarray | None, reference: Targets, kind: str | None = None) -> float:
     """Accuracy against labels when there are labels; otherwise top-1 agreement with the original
-    model for class logits, or the mean cosine similarity to it for anything else."""
+    model for class logits and per-token logits (the next word), the mean cosine similarity to it
+    for anything else."""
+    if kind == "token_logits":
+        return float((outputs.argmax(-1) == reference.argmax(-1)).float().mean())
+    assert isinstance(outputs, torch.Tensor) and isinstance(reference, torch.Tensor)
     if _kind(outputs, kind) == "classifier":
         target = torch.from_numpy(labels) if labels is not None else reference.argmax(1)
         return float((outputs.argmax(1) == target[: len(outputs)]).float().mean())
     return float(F.cosine_similarity(outputs.flatten(1), reference.flatten(1)).mean())
 
 
-def soft_loss(student: torch.Tensor, teacher: torch.Tensor, t: float, kind: str) -> torch.Tensor:
+def soft_loss(student: torch.Tensor, teacher: Targets, t: float, kind: str) -> torch.Tensor:
     """The loss towards the original's (teacher's) outputs, by what they are."""
+    if isinstance(teacher, TopTokens):
+        # KL between the two distributions coarse-grained the same way: the teacher's top k tokens,
+        # and everything else as one outcome.
+        if abs(teacher.temperature - t) > 1e-9:
+            raise ValueError(f"soft targets were kept at temperature {teacher.temperature}, not {t}")
+        top = F.log_softmax(student / t, -1).gather(-1, teacher.indices)
+        kl = (teacher.log_probs.exp() * (teacher.log_probs - top)).sum(-1) + teacher.log_rest.exp() * (teacher.log_rest - _log_rest(top))
+        return kl.mean() * t * t
     if kind == "classifier":
         return F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
     if kind == "token_logits":  # KL at every position, averaged over positions
@@ -125,7 +212,7 @@ def soft_loss(student: torch.Tensor, teacher: torch.Tensor, t: float, kind: str)
     return (1 - F.cosine_similarity(s, te, dim=1)).mean() + F.mse_loss(s, te)
 
 
-def _loss(student: torch.Tensor, labels: torch.Tensor | None, teacher: torch.Tensor, kind: str | None = None) -> torch.Tensor:
+def _loss(student: torch.Tensor, labels: torch.Tensor | None, teacher: Targets, kind: str | None = None) -> torch.Tensor:
     kind = _kind(student, kind)
     if labels is not None and kind == "classifier":
         return F.cross_entropy(student, labels)
@@ -142,7 +229,7 @@ def train(
     module: nn.Module,
     inputs: list[torch.Tensor],
     labels: np.ndarray | None,
-    teacher: torch.Tensor,
+    teacher: Targets,
     config: TrainConfig,
     on_epoch: Callable[[int, float], None],
     after_step: Callable[[], None] | None = None,
