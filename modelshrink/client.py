@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -23,6 +24,9 @@ from service.api.schemas import DatasetPublic, JobPublic, ModelPublic, SearchesP
 from service.client import ApiFailure, EventParser, external_data_files, failure, zipped_with_external_data
 
 __all__ = ["ApiFailure", "AsyncClient", "Client"]
+
+# Called with each event before the end: ("progress" or "status", the job's or search's data).
+OnProgress = Callable[[str, dict[str, Any]], None]
 
 
 def _settings(url: str | None, api_key: str | None) -> tuple[str, dict[str, str]]:
@@ -120,23 +124,36 @@ class Client:
     def cancel_search(self, search_id: str) -> SearchPublic:
         return SearchPublic.model_validate(self._json("POST", f"/v1/searches/{search_id}/cancel"))
 
-    def _follow(self, object_id: str) -> dict[str, Any]:
+    def events(self, object_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(event, data) from a job's or a search's server-sent events until it ends (the last is
+        ("end", the final job or search as JSON)); `data["progress"]` has fraction, step and message."""
         with self.http.stream("GET", f"/v1/{_kind(object_id)}/{object_id}/events", timeout=None) as response:
             if response.status_code >= 400:
                 raise failure(response.status_code, response.read())
             parser = EventParser()
             for line in response.iter_lines():
                 found = parser.feed(line)
-                if found is not None and found[0] == "end":
-                    return found[1]
+                if found is not None:
+                    yield found
+                    if found[0] == "end":
+                        return
         raise ApiFailure(502, "stream_ended", f"the event stream of {object_id} ended before it did")
 
-    def wait(self, job_id: str) -> JobPublic:
-        """Follow the job's events until it ends; the final job."""
-        return JobPublic.model_validate(self._follow(job_id))
+    def _follow(self, object_id: str, on_progress: OnProgress | None) -> dict[str, Any]:
+        for event, data in self.events(object_id):
+            if event == "end":
+                return data
+            if on_progress is not None:
+                on_progress(event, data)
+        raise ApiFailure(502, "stream_ended", f"the event stream of {object_id} ended before it did")
 
-    def wait_search(self, search_id: str) -> SearchPublic:
-        return SearchPublic.model_validate(self._follow(search_id))
+    def wait(self, job_id: str, on_progress: OnProgress | None = None) -> JobPublic:
+        """Follow the job's events until it ends; the final job. `on_progress(event, data)` sees
+        every event before the end (e.g. `lambda e, d: print(d["progress"]["message"])`)."""
+        return JobPublic.model_validate(self._follow(job_id, on_progress))
+
+    def wait_search(self, search_id: str, on_progress: OnProgress | None = None) -> SearchPublic:
+        return SearchPublic.model_validate(self._follow(search_id, on_progress))
 
     def report_html(self, object_id: str) -> str:
         """The self-contained report page of a job or a search (by its id)."""
@@ -223,22 +240,33 @@ class AsyncClient:
     async def cancel_search(self, search_id: str) -> SearchPublic:
         return SearchPublic.model_validate(await self._json("POST", f"/v1/searches/{search_id}/cancel"))
 
-    async def _follow(self, object_id: str) -> dict[str, Any]:
+    async def events(self, object_id: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """As Client.events, as an async iterator."""
         async with self.http.stream("GET", f"/v1/{_kind(object_id)}/{object_id}/events", timeout=None) as response:
             if response.status_code >= 400:
                 raise failure(response.status_code, await response.aread())
             parser = EventParser()
             async for line in response.aiter_lines():
                 found = parser.feed(line)
-                if found is not None and found[0] == "end":
-                    return found[1]
+                if found is not None:
+                    yield found
+                    if found[0] == "end":
+                        return
         raise ApiFailure(502, "stream_ended", f"the event stream of {object_id} ended before it did")
 
-    async def wait(self, job_id: str) -> JobPublic:
-        return JobPublic.model_validate(await self._follow(job_id))
+    async def _follow(self, object_id: str, on_progress: OnProgress | None) -> dict[str, Any]:
+        async for event, data in self.events(object_id):
+            if event == "end":
+                return data
+            if on_progress is not None:
+                on_progress(event, data)
+        raise ApiFailure(502, "stream_ended", f"the event stream of {object_id} ended before it did")
 
-    async def wait_search(self, search_id: str) -> SearchPublic:
-        return SearchPublic.model_validate(await self._follow(search_id))
+    async def wait(self, job_id: str, on_progress: OnProgress | None = None) -> JobPublic:
+        return JobPublic.model_validate(await self._follow(job_id, on_progress))
+
+    async def wait_search(self, search_id: str, on_progress: OnProgress | None = None) -> SearchPublic:
+        return SearchPublic.model_validate(await self._follow(search_id, on_progress))
 
     async def report_html(self, object_id: str) -> str:
         response = await self.http.get(f"/v1/{_kind(object_id)}/{object_id}/report.html")

@@ -68,6 +68,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     from service.processes import Supervised, embedded_redis_command, wait_for_redis, worker_command
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # What a newcomer must read at start is the banner below, not every migration alembic ran.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     migrate(settings.resolved_database_url)
@@ -89,13 +91,27 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     try:
         for child in children:
             child.start()
-        err.print(f"modelshrink serving on [bold]http://{host}:{port}[/bold] (data in {settings.data_dir})")
-        print(f"http://{host}:{port}", flush=True)
+        url = f"http://{host}:{port}"
+        err.print(serve_banner(url, settings.data_dir, settings.resolved_database_url), soft_wrap=True, markup=False)
+        print(url, flush=True)
         # Open event streams must not hold a shutdown up for ever.
         uvicorn.run(create_app(settings, run_migrations=False), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
     finally:
         for child in reversed(children):  # worker first, then the broker it talks to
             child.stop()
+
+
+def serve_banner(url: str, data_dir: Path, database_url: str) -> str:
+    """What `serve` says once it is up: where to go and how to get a key that this server knows."""
+    where = f"MODELSHRINK_DATA_DIR={data_dir}" if database_url.startswith("sqlite") else "MODELSHRINK_DATABASE_URL=<this server's database URL>"
+    return "\n".join([
+        f"modelshrink is serving on {url}",
+        f"  web page:  {url}/ui",
+        f"  API docs:  {url}/docs   (OpenAPI: {url}/openapi.json)",
+        f"  data:      {data_dir}",
+        f"  a key:     {where} modelshrink keys create --tenant my-team",
+        f"  then:      export MODELSHRINK_URL={url} MODELSHRINK_API_KEY=<that key>",
+    ])
 
 
 @app.command()

@@ -10,12 +10,12 @@ the job holds, not what it once held."""
 from __future__ import annotations
 
 import ctypes
-import gc
 import sys
 
 
 def release_freed_memory() -> None:
-    gc.collect()
+    # No gc.collect(): what these phases drop is freed by reference counting, and a full collection
+    # in a long-lived process (a test session) cost seconds each time.
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)

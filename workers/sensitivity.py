@@ -72,6 +72,6 @@ def layer_sensitivity(original: onnx.ModelProto, compressed: onnx.ModelProto, da
         session, _keep = _session(base_bytes, threads, (name, value))  # the OrtValue must outlive the session
         cosine = float(compare(reference, session, kind).fidelity()["cosine"])
         del session, _keep
-        release_freed_memory()
         rows.append({"layer": _layer_label(name, consumers), "tensor": name, "cosine": cosine, "drop": 1.0 - cosine})
+    release_freed_memory()  # the probes' sessions
     return sorted(rows, key=lambda r: r["drop"], reverse=True)

@@ -14,6 +14,7 @@ from service.api.body_limit import BodyLimitMiddleware
 from service.api.routes.uploads_common import CheckQueue
 from service.api.streams import StreamLimiter
 from service.api.observability import MetricsMiddleware, build_registry
+from service.api import validation_errors
 from service.api.routes import datasets, health, jobs, methods, models, searches, ui
 from service.core.artifacts import open_store
 from service.core.db import migrate
@@ -64,6 +65,8 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content={"error": exc.as_dict()}, headers=exc.headers)
+
+    validation_errors.install(app)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

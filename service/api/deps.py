@@ -60,7 +60,9 @@ def current_tenant(session: SessionDep, credentials: Annotated[HTTPAuthorization
         return cached[1]
     tenant = tenant_for_key(session, credentials.credentials)
     if tenant is None:
-        raise Unauthorized("the API key is not valid")
+        raise Unauthorized("the API key is not valid for this server: it is not in the database this server uses (a key belongs to one "
+                           "data directory or database: create it with `modelshrink keys create --tenant NAME` using the server's "
+                           "MODELSHRINK_DATA_DIR or MODELSHRINK_DATABASE_URL), or it was mistyped")
     session.expunge(tenant)
     if len(_verified) > 10_000:
         _verified.clear()

@@ -39,9 +39,9 @@ AUTH_RESPONSES: dict[int | str, dict] = {
     401: {"model": ErrorResponse, "description": "Missing or unknown API key (`unauthorized`)."},
     413: {"model": ErrorResponse, "description": "Request body over the limit (`payload_too_large`)."},
 }
-# A 422 is either the body failing its schema (FastAPI's shape, `detail`) or a semantic check (ours).
+# A 422 is either the body failing its schema (`invalid_request`, with pydantic's list in `detail`) or a semantic check (ours).
 INVALID_RESPONSE: dict = {
-    "description": "The request is well-formed but invalid: `detail` lists schema violations; `error` names a semantic one (e.g. `invalid_model`).",
+    "description": "The request is well-formed but invalid: `error.message` summarises it; for a schema violation (`invalid_request`) `detail` lists each one.",
     "content": {"application/json": {"schema": {"anyOf": [
         {"$ref": "#/components/schemas/ErrorResponse"}, {"$ref": "#/components/schemas/HTTPValidationError"},
     ]}}},

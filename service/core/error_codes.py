@@ -15,6 +15,7 @@ API_CODES: dict[str, str] = {
     "idempotency_key_reused": "409: the Idempotency-Key was used with a different request body",
     "payload_too_large": "413: the body or upload exceeds the configured limit",
     "invalid_input": "422: a bad request (the message says what)",
+    "invalid_request": "422: the body or query does not match the schema; `message` summarises (field, what was wrong, the closest known field), `detail` lists every violation",
     "invalid_model": "422: the upload is not a valid ONNX model",
     "model_not_runnable": "422: ONNX Runtime cannot load or run the model",
     "model_too_large": "422: the model needs more memory than the check allows, or is over the size limit",

@@ -19,6 +19,22 @@ def candidate_jobs(session: Session, search_id: str) -> list[Job]:
     return list(session.scalars(select(Job).where(Job.search_id == search_id).order_by(Job.created_at, Job.id)).all())
 
 
+def live_progress(search: Search, jobs: list[Job]) -> dict[str, Any]:
+    """The search's progress with its running candidates' own progress counted in: a search is
+    otherwise updated only when a candidate ends, and read 0% through its whole first candidate."""
+    stored: dict[str, Any] = dict(search.progress or {"fraction": 0.0, "step": None, "message": "planning"})
+    planned = int((search.result or {}).get("planned") or len(jobs) or 0)
+    if search.status in TERMINAL_STATUSES or not planned:
+        return stored
+    ended = sum(1 for j in jobs if j.status in TERMINAL_STATUSES)
+    running = [j for j in jobs if j.status == "running"]
+    partial = sum(float((j.progress or {}).get("fraction") or 0.0) for j in running)
+    stored["fraction"] = round(min(1.0, (ended + partial) / planned), 4)
+    if jobs:
+        stored["message"] = f"{ended} of {len(jobs)} candidates finished, {len(running)} running"
+    return stored
+
+
 def search_public(search: Search, jobs: list[Job]) -> dict[str, Any]:
     points = {p.job_id: p for p in points_of(search, jobs)}
     objective = search.request["objective"]
@@ -48,7 +64,7 @@ def search_public(search: Search, jobs: list[Job]) -> dict[str, Any]:
         "request": search.request,
         "rungs": LAST_RUNG + 1,
         "rung": search.rung,
-        "progress": search.progress or {"fraction": 0.0, "step": None, "message": "planning"},
+        "progress": live_progress(search, jobs),
         "candidates": candidates,
         "pareto": [p.job_id for p in pareto(list(points.values()))],
         "best": chosen,

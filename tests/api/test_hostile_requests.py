@@ -149,3 +149,21 @@ def test_one_idempotency_key_with_two_bodies_at_once_gives_one_job_and_one_409(t
             codes = sorted(r.status_code for r in results)
             assert codes == [202, 409], codes
             assert client.get("/v1/jobs").json()["count"] == 1
+
+
+def test_a_schema_violation_answers_a_readable_summary_with_the_closest_field(client) -> None:
+    response = client.post("/v1/jobs", json={"model_id": "mdl_x", "steps": [{"method": "prune", "ammount": 0.5}]})
+    assert response.status_code == 422
+    body = response.json()
+    assert body["error"]["code"] == "invalid_request"
+    assert "unknown field (did you mean 'amount'?)" in body["error"]["message"] and "ammount" in body["error"]["message"]
+    assert body["detail"] and body["detail"][0]["type"] == "extra_forbidden"  # pydantic's list is kept for programs
+
+
+def test_an_unknown_key_names_the_likely_cause(settings) -> None:
+    from tests.conftest import make_client
+
+    with make_client(settings) as anonymous:
+        response = anonymous.get("/v1/models", headers={"Authorization": "Bearer not-a-key"})
+    assert response.status_code == 401
+    assert "modelshrink keys create" in response.json()["error"]["message"] and "MODELSHRINK_DATA_DIR" in response.json()["error"]["message"]

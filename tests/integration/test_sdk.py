@@ -43,7 +43,8 @@ def test_sync_and_async_clients_answer_typed_models(served, tmp_path: Path) -> N
         uploaded, data = client.upload_model(model_path), client.upload_dataset(data_path)
         started = client.search(uploaded.id, "latency", dataset_id=data.id, methods=["quantize"], budget_minutes=5, measure=QUICK)
         assert isinstance(started, SearchPublic) and [c.recipe for c in started.candidates] == ["quantize-auto"]
-        final = client.wait_search(started.id)
+        seen: list[str] = []
+        final = client.wait_search(started.id, on_progress=lambda event, data: seen.append(event))
         assert final.status == "succeeded" and final.best == started.candidates[0].job_id and final.candidates[0].metrics.meets_constraint
         out = client.download(final.best, tmp_path / "best.onnx")
         onnx.checker.check_model(onnx.load(str(out)))
@@ -55,7 +56,9 @@ def test_sync_and_async_clients_answer_typed_models(served, tmp_path: Path) -> N
         async with AsyncClient(url, key) as client:
             uploaded = await client.upload_model(model_path)
             job = await client.submit(uploaded.id, [{"method": "quantize", "mode": "fp16"}], measure=QUICK)
-            done = await client.wait(job.id)
+            events: list[tuple[str, dict]] = []
+            done = await client.wait(job.id, on_progress=lambda event, data: events.append((event, data)))
+            assert all("progress" in data for _, data in events)
             return done, await client.report_html(job.id)
 
     done, page = asyncio.run(run_async())

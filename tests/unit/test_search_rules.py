@@ -176,3 +176,15 @@ def test_driver_fails_with_the_closest_candidates_when_none_meets_the_constraint
     end = decide(search, jobs, settings)
     assert end.values["status"] == "failed" and end.values["error"]["code"] == "search_target_missed"
     assert end.values["result"]["closest"] == [jobs[0].id] and "quantize-auto" in end.values["error"]["message"]
+
+
+def test_search_progress_counts_its_running_candidates() -> None:
+    from service.core.search_view import live_progress
+
+    search = Search(id="srch_p", status="running", progress={"fraction": 0.0, "step": "rung 1 of 2", "message": "planning"}, result={"planned": 4})
+    jobs = [Job(id="a", status="succeeded", progress={"fraction": 1.0}), Job(id="b", status="running", progress={"fraction": 0.5}),
+            Job(id="c", status="queued", progress={"fraction": 0.0})]
+    progress = live_progress(search, jobs)
+    assert progress["fraction"] == (1 + 0.5) / 4 and "1 running" in progress["message"] and progress["step"] == "rung 1 of 2"
+    search.status = "succeeded"
+    assert live_progress(search, jobs)["fraction"] == 0.0  # a finished search keeps what it recorded
