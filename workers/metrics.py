@@ -126,21 +126,38 @@ def latency(sessions: list, data: StepData, spec: MeasureSpec, progress: Callabl
     results: list[list[dict[str, Any]]] = [[] for _ in sessions]
     for bi, batch in enumerate(batches):
         feed = _feed_of_batch(data, batch)
+        slowest = 0.0
         for session in sessions:
-            for _ in range(spec.warmup):
+            for _ in range(max(1, spec.warmup)):  # at least one, to learn how long a run takes
+                start = time.perf_counter()
                 session.run(None, feed)
+                slowest = max(slowest, time.perf_counter() - start)
+        runs = _runs_for(spec.runs, slowest * 1000.0)
         times: list[list[float]] = [[] for _ in sessions]
-        for r in range(spec.runs):
+        for r in range(runs):
             order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
             for i in order:
                 start = time.perf_counter()
                 sessions[i].run(None, feed)
                 times[i].append((time.perf_counter() - start) * 1000.0)
             if r % 10 == 9:
-                progress((bi + (r + 1) / spec.runs) / len(batches), f"timing batch {batch}: run {r + 1}/{spec.runs}")
+                progress((bi + (r + 1) / runs) / len(batches), f"timing batch {batch}: run {r + 1}/{runs}")
         for i, t in enumerate(times):
-            results[i].append({"batch": batch, "p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95)), "runs": spec.runs})
+            results[i].append({"batch": batch, "p50": float(np.percentile(t, 50)), "p95": float(np.percentile(t, 95)), "runs": runs})
     return results
+
+
+# A run of a small model takes microseconds, and ten of them decide nothing (the same original came out
+# 20% apart between two timing sessions): runs are added until each session has been timed for about
+# MIN_TIMED_MS, up to MAX_RUNS. Large models keep the asked number of runs.
+MIN_TIMED_MS = 150.0
+MAX_RUNS = 400
+
+
+def _runs_for(asked: int, run_ms: float) -> int:
+    if run_ms <= 0:
+        return max(asked, MAX_RUNS)
+    return int(max(asked, min(MAX_RUNS, np.ceil(MIN_TIMED_MS / run_ms))))
 
 
 def first_outputs(session, data: StepData, limit: int) -> np.ndarray:

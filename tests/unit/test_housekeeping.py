@@ -52,13 +52,19 @@ def test_partial_uploads_older_than_the_cutoff_are_swept(tmp_path: Path) -> None
 
 
 def test_non_finite_outputs_where_the_original_was_finite_fail_the_job() -> None:
+    from workers.evaluation import Comparison
     from workers.pipeline import _refuse_non_finite
 
+    def compared(reference: np.ndarray, candidate: np.ndarray) -> Comparison:
+        result = Comparison(kind="features")
+        result.add(reference, candidate, None, None)
+        return result
+
     reference = np.ones((4, 3))
-    _refuse_non_finite(reference, reference * 2)  # worse, but finite: the report judges it
+    _refuse_non_finite(compared(reference, reference * 2))  # worse, but finite: the report judges it
     broken = reference.copy()
     broken[1, 2] = np.nan
     broken[3, 0] = np.inf
     with pytest.raises(CompressionFailed) as failed:
-        _refuse_non_finite(reference, broken)
+        _refuse_non_finite(compared(reference, broken))
     assert failed.value.code == "non_finite" and "on 2 evaluation sample(s)" in failed.value.message

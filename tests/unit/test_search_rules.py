@@ -188,3 +188,15 @@ def test_search_progress_counts_its_running_candidates() -> None:
     assert progress["fraction"] == (1 + 0.5) / 4 and "1 running" in progress["message"] and progress["step"] == "rung 1 of 2"
     search.status = "succeeded"
     assert live_progress(search, jobs)["fraction"] == 0.0  # a finished search keeps what it recorded
+
+
+def test_timing_noise_is_a_tie_that_the_other_axis_breaks() -> None:
+    fidelity = {"max_accuracy_drop": None, "min_fidelity": 0.99}
+    points = [point("job_latency_search", "a", 0, metrics(2.44, 1.32), fidelity), point("job_int8", "b", 0, metrics(3.01, 1.30), fidelity),
+              point("job_dominated", "c", 0, metrics(2.40, 1.25), fidelity)]
+    # 1.32x vs 1.30x is timing noise: the 3.01x smaller one wins; never a candidate another beats on both axes.
+    assert best(points, "latency").job_id == "job_int8"
+    chosen = best(points, "latency")
+    assert not any(p.ratio > chosen.ratio and p.speedup > chosen.speedup for p in points)
+    clear = [point("job_fast", "a", 0, metrics(2.0, 1.6), fidelity), point("job_small", "b", 0, metrics(3.0, 1.3), fidelity)]
+    assert best(clear, "latency").job_id == "job_fast"  # 23% faster is not noise
