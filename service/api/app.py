@@ -15,7 +15,7 @@ from service.api.routes.uploads_common import CheckQueue
 from service.api.streams import StreamLimiter
 from service.api.observability import MetricsMiddleware, build_registry
 from service.api import validation_errors
-from service.api.routes import datasets, health, jobs, methods, models, searches, ui
+from service.api.routes import datasets, health, jobs, links, methods, models, searches, ui
 from service.core.artifacts import open_store
 from service.core.db import migrate
 from service.core.errors import ApiError
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(status_code=500, content={"error": {"code": "internal_error", "message": "an unexpected error occurred; the operator's log has details"}})
 
-    for module in (models, datasets, jobs, searches, methods, health, ui):
+    for module in (models, datasets, jobs, searches, links, methods, health, ui):
         app.include_router(module.router)
     return app
 

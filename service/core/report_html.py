@@ -19,9 +19,23 @@ COLOURS = {"original": "#8c8c8c", "compressed": "#2b7bb9", "chosen": "#d95f02", 
 
 
 def _fmt(value: Any) -> str:
+    # Three significant figures: a fourth on a latency is timing noise.
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.3g}"
     return str(value)
+
+
+def _duration(job: dict[str, Any]) -> str | None:
+    from datetime import datetime
+
+    start, end = job.get("started_at"), job.get("finished_at")
+    if not start or not end:
+        return None
+    parse = lambda v: v if isinstance(v, datetime) else datetime.fromisoformat(str(v))  # noqa: E731
+    seconds = (parse(end) - parse(start)).total_seconds()
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
 def _bars(title: str, rows: list[tuple[str, float | None, str]], unit: str = "") -> str:
@@ -75,6 +89,9 @@ def _scatter(title: str, rows: list[dict[str, Any]], chosen: str | None) -> str:
              f'<text x="0" y="14" font-weight="bold">{escape(title)}</text>',
              f'<line x1="40" y1="{20 + h}" x2="{40 + w}" y2="{20 + h}" stroke="#333"/><line x1="40" y1="20" x2="40" y2="{20 + h}" stroke="#333"/>',
              f'<text x="{40 + w - 120}" y="{h + 40}" font-size="11">size ratio (x) →</text><text x="44" y="30" font-size="11">speedup ↑</text>']
+    for fraction in (0.0, 0.5, 1.0):  # axis values
+        parts.append(f'<text x="{40 + w * fraction:.1f}" y="{h + 32}" font-size="10" text-anchor="middle">{max_x * fraction:.2g}x</text>')
+        parts.append(f'<text x="36" y="{20 + h * (1 - fraction) + 4:.1f}" font-size="10" text-anchor="end">{max_y * fraction:.2g}x</text>')
     for x, y, name, is_chosen, meets in points:
         cx, cy = 40 + w * x / max_x, 20 + h * (1 - y / max_y)
         colour = COLOURS["chosen"] if is_chosen else (COLOURS["point"] if meets else COLOURS["original"])
@@ -100,13 +117,27 @@ def _layer_bars(step: dict[str, Any]) -> str:
 def render(job: dict[str, Any]) -> str:
     metrics = job.get("metrics") or {}
     original, compressed = metrics.get("original") or {}, metrics.get("compressed") or {}
+    import json
+
+    evaluation = metrics.get("evaluation") or {}
+    took = _duration(job)
+    inputs = f"model {job.get('model_id')}" + (f", dataset {job['dataset_id']}" if job.get("dataset_id") else "") \
+        + (f", evaluation dataset {job['eval_dataset_id']}" if job.get("eval_dataset_id") else "")
     sections = [f"<h1>modelshrink job {escape(job['id'])}</h1>",
-                f"<p>status <b>{escape(job['status'])}</b>; steps: {escape(', '.join(s.get('method', '?') for s in job.get('steps', [])))}</p>"]
+                f"<p>status <b>{escape(job['status'])}</b>{escape(f' after {took}' if took else '')}; {escape(inputs)}</p>",
+                f"<p>steps: <code>{escape(json.dumps(job.get('steps', [])))}</code></p>"]
+    artifacts = job.get("artifacts") or []
+    if artifacts:
+        sections.append("<p>artifacts: " + ", ".join(f"{escape(a['name'])} ({a['size_bytes']:,} bytes)" for a in artifacts)
+                        + f" - download with <code>GET /v1/jobs/{escape(job['id'])}/artifacts/NAME</code> or <code>modelshrink download</code></p>")
     if job.get("error"):
         sections.append(f'<p style="color:{COLOURS["warn"]}">error <b>{escape(job["error"]["code"])}</b>: {escape(job["error"]["message"])}</p>')
     if metrics:
         sections.append(f"<p>{_fmt(metrics.get('compression_ratio'))}x smaller, {_fmt(metrics.get('speedup'))}x the speed at batch "
-                        f"{escape(_fmt((original.get('latency_ms') or {}).get('batch')))}; measured on {escape(str((metrics.get('evaluation') or {}).get('data')))}</p>")
+                        f"{escape(_fmt((original.get('latency_ms') or {}).get('batch')))}; measured on {escape(_fmt(evaluation.get('data')))} "
+                        f"({escape(_fmt(evaluation.get('samples')))} samples, {escape(_fmt(evaluation.get('runtime')))})</p>")
+        if evaluation.get("positions"):
+            sections.append(f"<p>{escape(evaluation['positions'])}</p>")
         warnings = metrics.get("warnings") or []
         if warnings:
             sections.append("<ul class=\"warnings\">" + "".join(f'<li style="color:{COLOURS["warn"]}">{escape(w)}</li>' for w in warnings) + "</ul>")
@@ -126,7 +157,7 @@ def render(job: dict[str, Any]) -> str:
             sections.append(f"<h2>step {step.get('index', 0) + 1}: {escape(str(step.get('method')))}</h2>")
             if step.get("candidates"):
                 sections.append(_scatter("quantize candidates", step["candidates"], step.get("chosen")))
-                sections.append(f"<p>kept <b>{escape(str(step.get('chosen')))}</b>: {escape(str(step.get('reason', '')))}</p>")
+                sections.append(f"<p>kept <b>{escape(_fmt(step.get('chosen')))}</b>: {escape(_fmt(step.get('reason')))}</p>")
             sections.append(_layer_bars(step))
             for key in ("curve", "finetune_loss"):
                 values = step.get(key)

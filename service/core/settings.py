@@ -84,6 +84,9 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_allow_private: bool = False
     webhook_secret: str | None = None
+    # Signs shared links (service.core.signed_links); every API process of a deployment must have the same.
+    signing_secret: str | None = None
+    shared_link_max_s: int = Field(7 * 24 * 3600, ge=60, description="The longest a shared link may stay valid")
     webhook_max_retries: int = 5
     webhook_timeout_s: float = Field(10.0, gt=0, description="Total time for one delivery attempt.")
     # Webhooks are delivered by their own worker (threads), never by a job worker.

@@ -133,6 +133,15 @@ def test_web_page_uploads_submits_follows_and_shows_reports(service, browser, tm
     assert "modelshrink job" in page.find_element(By.TAG_NAME, "h1").text
     page.switch_to.default_content()
     assert _not_blank(_shot(page, "ui-job-report.png")) > 20
+    # The row says which model, and links its artifacts; its report opens in a new tab through a signed link.
+    row = page.find_element(By.ID, job_row)
+    assert model_path.name in row.text and "model.onnx" in row.text, row.text
+    row.find_element(By.LINK_TEXT, "report ↗").click()
+    wait.until(lambda d: len(d.window_handles) == 2)
+    page.switch_to.window(page.window_handles[1])
+    wait.until(lambda d: "/v1/links/" in d.current_url and "modelshrink job" in d.find_element(By.TAG_NAME, "h1").text)
+    page.close()
+    page.switch_to.window(page.window_handles[0])
 
     # A search: started from the page, followed live, its report shows the Pareto scatter with the best.
     page.find_element(By.ID, "max-drop").send_keys("0.1")
@@ -143,7 +152,8 @@ def test_web_page_uploads_submits_follows_and_shows_reports(service, browser, tm
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#searches tr.row"))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#searches tr.row .status.succeeded, #searches tr.row .status.failed"))
     assert page.find_elements(By.CSS_SELECTOR, "#searches tr.row .status.succeeded")
-    assert len(page.find_elements(By.CSS_SELECTOR, "#jobs tr.row")) >= 3  # the job and the search's candidates
+    # The search's candidates are listed under it, not among the jobs.
+    assert len(page.find_elements(By.CSS_SELECTOR, "#searches tr.candidate")) >= 2 and len(page.find_elements(By.CSS_SELECTOR, "#jobs tr.row")) >= 1
     _open_report(page, wait, wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#searches tr.row").get_attribute("id")))
     page.switch_to.frame(page.find_element(By.ID, "report"))
     scatters = _rendered(page, "svg.pareto")
