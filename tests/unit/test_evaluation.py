@@ -78,3 +78,20 @@ def test_non_finite_outputs_are_counted_per_sample() -> None:
     result = Comparison(kind="features")
     result.add(ref, cand, None, None)
     assert result.non_finite_samples == 1
+
+
+def test_training_losses_and_scores_leave_padding_out() -> None:
+    import torch
+
+    from workers.trainable.training import TopTokens, quality, soft_loss
+
+    teacher = torch.randn(2, 3, 8)
+    student = teacher.clone()
+    positions = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    student[positions == 0] = torch.randn(3, 8) * 10  # different only where the mask says padding
+    assert float(soft_loss(student, teacher, 2.0, "features", positions)) < 1e-6
+    assert float(soft_loss(student, teacher, 2.0, "features")) > 0.1
+    assert quality(student, None, teacher, "features", positions) > 0.9999
+    top = TopTokens.of(teacher, 4, 2.0)
+    assert float(soft_loss(student, top, 2.0, "token_logits", positions)) < 1e-5
+    assert quality(TopTokens.of(student, 1, 2.0), None, top, "token_logits", positions) == 1.0

@@ -16,7 +16,7 @@ from torch import nn
 from service.core.specs import DistillStep
 from workers.trainable.device import training_device
 from workers.fixed_batch import exactly, padded_order
-from workers.trainable.training import STUDENT_LR, make_optimizer, module_fixed_batch, output_kind, soft_loss, train_config
+from workers.trainable.training import STUDENT_LR, make_optimizer, module_fixed_batch, output_kind, padding_mask, soft_loss, train_config
 from workers.trainable.training import Targets
 from workers.trainable.training import score as score_of
 
@@ -79,6 +79,7 @@ def distill(
     labels = torch.from_numpy(train.labels).long() if train.labels is not None else None
     t = spec.temperature
     fixed = module_fixed_batch(student)
+    mask = padding_mask(student, train.inputs)  # padded positions count in no loss
 
     projections = nn.ModuleList()
     teacher_feats: list[torch.Tensor] = []
@@ -120,7 +121,7 @@ def distill(
                 parts["hard"] = F.cross_entropy(out, labels[idx].to(device))
                 loss = parts["hard"]
             else:
-                soft = soft_loss(out, train.teacher[idx].to(device), t, train.kind)
+                soft = soft_loss(out, train.teacher[idx].to(device), t, train.kind, None if mask is None else mask[idx].to(device))
                 parts["soft"] = soft
                 if labels is not None and spec.alpha > 0 and train.kind == "classifier":
                     parts["hard"] = F.cross_entropy(out, labels[idx].to(device))

@@ -164,9 +164,28 @@ def reference_outputs(module: nn.Module, inputs: list[torch.Tensor], kind: str, 
     return predict(module, inputs, top_k=TOP_K if kind == "token_logits" else None, temperature=temperature)
 
 
+def padding_mask(module: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+    """The input that marks real tokens (1) against padding (0), by the module's input names: an
+    integer [samples, positions] input named like an attention mask. Padded positions are left out
+    of losses and scores as they are of the pipeline's fidelity (workers.evaluation)."""
+    for name, tensor in zip(getattr(module, "input_names", None) or [], inputs):
+        if "mask" in name.lower() and tensor.dim() == 2 and not tensor.is_floating_point():
+            return tensor
+    return None
+
+
+def _real_positions(outputs: Any, positions: torch.Tensor | None) -> torch.Tensor | None:
+    """[samples, positions] booleans when the outputs are per token and the mask fits them."""
+    if positions is None:
+        return None
+    shape = outputs.log_probs.shape if isinstance(outputs, TopTokens) else outputs.shape
+    return positions.bool() if len(shape) >= 3 and tuple(positions.shape) == tuple(shape[:2]) else None
+
+
 def score(module: nn.Module, inputs: list[torch.Tensor], labels: np.ndarray | None, reference: Targets, kind: str) -> float:
     """`quality` of the module's outputs on `inputs`; a language model's as its top token only."""
-    return quality(predict(module, inputs, top_k=1 if kind == "token_logits" else None), labels, reference, kind)
+    outputs = predict(module, inputs, top_k=1 if kind == "token_logits" else None)
+    return quality(outputs, labels, reference, kind, padding_mask(module, inputs))
 
 
 def output_kind(outputs: torch.Tensor, vocabulary_sizes: set[int] | None = None, name: str | None = None, has_labels: bool = False) -> str:
@@ -178,21 +197,31 @@ def _kind(outputs: torch.Tensor, kind: str | None) -> str:
     return kind or ("classifier" if outputs.dim() == 2 and outputs.shape[1] > 1 else "features")
 
 
-def quality(outputs: Targets, labels: np.ndarray | None, reference: Targets, kind: str | None = None) -> float:
+def quality(outputs: Targets, labels: np.ndarray | None, reference: Targets, kind: str | None = None, positions: torch.Tensor | None = None) -> float:
     """Accuracy against labels when there are labels; otherwise top-1 agreement with the original
     model for class logits and per-token logits (the next word), the mean cosine similarity to it
-    for anything else."""
+    for anything else; per-token outputs at the real (unpadded) `positions` only."""
+    real = _real_positions(outputs, positions)
     if kind == "token_logits":
-        return float((outputs.argmax(-1) == reference.argmax(-1)).float().mean())
+        same = outputs.argmax(-1) == reference.argmax(-1)
+        return float(same[real].float().mean()) if real is not None and real.any() else float(same.float().mean())
     assert isinstance(outputs, torch.Tensor) and isinstance(reference, torch.Tensor)
     if _kind(outputs, kind) == "classifier":
         target = torch.from_numpy(labels) if labels is not None else reference.argmax(1)
         return float((outputs.argmax(1) == target[: len(outputs)]).float().mean())
+    if real is not None:
+        keep = real.unsqueeze(-1).to(outputs.dtype)
+        outputs, reference = outputs * keep, reference * keep
     return float(F.cosine_similarity(outputs.flatten(1), reference.flatten(1)).mean())
 
 
-def soft_loss(student: torch.Tensor, teacher: Targets, t: float, kind: str) -> torch.Tensor:
-    """The loss towards the original's (teacher's) outputs, by what they are."""
+def soft_loss(student: torch.Tensor, teacher: Targets, t: float, kind: str, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss towards the original's (teacher's) outputs, by what they are; for per-token outputs,
+    over the real (unpadded) `positions` only."""
+    real = _real_positions(student, positions)
+    if real is not None and kind != "classifier" and real.any():
+        student = student[real]  # [real positions, ...]: each position a row
+        teacher = teacher[real] if isinstance(teacher, TopTokens) else teacher[real]
     if isinstance(teacher, TopTokens):
         # KL between the two distributions coarse-grained the same way: the teacher's top k tokens,
         # and everything else as one outcome.
@@ -212,11 +241,11 @@ def soft_loss(student: torch.Tensor, teacher: Targets, t: float, kind: str) -> t
     return (1 - F.cosine_similarity(s, te, dim=1)).mean() + F.mse_loss(s, te)
 
 
-def _loss(student: torch.Tensor, labels: torch.Tensor | None, teacher: Targets, kind: str | None = None) -> torch.Tensor:
+def _loss(student: torch.Tensor, labels: torch.Tensor | None, teacher: Targets, kind: str | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
     kind = _kind(student, kind)
     if labels is not None and kind == "classifier":
         return F.cross_entropy(student, labels)
-    return soft_loss(student, teacher, DISTILL_TEMPERATURE, kind)
+    return soft_loss(student, teacher, DISTILL_TEMPERATURE, kind, positions)
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -252,6 +281,7 @@ def train(
     module.to(device)  # before the optimiser is built, so it holds the device's parameters
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], config)
     label_tensor = torch.from_numpy(labels).long() if labels is not None else None
+    mask = padding_mask(module, inputs)
     n = len(inputs[0])
     fixed_batch = fixed_batch or module_fixed_batch(module)
     batch = fixed_batch or config.batch_for(n)
@@ -268,7 +298,8 @@ def train(
                 continue  # batch norm cannot train on one sample
             out = module(*(t[idx].to(device) for t in inputs))
             out = out[0] if isinstance(out, tuple) else out
-            loss = _loss(out, label_tensor[idx].to(device) if label_tensor is not None else None, teacher[idx].to(device), kind)
+            loss = _loss(out, label_tensor[idx].to(device) if label_tensor is not None else None, teacher[idx].to(device), kind,
+                         None if mask is None else mask[idx].to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
