@@ -33,7 +33,9 @@ def _duration(job: dict[str, Any]) -> str | None:
     start, end = job.get("started_at"), job.get("finished_at")
     if not start or not end:
         return None
-    parse = lambda v: v if isinstance(v, datetime) else datetime.fromisoformat(str(v))  # noqa: E731
+    def parse(value: Any) -> datetime:
+        return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
     seconds = (parse(end) - parse(start)).total_seconds()
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 

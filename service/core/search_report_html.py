@@ -33,6 +33,16 @@ def _pareto_scatter(title: str, axis: str, candidates: list[dict[str, Any]], fro
              f'<text x="0" y="32" font-size="11">{escape(quality)} ↑ ({escape(_fmt(y_low))} .. {escape(_fmt(y_high))})</text>',
              f'<line x1="50" y1="{TOP + h}" x2="{50 + w}" y2="{TOP + h}" stroke="#333"/><line x1="50" y1="{TOP}" x2="50" y2="{TOP + h}" stroke="#333"/>',
              f'<text x="{w - 90}" y="{h + TOP + 20}" font-size="11">{escape(axis.replace("_", " "))} →</text>']
+    for fraction in (0.0, 0.5, 1.0):  # axis values, and the original (1x, its own quality) as the reference
+        x_value, y_value = x_low + (x_high - x_low) * fraction, y_low + y_span * (fraction * 1.1 - 0.05)
+        tx, _ = place(x_value, y_low)
+        _, ty = place(x_low, y_value)
+        parts.append(f'<text x="{tx:.1f}" y="{TOP + h + 12}" font-size="10" text-anchor="middle">{x_value:.3g}x</text>')
+        parts.append(f'<text x="46" y="{ty + 3:.1f}" font-size="10" text-anchor="end">{y_value:.3g}</text>')
+    if x_low <= 1.0:
+        ox, _ = place(1.0, y_low)
+        parts.append(f'<line x1="{ox:.1f}" y1="{TOP}" x2="{ox:.1f}" y2="{TOP + h}" stroke="#999" stroke-dasharray="2 2"/>'
+                     f'<text x="{ox + 3:.1f}" y="{TOP + 10}" font-size="10" fill="#666">original (1x)</text>')
     on_front = sorted((p for p in points if p[2]["job_id"] in front), key=lambda p: p[0])
     if len(on_front) > 1:
         coords = " ".join("{:.1f},{:.1f}".format(*place(x, y)) for x, y, _ in on_front)
@@ -49,7 +59,11 @@ def _pareto_scatter(title: str, axis: str, candidates: list[dict[str, Any]], fro
 
 def _table(candidates: list[dict[str, Any]], front: set[str], best: str | None) -> str:
     head = "<tr><th>recipe</th><th>rung</th><th>status</th><th>size ratio</th><th>speedup</th><th>accuracy</th><th>fidelity</th><th>meets</th><th>Pareto</th></tr>"
-    rows = []
+    # The original as the reference row: 1x on both axes, its own accuracy, fidelity 1 by definition.
+    original_accuracy = next((c["metrics"].get("accuracy") + c["metrics"].get("accuracy_drop")
+                              for c in candidates if c.get("metrics") and c["metrics"].get("accuracy") is not None and c["metrics"].get("accuracy_drop") is not None), None)
+    rows = ['<tr class="original"><td><i>the original model</i></td><td></td><td>reference</td><td>1x</td><td>1x</td>'
+            f'<td>{_fmt(original_accuracy) if original_accuracy is not None else ""}</td><td>1</td><td></td><td></td></tr>']
     for c in candidates:
         m = c.get("metrics") or {}
         note = escape(c["error"]["code"]) if c.get("error") else ""
