@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from workers.constant_folding import fold
 from workers.memory import release_freed_memory
+from workers.onnx_weights import layer_name, weight_aliases
 from workers.evaluation import ReferenceRun, compare
 from workers.steps import StepData
 from workers.output_kind import model_output_kind
@@ -41,8 +42,7 @@ def _session(model_bytes: bytes, threads: int, override: tuple[str, np.ndarray] 
 
 
 def _layer_label(name: str, consumers: dict[str, str]) -> str:
-    # The TorchScript exporter names transposed weights "onnx::MatMul_123"; the node using it says more.
-    return consumers.get(name, name) if name.startswith("onnx::") else name
+    return consumers.get(name, name)
 
 
 def layer_sensitivity(original: onnx.ModelProto, compressed: onnx.ModelProto, data: StepData, threads: int = 1) -> list[dict[str, Any]] | None:
@@ -59,7 +59,9 @@ def layer_sensitivity(original: onnx.ModelProto, compressed: onnx.ModelProto, da
             changed.append((before.size, tensor.name))
     if not changed:
         return None
-    consumers = {i: (n.name or n.op_type) for n in base.graph.node for i in n.input}
+    # Named as the step reports name layers (the torch module path a user knows), not val_405 or node_MatMul_112.
+    aliases = weight_aliases(original)
+    consumers = {i: layer_name(i, n, aliases) for n in base.graph.node for i in n.input}
     base_bytes = base.SerializeToString()
     dtypes = {t.name: onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in base.graph.initializer}
     reference = ReferenceRun(_session(base_bytes, threads)[0], data, MAX_SAMPLES, batch=16)

@@ -111,3 +111,23 @@ def test_any_failure_of_a_method_on_the_clients_model_gets_the_steps_code(tmp_pa
         with pytest.raises(CompressionFailed) as failed:
             _run(mlp(), [{"method": "quantize", "mode": "fp16"}], None, tmp_path / code / type(error).__name__)
         assert failed.value.code == code, (error, failed.value.code)
+
+
+def test_warnings_name_layers_as_the_step_report_does(tmp_path: Path) -> None:
+    # The dynamo exporter names weights val_405 / node_MatMul_112: both places use the torch module path.
+    import io
+
+    from bench.architectures import dataset, export
+    from service.core.specs import PruneStep
+    from workers.methods import prune
+    from workers.sensitivity import layer_sensitivity
+    from workers.steps import StepContext, StepData
+
+    exp = export("bert", "dynamo", tmp_path)
+    arrays = dict(np.load(io.BytesIO(dataset(exp, 32))))
+    data = StepData(inputs={name: arrays[name] for name in exp.inputs})
+    model = onnx.load(str(exp.path))
+    result = prune.apply(model, PruneStep(amount=0.9, finetune_epochs=0), data, StepContext(work_dir=tmp_path))
+    reported = {row["layer"] for row in result.report["layers"]}
+    blamed = [row["layer"] for row in layer_sensitivity(model, result.model, data) or []]
+    assert blamed and set(blamed) <= reported, (blamed, sorted(reported))
