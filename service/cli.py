@@ -193,6 +193,15 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def describe_inputs(model: dict[str, Any]) -> str:
+    """One line on an uploaded model's inputs, saying so when its batch is fixed (torch's default export)."""
+    shapes = ", ".join(f"{i['name']} {i['dtype']} {i['shape']}" for i in model.get("inputs", []))
+    fixed = next((i["shape"][0] for i in model.get("inputs", []) if i.get("shape") and isinstance(i["shape"][0], int) and i["shape"][0] > 0), None)
+    note = (f"; its batch is fixed at {fixed} (exported without dynamic axes): every run uses batches of {fixed}, "
+            "and the result keeps that fixed batch") if fixed else ""
+    return f"model {model['id']}: {shapes}{note}"
+
+
 def print_metrics(metrics: dict[str, Any]) -> None:
     o, c = metrics["original"], metrics["compressed"]
     table = Table(title="modelshrink metrics")
@@ -245,7 +254,11 @@ def submit(
         err.print(f"[red]--step is not valid JSON: {exc}[/red]")
         raise typer.Exit(EXIT_USAGE) from None
     try:
-        body: dict[str, Any] = {"model_id": model_id or client.upload_model(model)["id"], "steps": steps}
+        if model_id is None:
+            uploaded = client.upload_model(model)
+            model_id = uploaded["id"]
+            err.print(describe_inputs(uploaded), soft_wrap=True, markup=False)
+        body: dict[str, Any] = {"model_id": model_id, "steps": steps}
         if dataset or dataset_id:
             body["dataset_id"] = dataset_id or client.upload_dataset(dataset)["id"]
         if eval_dataset or eval_dataset_id:

@@ -182,6 +182,7 @@ def run_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_d
             "data": source,
             "synthetic": evaluation.description,
             "samples": comparison.samples,
+            "fixed_batch": evaluation.fixed_batch,
             "positions": comparison.positions_note(),
             "labels": evaluation.labels is not None,
             "runtime": f"onnxruntime {onnxruntime.__version__} CPUExecutionProvider",

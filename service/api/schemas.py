@@ -174,6 +174,7 @@ class EvaluationInfo(Tolerant):
     data: str = Field(description="dataset, eval_dataset or synthetic.")
     synthetic: str | None = Field(None, description="How synthetic inputs were drawn, when they were.")
     samples: int
+    fixed_batch: int | None = Field(None, description="The model's batch axis is fixed at this size (exported without dynamic axes): every run used batches of it.")
     positions: str | None = Field(None, description="For per-token outputs: which positions were compared (those the attention mask marks as real tokens; padding is left out).")
     labels: bool
     runtime: str

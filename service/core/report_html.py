@@ -140,6 +140,8 @@ def render(job: dict[str, Any]) -> str:
                         f"({escape(_fmt(evaluation.get('samples')))} samples, {escape(_fmt(evaluation.get('runtime')))})</p>")
         if evaluation.get("positions"):
             sections.append(f"<p>{escape(evaluation['positions'])}</p>")
+        if evaluation.get("fixed_batch"):
+            sections.append(f"<p>the model's batch is fixed at {evaluation['fixed_batch']} (exported without dynamic axes): every run used batches of that size</p>")
         warnings = metrics.get("warnings") or []
         if warnings:
             sections.append("<ul class=\"warnings\">" + "".join(f'<li style="color:{COLOURS["warn"]}">{escape(w)}</li>' for w in warnings) + "</ul>")

@@ -79,7 +79,7 @@ def test_fixed_batch_export_passes_every_method(name: str, step: str, workspace:
     metrics, _ = run_pipeline(job, store, Settings(data_dir=workspace), work, lambda *a, **k: None)
     JobMetrics.model_validate(json.loads(json.dumps(metrics, default=str)))
     assert metrics["evaluation"]["samples"] == SAMPLES  # every sample measured once, the filler rows dropped
-    assert metrics["original"]["latency_ms"]["batch"] == 2
+    assert metrics["original"]["latency_ms"]["batch"] == 2 and metrics["evaluation"]["fixed_batch"] == 2
     assert metrics["compressed"]["fidelity"]["cosine"] > 0.5
     session = ort.InferenceSession(str(store.path(f"jobs/t/{job.job_id}/model.onnx")), providers=["CPUExecutionProvider"])
     arrays = np.load(io.BytesIO((workspace / f"{name}.npz").read_bytes()))
@@ -96,3 +96,11 @@ def test_batches_of_a_fixed_batch_count_every_sample_once() -> None:
     assert [idx.tolist() for idx, _ in chunks(1, 4, fixed=True)] == [[0, 0, 0, 0]]
     assert exactly(np.arange(3), 5).tolist() == [0, 1, 2, 0, 1]
     assert sorted(set(padded_order(np.array([4, 1, 3]), 2).tolist())) == [1, 3, 4] and len(padded_order(np.arange(3), 2)) == 4
+
+
+def test_the_cli_says_when_an_upload_has_a_fixed_batch() -> None:
+    from service.cli import describe_inputs
+
+    line = describe_inputs({"id": "mdl_1", "inputs": [{"name": "input_ids", "dtype": "int64", "shape": [2, 16]}]})
+    assert "batch is fixed at 2" in line and "[2, 16]" in line
+    assert "fixed" not in describe_inputs({"id": "mdl_2", "inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 64]}]})
