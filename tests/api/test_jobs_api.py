@@ -157,5 +157,6 @@ def test_a_jobs_report_page_is_html_and_only_its_tenants(client: TestClient, mod
     page = client.get(f"/v1/jobs/{job_id}/report.html")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert job_id in page.text and "queued" in page.text
+    assert "default-src 'none'" in page.headers["content-security-policy"] and page.headers["x-content-type-options"] == "nosniff"
     other = {"Authorization": f"Bearer {new_key(settings, tenant='globex')}"}
     assert client.get(f"/v1/jobs/{job_id}/report.html", headers=other).status_code == 404

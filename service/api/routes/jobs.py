@@ -19,6 +19,7 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
 from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, ArtifactUrl, JobCreate, JobPublic, JobsPublic, JobStatus
+from service.api.page_headers import REPORT_PAGE_HEADERS
 from service.core import report_html
 from service.core.datasets import check_against_model, check_labels_fit
 from service.core.db import session_scope
@@ -210,7 +211,7 @@ async def job_events(job_id: str, request: Request, session: SessionDep, tenant:
 def job_report_html(job_id: str, session: SessionDep, tenant: CurrentTenant) -> HTMLResponse:
     """The job's report as one self-contained page (inline SVG): before/after bars, warnings, per-layer
     bars, training curves, quantize's candidates; for a running or failed job, what is known so far."""
-    return HTMLResponse(report_html.render(job_public(owned_job(session, tenant.id, job_id))))
+    return HTMLResponse(report_html.render(job_public(owned_job(session, tenant.id, job_id))), headers=REPORT_PAGE_HEADERS)
 
 
 @router.get("/{job_id}/artifacts/{name}/url", response_model=ArtifactUrl, responses={**ITEM_RESPONSES, 409: {"model": ErrorResponse}})

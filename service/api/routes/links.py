@@ -11,6 +11,7 @@ from fastapi import APIRouter
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.page_headers import REPORT_PAGE_HEADERS
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.jobs import owned_job
 from service.api.routes.searches import _public as search_view
@@ -23,9 +24,6 @@ from service.core.search_report_html import render_search
 from service.core.signed_links import Link, sign, verify
 
 router = APIRouter(prefix="/v1/links", tags=["links"])
-# A shared page is inert: no script, nothing loaded from elsewhere, not framed by another site.
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'",
-                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "private, no-store"}
 
 
 class LinkCreate(BaseModel):
@@ -67,10 +65,10 @@ def open_link(token: str, session: SessionDep, settings: SettingsDep, store: Sto
     if link is None:
         raise NotFound("this link is unknown or has expired; ask for a new one")
     if link.kind == "search":
-        return HTMLResponse(render_search(search_view(session, owned_search(session, link.tenant_id, link.resource_id))), headers=PAGE_HEADERS)
+        return HTMLResponse(render_search(search_view(session, owned_search(session, link.tenant_id, link.resource_id))), headers=REPORT_PAGE_HEADERS)
     job = owned_job(session, link.tenant_id, link.resource_id)
     if link.what == "report.html":
-        return HTMLResponse(report_html.render(job_public(job)), headers=PAGE_HEADERS)
+        return HTMLResponse(report_html.render(job_public(job)), headers=REPORT_PAGE_HEADERS)
     if link.what not in {a["name"] for a in job.artifacts or []}:
         raise NotFound("this link is unknown or has expired; ask for a new one")
     media = {".json": "application/json", ".zip": "application/zip"}.get(Path(link.what).suffix, "application/octet-stream")

@@ -94,7 +94,7 @@ def get_model(model_id: str, session: SessionDep, tenant: CurrentTenant) -> Stor
     return owned_model(session, tenant.id, model_id)
 
 
-@router.delete("/{model_id}", responses=ITEM_RESPONSES, status_code=204)
+@router.delete("/{model_id}", responses={**ITEM_RESPONSES, 409: {"model": ErrorResponse, "description": "The model is used by a queued or running job (`conflict`)."}}, status_code=204)
 def delete_model(model_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> Response:
     model = owned_model(session, tenant.id, model_id)
     # A model is in use as a job's input or as a model one of its steps refers to (a distillation student).

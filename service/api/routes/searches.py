@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.follow import follow
+from service.api.page_headers import REPORT_PAGE_HEADERS
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
 from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, SearchCreate, SearchesPublic, SearchPublic, SearchStatus
@@ -189,4 +190,4 @@ async def search_events(search_id: str, request: Request, session: SessionDep, t
 def search_report_html(search_id: str, session: SessionDep, tenant: CurrentTenant) -> HTMLResponse:
     """The search as one self-contained page (inline SVG): the outcome, the Pareto scatters with the
     best marked, and every candidate's recipe, rung, status and numbers."""
-    return HTMLResponse(render_search(_public(session, owned_search(session, tenant.id, search_id))))
+    return HTMLResponse(render_search(_public(session, owned_search(session, tenant.id, search_id))), headers=REPORT_PAGE_HEADERS)
