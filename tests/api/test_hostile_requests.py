@@ -167,3 +167,27 @@ def test_an_unknown_key_names_the_likely_cause(settings) -> None:
         response = anonymous.get("/v1/models", headers={"Authorization": "Bearer not-a-key"})
     assert response.status_code == 401
     assert "modelshrink keys create" in response.json()["error"]["message"] and "MODELSHRINK_DATA_DIR" in response.json()["error"]["message"]
+
+
+def test_the_search_idempotency_race_answers_409_to_the_other_body(client, settings, monkeypatch) -> None:
+    # The race, made deterministic: while this request is being checked, another one with the same key
+    # and another body commits its search first; this request's insert then meets the unique key.
+    from datetime import timedelta
+
+    from service.api.routes import searches
+    from service.core.db import session_scope
+    from service.core.tables import Search, new_id, utcnow
+
+    model_id = _upload(client, mlp())
+    real_facts = searches._facts
+
+    def facts_while_another_request_wins(session, tenant_id, body):
+        with session_scope(settings.resolved_database_url) as other:
+            other.add(Search(id=new_id("srch"), tenant_id=tenant_id, model_id=body.model_id, request={"request_sha256": "another body", "objective": "size"},
+                             facts={}, idempotency_key="race-key", deadline_at=utcnow() + timedelta(minutes=5), created_at=utcnow()))
+            other.commit()
+        return real_facts(session, tenant_id, body)
+
+    monkeypatch.setattr(searches, "_facts", facts_while_another_request_wins)
+    response = client.post("/v1/searches", json={"model_id": model_id, "objective": "size", "methods": ["quantize"]}, headers={"Idempotency-Key": "race-key"})
+    assert response.status_code == 409 and response.json()["error"]["code"] == "idempotency_key_reused", response.text

@@ -19,6 +19,7 @@ from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
 from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, ArtifactUrl, JobCreate, JobPublic, JobsPublic, JobStatus
+from service.api.idempotency import check_replay
 from service.api.page_headers import REPORT_PAGE_HEADERS
 from service.core import report_html
 from service.core.datasets import check_against_model, check_labels_fit
@@ -96,8 +97,7 @@ def create_job(
     if idempotency_key:
         existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
         if existing is not None:
-            if existing.options.get("request_sha256") != fingerprint:
-                raise Conflict("this Idempotency-Key was already used for a different request", code="idempotency_key_reused")
+            check_replay(existing.options.get("request_sha256"), fingerprint)
             return _created(existing)
     _validate_inputs(session, tenant.id, body, settings)
     active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running"))))
@@ -126,8 +126,7 @@ def create_job(
         existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
         if existing is None:
             raise
-        if existing.options.get("request_sha256") != fingerprint:
-            raise Conflict("this Idempotency-Key was already used for a different request", code="idempotency_key_reused") from None
+        check_replay(existing.options.get("request_sha256"), fingerprint)
         return _created(existing)
     try:
         # Straight to the broker unless this tenant already has its share there (service.core.dispatch).

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.follow import follow
+from service.api.idempotency import check_replay
 from service.api.page_headers import REPORT_PAGE_HEADERS
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
@@ -101,8 +102,7 @@ def create_search(
     if idempotency_key:
         existing = session.scalar(select(Search).where(Search.tenant_id == tenant.id, Search.idempotency_key == idempotency_key))
         if existing is not None:
-            if existing.request.get("request_sha256") != fingerprint:
-                raise Conflict("this Idempotency-Key was already used for a different request", code="idempotency_key_reused")
+            check_replay(existing.request.get("request_sha256"), fingerprint)
             return _created(session, existing)
     facts = _facts(session, tenant.id, body)
     request = _request(body, facts) | {"request_sha256": fingerprint}
@@ -125,6 +125,7 @@ def create_search(
         existing = session.scalar(select(Search).where(Search.tenant_id == tenant.id, Search.idempotency_key == idempotency_key))
         if existing is None:
             raise
+        check_replay(existing.request.get("request_sha256"), fingerprint)  # the race's loser with another body: 409, as for jobs
         return _created(session, existing)
     try:
         advance(settings, search.id)  # the first rung's jobs, handed to the broker
