@@ -7,6 +7,7 @@ The child prints one JSON object on stdout: {"ok": true, ...description} or {"ok
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,19 +44,53 @@ def probe_onnx(path: Path, *, timeout_s: float, memory_bytes: int, run: bool = T
     gaps become dense weights: a 6 MB clustered MiniLM decodes to 90 MB). A .zip (a model with
     external data) may unpack to `max_unpacked_bytes`; over `single_file_limit` it keeps its external
     data, and the description's `stored_file` is the canonical archive to store (`external_data`).
-    `external_ok`: an .onnx whose data files lie beside it (a worker's own output, never an upload)."""
-    memory_bytes = probe_memory_for(path, memory_bytes, decoded_bytes)
+    `external_ok`: an .onnx whose data files lie beside it (a worker's own output, never an upload).
+
+    A zip is unpacked into a folder this process makes and removes whatever the check's outcome (a
+    refusal, a crash, a kill for memory or time): only a model that passes leaves its `stored_file`
+    there for the caller. Memory is sized from what the archive declares it unpacks to (an honest model
+    with compressible weights is small as a zip), files the child writes are capped by RLIMIT_FSIZE."""
+    zipped = is_zip(path)
+    unpacks_to = min(max_unpacked_bytes, declared_unpacked_bytes(path)) if zipped else 0
+    memory_bytes = probe_memory_for(path, memory_bytes, max(decoded_bytes or 0, unpacks_to) or None)
+    file_cap = max_unpacked_bytes + 64 * 1024**2
 
     def limit() -> None:  # runs in the child before exec
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_cap, file_cap))
 
-    args = [sys.executable, "-m", "service.core.onnx_probe", str(path), str(max_unpacked_bytes), str(single_file_limit)] + ([] if run else ["--no-run"]) + (["--external-ok"] if external_ok else [])
+    work_dir = Path(tempfile.mkdtemp(prefix="bundle-", dir=path.parent)) if zipped else None
+    args = [sys.executable, "-m", "service.core.onnx_probe", str(path), str(max_unpacked_bytes), str(single_file_limit)] + ([] if run else ["--no-run"]) \
+        + (["--external-ok"] if external_ok else []) + ([f"--work-dir={work_dir}"] if work_dir else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        result = _run_check(args, env, limit, timeout_s, memory_bytes, path)
+    except BaseException:
+        if work_dir is not None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    if work_dir is not None and "stored_file" not in result:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return result
+
+
+def declared_unpacked_bytes(path: Path) -> int:
+    """What a zip says its members unpack to (the unpacking itself enforces it)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sum(max(0, info.file_size) for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return 0
+
+
+def _run_check(args: list[str], env: dict[str, str], limit: Any, timeout_s: float, memory_bytes: int, path: Path) -> dict[str, Any]:
     try:
         proc = subprocess.run(args, capture_output=True, timeout=timeout_s, preexec_fn=limit, env=env, check=False)
     except subprocess.TimeoutExpired as exc:
         raise InvalidInput(f"checking the model took longer than {timeout_s:.0f} s", code="model_check_timeout") from exc
+    if proc.returncode == -signal.SIGXFSZ:
+        raise InvalidInput("the archive unpacks to more than the upload limit allows", code="model_too_large")
     out_of_memory = b"bad_alloc" in proc.stderr or b"MemoryError" in proc.stderr
     if proc.returncode < 0 and out_of_memory:
         raise InvalidInput(f"checking the model needed more than {memory_bytes // 1024**2} MiB of memory", code="model_too_large")
@@ -120,7 +156,8 @@ def _fail(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "code": code, "message": message}
 
 
-def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3, single_file_limit: int = SINGLE_FILE_LIMIT, external_ok: bool = False) -> dict[str, Any]:
+def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3, single_file_limit: int = SINGLE_FILE_LIMIT, external_ok: bool = False,
+             work_dir: Path | None = None) -> dict[str, Any]:
     import numpy as np
     import onnx
 
@@ -130,11 +167,11 @@ def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3, single_file
     if is_zip(path):
         # A model with external data, zipped; or a PyTorch archive, which is refused (torch 2.13's
         # torch.export.load unpickles with weights_only=False, so loading one can run code from it).
-        work_dir = Path(tempfile.mkdtemp(prefix="bundle-", dir=path.parent))
+        # The parent made work_dir and removes it unless the model passes (probe_onnx).
+        work_dir = work_dir or Path(tempfile.mkdtemp(prefix="bundle-", dir=path.parent))
         try:
             unpacked = internalize(path, work_dir, max_bytes=max_unpacked, single_file_limit=single_file_limit)
         except BundleRefused as exc:
-            shutil.rmtree(work_dir, ignore_errors=True)
             return _fail(exc.code, exc.message)
         path = unpacked.graph
     external = unpacked.external if unpacked is not None else external_ok
@@ -203,12 +240,21 @@ def _ort_np(ort_type: str) -> str:
 
 
 def main() -> None:
+    from google.protobuf.message import EncodeError  # the child's own import, as onnx's
+
     path, max_unpacked, single_file_limit = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     run = "--no-run" not in sys.argv[4:]
+    work_dir = next((Path(a.split("=", 1)[1]) for a in sys.argv[4:] if a.startswith("--work-dir=")), None)
     try:
-        result = describe(path, run, max_unpacked, single_file_limit, external_ok="--external-ok" in sys.argv[4:])
+        result = describe(path, run, max_unpacked, single_file_limit, external_ok="--external-ok" in sys.argv[4:], work_dir=work_dir)
     except MemoryError:
         result = _fail("model_too_large", "checking the model exceeded the memory limit")
+    except OSError as exc:  # a file over RLIMIT_FSIZE (EFBIG: Python ignores SIGXFSZ), or no memory for a mapping
+        if exc.errno not in (errno.EFBIG, errno.ENOMEM):
+            raise
+        result = _fail("model_too_large", "the model unpacks to more than the check allows (memory or file size)")
+    except EncodeError:  # protobuf could not hold the unpacked model in the memory allowed
+        result = _fail("model_too_large", "checking the model exceeded the memory limit (the unpacked model could not be written as one file)")
     print(json.dumps(result))
 
 

@@ -95,3 +95,48 @@ def test_pytorch_archives_are_refused_without_loading(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput) as info:
         probe_onnx(tmp_path / "model.pt2", **LIMITS)
     assert info.value.code == "unsupported_format" and "unpickles" in info.value.message
+
+
+def _zipped_external(tmp_path: Path, name: str, rows: int, bad_graph: bool = False) -> Path:
+    """A real MatMul model whose all-zero weight ([rows, 256] float32) lies in external data, zipped as
+    torch.onnx.export's default output is uploaded: compressible to almost nothing."""
+    import zipfile
+
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder = tmp_path / f"{name}-src"
+    folder.mkdir()
+    weight = numpy_helper.from_array(np.zeros((rows, 256), np.float32), "w")
+    node = helper.make_node("NoSuchOp" if bad_graph else "MatMul", ["x", "w"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", rows])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 256])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    archive = tmp_path / "uploads" / f"{name}.zip"
+    archive.parent.mkdir(exist_ok=True)
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
+        for member in ("model.onnx", "model.onnx.data"):
+            out.write(folder / member, member)
+    return archive
+
+
+def test_an_unpacked_archive_is_removed_whatever_the_checks_outcome(tmp_path: Path) -> None:
+    uploads = tmp_path / "uploads"
+    rejected = _zipped_external(tmp_path, "rejected", 64, bad_graph=True)  # unpacks, then the checker refuses it
+    with pytest.raises(InvalidInput):
+        probe_onnx(rejected, timeout_s=60, memory_bytes=2 * 1024**3)
+    bomb = _zipped_external(tmp_path, "bomb", 256 * 1024)  # 256 MiB of zeros in a zip of a few hundred KB
+    assert bomb.stat().st_size < 2 * 1024**2
+    for _ in range(3):
+        with pytest.raises(InvalidInput) as refused:  # too large for the memory the check may use
+            probe_onnx(bomb, timeout_s=60, memory_bytes=700 * 1024**2)
+        assert refused.value.code == "model_too_large"
+    assert sorted(p.name for p in uploads.iterdir()) == ["bomb.zip", "rejected.zip"]  # no unpacked folder left behind
+
+
+def test_an_honest_model_with_compressible_weights_is_accepted(tmp_path: Path) -> None:
+    # Memory is sized from what the archive unpacks to, not from the zip's few hundred KB.
+    archive = _zipped_external(tmp_path, "zeros", 96 * 1024)  # 96 MiB of zero weights
+    description = probe_onnx(archive, timeout_s=120, memory_bytes=4 * 1024**3)
+    assert description["inputs"][0]["shape"] == ["N", 96 * 1024] and Path(description["stored_file"]).is_file()
