@@ -191,3 +191,35 @@ def test_the_search_idempotency_race_answers_409_to_the_other_body(client, setti
     monkeypatch.setattr(searches, "_facts", facts_while_another_request_wins)
     response = client.post("/v1/searches", json={"model_id": model_id, "objective": "size", "methods": ["quantize"]}, headers={"Idempotency-Key": "race-key"})
     assert response.status_code == 409 and response.json()["error"]["code"] == "idempotency_key_reused", response.text
+
+
+def _at_once(count: int, call) -> list:
+    results: list = [None] * count
+    barrier = threading.Barrier(count)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = call(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_concurrent_uploads_and_jobs_never_take_a_tenant_over_its_quotas(tmp_path: Path) -> None:
+    one = len(to_bytes(mlp(seed=0)))
+    settings = fast_settings(tmp_path, tenant_max_stored_bytes=int(3.5 * one), tenant_max_active_jobs=4)
+    with authed_client(settings) as client:
+        # 12 different models at once, room for 3: each saw free room when it started streaming.
+        uploads = _at_once(12, lambda i: client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp(seed=i)))}))
+        codes = sorted(r.status_code for r in uploads)
+        assert codes.count(201) == 3 and set(codes) == {201, 507}, codes
+        models = client.get("/v1/models").json()
+        assert models["count"] == 3 and sum(m["size_bytes"] for m in models["data"]) <= settings.tenant_max_stored_bytes
+        model_id = models["data"][0]["id"]
+        jobs = _at_once(10, lambda i: client.post("/v1/jobs", json={"model_id": model_id, "steps": [STEP]}))
+        assert sorted(r.status_code for r in jobs).count(202) == 4, [r.status_code for r in jobs]
+        assert client.get("/v1/jobs").json()["count"] == 4

@@ -8,7 +8,7 @@ from sqlalchemy import func, or_, select
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from starlette.concurrency import run_in_threadpool
 
-from service.api.routes.uploads_common import accept_upload, commit_row, move_into_store, multipart_body
+from service.api.routes.uploads_common import accept_upload, commit_within_quota, move_into_store, multipart_body
 from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, DatasetPublic, DatasetsPublic
 from service.core.datasets import inspect_npz
 from service.core.errors import Conflict, NotFound
@@ -49,7 +49,7 @@ async def upload_dataset(request: Request, session: SessionDep, tenant: CurrentT
         artifact_key=key,
         **info,
     )
-    await run_in_threadpool(commit_row, session, dataset)
+    await run_in_threadpool(commit_within_quota, session, dataset, settings, store, key)
     return dataset
 
 

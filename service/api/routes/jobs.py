@@ -20,6 +20,7 @@ from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
 from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, ArtifactUrl, JobCreate, JobPublic, JobsPublic, JobStatus
 from service.api.idempotency import check_replay
+from service.core.quota import lock_tenant
 from service.api.page_headers import REPORT_PAGE_HEADERS
 from service.core import report_html
 from service.core.datasets import check_against_model, check_labels_fit
@@ -100,6 +101,7 @@ def create_job(
             check_replay(existing.options.get("request_sha256"), fingerprint)
             return _created(existing)
     _validate_inputs(session, tenant.id, body, settings)
+    lock_tenant(session, tenant.id)  # the count below and the insert are one step for this tenant
     active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running"))))
     if active >= settings.tenant_max_active_jobs:
         # Also what keeps one tenant's backlog from starving the others in the shared FIFO queue.

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from starlette.concurrency import run_in_threadpool
 
-from service.api.routes.uploads_common import accept_upload, commit_row, move_into_store, multipart_body
+from service.api.routes.uploads_common import accept_upload, commit_within_quota, move_into_store, multipart_body
 from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, ModelPublic, ModelsPublic
 from service.core.artifacts import sha256_of
 from service.core.errors import Conflict, NotFound
@@ -78,7 +78,7 @@ async def upload_model(request: Request, response: Response, session: SessionDep
         parameters=info["parameters"],
         opset=info["opset"],
     )
-    await run_in_threadpool(commit_row, session, model)
+    await run_in_threadpool(commit_within_quota, session, model, settings, store, key)
     return model
 
 

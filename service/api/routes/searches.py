@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.follow import follow
 from service.api.idempotency import check_replay
+from service.core.quota import lock_tenant
 from service.api.page_headers import REPORT_PAGE_HEADERS
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
@@ -113,6 +114,7 @@ def create_search(
                     request=request, facts=facts, idempotency_key=idempotency_key, webhook_url=body.webhook_url,
                     deadline_at=now + timedelta(minutes=body.budget_minutes), created_at=now)
     planned = len(search_recipes(search))
+    lock_tenant(session, tenant.id)  # the count below and the insert are one step for this tenant
     active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))) or 0
     if active + planned > settings.tenant_max_active_jobs:
         raise QuotaExceeded(f"this search starts {planned} candidate jobs and this tenant has {active} queued or running, "

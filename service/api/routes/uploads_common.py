@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.core.artifacts import ArtifactStore
 from service.core.errors import ServiceUnavailable, StorageQuotaExceeded
+from service.core.quota import lock_tenant
 from service.core.settings import Settings
 from service.core.tables import StoredDataset, StoredModel
 from service.core.uploads import ReceivedUpload, receive_upload
@@ -104,7 +105,15 @@ async def accept_upload(
     return upload, description
 
 
-def commit_row(session: Session, row: object) -> None:
+def commit_within_quota(session: Session, row: Any, settings: Settings, store: ArtifactStore, key: str) -> None:
+    """Insert an upload's row only if the tenant's stored bytes, counted under its lock, leave room;
+    otherwise remove the stored file and refuse (507). Concurrent uploads each checked at start."""
+    lock_tenant(session, row.tenant_id)
+    used = stored_bytes(session, row.tenant_id)
+    if used + row.size_bytes > settings.tenant_max_stored_bytes:
+        session.rollback()
+        store.delete_prefix(key.rsplit("/", 1)[0])
+        raise _storage_quota(used + row.size_bytes, settings)
     session.add(row)
     session.commit()
 
