@@ -14,6 +14,8 @@ from service.api.body_limit import BodyLimitMiddleware
 from service.api.routes.uploads_common import CheckQueue
 from service.api.streams import StreamLimiter
 from service.api.observability import MetricsMiddleware, build_registry
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
 from service.api import validation_errors
 from service.api.routes import datasets, health, jobs, links, methods, models, searches, ui
 from service.core.artifacts import open_store
@@ -72,6 +74,12 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "http_error")
         return JSONResponse(status_code=exc.status_code, content={"error": {"code": code, "message": str(exc.detail)}})
+
+    @app.exception_handler(PoolTimeout)
+    async def database_busy(_: Request, exc: PoolTimeout) -> JSONResponse:
+        # Every pooled connection is in use: a moment's overload, not a server error.
+        return JSONResponse(status_code=503, content={"error": {"code": "service_unavailable", "message": "the service is busy (no database connection free); retry shortly"}},
+                            headers={"Retry-After": "2"})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -21,10 +21,26 @@ from service.core.tables import TERMINAL_STATUSES
 RECHECK_INTERVAL_S = 10.0
 
 
-def follow(request: Request, settings: Settings, tenant_id: str, object_id: str, snapshot: Callable[[], dict[str, Any]]) -> EventSourceResponse:
+def checked_stream_slot(request: Request, tenant_id: str, session: Any, check: Callable[[], Any]) -> Any:
+    """A stream slot for this tenant, taken before the database is touched (followers beyond the caps
+    get 429 at no cost), then `check` (the ownership lookup) and the session's close in one thread
+    call: a request never holds a pooled connection while it waits for a thread (60 followers at
+    once exhausted the pool and answered 500 while another tenant's request waited 31 s)."""
+    slot = request.app.state.streams.acquire(tenant_id)
+
+    def check_and_release() -> None:
+        try:
+            check()
+        finally:
+            session.close()
+
+    return slot, check_and_release
+
+
+def follow(request: Request, settings: Settings, tenant_id: str, object_id: str, snapshot: Callable[[], dict[str, Any]], slot: Any = None) -> EventSourceResponse:
     """`snapshot` reads the object fresh from the store (in a thread: it opens its own session).
     The caller has checked ownership and closed its pooled session: a stream may stay open for hours."""
-    slot = request.app.state.streams.acquire(tenant_id)
+    slot = slot or request.app.state.streams.acquire(tenant_id)
 
     async def stream():
         client = aioredis.Redis.from_url(redis_url(settings))

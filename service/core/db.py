@@ -41,7 +41,9 @@ def get_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # As many connections as the API's threadpool has threads (AnyIO's default 40), so a thread never
+    # waits on the pool; and a short wait when it would, answered 503 (the default 30 s looked like a hang).
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30, pool_timeout=5)
 
 
 @lru_cache(maxsize=8)

@@ -91,3 +91,39 @@ def test_many_followers_neither_starve_other_tenants_nor_exceed_their_cap(servic
     follower.cancel(job_id)
     final = [data for event, data in follower.events(job_id) if event == "end"][0]
     assert final["status"] == "cancelled"
+
+
+def test_a_burst_of_followers_gets_200_up_to_the_cap_and_429_after_never_5xx(service, tmp_path: Path) -> None:
+    # All at once (the red team's 60 opened together answered 40 x 500: pooled connections held while
+    # requests waited for a thread); another tenant's request answers within a second throughout.
+    url, (follower_key, bystander_key), _ = service
+    follower, bystander = Client(url, follower_key), Client(url, bystander_key)
+    model_id = follower.upload_model(save(mlp(seed=3), tmp_path / "m.onnx"))["id"]
+    job_id = follower.submit({"model_id": model_id, "steps": [{"method": "quantize", "mode": "int8_dynamic"}], "measure": SLOW_MEASURE})["id"]
+    bystander_model = bystander.upload_model(save(mlp(seed=4), tmp_path / "b.onnx"))["id"]
+    burst = 2 * STREAMS_PER_TENANT
+
+    async def scenario() -> tuple[list[int], list[float]]:
+        auth = {"Authorization": f"Bearer {follower_key}"}
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=200)) as http:
+            async def open_one() -> httpx.Response:
+                return await http.send(http.build_request("GET", f"/v1/jobs/{job_id}/events", headers=auth), stream=True)
+
+            async def bystander_request() -> float:
+                started = time.monotonic()
+                response = await http.get(f"/v1/models/{bystander_model}", headers={"Authorization": f"Bearer {bystander_key}"})
+                assert response.status_code == 200
+                return time.monotonic() - started
+
+            results = await asyncio.gather(*(open_one() for _ in range(burst)), *(bystander_request() for _ in range(10)))
+            opened, waits = results[:burst], results[burst:]
+            statuses = [r.status_code for r in opened]
+            for response in opened:
+                await response.aclose()
+            return statuses, waits
+
+    statuses, waits = asyncio.run(scenario())
+    assert all(code in (200, 429) for code in statuses), statuses
+    assert statuses.count(200) <= STREAMS_PER_TENANT and statuses.count(429) >= burst - STREAMS_PER_TENANT
+    assert max(waits) < 1.0, waits
+    follower.cancel(job_id)

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from service.api.follow import follow
+from service.api.follow import checked_stream_slot, follow
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
@@ -195,16 +195,20 @@ async def job_events(job_id: str, request: Request, session: SessionDep, tenant:
     """Server-sent events: `progress` events as the worker reports them (every epoch, round and
     step), then one `end` event with the final job. Open streams are capped per tenant and overall
     (429 `too_many_streams`)."""
-    await run_in_threadpool(owned_job, session, tenant.id, job_id)
     # A stream may stay open for hours: it must not hold a pooled database connection while it waits.
-    await run_in_threadpool(session.close)
+    slot, check = checked_stream_slot(request, tenant.id, session, lambda: owned_job(session, tenant.id, job_id))
+    try:
+        await run_in_threadpool(check)
+    except BaseException:
+        slot.release()
+        raise
     url = settings.resolved_database_url
 
     def snapshot() -> dict[str, Any]:
         with session_scope(url) as s:
             return JobPublic.model_validate(job_public(s.get(Job, job_id))).model_dump(mode="json")
 
-    return follow(request, settings, tenant.id, job_id, snapshot)
+    return follow(request, settings, tenant.id, job_id, snapshot, slot)
 
 
 # response_class Response: error answers are documented as the JSON they are; the page itself as text/html.

@@ -16,7 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
-from service.api.follow import follow
+from service.api.follow import checked_stream_slot, follow
 from service.api.idempotency import check_replay
 from service.core.quota import lock_tenant
 from service.api.page_headers import REPORT_PAGE_HEADERS
@@ -178,15 +178,19 @@ def cancel_search(search_id: str, session: SessionDep, tenant: CurrentTenant, se
 async def search_events(search_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> EventSourceResponse:
     """Server-sent events: `progress` whenever a candidate ends or a rung starts, then one `end` event
     with the final search."""
-    await run_in_threadpool(owned_search, session, tenant.id, search_id)
-    await run_in_threadpool(session.close)
+    slot, check = checked_stream_slot(request, tenant.id, session, lambda: owned_search(session, tenant.id, search_id))
+    try:
+        await run_in_threadpool(check)
+    except BaseException:
+        slot.release()
+        raise
     url = settings.resolved_database_url
 
     def snapshot() -> dict[str, Any]:
         with session_scope(url) as s:
             return SearchPublic.model_validate(_public(s, s.get(Search, search_id))).model_dump(mode="json")
 
-    return follow(request, settings, tenant.id, search_id, snapshot)
+    return follow(request, settings, tenant.id, search_id, snapshot, slot)
 
 
 @router.get("/{search_id}/report.html", response_class=Response, responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}, **ITEM_RESPONSES})
