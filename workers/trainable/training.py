@@ -74,9 +74,10 @@ def tensors(data: StepData, names: list[str]) -> list[torch.Tensor]:
     return [torch.from_numpy(data.inputs[name]) for name in names]
 
 
-# A language model's reference outputs are kept as each position's TOP_K largest logits: the whole
-# distribution of GPT-2 over 256 sequences of 16 tokens is 823 MB (a float per vocabulary word and
-# position), its top 32 are 0.5 MB, and soft targets at temperature 2 put nearly all their mass there.
+# A language model's reference outputs are kept as each position's TOP_K most likely tokens and the
+# mass of the rest (TopTokens): the whole distribution of GPT-2 over 256 sequences of 16 tokens is
+# 823 MB (a float per vocabulary word and position), these 33 outcomes about 1 MB. A trained model puts
+# most of its mass in its top 32; the loss stays an exact KL over the 33 outcomes either way.
 TOP_K = 32
 # Batches of reference outputs are cut so that one batch of them stays under this.
 PREDICT_BATCH_BYTES = 64 * 1024**2
