@@ -407,14 +407,21 @@ def search(
         raise typer.Exit(1) from None
 
 
-def _sdk():
-    from modelshrink.client import Client
+def _sdk_call(call: Any) -> Any:
+    """`call(client)` with the SDK client; an API refusal printed in one line (exit 1), no key: exit 2."""
+    from modelshrink.client import ApiFailure, Client
 
     try:
-        return Client()
+        client = Client()
     except ValueError as exc:
         err.print(f"[red]{exc}[/red]")
         raise typer.Exit(EXIT_USAGE) from None
+    try:
+        with client:
+            return call(client)
+    except ApiFailure as exc:
+        err.print(str(exc), style="red", markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
 
 
 @searches_app.command("list")
@@ -424,14 +431,7 @@ def searches_list(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """The tenant's searches, newest first."""
-    from modelshrink.client import ApiFailure
-
-    try:
-        with _sdk() as client:
-            found = client.list_searches(status, limit)
-    except ApiFailure as exc:
-        err.print(str(exc), style="red", markup=False)
-        raise typer.Exit(EXIT_FAILED) from None
+    found = _sdk_call(lambda client: client.list_searches(status, limit))
     if as_json:
         print(found.model_dump_json(indent=2))
         return
@@ -446,14 +446,7 @@ def searches_list(
 @searches_app.command("show")
 def searches_show(search_id: str, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """A search's candidates (best starred). Exits 1 for a failed search, 4 for a cancelled one."""
-    from modelshrink.client import ApiFailure
-
-    try:
-        with _sdk() as client:
-            found = client.get_search(search_id)
-    except ApiFailure as exc:
-        err.print(str(exc), style="red", markup=False)
-        raise typer.Exit(EXIT_FAILED) from None
+    found = _sdk_call(lambda client: client.get_search(search_id))
     if as_json:
         print(found.model_dump_json(indent=2))
     else:
@@ -464,14 +457,7 @@ def searches_show(search_id: str, as_json: Annotated[bool, typer.Option("--json"
 @searches_app.command("cancel")
 def searches_cancel(search_id: str) -> None:
     """Cancel a search: its queued candidates never start, running ones stop at their next boundary."""
-    from modelshrink.client import ApiFailure
-
-    try:
-        with _sdk() as client:
-            found = client.cancel_search(search_id)
-    except ApiFailure as exc:
-        err.print(str(exc), style="red", markup=False)
-        raise typer.Exit(EXIT_FAILED) from None
+    found = _sdk_call(lambda client: client.cancel_search(search_id))
     err.print(f"search {found.id}: {found.status}")
 
 

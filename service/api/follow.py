@@ -21,7 +21,7 @@ from service.core.tables import TERMINAL_STATUSES
 RECHECK_INTERVAL_S = 10.0
 
 
-def checked_stream_slot(request: Request, tenant_id: str, session: Any, check: Callable[[], Any]) -> Any:
+async def checked_stream_slot(request: Request, tenant_id: str, session: Any, check: Callable[[], Any]) -> Any:
     """A stream slot for this tenant, taken before the database is touched (followers beyond the caps
     get 429 at no cost), then `check` (the ownership lookup) and the session's close in one thread
     call: a request never holds a pooled connection while it waits for a thread (60 followers at
@@ -34,7 +34,12 @@ def checked_stream_slot(request: Request, tenant_id: str, session: Any, check: C
         finally:
             session.close()
 
-    return slot, check_and_release
+    try:
+        await run_in_threadpool(check_and_release)
+    except BaseException:
+        slot.release()
+        raise
+    return slot
 
 
 def follow(request: Request, settings: Settings, tenant_id: str, object_id: str, snapshot: Callable[[], dict[str, Any]], slot: Any = None) -> EventSourceResponse:

@@ -12,7 +12,6 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse
-from starlette.concurrency import run_in_threadpool
 
 from service.api.follow import checked_stream_slot, follow
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
@@ -196,12 +195,7 @@ async def job_events(job_id: str, request: Request, session: SessionDep, tenant:
     step), then one `end` event with the final job. Open streams are capped per tenant and overall
     (429 `too_many_streams`)."""
     # A stream may stay open for hours: it must not hold a pooled database connection while it waits.
-    slot, check = checked_stream_slot(request, tenant.id, session, lambda: owned_job(session, tenant.id, job_id))
-    try:
-        await run_in_threadpool(check)
-    except BaseException:
-        slot.release()
-        raise
+    slot = await checked_stream_slot(request, tenant.id, session, lambda: owned_job(session, tenant.id, job_id))
     url = settings.resolved_database_url
 
     def snapshot() -> dict[str, Any]:

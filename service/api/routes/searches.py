@@ -13,7 +13,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sse_starlette.sse import EventSourceResponse
-from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.follow import checked_stream_slot, follow
@@ -178,12 +177,7 @@ def cancel_search(search_id: str, session: SessionDep, tenant: CurrentTenant, se
 async def search_events(search_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> EventSourceResponse:
     """Server-sent events: `progress` whenever a candidate ends or a rung starts, then one `end` event
     with the final search."""
-    slot, check = checked_stream_slot(request, tenant.id, session, lambda: owned_search(session, tenant.id, search_id))
-    try:
-        await run_in_threadpool(check)
-    except BaseException:
-        slot.release()
-        raise
+    slot = await checked_stream_slot(request, tenant.id, session, lambda: owned_search(session, tenant.id, search_id))
     url = settings.resolved_database_url
 
     def snapshot() -> dict[str, Any]:
