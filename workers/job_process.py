@@ -73,7 +73,12 @@ def run(request: dict[str, Any]) -> dict[str, Any]:
     work_dir = Path(request["work_dir"])
     progress = _progress_reporter(settings, job.job_id, request["owner"])
     try:
-        metrics, artifacts = run_pipeline(job, open_store(settings), settings, work_dir, progress)
+        if job.model.get("format") == "hf_causal_lm":
+            from workers.llm.pipeline import run_llm_pipeline
+
+            metrics, artifacts = run_llm_pipeline(job, open_store(settings), settings, work_dir, progress)
+        else:
+            metrics, artifacts = run_pipeline(job, open_store(settings), settings, work_dir, progress)
     except LeaseLost:
         return {"status": "lease_lost"}
     except JobCancelled as exc:

@@ -93,7 +93,7 @@ def _job_input(session, job) -> JobInput:
     return JobInput(
         job_id=job.id,
         tenant_id=job.tenant_id,
-        model={"artifact_key": model.artifact_key, "inputs": model.inputs, "outputs": model.outputs, "name": model.name},
+        model={"artifact_key": model.artifact_key, "inputs": model.inputs, "outputs": model.outputs, "name": model.name, "format": model.format, "llm": model.llm},
         dataset=as_ds(dataset),
         eval_dataset=as_ds(eval_ds),
         steps=job.steps,

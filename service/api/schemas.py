@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.error_codes import all_codes
+from service.core.llm import LlmInfo, LlmMeasurement
 from service.core.specs import STEP_TYPES, MeasureSpec, StepSpec
 
 # Far beyond any real listing, and inside every database's 64-bit OFFSET.
@@ -59,13 +60,15 @@ class ModelPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
     id: str
     name: str
-    format: str = Field(description="How the model is stored: `onnx` (one self-contained file), or `onnx_zip` (over 2 GB: `model.onnx` with its external data, kept as one .zip).")
+    format: str = Field(description="How the model is stored: `onnx` (one self-contained file), `onnx_zip` (over 2 GB: `model.onnx` with its external data, kept as one .zip), "
+                        "or `hf_causal_lm` (a Hugging Face decoder checkpoint, kept as uploaded; exported to ONNX Runtime GenAI by its jobs).")
     size_bytes: int = Field(description="Bytes stored: the .onnx, or the .zip for `onnx_zip`.")
     sha256: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     parameters: int
     opset: int | None
+    llm: LlmInfo | None = Field(None, description="format hf_causal_lm: what the checkpoint holds.")
     created_at: datetime
 
 
@@ -87,6 +90,7 @@ class DatasetPublic(BaseModel):
     name: str
     size_bytes: int
     sha256: str
+    kind: str = Field("arrays", description="arrays (.npz) or text (.txt / .jsonl, for LLM checkpoints; `samples` counts documents).")
     arrays: dict[str, ArraySpec]
     samples: int
     has_labels: bool
@@ -168,6 +172,7 @@ class ModelMeasurement(Tolerant):
     latency_by_batch: list[LatencyAtBatch] = Field(default_factory=list)
     fidelity: Fidelity | None = Field(None, description="Compressed model only.")
     onnx_size_bytes: int | None = Field(None, description="Compressed model only: the ONNX file (differs from size_bytes for a bundle).")
+    llm: LlmMeasurement | None = Field(None, description="LLM jobs: perplexity, agreement with the original, prefill and decode speed, memory.")
 
 
 class EvaluationInfo(Tolerant):

@@ -40,7 +40,7 @@ def looks_like_pytorch(zf: zipfile.ZipFile) -> bool:
     return any(n.endswith(("data.pkl", "/version", ".pkl")) or n == "version" for n in zf.namelist())
 
 
-def _check_member(info: zipfile.ZipInfo) -> None:
+def check_member(info: zipfile.ZipInfo) -> None:
     name = info.filename
     # Unix file type bits, when the archiver recorded them (many leave them zero: a plain file).
     kind = stat.S_IFMT(info.external_attr >> 16)
@@ -78,7 +78,7 @@ def unpack(zip_path: Path, dest: Path, max_bytes: int) -> Path:
         if len(members) > MAX_MEMBERS:
             raise BundleRefused("unsafe_archive", f"the archive holds {len(members)} files; at most {MAX_MEMBERS}")
         for info in zf.infolist():
-            _check_member(info)
+            check_member(info)
         # Members may sit in one top-level folder (zip -r model/); strip it.
         prefixes = {m.filename.split("/")[0] for m in members if "/" in m.filename}
         strip = f"{prefixes.pop()}/" if len(prefixes) == 1 and all("/" in m.filename for m in members) else ""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from service.core.errors import InvalidInput
+from service.core.hf_checkpoint import inspect_checkpoint, is_checkpoint
 from service.core.onnx_bundle import SINGLE_FILE_LIMIT, BundleRefused, internalize, is_zip
 
 
@@ -164,6 +165,12 @@ def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3, single_file
     if path.stat().st_size == 0:
         return _fail("invalid_model", "the file is empty")
     unpacked = None
+    if is_zip(path) and is_checkpoint(path):
+        # A Hugging Face causal-LM folder, zipped: checked from headers, nothing unpacked.
+        try:
+            return {"ok": True, "llm": inspect_checkpoint(path)}
+        except BundleRefused as exc:
+            return _fail(exc.code, exc.message)
     if is_zip(path):
         # A model with external data, zipped; or a PyTorch archive, which is refused (torch 2.13's
         # torch.export.load unpickles with weights_only=False, so loading one can run code from it).

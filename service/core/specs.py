@@ -36,3 +36,5 @@ class MeasureSpec(StrictModel):
     batch_sizes: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default_factory=lambda: [1, 32], min_length=1, max_length=4)
     threads: int = Field(1, ge=1, le=64, description="ONNX Runtime intra-op threads for both models.")
     max_eval_samples: int = Field(1000, ge=1, le=1_000_000, description="Cap on samples for accuracy and fidelity.")
+    eval_tokens: int = Field(16384, ge=64, le=10_000_000, description="LLM checkpoints: tokens of evaluation text for perplexity and agreement.")
+    window: int = Field(512, ge=16, le=32768, description="LLM checkpoints: tokens per perplexity window (at most the model's context length).")

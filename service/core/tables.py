@@ -65,6 +65,8 @@ class StoredModel(Base):
     outputs: Mapped[list[Any]] = mapped_column(default=list)
     parameters: Mapped[int] = mapped_column(BigInteger, default=0)
     opset: Mapped[int | None] = mapped_column(Integer, default=None)
+    # A Hugging Face causal-LM checkpoint (format hf_causal_lm): architecture, layers, heads, vocabulary...
+    llm: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -79,6 +81,8 @@ class StoredDataset(Base):
     arrays: Mapped[dict[str, Any]] = mapped_column(default=dict)
     samples: Mapped[int] = mapped_column(Integer)
     has_labels: Mapped[bool] = mapped_column(Boolean, default=False)
+    # arrays (.npz, one array per model input) or text (UTF-8 .txt / .jsonl, for LLM checkpoints)
+    kind: Mapped[str] = mapped_column(String(16), default="arrays", server_default="arrays")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

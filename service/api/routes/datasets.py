@@ -1,4 +1,4 @@
-"""/v1/datasets: upload, list, show and delete .npz datasets."""
+"""/v1/datasets: upload, list, show and delete datasets (.npz arrays, or text for LLM checkpoints)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from service.api.routes.uploads_common import accept_upload, commit_within_quota, move_into_store, multipart_body
 from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, DatasetPublic, DatasetsPublic
 from service.core.datasets import inspect_npz
+from service.core.text_datasets import inspect_text, is_text_upload
 from service.core.errors import Conflict, NotFound
 from service.core.tables import Job, StoredDataset, new_id
 
@@ -18,7 +19,8 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=AUTH_RESP
 
 NPZ_HELP = (
     "A .npz file (numpy.savez): one array per model input, named after the input (any name for a "
-    "single-input model), samples on axis 0; optional 1-D integer `labels`."
+    "single-input model), samples on axis 0; optional 1-D integer `labels`. For LLM checkpoints: "
+    "UTF-8 text, a .txt (documents separated by blank lines) or a .jsonl (a `text` field per line)."
 )
 
 
@@ -33,12 +35,15 @@ def owned_dataset(session, tenant_id: str, dataset_id: str) -> StoredDataset:
 async def upload_dataset(request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredDataset:
     """Upload a dataset. It is never unpickled; sizes are checked from headers before decompressing."""
 
-    def check(path):
+    def check(path, filename):
+        if is_text_upload(filename, path):
+            return inspect_text(path, filename)
         return inspect_npz(path, max_members=settings.max_dataset_members, max_decompressed_bytes=settings.max_dataset_decompressed_bytes)
 
     upload, info = await accept_upload(request, session, tenant.id, settings, store, check)
     dataset_id = new_id("ds")
-    key = f"datasets/{tenant.id}/{dataset_id}/data.npz"
+    suffix = ".jsonl" if upload.filename.lower().endswith(".jsonl") else ".txt" if info.get("kind") == "text" else ".npz"
+    key = f"datasets/{tenant.id}/{dataset_id}/data{suffix}"
     move_into_store(upload, store, key)
     dataset = StoredDataset(
         id=dataset_id,

@@ -27,6 +27,7 @@ from service.core.db import session_scope
 from service.core.events import publish
 from service.core.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, ServiceUnavailable
 from service.core.jobstore import job_public, request_cancel
+from service.core.llm import LLM_FORMAT, check_llm_job
 from service.core.dispatch import dispatch
 from service.core.queue import enqueue_webhook
 from service.core.search_driver import advance
@@ -54,8 +55,18 @@ def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None
     for field, ds_id in (("dataset_id", body.dataset_id), ("eval_dataset_id", body.eval_dataset_id)):
         if ds_id is not None:
             datasets[field] = owned_dataset(session, tenant_id, ds_id)
-            check_against_model(datasets[field].arrays, model.inputs, what=f"{field} {ds_id}")
-            check_labels_fit(datasets[field].arrays, model.outputs, what=f"{field} {ds_id}")
+    check_llm_job(model, body.steps, datasets)
+    if model.format != LLM_FORMAT:  # a checkpoint's steps and text need no array or layer checks
+        _check_onnx_job(session, tenant_id, body, model, datasets)
+    if body.webhook_url:
+        check_webhook_url(body.webhook_url, settings)
+    _check_limits(body, settings)
+
+
+def _check_onnx_job(session, tenant_id: str, body: JobCreate, model, datasets: dict) -> None:
+    for field, dataset in datasets.items():
+        check_against_model(dataset.arrays, model.inputs, what=f"{field} {dataset.id}")
+        check_labels_fit(dataset.arrays, model.outputs, what=f"{field} {dataset.id}")
     dataset = datasets.get("dataset_id")
     for index, step in enumerate(body.steps):
         if step.needs_dataset() and body.dataset_id is None:
@@ -63,8 +74,9 @@ def _validate_inputs(session, tenant_id: str, body: JobCreate, settings) -> None
         step.check(StepCheck(index, model, dataset, lambda other_id: owned_model(session, tenant_id, other_id)))
         if step.writes_bundle and index != len(body.steps) - 1:
             raise InvalidInput(f"steps[{index}] ({step.method}) writes the final storage bundle, so it must be the last step")
-    if body.webhook_url:
-        check_webhook_url(body.webhook_url, settings)
+
+
+def _check_limits(body: JobCreate, settings) -> None:
     limits = body.limits
     if limits.time_limit_s is not None and limits.time_limit_s > settings.job_time_limit_s:
         raise InvalidInput(f"limits.time_limit_s: at most {settings.job_time_limit_s:.0f} s on this service", code="limit_too_high")

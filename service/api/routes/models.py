@@ -37,17 +37,20 @@ def owned_model(session, tenant_id: str, model_id: str) -> StoredModel:
     return model
 
 
-@router.post("", status_code=201, response_model=ModelPublic, responses={200: {"model": ModelPublic, "description": "The same bytes were uploaded before: the stored model."}, 422: INVALID_RESPONSE, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("An ONNX model: one .onnx file, or a .zip of one .onnx with its external data files (what torch.onnx.export writes by default)."))
+@router.post("", status_code=201, response_model=ModelPublic, responses={200: {"model": ModelPublic, "description": "The same bytes were uploaded before: the stored model."}, 422: INVALID_RESPONSE, 503: {"model": ErrorResponse}, 507: {"model": ErrorResponse}}, openapi_extra=multipart_body("An ONNX model: one .onnx file, or a .zip of one .onnx with its external data files (what torch.onnx.export writes by default); or a .zip of a Hugging Face causal-LM folder (config.json, *.safetensors, tokenizer files)."))
 async def upload_model(request: Request, response: Response, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> StoredModel:
     """Upload an ONNX model (multipart field `file`): a single .onnx, or a .zip holding one .onnx and
     its external data files (stored as one file, or over 2 GB as a canonical .zip of `model.onnx` and its data). It is checked with onnx.checker and loaded and
-    run in ONNX Runtime in a sandboxed child process before it is accepted. The same bytes uploaded
+    run in ONNX Runtime in a sandboxed child process before it is accepted. A .zip of a Hugging Face
+    causal-LM folder (`config.json`, one or sharded `*.safetensors`, tokenizer files) is stored as
+    format `hf_causal_lm`, checked from its headers without loading the weights (pickles, code files
+    and remote code refused); `llm` describes it. The same bytes uploaded
     again by the same tenant answer 200 with the model already stored (no second copy)."""
 
     def same_as(sha256: str) -> StoredModel | None:
         return session.scalars(select(StoredModel).where(StoredModel.tenant_id == tenant.id, StoredModel.sha256 == sha256).limit(1)).first()
 
-    def check(path):
+    def check(path, _filename):
         return probe_onnx(path, timeout_s=settings.probe_timeout_s, memory_bytes=settings.probe_memory_bytes,
                           max_unpacked_bytes=settings.max_upload_bytes, single_file_limit=settings.single_file_limit_bytes)
 
@@ -60,6 +63,14 @@ async def upload_model(request: Request, response: Response, session: SessionDep
         checked = Path(info.pop("stored_file"))
         upload, bundle_dir = await run_in_threadpool(_adopt_checked_file, upload, checked), checked.parent
     model_id = new_id("mdl")
+    if "llm" in info:  # a Hugging Face checkpoint: stored as uploaded (checked, never unpacked here)
+        key = f"models/{tenant.id}/{model_id}/checkpoint.zip"
+        move_into_store(upload, store, key)
+        model = StoredModel(id=model_id, tenant_id=tenant.id, name=upload.fields.get("name") or upload.filename, format="hf_causal_lm",
+                            size_bytes=upload.size_bytes, sha256=upload.sha256, artifact_key=key, inputs=[], outputs=[],
+                            parameters=info["llm"]["parameters"], opset=None, llm=info["llm"])
+        await run_in_threadpool(commit_within_quota, session, model, settings, store, key)
+        return model
     # Over 2 GB a model keeps its external data: stored (and served) as model.zip.
     key = f"models/{tenant.id}/{model_id}/{'model.zip' if info.pop('external_data', False) else 'model.onnx'}"
     move_into_store(upload, store, key)

@@ -25,6 +25,7 @@ from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES
 from service.core.datasets import check_against_model, check_labels_fit
 from service.core.db import session_scope
 from service.core.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
+from service.core.llm import LLM_FORMAT
 from service.core.search_driver import advance, search_recipes
 from service.core.search_report_html import render_search
 from service.core.search_view import candidate_jobs, search_public
@@ -50,6 +51,9 @@ def _public(session, search: Search) -> dict[str, Any]:
 def _facts(session, tenant_id: str, body: SearchCreate) -> dict[str, Any]:
     """What the planner needs to know of the model and data, checked as a job's inputs are."""
     model = owned_model(session, tenant_id, body.model_id)
+    if model.format == LLM_FORMAT:
+        raise InvalidInput("searches over LLM checkpoints are not offered yet: submit a quantize job with mode unset (auto), "
+                           "which measures int4, int8 and mixed-precision candidates and keeps the smallest within max_perplexity_increase")
     labels = {}
     for field, ds_id in (("dataset_id", body.dataset_id), ("eval_dataset_id", body.eval_dataset_id)):
         if ds_id is not None:

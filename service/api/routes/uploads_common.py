@@ -78,10 +78,10 @@ def _storage_quota(used: int, settings: Settings) -> StorageQuotaExceeded:
 
 
 async def accept_upload(
-    request: Request, session: Session, tenant_id: str, settings: Settings, store: ArtifactStore, check: Callable[[Path], dict[str, Any]],
+    request: Request, session: Session, tenant_id: str, settings: Settings, store: ArtifactStore, check: Callable[[Path, str], dict[str, Any]],
     same_as: Callable[[str], Any] | None = None,
 ) -> tuple[ReceivedUpload, dict[str, Any]]:
-    """Stream the upload to a temp file and run `check` on it off the event loop; no file survives a failure.
+    """Stream the upload to a temp file and run `check` (path, file name) on it off the event loop; no file survives a failure.
     With `same_as` (sha256 -> a stored row of this tenant's, or None), identical bytes uploaded again
     are not stored twice: the description is {"existing": row}."""
     used = await run_in_threadpool(stored_bytes, session, tenant_id)
@@ -98,7 +98,7 @@ async def accept_upload(
     try:
         if used + upload.size_bytes > settings.tenant_max_stored_bytes:
             raise _storage_quota(used + upload.size_bytes, settings)
-        description = await request.app.state.checks.run(check, upload.path)
+        description = await request.app.state.checks.run(lambda path: check(path, upload.filename), upload.path)
     except BaseException:
         upload.path.unlink(missing_ok=True)
         raise

@@ -58,7 +58,7 @@ class QuantizeStep(MethodSpec):
     listing_order: ClassVar[int] = 10
     report_model: ClassVar[type[StepReport]] = QuantizeReport
     method: Literal["quantize"] = "quantize"
-    mode: Literal["auto", "int8_dynamic", "int8_static", "fp16", "int4_weight_only", "binary"] = Field(
+    mode: Literal["auto", "int8_dynamic", "int8_static", "fp16", "int4_weight_only", "int8_weight_only", "binary"] = Field(
         "auto",
         description=(
             "auto: builds candidates (dynamic int8 per-tensor and per-channel; static QDQ int8 on matrix products or on all "
@@ -67,7 +67,9 @@ class QuantizeStep(MethodSpec):
             "(fidelity, and latency interleaved with the original's at batch 1 and 32), and keeps the best by `objective` "
             "among those meeting `target`. A named mode (int8_dynamic, int8_static, int4_weight_only) measures its own "
             "sub-settings the same way, except those fixed in the step. "
-            "binary: weights = sign x per-channel scale, 1 bit per weight stored, fine-tuned with a straight-through estimator."
+            "binary: weights = sign x per-channel scale, 1 bit per weight stored, fine-tuned with a straight-through estimator. "
+            "On an LLM checkpoint (format hf_causal_lm): auto measures all-int4 and int4 with the layers most sensitive on the calibration "
+            "text in int8, and keeps the smallest within max_perplexity_increase; int4_weight_only / int8_weight_only quantize every layer's weights so."
         ),
     )
     objective: Literal["latency", "size"] = Field("latency", description="What the kept candidate is best at, among those meeting the target.")
@@ -93,8 +95,17 @@ class QuantizeStep(MethodSpec):
     )
     smooth_quant_alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength: larger moves more of the activation range into the weights.")
     int4_algorithm: Literal["rtn", "hqq", "gptq"] | None = Field(
-        None, description="int4_weight_only: round-to-nearest, HQQ or GPTQ (ONNX Runtime's MatMulNBitsQuantizer; GPTQ calibrates on the job's dataset). Default: measured."
+        None, description="int4_weight_only: round-to-nearest, HQQ or GPTQ (ONNX Runtime's MatMulNBitsQuantizer; GPTQ calibrates on the job's dataset). "
+        "Default: measured; on an LLM checkpoint, gptq (on the calibration text, or built-in text without one)."
     )
+    symmetric: bool | None = Field(None, description="int4/int8 weight-only on an LLM checkpoint: symmetric blocks (no zero points). Default: symmetric.")
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
+        None, description="MatMulNBits accuracy_level on an LLM checkpoint: 4 multiplies with int8 activations (fastest on CPU, as the GenAI builder), 0-1 in float. Default: 4.")
+    max_perplexity_increase: float = Field(
+        0.05, gt=0, le=10, description="LLM checkpoints, auto: largest relative perplexity increase (0.05 = +5%) on the calibration text a kept candidate may have.")
+    lm_head_bits: Literal[4, 8, 32] | None = Field(
+        None, description="LLM checkpoints: bits of the output projection (lm_head; 32 leaves it float). Default: 4 in int4_weight_only, 8 in int8_weight_only, measured in auto.")
+    calibration_tokens: int = Field(8192, ge=64, le=1_000_000, description="LLM checkpoints: tokens of calibration text used for GPTQ, sensitivity and choosing.")
     int4_embeddings: bool = Field(True, description="int4_weight_only: quantize embedding tables (Gather) too; a table tied to the output projection is stored once.")
     block_size: int = Field(32, ge=16, le=256, description="int4_weight_only: weights per quantization block (a power of two).")
     binary_keep_first_last: bool = Field(True, description="binary: leave the first and last layers in float (as XNOR-Net and most binary networks do).")
