@@ -216,9 +216,17 @@ def print_metrics(metrics: dict[str, Any]) -> None:
     table.add_row("MACs / sample", _fmt(o.get("macs")), _fmt(c.get("macs")))
     for lo, lc in zip(o["latency_by_batch"], c["latency_by_batch"]):
         table.add_row(f"latency p50 / p95 (ms), batch {lo['batch']}", f"{lo['p50']:.3f} / {lo['p95']:.3f}", f"{lc['p50']:.3f} / {lc['p95']:.3f}")
-    table.add_row("accuracy", _fmt(o.get("accuracy")), _fmt(c.get("accuracy")))
-    fid = c.get("fidelity", {})
-    table.add_row("top-1 agreement / cosine", "", f"{_fmt(fid.get('top1_agreement'))} / {_fmt(fid.get('cosine'))}")
+    if o.get("llm"):  # a decoder LLM job: perplexity and generation speed instead of accuracy and fidelity
+        lo, lc = o["llm"], c["llm"]
+        table.add_row("perplexity", _fmt(lo["perplexity"]), f"{_fmt(lc['perplexity'])} ({100 * lc['perplexity_increase']:+.1f}%)")
+        table.add_row("next-token / generation agreement", "", f"{_fmt(lc['next_token_agreement'])} / {_fmt(lc['generation_agreement'])}")
+        table.add_row("decode tokens/s, batch 1", _fmt(lo["decode_tokens_per_s"]), _fmt(lc["decode_tokens_per_s"]))
+        for po, pc in zip(lo["prefill"], lc["prefill"]):
+            table.add_row(f"prefill {po['prompt_tokens']} tokens (ms)", _fmt(po["ms"]), _fmt(pc["ms"]))
+    else:
+        table.add_row("accuracy", _fmt(o.get("accuracy")), _fmt(c.get("accuracy")))
+        fid = c.get("fidelity", {})
+        table.add_row("top-1 agreement / cosine", "", f"{_fmt(fid.get('top1_agreement'))} / {_fmt(fid.get('cosine'))}")
     out.print(table)
     out.print(f"compression ratio {metrics['compression_ratio']:.2f}x, speedup {metrics['speedup']:.2f}x")
     for warning in metrics.get("warnings", []):

@@ -18,7 +18,7 @@ BAR_HEIGHT = 18
 COLOURS = {"original": "#8c8c8c", "compressed": "#2b7bb9", "chosen": "#d95f02", "point": "#2b7bb9", "warn": "#b2182b"}
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
     # Three significant figures: a fourth on a latency is timing noise.
     if value is None:
         return "n/a"
@@ -40,7 +40,7 @@ def _duration(job: dict[str, Any]) -> str | None:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def _bars(title: str, rows: list[tuple[str, float | None, str]], unit: str = "") -> str:
+def bars(title: str, rows: list[tuple[str, float | None, str]], unit: str = "") -> str:
     """Horizontal bars: (label, value, colour key); values of None are listed as n/a."""
     present = [v for _, v, _ in rows if v is not None]
     if not present:
@@ -57,7 +57,7 @@ def _bars(title: str, rows: list[tuple[str, float | None, str]], unit: str = "")
             continue
         length = max(1.0, (WIDTH - 360) * value / top)
         parts.append(f'<rect x="250" y="{y}" width="{length:.1f}" height="{BAR_HEIGHT}" fill="{COLOURS.get(colour, colour)}"/>')
-        parts.append(f'<text x="{255 + length:.1f}" y="{y + 13}" font-size="12">{escape(_fmt(value))}{escape(unit)}</text>')
+        parts.append(f'<text x="{255 + length:.1f}" y="{y + 13}" font-size="12">{escape(fmt(value))}{escape(unit)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -73,7 +73,7 @@ def _curve(title: str, values: list[float]) -> str:
     return (f'<svg class="curve" role="img" aria-label="{escape(title)}" width="{WIDTH}" height="{h + 50}" xmlns="http://www.w3.org/2000/svg">'
             f'<text x="0" y="14" font-weight="bold">{escape(title)}</text>'
             f'<polyline points="{coords}" fill="none" stroke="{COLOURS["compressed"]}" stroke-width="2"/>'
-            f'<text x="0" y="{h + 40}" font-size="11">{escape(_fmt(low))} .. {escape(_fmt(high))} over {len(points)} points</text></svg>')
+            f'<text x="0" y="{h + 40}" font-size="11">{escape(fmt(low))} .. {escape(fmt(high))} over {len(points)} points</text></svg>')
 
 
 def _scatter(title: str, rows: list[dict[str, Any]], chosen: str | None) -> str:
@@ -102,21 +102,22 @@ def _scatter(title: str, rows: list[dict[str, Any]], chosen: str | None) -> str:
     return "".join(parts)
 
 
-def _layer_bars(step: dict[str, Any]) -> str:
+def _layerbars(step: dict[str, Any]) -> str:
     layers = step.get("layers")
     if not isinstance(layers, list) or not layers or not isinstance(layers[0], dict):
         return ""
     for key, title in (("sparsity", "sparsity per layer"), ("relative_error", "int4 error per layer"), ("bits", "bits per layer"),
                        ("weight_ratio", "weights kept per layer"), ("removed_fraction", "removed per layer")):
         if any(isinstance(row.get(key), (int, float)) for row in layers):
-            return _bars(title, [(str(row.get("layer", "?")), row.get(key), "compressed") for row in layers[:40]])
+            return bars(title, [(str(row.get("layer", "?")), row.get(key), "compressed") for row in layers[:40]])
     if any("parameters_after" in row for row in layers):
-        return _bars("parameters after / before per layer",
+        return bars("parameters after / before per layer",
                      [(str(row.get("layer", "?")), row["parameters_after"] / max(1, row.get("parameters_before") or 1), "compressed") for row in layers[:40]])
     return ""
 
 
 def render(job: dict[str, Any]) -> str:
+    from service.core.llm_report_html import llm_sections, llm_step_sections  # it builds on this module's bars
     metrics = job.get("metrics") or {}
     original, compressed = metrics.get("original") or {}, metrics.get("compressed") or {}
     import json
@@ -135,9 +136,9 @@ def render(job: dict[str, Any]) -> str:
     if job.get("error"):
         sections.append(f'<p style="color:{COLOURS["warn"]}">error <b>{escape(job["error"]["code"])}</b>: {escape(job["error"]["message"])}</p>')
     if metrics:
-        sections.append(f"<p>{_fmt(metrics.get('compression_ratio'))}x smaller, {_fmt(metrics.get('speedup'))}x the speed at batch "
-                        f"{escape(_fmt((original.get('latency_ms') or {}).get('batch')))}; measured on {escape(_fmt(evaluation.get('data')))} "
-                        f"({escape(_fmt(evaluation.get('samples')))} samples, {escape(_fmt(evaluation.get('runtime')))})</p>")
+        sections.append(f"<p>{fmt(metrics.get('compression_ratio'))}x smaller, {fmt(metrics.get('speedup'))}x the speed at batch "
+                        f"{escape(fmt((original.get('latency_ms') or {}).get('batch')))}; measured on {escape(fmt(evaluation.get('data')))} "
+                        f"({escape(fmt(evaluation.get('samples')))} samples, {escape(fmt(evaluation.get('runtime')))})</p>")
         if evaluation.get("positions"):
             sections.append(f"<p>{escape(evaluation['positions'])}</p>")
         if evaluation.get("fixed_batch"):
@@ -147,22 +148,27 @@ def render(job: dict[str, Any]) -> str:
             sections.append("<ul class=\"warnings\">" + "".join(f'<li style="color:{COLOURS["warn"]}">{escape(w)}</li>' for w in warnings) + "</ul>")
         else:
             sections.append("<p>No warnings: not worse than the original on any measured axis.</p>")
-        sections.append(_bars("size (MB)", [("original", original.get("size_bytes", 0) / 1e6, "original"), ("compressed", compressed.get("size_bytes", 0) / 1e6, "compressed")]))
+        llm = original.get("llm") is not None
+        sections.append(bars("size (MB)", [("original", original.get("size_bytes", 0) / 1e6, "original"), ("compressed", compressed.get("size_bytes", 0) / 1e6, "compressed")]))
+        if llm:
+            sections.extend(llm_sections(metrics))
         for o, c in zip(original.get("latency_by_batch") or [], compressed.get("latency_by_batch") or []):
-            sections.append(_bars(f"p50 latency at batch {o['batch']} (ms)", [("original", o["p50"], "original"), ("compressed", c["p50"], "compressed")]))
+            sections.append(bars(f"p50 latency at batch {o['batch']} (ms)", [("original", o["p50"], "original"), ("compressed", c["p50"], "compressed")]))
         if original.get("accuracy") is not None:
-            sections.append(_bars("accuracy", [("original", original["accuracy"], "original"), ("compressed", compressed.get("accuracy"), "compressed")]))
+            sections.append(bars("accuracy", [("original", original["accuracy"], "original"), ("compressed", compressed.get("accuracy"), "compressed")]))
         fidelity = compressed.get("fidelity") or {}
         if fidelity:
-            sections.append(_bars("fidelity to the original", [("cosine", fidelity.get("cosine"), "compressed"), ("top-1 agreement", fidelity.get("top1_agreement"), "compressed")]))
+            sections.append(bars("fidelity to the original", [("cosine", fidelity.get("cosine"), "compressed"), ("top-1 agreement", fidelity.get("top1_agreement"), "compressed")]))
         if metrics.get("sensitivity"):
-            sections.append(_bars("layers most responsible for the loss (cosine drop)", [(r["layer"], r["drop"], "warn") for r in metrics["sensitivity"][:10]]))
+            sections.append(bars("layers most responsible for the loss (cosine drop)", [(r["layer"], r["drop"], "warn") for r in metrics["sensitivity"][:10]]))
         for step in metrics.get("step_reports") or []:
             sections.append(f"<h2>step {step.get('index', 0) + 1}: {escape(str(step.get('method')))}</h2>")
-            if step.get("candidates"):
+            if llm:
+                sections.extend(llm_step_sections(step))
+            elif step.get("candidates"):
                 sections.append(_scatter("quantize candidates", step["candidates"], step.get("chosen")))
-                sections.append(f"<p>kept <b>{escape(_fmt(step.get('chosen')))}</b>: {escape(_fmt(step.get('reason')))}</p>")
-            sections.append(_layer_bars(step))
+                sections.append(f"<p>kept <b>{escape(fmt(step.get('chosen')))}</b>: {escape(fmt(step.get('reason')))}</p>")
+            sections.append(_layerbars(step))
             for key in ("curve", "finetune_loss"):
                 values = step.get(key)
                 if isinstance(values, list) and values and isinstance(values[0], dict):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from service.core.report_html import COLOURS, WIDTH, _bars, _fmt
+from service.core.report_html import COLOURS, WIDTH, bars as _bars, fmt as _fmt
 
 PLOT_HEIGHT = 240
 TOP = 44  # title and the quality axis's label above the plot

@@ -1,0 +1,52 @@
+"""The LLM part of a job's report page: perplexity, agreement and speed bars for the original (the
+fp32 export) and the compressed model, each layer's measured sensitivity and the bits it got, and
+the greedy generations of both side by side. Every text is escaped."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from service.core.report_html import bars, fmt
+
+
+def _pair(title: str, original: Any, compressed: Any, unit: str = "") -> str:
+    return bars(title, [("original (fp32 export)", original, "original"), ("compressed", compressed, "compressed")], unit)
+
+
+def llm_sections(metrics: dict[str, Any]) -> list[str]:
+    o, c = metrics["original"]["llm"], metrics["compressed"]["llm"]
+    sections = [
+        _pair("perplexity on the evaluation text (lower is better)", o.get("perplexity"), c.get("perplexity")),
+        bars("agreement with the original", [("next token (top-1)", c.get("next_token_agreement"), "compressed"),
+                                             ("greedy generation, position by position", c.get("generation_agreement"), "compressed")]),
+        _pair("decode tokens/s at batch 1", o.get("decode_tokens_per_s"), c.get("decode_tokens_per_s")),
+    ]
+    compressed_prefill = {p["prompt_tokens"]: p["ms"] for p in c.get("prefill") or []}
+    for p in o.get("prefill") or []:
+        sections.append(_pair(f"prefill of a {p['prompt_tokens']}-token prompt (ms)", p["ms"], compressed_prefill.get(p["prompt_tokens"])))
+    if o.get("peak_memory_bytes") and c.get("peak_memory_bytes"):
+        sections.append(_pair("peak memory loading and generating (MB)", o["peak_memory_bytes"] / 1e6, c["peak_memory_bytes"] / 1e6))
+    rows = []
+    for a, b in zip(o.get("generations") or [], c.get("generations") or []):
+        rows.append(f"<tr><td><code>{escape(a['prompt'])}</code></td><td>{escape(a['text'])}</td><td>{escape(b['text'])}</td></tr>")
+    if rows:
+        sections.append("<h2>greedy generations</h2><table border=\"1\" cellpadding=\"4\" style=\"border-collapse:collapse;font-size:12px\">"
+                        "<tr><th>prompt</th><th>original</th><th>compressed</th></tr>" + "".join(rows) + "</table>")
+    return sections
+
+
+def llm_step_sections(step: dict[str, Any]) -> list[str]:
+    sections = []
+    candidates = step.get("candidates") or []
+    if candidates:
+        sections.append(bars("candidates: perplexity increase on the calibration text (%)",
+                             [(f"{c['candidate']} ({fmt(c.get('compression_ratio'))}x)", 100 * c["perplexity_increase"],
+                               "chosen" if c["candidate"] == step.get("chosen") else "compressed" if c.get("meets_target") else "original") for c in candidates]))
+        sections.append(f"<p>kept <b>{escape(fmt(step.get('chosen')))}</b>: {escape(fmt(step.get('reason')))}</p>")
+    sensitivity = step.get("sensitivity") or []
+    if sensitivity:
+        sections.append(bars("layers by sensitivity: output error at int4 on the calibration text (bits kept in the label)",
+                             [(f"{r['layer'].strip('/').replace('/MatMul', '')} [{r.get('bits')}b]", r["error_int4"],
+                               "warn" if r.get("bits") == 8 else "compressed") for r in sensitivity[:24]]))
+    return sections
