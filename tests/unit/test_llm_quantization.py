@@ -18,6 +18,7 @@ from tests.llm_checkpoints import tiny_llama_zip
 from workers.llm import calibration, decoder, weight_quant
 from workers.llm.candidates import plans
 from workers.llm.export import build_genai
+from workers.quantization import int4
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,17 @@ def test_mixed_bits_gptq_and_float_layers_in_one_graph(export: Path, tmp_path: P
     assert report["bits_count"] == {"4": 8, "8": 2, "32": 1}
     assert all(r["algorithm"] == "gptq" for r in report["layers"] if r["bits"] == 4)
     assert any(e["kind"] == "embedding" for e in report["embeddings"])  # the (untied) table in 4-bit blocks
+    # What the graph computes with is what the report measured: its 4-bit weights read back from the node's packing.
+    inits = {i.name: i for i in quantized.graph.initializer}
+    original = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    checked = [n for n in quantized.graph.node if n.op_type == "MatMulNBits" and bits[n.name] == 4]
+    assert len(checked) == 8
+    for node in checked:
+        source = next(n for n in model.graph.node if n.name == node.name.removesuffix("_Q4"))
+        weight = original[source.input[1]]
+        error = np.linalg.norm(weight - int4.dequantize_matmulnbits(node, inits)) / np.linalg.norm(weight)
+        row = next(r for r in report["layers"] if r["layer"] == source.name)
+        assert abs(error - row["relative_error"]) < 1e-4, (node.name, error, row)
 
     folder = tmp_path / "q"
     folder.mkdir()

@@ -2,10 +2,10 @@
 int4 or int8 blocks (MatMulNBits) or left in float, by round-to-nearest, GPTQ or HQQ; the embedding
 table to 4-bit blocks (GatherBlockQuantized), stored once with a tied lm_head.
 
-The block arithmetic and packing are ONNX Runtime's own (its neural_compressor module: quant_tensor,
-gptq, make_matmul_weight_only_node; HQQ through its MatMulNBitsQuantizer); written here is only the
-per-layer plan (bits chosen per layer, which its quantizers take for one bit width at a time) and
-GPTQ's Hessians from one pass (workers.llm.calibration)."""
+The node layout is ONNX Runtime's own (neural_compressor's make_matmul_weight_only_node; HQQ through
+its MatMulNBitsQuantizer); the block codes and GPTQ are in workers.llm.blocks (why there: its
+docstring); written here is the per-layer plan (bits chosen per layer, which ORT's quantizers take
+for one bit width at a time)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from workers.llm import blocks
 from workers.llm.calibration import output_error, weight_matmuls
 from workers.quantization import int4
 
@@ -35,29 +36,17 @@ class Plan:
         return self.bits.get(node, 4)
 
 
-def _scheme(plan: Plan) -> str:
-    return "sym" if plan.symmetric else "asym"
-
-
 def _qdq(weight: np.ndarray, bits: int, plan: Plan) -> np.ndarray:
     """The float weight a block-quantized weight computes with ([K, N], blocks along K)."""
-    from onnxruntime.quantization.neural_compressor.weight_only import pad_tensor, quant_tensor
-
-    k = weight.shape[0]
-    blocks = -(-k // plan.block_size)
-    padded = pad_tensor(weight, plan.block_size, blocks)
-    q, scale, zp = quant_tensor(padded.T, bits, plan.block_size, _scheme(plan), "uint")
-    return (scale * (q - zp)).reshape(padded.shape[1], -1).T[:k].astype(np.float32)
+    return blocks.round_to_nearest(weight, bits, plan.block_size, plan.symmetric).dequantized(bits)
 
 
-def _node(node: onnx.NodeProto, weight: np.ndarray, bits: int, plan: Plan) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    from onnxruntime.quantization.neural_compressor.weight_only import make_matmul_weight_only_node, pad_tensor, quant_tensor
+def _node(node: onnx.NodeProto, weight_shape: tuple[int, int], codes: blocks.Codes, bits: int, plan: Plan) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
+    from onnxruntime.quantization.neural_compressor.weight_only import make_matmul_weight_only_node
 
-    k_blocks = -(-weight.shape[0] // plan.block_size)
-    q, scale, zp = quant_tensor(pad_tensor(weight, plan.block_size, k_blocks).T, bits, plan.block_size, _scheme(plan), "uint")
-    return make_matmul_weight_only_node(node=node, weight_shape=weight.shape, num_bits=bits, group_size=plan.block_size, k_blocks=k_blocks,
-                                        q_weight=q.astype("uint8"), scale=scale.astype(np.float32), zero_point=None if plan.symmetric else zp,
-                                        accuracy_level=plan.accuracy_level)
+    return make_matmul_weight_only_node(node=node, weight_shape=weight_shape, num_bits=bits, group_size=plan.block_size,
+                                        k_blocks=-(-weight_shape[0] // plan.block_size), q_weight=codes.codes, scale=codes.scale,
+                                        zero_point=codes.zero_point, accuracy_level=plan.accuracy_level)
 
 
 def sensitivity(model: onnx.ModelProto, hessians: dict[str, np.ndarray], plan: Plan) -> list[dict[str, Any]]:
@@ -86,8 +75,6 @@ def _hqq(model: onnx.ModelProto, nodes: list[str], plan: Plan) -> onnx.ModelProt
 
 def quantize(model: onnx.ModelProto, plan: Plan, hessians: dict[str, np.ndarray] | None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The quantized graph and what happened to each weight."""
-    from onnxruntime.quantization.neural_compressor.weight_only import gptq
-
     folded, tied = int4.fold_weights(model)
     inits = {i.name: i for i in folded.graph.initializer}
     float_weights = {name: numpy_helper.to_array(t) for name, t in inits.items()
@@ -104,15 +91,16 @@ def quantize(model: onnx.ModelProto, plan: Plan, hessians: dict[str, np.ndarray]
             hqq_nodes.append(name)
             continue
         algorithm = "gptq" if bits == 4 and plan.algorithm == "gptq" and hessians and node.input[0] in hessians else "rtn"
-        solved = weight
         if algorithm == "gptq":
-            solved = gptq(weight.copy(), hessians[node.input[0]].astype(np.float64), num_bits=4, group_size=plan.block_size, scheme=_scheme(plan),
-                          blocksize=128, percdamp=0.01, actorder=False, mse=False, perchannel=True).astype(np.float32)
-        replaced[name] = _node(node, solved, bits, plan)
+            codes = blocks.gptq(weight, hessians[node.input[0]].astype(np.float64), bits, plan.block_size, plan.symmetric)
+        else:
+            codes = blocks.round_to_nearest(weight, bits, plan.block_size, plan.symmetric)
+        replaced[name] = _node(node, weight.shape, codes, bits, plan)
+        computed = codes.dequantized(bits)
         row = {"layer": name, "bits": bits, "algorithm": algorithm, "parameters": int(weight.size),
-               "relative_error": round(float(np.linalg.norm(weight - _qdq(solved, bits, plan)) / max(np.linalg.norm(weight), 1e-12)), 5)}
+               "relative_error": round(float(np.linalg.norm(weight - computed) / max(np.linalg.norm(weight), 1e-12)), 5)}
         if hessians and node.input[0] in hessians:
-            row["output_error"] = round(output_error(weight, _qdq(solved, bits, plan), hessians[node.input[0]]), 6)
+            row["output_error"] = round(output_error(weight, computed, hessians[node.input[0]]), 6)
         layers.append(row)
     nodes = []
     for node in folded.graph.node:
