@@ -90,3 +90,23 @@ def test_auto_plans_run_smallest_first(export: Path, tmp_path: Path) -> None:
     assert candidates[1][1].bits_of(ranked[0]["layer"]) == 8  # the most sensitive layer is the first promoted
     fixed = plans(QuantizeStep(method="quantize", mode="int4_weight_only", lm_head_bits=8), layers, ranked, lm_head)
     assert len(fixed) == 1 and fixed[0][1].bits_of(lm_head) == 8 and fixed[0][1].bits_of(layers[0]) == 4
+
+
+def test_a_tied_lm_head_and_its_embedding_table_are_stored_once(tmp_path: Path) -> None:
+    # The GenAI builder exports a tied model as MatMul(lm_head weight) and Gather(Transpose(lm_head weight)).
+    (tmp_path / "ckpt.zip").write_bytes(tiny_llama_zip(tied=True))
+    export = build_genai(extract(tmp_path / "ckpt.zip", tmp_path / "ckpt"), tmp_path / "fp32", tmp_path / "cache")
+    model = onnx.load(str(export / "model.onnx"))
+    assert any(n.op_type == "Transpose" and "lm_head" in n.input[0] for n in model.graph.node)
+    quantized, report = weight_quant.quantize(model, weight_quant.Plan(algorithm="rtn"), None)
+    assert report["tied_tables_stored_once"] and report["float_share"] < 0.05
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and int(np.prod(i.dims)) >= 512 * 64 for i in quantized.graph.initializer)  # no float table left
+    ids = _windows(1)[0]
+    head = decoder.head_size(export)
+    ref = decoder.session(export, 1).run(["logits"], decoder.feed(decoder.session(export, 1), ids, head))[0]
+    folder = tmp_path / "q"
+    folder.mkdir()
+    onnx.save_model(quantized, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    sess = decoder.session(folder, 1)
+    got = sess.run(["logits"], decoder.feed(sess, ids, head))[0]
+    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.95

@@ -77,6 +77,13 @@ def fold_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str
             if has_bias:
                 nodes.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=f"{node.name}__bias"))
             continue
+        if node.op_type == "Gather" and node.input[0] in producers:
+            # An embedding lookup on a transposed output projection (ONNX Runtime GenAI's export of a
+            # tied lm_head: Gather(Transpose(lm_head weight))): the lookup reads the [V, H] table itself.
+            source = producers[node.input[0]]
+            if source.op_type == "Transpose" and source.input[0] in inits and len(inits[source.input[0]].dims) == 2 \
+                    and list(_attrs(source).get("perm", [1, 0])) == [1, 0] and _attrs(node).get("axis", 0) == 0:
+                node = helper.make_node("Gather", [transposed(source.input[0]), node.input[1]], list(node.output), name=node.name, axis=0)
         if node.op_type == "MatMul" and len(node.input) == 2:
             source = producers.get(node.input[1])
             if source is not None and source.op_type == "Transpose" and source.input[0] in inits and len(inits[source.input[0]].dims) == 2 \
