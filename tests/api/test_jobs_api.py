@@ -112,7 +112,7 @@ def test_broker_down_is_503_and_leaves_no_job(tmp_path: Path) -> None:
 def test_methods_are_listed_with_their_schema(client: TestClient) -> None:
     body = client.get("/v1/methods").json()
     quantize = next(m for m in body["data"] if m["name"] == "quantize")
-    assert set(quantize["schema"]["properties"]["mode"]["enum"]) == {"auto", "int8_dynamic", "int8_static", "fp16", "int4_weight_only", "binary"}
+    assert set(quantize["schema"]["properties"]["mode"]["enum"]) == {"auto", "int8_dynamic", "int8_static", "fp16", "int4_weight_only", "int8_weight_only", "binary"}
     from service.core.specs import STEP_TYPES
 
     listed = [m["name"] for m in body["data"]]

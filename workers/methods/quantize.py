@@ -199,7 +199,8 @@ def _measure(builder: Builder, reference: Reference, candidate: Candidate, timin
     wants_time = timing and only is None
     measured = reference.measure(Measured(candidate, path, details=details), keep_session=wants_time)
     if wants_time and measured.error is None and (not candidate.float_nodes or measured.meets(builder.spec.target)):
-        reference.time(measured, progress)
+        # Building (calibration) reports the first half of the candidate's share, timing the second: never backwards.
+        reference.time(measured, lambda f, msg: progress(0.5 + 0.5 * f, msg))
     else:
         reference.release(measured)
     if only is not None or measured.error is not None or (candidate.float_nodes and not measured.meets(builder.spec.target)):
