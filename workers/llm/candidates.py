@@ -46,6 +46,5 @@ def plans(step: QuantizeStep, layers: list[str], ranked: list[dict[str, Any]], l
         out.append((f"mixed/{base.algorithm}/int8 {count} of {len(order)} layers", plan))
     every = base_plan(step, lm_head)
     every.bits.update({name: 8 for name in layers if step.lm_head_bits is None or name != lm_head})
-    every.embeddings = False
     out.append(("int8_weight_only", every))
     return out

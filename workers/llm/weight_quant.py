@@ -31,6 +31,7 @@ class Plan:
     accuracy_level: int = 4
     bits: dict[str, int] = field(default_factory=dict)  # MatMul node name -> 4, 8 or 32 (float); absent: 4
     embeddings: bool = True
+    act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static block scales
 
     def bits_of(self, node: str) -> int:
         return self.bits.get(node, 4)
@@ -92,7 +93,8 @@ def quantize(model: onnx.ModelProto, plan: Plan, hessians: dict[str, np.ndarray]
             continue
         algorithm = "gptq" if bits == 4 and plan.algorithm == "gptq" and hessians and node.input[0] in hessians else "rtn"
         if algorithm == "gptq":
-            codes = blocks.gptq(weight, hessians[node.input[0]].astype(np.float64), bits, plan.block_size, plan.symmetric)
+            codes = blocks.gptq(weight, hessians[node.input[0]].astype(np.float64), bits, plan.block_size, plan.symmetric,
+                                act_order=plan.act_order)
         else:
             codes = blocks.round_to_nearest(weight, bits, plan.block_size, plan.symmetric)
         replaced[name] = _node(node, weight.shape, codes, bits, plan)
@@ -127,7 +129,7 @@ def quantize(model: onnx.ModelProto, plan: Plan, hessians: dict[str, np.ndarray]
     quantized = sum(r["parameters"] for r in layers if r["bits"] != 32) + sum(int(np.prod(r["shape"])) for r in embedding_rows)
     total = sum(a.size for n, a in float_weights.items() if not (n.endswith("__kn") and n[:-4] in float_weights) and n not in tied)
     return folded, {
-        "algorithm": plan.algorithm, "block_size": plan.block_size, "symmetric": plan.symmetric, "accuracy_level": plan.accuracy_level,
+        "algorithm": plan.algorithm, "act_order": plan.act_order if plan.algorithm == "gptq" else None, "block_size": plan.block_size, "symmetric": plan.symmetric, "accuracy_level": plan.accuracy_level,
         "layers": layers, "embeddings": embedding_rows,
         "tied_tables_stored_once": [{"table": t, "matmul_weight": w} for t, w in shared],
         "bits_count": {str(b): sum(1 for r in layers if r["bits"] == b) for b in (4, 8, 32)},
