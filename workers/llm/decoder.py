@@ -18,14 +18,12 @@ import numpy as np
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-def session(folder: Path, threads: int, extra_outputs: list[str] | None = None, model=None):
+def session(folder: Path, threads: int):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    if model is not None:  # an in-memory graph with extra outputs (sensitivity): weights stay external, read from the folder
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 import onnx
 
 from service.core.artifacts import ArtifactStore
-from service.core.errors import CompressionFailed
+from service.core.errors import CompressionFailed, ModelshrinkError
 from service.core.hf_checkpoint import extract
 from service.core.onnx_bundle import BundleRefused
 from service.core.settings import Settings
@@ -113,6 +114,19 @@ def _choose(candidates: list[dict[str, Any]], step) -> dict[str, Any]:
 
 
 def run_llm_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, work_dir: Path, progress: Progress) -> tuple[dict, list]:
+    try:
+        return _run(job, store, work_dir, progress)
+    except (ModelshrinkError, MemoryError):
+        raise
+    except Exception as exc:
+        # Whatever ONNX Runtime, onnx or numpy raise on this checkpoint's graph is about the client's
+        # model: a specific code, never internal_error; host paths cut, the traceback in the worker log.
+        log.warning("LLM job %s failed on its model", job.job_id, exc_info=True)
+        detail = re.sub(r"(/[\w.\-]+)+", "<path>", (str(exc).splitlines() or [type(exc).__name__])[0])[:300]
+        raise CompressionFailed(f"quantize could not process this checkpoint: {type(exc).__name__}: {detail}", code="quantize_failed") from exc
+
+
+def _run(job: JobInput, store: ArtifactStore, work_dir: Path, progress: Progress) -> tuple[dict, list]:
     spec = MeasureSpec.model_validate(job.options.get("measure", {}))
     step = step_adapter.validate_python(job.steps[0])
     info = job.model.get("llm") or {}
@@ -137,7 +151,8 @@ def run_llm_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, wo
     layers = [n.name for n in base]
     lm_head = next((n for n in layers if "lm_head" in n), None)
     ranked = weight_quant.sensitivity(model, hessians, weight_quant.Plan(block_size=step.block_size))
-    reference_cal = decoder.score(decoder.session(original, spec.threads), cal, head)
+    original_session = decoder.session(original, spec.threads)  # scores the calibration text now, the evaluation text last
+    reference_cal = decoder.score(original_session, cal, head)
 
     candidates, folders = [], {}
     todo = plans(step, layers, ranked, lm_head)
@@ -169,7 +184,7 @@ def run_llm_pipeline(job: JobInput, store: ArtifactStore, settings: Settings, wo
     progress(0.75, "measure", "the original in onnxruntime-genai", True)
     original_runtime = runtime_probe(original, context, filler, work_dir, spec.threads)
     progress(0.85, "measure", f"perplexity of both models on {sum(w.size for w in ev)} evaluation tokens", True)
-    reference = decoder.score(decoder.session(original, spec.threads), ev, head)
+    reference = decoder.score(original_session, ev, head)
     result = decoder.score(decoder.session(compressed, spec.threads), ev, head)
     evaluation = {"data": source, "samples": len(ev), "window": window, "tokens": int(sum(w.size for w in ev)), "labels": False,
                   "positions": f"every next-token position of {len(ev)} windows of up to {window} tokens, each from an empty KV cache",

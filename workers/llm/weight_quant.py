@@ -9,7 +9,6 @@ for one bit width at a time)."""
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +135,3 @@ def quantize(model: onnx.ModelProto, plan: Plan, hessians: dict[str, np.ndarray]
         "float_share": round(1 - quantized / max(1, total), 4),
     }
 
-
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    return copy.deepcopy(model)
