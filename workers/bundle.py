@@ -83,9 +83,19 @@ def encode(model_bytes: bytes) -> tuple[bytes, dict[str, Any]]:
 
 
 def decode(bundle: bytes) -> bytes:
-    """The exact ONNX bytes a bundle was made from."""
+    """The exact ONNX bytes a bundle was made from; BundleError for anything else (a damaged or
+    truncated file fails in whichever decoder meets the damage first: zlib, json, protobuf, Huffman)."""
     if not bundle.startswith(MAGIC):
         raise BundleError("not a modelshrink bundle (.msz)")
+    try:
+        return _decode(bundle)
+    except BundleError:
+        raise
+    except Exception as exc:
+        raise BundleError(f"the bundle is damaged ({type(exc).__name__})") from exc
+
+
+def _decode(bundle: bytes) -> bytes:
     (header_len,) = struct.unpack_from("<I", bundle, len(MAGIC))
     start = len(MAGIC) + 4
     header = json.loads(zlib.decompress(bundle[start:start + header_len]))

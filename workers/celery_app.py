@@ -12,7 +12,8 @@ from celery.signals import worker_ready, worker_shutting_down
 
 from service.core.artifacts import remove_older_than
 from service.core.queue import make_celery
-from service.core.routing import announce, job_queues
+from service.core.routing import job_queues
+from workers.presence import announce
 from service.core.settings import get_settings
 
 app = make_celery(get_settings())

@@ -119,7 +119,8 @@ def _feed_of_batch(data: StepData, batch: int) -> dict[str, np.ndarray]:
     return {name: np.resize(arr, (batch, *arr.shape[1:])) for name, arr in data.inputs.items()}
 
 
-def latency(sessions: list, data: StepData, spec: MeasureSpec, progress: Callable[[float, str], None]) -> list[list[dict[str, Any]]]:
+def latency(sessions: list, data: StepData, spec: MeasureSpec, progress: Callable[[float, str], None],
+            min_timed_ms: float | None = None) -> list[list[dict[str, Any]]]:
     """Latency of several sessions on the same feeds, interleaved run by run (in alternating order),
     so a burst of load on the machine lands on all of them alike instead of on whichever ran then."""
     batches = [data.fixed_batch] if data.fixed_batch else spec.batch_sizes
@@ -132,7 +133,7 @@ def latency(sessions: list, data: StepData, spec: MeasureSpec, progress: Callabl
                 start = time.perf_counter()
                 session.run(None, feed)
                 slowest = max(slowest, time.perf_counter() - start)
-        runs = _runs_for(spec.runs, slowest * 1000.0)
+        runs = _runs_for(spec.runs, slowest * 1000.0, MIN_TIMED_MS if min_timed_ms is None else min_timed_ms)
         times: list[list[float]] = [[] for _ in sessions]
         for r in range(runs):
             order = range(len(sessions)) if r % 2 == 0 else reversed(range(len(sessions)))
@@ -154,10 +155,10 @@ MIN_TIMED_MS = 150.0
 MAX_RUNS = 400
 
 
-def _runs_for(asked: int, run_ms: float) -> int:
+def _runs_for(asked: int, run_ms: float, min_timed_ms: float = MIN_TIMED_MS) -> int:
     if run_ms <= 0:
         return max(asked, MAX_RUNS)
-    return int(max(asked, min(MAX_RUNS, np.ceil(MIN_TIMED_MS / run_ms))))
+    return int(max(asked, min(MAX_RUNS, np.ceil(min_timed_ms / run_ms))))
 
 
 def first_outputs(session, data: StepData, limit: int) -> np.ndarray:

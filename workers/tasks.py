@@ -7,13 +7,13 @@ import logging
 from sqlalchemy.exc import DBAPIError
 
 from service.core.db import session_scope
-from service.core.dispatch import dispatch
 from service.core.jobstore import job_public
-from service.core.search_driver import advance
+from service.core.job_end import EndedJob, on_job_ended
 from service.core.search_view import candidate_jobs, search_public
 from service.core.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, enqueue_webhook
 from service.core.routing import enqueue_routed
 from service.core.settings import get_settings
+from service.core.webhook_share import WAIT_S, tenant_slot
 from service.core.tables import Job, Search
 from workers.celery_app import app
 
@@ -42,15 +42,9 @@ def run_job(self, job_id: str) -> None:  # bound: self.request names the worker 
     if outcome.finished:
         with session_scope(settings.resolved_database_url) as session:
             job = session.get(Job, job_id)
-            tenant_id = job.tenant_id if job is not None else None
-            search_id = job.search_id if job is not None else None
-            if job is not None and job.webhook_url:
-                enqueue_webhook(settings, job_id)
-        if search_id is not None:
-            advance(settings, search_id)  # the search judges this candidate, maybe starts the next rung
-        if tenant_id is not None:
-            dispatch(settings, tenant_id)  # this tenant's next waiting job takes the freed place
-
+            ended = EndedJob.of(job) if job is not None else None
+        if ended is not None:
+            on_job_ended(settings, ended)
 
 class WebhookRetry(Exception):
     pass
@@ -75,12 +69,16 @@ def deliver_webhook(self, job_id: str) -> None:
         if row is None or not row.webhook_url:
             return
         payload = search_public(row, candidate_jobs(session, row.id)) if isinstance(row, Search) else job_public(row)
-        url = row.webhook_url
-    try:
-        status = deliver(url, payload, settings)
-        log.info("webhook for %s answered %s", job_id, status)
-    except WebhookRefused as exc:
-        log.warning("webhook for %s refused: %s", job_id, exc)
-    except Exception as exc:
-        log.info("webhook for %s failed (%s); retrying", job_id, exc)
-        raise WebhookRetry(str(exc)) from exc
+        url, tenant_id = row.webhook_url, row.tenant_id
+    with tenant_slot(settings, tenant_id) as held:
+        if not held:  # the tenant's share of the threads is busy: wait in the queue, not in a thread
+            enqueue_webhook(settings, job_id, countdown=WAIT_S)
+            return
+        try:
+            status = deliver(url, payload, settings)
+            log.info("webhook for %s answered %s", job_id, status)
+        except WebhookRefused as exc:
+            log.warning("webhook for %s refused: %s", job_id, exc)
+        except Exception as exc:
+            log.info("webhook for %s failed (%s); retrying", job_id, exc)
+            raise WebhookRetry(str(exc)) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -71,9 +72,13 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     validation_errors.install(app)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "http_error")
-        return JSONResponse(status_code=exc.status_code, content={"error": {"code": code, "message": str(exc.detail)}})
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route on the path; FastAPI has one route per method.
+            headers["Allow"] = allowed_methods(request)
+        return JSONResponse(status_code=exc.status_code, content={"error": {"code": code, "message": str(exc.detail)}}, headers=headers)
 
     @app.exception_handler(PoolTimeout)
     async def database_busy(_: Request, exc: PoolTimeout) -> JSONResponse:
@@ -89,6 +94,19 @@ def create_app(settings: Settings | None = None, *, run_migrations: bool = True)
     for module in (models, datasets, jobs, searches, links, methods, health, ui):
         app.include_router(module.router)
     return app
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method the schema documents on this request's path (RFC 9110: a 405 carries Allow).
+
+    Read from the OpenAPI paths (public and stable) rather than Starlette's router, which names only
+    the first route it tried and whose nesting is FastAPI's internal business."""
+    patterns = getattr(request.app.state, "path_patterns", None)
+    if patterns is None:
+        patterns = [(re.compile("^" + re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(path)) + "$"), {m.upper() for m in operations})
+                    for path, operations in request.app.openapi()["paths"].items()]
+        request.app.state.path_patterns = patterns
+    return ", ".join(sorted(set().union(*(m for pattern, m in patterns if pattern.match(request.url.path)))))
 
 
 def app_from_env() -> FastAPI:

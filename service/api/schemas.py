@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.error_codes import all_codes
-from service.core.llm import LlmInfo, LlmMeasurement
+from service.core.job_metrics import JobMetrics
+from service.core.llm import LlmInfo
 from service.core.specs import STEP_TYPES, MeasureSpec, StepSpec
 
 # Far beyond any real listing, and inside every database's 64-bit OFFSET.
@@ -131,80 +132,16 @@ class ArtifactPublic(BaseModel):
     sha256: str
 
 
+class ArtifactsRemoved(BaseModel):
+    at: datetime
+    reason: str = Field(description="Why: the retention of finished jobs' results (`MODELSHRINK_JOB_ARTIFACT_RETENTION_DAYS`), "
+                        "a search that kept only its best, Pareto and closest candidates, or a DELETE of the job's artifacts.")
+
+
 class ArtifactUrl(BaseModel):
     url: str = Field(description="GET it without the API key (it is signed); it serves the file as an attachment.")
     expires_in_s: int
     sha256: str = Field(description="Check the download against it.")
-
-
-class Tolerant(BaseModel):
-    # Metrics are stored with the job: a field added later must not make older jobs unreadable.
-    model_config = ConfigDict(extra="allow")
-
-
-class LatencyAtBatch(Tolerant):
-    batch: int
-    p50: float = Field(description="Median milliseconds per run.")
-    p95: float
-    runs: int
-
-
-class Latency(Tolerant):
-    p50: float = Field(description="Median milliseconds per run at `batch` (the first measured batch size).")
-    p95: float
-    batch: int
-
-
-class Fidelity(Tolerant):
-    cosine: float = Field(description="Mean cosine similarity of the compressed model's first output to the original's, per sample.")
-    top1_agreement: float | None = Field(None, description="Share of samples (of positions, for a language model) with the same argmax; null when the output is an embedding or hidden states, whose argmax means nothing.")
-    max_abs_diff: float | None = None
-
-
-class ModelMeasurement(Tolerant):
-    size_bytes: int = Field(description="Bytes of what ships (for a .msz bundle: the bundle).")
-    parameters: int | None = Field(None, description="Stored weights, each tensor once (tied weights once; int4 counted as weights).")
-    nonzero_parameters: int | None = None
-    quantization_parameters: int = Field(0, description="Quantization scales and zero points, counted apart from `parameters`.")
-    macs: int | None = Field(None, description="Multiply-accumulates per sample (None when the graph's shapes cannot be inferred).")
-    accuracy: float | None = Field(None, description="With labels in the evaluation data.")
-    latency_ms: Latency | None = None
-    latency_by_batch: list[LatencyAtBatch] = Field(default_factory=list)
-    fidelity: Fidelity | None = Field(None, description="Compressed model only.")
-    onnx_size_bytes: int | None = Field(None, description="Compressed model only: the ONNX file (differs from size_bytes for a bundle).")
-    llm: LlmMeasurement | None = Field(None, description="LLM jobs: perplexity, agreement with the original, prefill and decode speed, memory.")
-
-
-class EvaluationInfo(Tolerant):
-    data: str = Field(description="dataset, eval_dataset or synthetic.")
-    synthetic: str | None = Field(None, description="How synthetic inputs were drawn, when they were.")
-    samples: int
-    fixed_batch: int | None = Field(None, description="The model's batch axis is fixed at this size (exported without dynamic axes): every run used batches of it.")
-    positions: str | None = Field(None, description="For per-token outputs: which positions were compared (those the attention mask marks as real tokens; padding is left out).")
-    labels: bool
-    runtime: str
-    threads: int
-
-
-class LayerSensitivity(Tolerant):
-    layer: str
-    cosine: float = Field(description="Output cosine to the original with only this layer compressed.")
-    drop: float
-
-
-# What each step did, typed per method (each method's report model, from its spec module).
-StepReport = Annotated[Union[tuple(spec.report_model for spec in STEP_TYPES)], Field(discriminator="method")]  # type: ignore[valid-type]
-
-
-class JobMetrics(Tolerant):
-    original: ModelMeasurement
-    compressed: ModelMeasurement
-    compression_ratio: float = Field(description="original size_bytes / compressed size_bytes.")
-    speedup: float = Field(description="original p50 / compressed p50 at the first measured batch size.")
-    evaluation: EvaluationInfo | None = None
-    warnings: list[str] = Field(default_factory=list, description="Each way the result is worse than the original (accuracy, fidelity, speed, size), in words, with where.")
-    sensitivity: list[LayerSensitivity] | None = Field(None, description="Layers most responsible for a quality loss, when attribution was possible.")
-    step_reports: list[StepReport] = Field(default_factory=list)
 
 
 class JobPublic(BaseModel):
@@ -218,6 +155,7 @@ class JobPublic(BaseModel):
     progress: Progress
     metrics: JobMetrics | None
     artifacts: list[ArtifactPublic]
+    artifacts_removed: ArtifactsRemoved | None = Field(None, description="Set once the job's artifacts are removed; its metrics and report page stay.")
     error: ErrorBody | None
     attempts: int
     worker: str | None = Field(None, description="The worker that ran the job, or runs it now (the last one when it was redelivered): Celery node name and process id.")

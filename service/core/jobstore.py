@@ -36,6 +36,8 @@ def job_public(job: Job) -> dict[str, Any]:
         "progress": job.progress or {"fraction": 0.0, "step": None, "message": "queued"},
         "metrics": job.metrics,
         "artifacts": job.artifacts or [],
+        "artifacts_removed": ({"at": aware(job.artifacts_removed_at), "reason": job.artifacts_removed_reason}
+                              if job.artifacts_removed_at is not None else None),
         "error": job.error,
         "attempts": job.attempts,
         "worker": job.worker,
@@ -142,6 +144,7 @@ def finish(
         values["metrics"] = metrics
     if artifacts is not None:
         values["artifacts"] = artifacts
+        values["artifact_bytes"] = sum(int(a.get("size_bytes") or 0) for a in artifacts)
     if error is not None:
         values["error"] = error
     if progress is not None:

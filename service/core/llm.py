@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.errors import InvalidInput
+from service.core.reported import Reported
 
 LLM_FORMAT = "hf_causal_lm"
 # quantize modes that apply to a checkpoint (weight-only: activations stay float, the runtime's kernels dequantize blocks).
@@ -33,16 +34,14 @@ class LlmInfo(BaseModel):
     chat_template: bool
 
 
-class PrefillLatency(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class PrefillLatency(Reported):
     prompt_tokens: int
     ms: float = Field(description="Median milliseconds to process the prompt (the time to the first token's logits).")
 
 
-class LlmMeasurement(BaseModel):
+class LlmMeasurement(Reported):
     """One model's numbers in an LLM job (original: the fp32 export; compressed: the result), same text, same runtime."""
 
-    model_config = ConfigDict(extra="allow")
     perplexity: float = Field(description="exp(mean negative log-likelihood) of the evaluation text, in windows of `window` tokens.")
     perplexity_increase: float | None = Field(None, description="Compressed only: perplexity / the original's - 1.")
     next_token_agreement: float | None = Field(None, description="Compressed only: share of evaluation positions whose most likely next token equals the original's.")

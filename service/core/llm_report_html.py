@@ -7,6 +7,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from service.core.llm import LlmMeasurement
 from service.core.report_html import bars, fmt
 
 
@@ -14,21 +15,20 @@ def _pair(title: str, original: Any, compressed: Any, unit: str = "") -> str:
     return bars(title, [("original (fp32 export)", original, "original"), ("compressed", compressed, "compressed")], unit)
 
 
-def llm_sections(metrics: dict[str, Any]) -> list[str]:
-    o, c = metrics["original"]["llm"], metrics["compressed"]["llm"]
+def llm_sections(o: LlmMeasurement, c: LlmMeasurement) -> list[str]:
     sections = [
-        _pair("perplexity on the evaluation text (lower is better)", o.get("perplexity"), c.get("perplexity")),
-        bars("agreement with the original", [("next token (top-1)", c.get("next_token_agreement"), "compressed"),
-                                             ("greedy generation, position by position", c.get("generation_agreement"), "compressed")]),
-        _pair("decode tokens/s at batch 1", o.get("decode_tokens_per_s"), c.get("decode_tokens_per_s")),
+        _pair("perplexity on the evaluation text (lower is better)", o.perplexity, c.perplexity),
+        bars("agreement with the original", [("next token (top-1)", c.next_token_agreement, "compressed"),
+                                             ("greedy generation, position by position", c.generation_agreement, "compressed")]),
+        _pair("decode tokens/s at batch 1", o.decode_tokens_per_s, c.decode_tokens_per_s),
     ]
-    compressed_prefill = {p["prompt_tokens"]: p["ms"] for p in c.get("prefill") or []}
-    for p in o.get("prefill") or []:
-        sections.append(_pair(f"prefill of a {p['prompt_tokens']}-token prompt (ms)", p["ms"], compressed_prefill.get(p["prompt_tokens"])))
-    if o.get("peak_memory_bytes") and c.get("peak_memory_bytes"):
-        sections.append(_pair("peak memory loading and generating (MB)", o["peak_memory_bytes"] / 1e6, c["peak_memory_bytes"] / 1e6))
+    compressed_prefill = {p.prompt_tokens: p.ms for p in c.prefill}
+    for p in o.prefill:
+        sections.append(_pair(f"prefill of a {p.prompt_tokens}-token prompt (ms)", p.ms, compressed_prefill.get(p.prompt_tokens)))
+    if o.peak_memory_bytes and c.peak_memory_bytes:
+        sections.append(_pair("peak memory loading and generating (MB)", o.peak_memory_bytes / 1e6, c.peak_memory_bytes / 1e6))
     rows = []
-    for a, b in zip(o.get("generations") or [], c.get("generations") or []):
+    for a, b in zip(o.generations, c.generations):
         rows.append(f"<tr><td><code>{escape(a['prompt'])}</code></td><td>{escape(a['text'])}</td><td>{escape(b['text'])}</td></tr>")
     if rows:
         sections.append("<h2>greedy generations</h2><table border=\"1\" cellpadding=\"4\" style=\"border-collapse:collapse;font-size:12px\">"

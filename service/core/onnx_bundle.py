@@ -108,7 +108,10 @@ def unpack(zip_path: Path, dest: Path, max_bytes: int) -> Path:
     for tensor in _get_all_tensors(model):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        external: Any = ExternalDataInfo(tensor)
+        try:
+            external: Any = ExternalDataInfo(tensor)
+        except ValueError as exc:  # onnx refuses negative or malformed offsets and lengths itself
+            raise BundleRefused("invalid_model", f"tensor '{tensor.name}' lies outside its data file: {exc}") from exc
         location = external.location
         if location not in flat or location.endswith(".onnx"):
             raise BundleRefused("invalid_model", f"tensor '{tensor.name}' refers to '{location}', which is not a data file in the archive")

@@ -157,6 +157,24 @@ def _fail(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "code": code, "message": message}
 
 
+def _run_once(session: Any) -> dict[str, Any] | None:
+    """The model run once on zero inputs (dynamic dimensions as 1): None, or the refusal."""
+    import numpy as np
+
+    feed = {}
+    for meta in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in meta.shape]
+        feed[meta.name] = np.zeros(shape, dtype=np.dtype(_ort_np(meta.type)))
+    try:
+        session.run(None, feed)
+    except Exception as exc:  # noqa: BLE001 - ORT's run errors, told apart by message below
+        if "Failed to allocate memory" in str(exc) or "bad_alloc" in str(exc):
+            return _fail("model_too_large", "running the model once on zero inputs needed more memory than the upload check allows "
+                         "(a few hundred MiB plus a multiple of the file's size)")
+        return _fail("model_not_runnable", f"ONNX Runtime cannot run the model on zero inputs: {str(exc).splitlines()[0][:300]}")
+    return None
+
+
 def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3, single_file_limit: int = SINGLE_FILE_LIMIT, external_ok: bool = False,
              work_dir: Path | None = None) -> dict[str, Any]:
     import numpy as np
@@ -219,18 +237,9 @@ def describe(path: Path, run: bool, max_unpacked: int = 2 * 1024**3, single_file
     except Exception as exc:  # noqa: BLE001 - ORT raises its own types; each means the model cannot load
         return _fail("model_not_runnable", f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}")
 
-    if run:
-        feed = {}
-        for meta in session.get_inputs():
-            shape = [d if isinstance(d, int) and d > 0 else 1 for d in meta.shape]
-            feed[meta.name] = np.zeros(shape, dtype=np.dtype(_ort_np(meta.type)))
-        try:
-            session.run(None, feed)
-        except Exception as exc:  # noqa: BLE001 - ORT's run errors, told apart by message below
-            if "Failed to allocate memory" in str(exc) or "bad_alloc" in str(exc):
-                return _fail("model_too_large", "running the model once on zero inputs needed more memory than the upload check allows "
-                             "(a few hundred MiB plus a multiple of the file's size)")
-            return _fail("model_not_runnable", f"ONNX Runtime cannot run the model on zero inputs: {str(exc).splitlines()[0][:300]}")
+    failed = _run_once(session) if run else None
+    if failed is not None:
+        return failed
     parameters = int(sum(int(np.prod(t.dims)) if len(t.dims) else 1 for t in model.graph.initializer))
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     result = {"ok": True, "inputs": inputs, "outputs": outputs, "parameters": parameters, "opset": opset}

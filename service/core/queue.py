@@ -60,9 +60,9 @@ def webhook_queue(settings: Settings) -> str:
     return f"{settings.queue_name}.webhooks"
 
 
-def enqueue_webhook(settings: Settings, job_id: str) -> None:
+def enqueue_webhook(settings: Settings, job_id: str, countdown: float | None = None) -> None:
     # Its own queue, consumed by a thread-pool worker: a slow endpoint never holds a job worker.
-    _producer(settings).send_task(DELIVER_WEBHOOK_TASK, args=[job_id], queue=webhook_queue(settings))
+    _producer(settings).send_task(DELIVER_WEBHOOK_TASK, args=[job_id], queue=webhook_queue(settings), countdown=countdown)
 
 
 def queue_depth(settings: Settings) -> int:

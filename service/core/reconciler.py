@@ -30,6 +30,8 @@ from typing import Any
 
 from sqlalchemy import and_, or_, select
 
+from service.core.artifacts import open_store
+from service.core.retention import sweep
 from service.core.db import session_scope
 from service.core.dispatch import dispatch, waiting_tenants
 from service.core.events import publish, redis_client
@@ -104,7 +106,7 @@ def reconcile(settings: Settings) -> dict[str, list[str]]:
                 )
             ).limit(1000)
         ).all()
-    done: dict[str, list[str]] = {"requeued": [], "cancelled": [], "dispatched": [], "searches": [], "rerouted": []}
+    done: dict[str, list[str]] = {"requeued": [], "cancelled": [], "dispatched": [], "searches": [], "rerouted": [], "artifacts_removed": []}
     try:
         done["rerouted"] = reroute_without_gpu_workers(settings)
     except Exception:  # the rest of the pass (stranded jobs, dispatch) matters more
@@ -119,6 +121,10 @@ def reconcile(settings: Settings) -> dict[str, list[str]]:
             done["searches"].append(search_id)
         except Exception:  # one search that cannot move must not stop the others or this pass
             log.warning("search %s could not be advanced", search_id, exc_info=True)
+    try:
+        done["artifacts_removed"] = sweep(settings, open_store(settings))
+    except Exception:  # removal waits for the next pass; stranded jobs matter more
+        log.warning("removing expired job artifacts failed", exc_info=True)
     if not rows:
         return done
     present = jobs_with_messages(settings)

@@ -11,7 +11,10 @@ Rendered from the job's stored metrics on request; written by hand because it is
 from __future__ import annotations
 
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from service.core.job_metrics import JobMetrics
 
 WIDTH = 640
 BAR_HEIGHT = 18
@@ -116,13 +119,72 @@ def _layerbars(step: dict[str, Any]) -> str:
     return ""
 
 
+def _summary(metrics: JobMetrics) -> list[str]:
+    """The job's headline, its warnings and the before/after bars."""
+    original, compressed, evaluation = metrics.original, metrics.compressed, metrics.evaluation
+    batch = original.latency_ms.batch if original.latency_ms is not None else None
+    sections = [f"<p>{fmt(metrics.compression_ratio)}x smaller, {fmt(metrics.speedup)}x the speed at batch {escape(fmt(batch))}; measured on "
+                f"{escape(fmt(evaluation and evaluation.data))} ({escape(fmt(evaluation and evaluation.samples))} samples, "
+                f"{escape(fmt(evaluation and evaluation.runtime))})</p>"]
+    if evaluation is not None and evaluation.positions:
+        sections.append(f"<p>{escape(evaluation.positions)}</p>")
+    if evaluation is not None and evaluation.fixed_batch:
+        sections.append(f"<p>the model's batch is fixed at {evaluation.fixed_batch} (exported without dynamic axes): every run used batches of that size</p>")
+    if metrics.warnings:
+        sections.append("<ul class=\"warnings\">" + "".join(f'<li style="color:{COLOURS["warn"]}">{escape(w)}</li>' for w in metrics.warnings) + "</ul>")
+    else:
+        sections.append("<p>No warnings: not worse than the original on any measured axis.</p>")
+    sections.append(bars("size (MB)", [("original", original.size_bytes / 1e6, "original"), ("compressed", compressed.size_bytes / 1e6, "compressed")]))
+    if original.llm is not None and compressed.llm is not None:
+        from service.core.llm_report_html import llm_sections  # it builds on this module's bars
+
+        sections.extend(llm_sections(original.llm, compressed.llm))
+    for o, c in zip(original.latency_by_batch, compressed.latency_by_batch):
+        sections.append(bars(f"p50 latency at batch {o.batch} (ms)", [("original", o.p50, "original"), ("compressed", c.p50, "compressed")]))
+    if original.accuracy is not None:
+        sections.append(bars("accuracy", [("original", original.accuracy, "original"), ("compressed", compressed.accuracy, "compressed")]))
+    if compressed.fidelity is not None:
+        sections.append(bars("fidelity to the original", [("cosine", compressed.fidelity.cosine, "compressed"),
+                                                          ("top-1 agreement", compressed.fidelity.top1_agreement, "compressed")]))
+    if metrics.sensitivity:
+        sections.append(bars("layers most responsible for the loss (cosine drop)", [(r.layer, r.drop, "warn") for r in metrics.sensitivity[:10]]))
+    return sections
+
+
+def _step_sections(step: Any, llm: bool) -> list[str]:
+    """One step's report: the candidates (quantize), per-layer bars and training curves, whatever
+    the method reported (the fields differ by method, so they are looked up by name)."""
+    from service.core.llm_report_html import llm_step_sections
+
+    report = step.model_dump()
+    sections = [f"<h2>step {step.index + 1}: {escape(str(step.method))}</h2>"]
+    if llm:
+        sections.extend(llm_step_sections(report))
+    elif report.get("candidates"):
+        sections.append(_scatter("quantize candidates", report["candidates"], report.get("chosen")))
+        sections.append(f"<p>kept <b>{escape(fmt(report.get('chosen')))}</b>: {escape(fmt(report.get('reason')))}</p>")
+    sections.append(_layerbars(report))
+    for key in ("curve", "finetune_loss"):
+        values = report.get(key)
+        if isinstance(values, list) and values and isinstance(values[0], dict):
+            values = [v.get("validation", v.get("loss")) for v in values]
+        if isinstance(values, list):
+            sections.append(_curve(f"{key.replace('_', ' ')}", values))
+    scores = (report.get("finetune") or {}).get("scores_by_epoch") or report.get("scores_by_epoch")
+    if isinstance(scores, list):
+        sections.append(_curve("held-out score by fine-tuning epoch", scores))
+    for r, log in enumerate(report.get("finetune_by_round") or []):
+        if isinstance(log, dict) and isinstance(log.get("scores_by_epoch"), list):
+            sections.append(_curve(f"held-out score by fine-tuning epoch, round {r + 1}", log["scores_by_epoch"]))
+    return sections
+
+
 def render(job: dict[str, Any]) -> str:
-    from service.core.llm_report_html import llm_sections, llm_step_sections  # it builds on this module's bars
-    metrics = job.get("metrics") or {}
-    original, compressed = metrics.get("original") or {}, metrics.get("compressed") or {}
     import json
 
-    evaluation = metrics.get("evaluation") or {}
+    from service.core.job_metrics import JobMetrics
+
+    metrics = JobMetrics.model_validate(job["metrics"]) if job.get("metrics") else None
     took = _duration(job)
     inputs = f"model {job.get('model_id')}" + (f", dataset {job['dataset_id']}" if job.get("dataset_id") else "") \
         + (f", evaluation dataset {job['eval_dataset_id']}" if job.get("eval_dataset_id") else "")
@@ -135,52 +197,11 @@ def render(job: dict[str, Any]) -> str:
                         + f" - download with <code>GET /v1/jobs/{escape(job['id'])}/artifacts/NAME</code> or <code>modelshrink download</code></p>")
     if job.get("error"):
         sections.append(f'<p style="color:{COLOURS["warn"]}">error <b>{escape(job["error"]["code"])}</b>: {escape(job["error"]["message"])}</p>')
-    if metrics:
-        sections.append(f"<p>{fmt(metrics.get('compression_ratio'))}x smaller, {fmt(metrics.get('speedup'))}x the speed at batch "
-                        f"{escape(fmt((original.get('latency_ms') or {}).get('batch')))}; measured on {escape(fmt(evaluation.get('data')))} "
-                        f"({escape(fmt(evaluation.get('samples')))} samples, {escape(fmt(evaluation.get('runtime')))})</p>")
-        if evaluation.get("positions"):
-            sections.append(f"<p>{escape(evaluation['positions'])}</p>")
-        if evaluation.get("fixed_batch"):
-            sections.append(f"<p>the model's batch is fixed at {evaluation['fixed_batch']} (exported without dynamic axes): every run used batches of that size</p>")
-        warnings = metrics.get("warnings") or []
-        if warnings:
-            sections.append("<ul class=\"warnings\">" + "".join(f'<li style="color:{COLOURS["warn"]}">{escape(w)}</li>' for w in warnings) + "</ul>")
-        else:
-            sections.append("<p>No warnings: not worse than the original on any measured axis.</p>")
-        llm = original.get("llm") is not None
-        sections.append(bars("size (MB)", [("original", original.get("size_bytes", 0) / 1e6, "original"), ("compressed", compressed.get("size_bytes", 0) / 1e6, "compressed")]))
-        if llm:
-            sections.extend(llm_sections(metrics))
-        for o, c in zip(original.get("latency_by_batch") or [], compressed.get("latency_by_batch") or []):
-            sections.append(bars(f"p50 latency at batch {o['batch']} (ms)", [("original", o["p50"], "original"), ("compressed", c["p50"], "compressed")]))
-        if original.get("accuracy") is not None:
-            sections.append(bars("accuracy", [("original", original["accuracy"], "original"), ("compressed", compressed.get("accuracy"), "compressed")]))
-        fidelity = compressed.get("fidelity") or {}
-        if fidelity:
-            sections.append(bars("fidelity to the original", [("cosine", fidelity.get("cosine"), "compressed"), ("top-1 agreement", fidelity.get("top1_agreement"), "compressed")]))
-        if metrics.get("sensitivity"):
-            sections.append(bars("layers most responsible for the loss (cosine drop)", [(r["layer"], r["drop"], "warn") for r in metrics["sensitivity"][:10]]))
-        for step in metrics.get("step_reports") or []:
-            sections.append(f"<h2>step {step.get('index', 0) + 1}: {escape(str(step.get('method')))}</h2>")
-            if llm:
-                sections.extend(llm_step_sections(step))
-            elif step.get("candidates"):
-                sections.append(_scatter("quantize candidates", step["candidates"], step.get("chosen")))
-                sections.append(f"<p>kept <b>{escape(fmt(step.get('chosen')))}</b>: {escape(fmt(step.get('reason')))}</p>")
-            sections.append(_layerbars(step))
-            for key in ("curve", "finetune_loss"):
-                values = step.get(key)
-                if isinstance(values, list) and values and isinstance(values[0], dict):
-                    values = [v.get("validation", v.get("loss")) for v in values]
-                if isinstance(values, list):
-                    sections.append(_curve(f"{key.replace('_', ' ')}", values))
-            scores = (step.get("finetune") or {}).get("scores_by_epoch") or step.get("scores_by_epoch")
-            if isinstance(scores, list):
-                sections.append(_curve("held-out score by fine-tuning epoch", scores))
-            for r, log in enumerate(step.get("finetune_by_round") or []):
-                if isinstance(log, dict) and isinstance(log.get("scores_by_epoch"), list):
-                    sections.append(_curve(f"held-out score by fine-tuning epoch, round {r + 1}", log["scores_by_epoch"]))
+    if metrics is not None:
+        sections.extend(_summary(metrics))
+        llm = metrics.original.llm is not None
+        for step in metrics.step_reports:
+            sections.extend(_step_sections(step, llm))
     body = "\n".join(s for s in sections if s)
     return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>modelshrink job report</title>"
             "<style>body{font-family:sans-serif;max-width:700px;margin:2em auto}svg{display:block;margin:1em 0}</style></head>"

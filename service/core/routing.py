@@ -5,19 +5,14 @@ Two Celery queues per deployment: `<queue_name>` and `<queue_name>.cuda`. A CPU 
 first; a CUDA worker (one process per GPU, CUDA_VISIBLE_DEVICES) consumes both, so a GPU machine is
 never idle while CPU work waits, and with prefetch 1 a training job waits behind at most one job per
 GPU worker. Workers announce themselves in one Redis sorted set, an entry per process that lapses unless renewed
-(`announce`); dispatch reads them when it routes a job. A training job routed to the CUDA queue
+(workers.presence); dispatch reads them when it routes a job. A training job routed to the CUDA queue
 whose GPU workers then all stop is not lost: the reconciler finds it without a consumer and routes
 it again (see service.core.reconciler).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import socket
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from service.core.db import session_scope
@@ -27,9 +22,6 @@ from service.core.settings import Settings
 from service.core.specs import step_adapter
 from service.core.tables import Job
 
-log = logging.getLogger(__name__)
-ANNOUNCE_TTL_S = 30
-ANNOUNCE_EVERY_S = 10.0
 
 
 def cuda_queue(settings: Settings) -> str:
@@ -40,51 +32,15 @@ def job_queues(settings: Settings) -> list[str]:
     return [settings.queue_name, cuda_queue(settings)]
 
 
-def worker_device(settings: Settings) -> str:
-    if settings.worker_device != "auto":
-        return settings.worker_device
-    # Looked up without touching CUDA: the worker's parent process forks the pool and must not hold a context.
-    return "cuda" if Path("/dev/nvidia0").exists() or any(Path("/proc/driver/nvidia/gpus").glob("*")) else "cpu"
-
-
-def consumed_queues(settings: Settings) -> list[str]:
-    return job_queues(settings)[::-1] if worker_device(settings) == "cuda" else [settings.queue_name]
-
-
-def _registry(settings: Settings) -> str:
+def registry(settings: Settings) -> str:
     # One sorted set per deployment: member "<device> <celery node>", score the time it lapses. Read
     # with one range query on every routed dispatch (a SCAN over the keyspace would grow with Redis).
     return f"modelshrink:{settings.queue_name}:workers"
 
 
-def announce(settings: Settings, hostname: str, stop: threading.Event) -> threading.Thread:
-    """Keep this worker announced until `stop` is set (a daemon thread in the worker's parent)."""
-    member = f"{worker_device(settings)} {hostname}"
-
-    def loop() -> None:
-        while True:
-            try:
-                now = time.time()
-                redis_client(settings).zadd(_registry(settings), {member: now + ANNOUNCE_TTL_S})
-                # Entries of workers that died without leaving lapse; any live worker sweeps them.
-                redis_client(settings).zremrangebyscore(_registry(settings), "-inf", now)
-            except Exception:  # the broker blinked; the next beat announces again
-                log.warning("could not announce worker %s", hostname, exc_info=True)
-            if stop.wait(ANNOUNCE_EVERY_S):
-                break
-        try:
-            redis_client(settings).zrem(_registry(settings), member)
-        except Exception:  # noqa: BLE001 - the announcement lapses on its own
-            pass
-
-    thread = threading.Thread(target=loop, daemon=True, name="announce")
-    thread.start()
-    return thread
-
-
 def announced(settings: Settings) -> list[tuple[str, str]]:
     """(device, Celery node name) of every job worker whose announcement has not lapsed."""
-    members: list[bytes] = redis_client(settings).zrangebyscore(_registry(settings), time.time(), "+inf")  # type: ignore[assignment]
+    members: list[bytes] = redis_client(settings).zrangebyscore(registry(settings), time.time(), "+inf")  # type: ignore[assignment]
     pairs = [m.decode().split(" ", 1) for m in members]
     return [(device, node) for device, node in pairs]
 
@@ -94,24 +50,6 @@ def workers_by_device(settings: Settings) -> dict[str, int]:
     for device, _node in announced(settings):
         counts[device] = counts.get(device, 0) + 1
     return counts
-
-
-def job_workers_on_this_machine(settings: Settings) -> int:
-    """Job workers announced from this machine (Celery node names end with @<host>)."""
-    host = socket.gethostname()
-    return sum(1 for _device, node in announced(settings) if node.rsplit("@", 1)[-1] == host)
-
-
-def job_threads(settings: Settings) -> int:
-    """CPU threads a job may use: MODELSHRINK_JOB_THREADS, else this machine's cores shared evenly by
-    the job workers running on it."""
-    if settings.job_threads:
-        return settings.job_threads
-    try:
-        workers = job_workers_on_this_machine(settings)
-    except Exception:  # noqa: BLE001 - the broker blinked: assume this worker is alone
-        workers = 1
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
 def trains(steps: list[dict[str, Any]], has_dataset: bool) -> bool:

@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from service.core.db import rowcount, session_scope
 from service.core.dispatch import dispatch
 from service.core.events import publish
 from service.core.jobstore import request_cancel
 from service.core.queue import enqueue_webhook
+from service.core.job_metrics import JobMetrics
+from service.core.quota import active_jobs, lock_tenant
 from service.core.search_plan import LAST_RUNG, Recipe, recipes, steps_at_rung
 from service.core.search_select import Point, best, closest, point, promote
 from service.core.settings import Settings
@@ -61,7 +64,7 @@ def points_of(search: Search, jobs: list[Job]) -> list[Point]:
     for job in jobs:
         if job.status == "succeeded" and job.metrics:
             info = (job.options or {}).get("search") or {}
-            found.append(point(job.id, info.get("recipe", "?"), int(info.get("rung", 0)), job.metrics, constraint))
+            found.append(point(job.id, info.get("recipe", "?"), int(info.get("rung", 0)), JobMetrics.model_validate(job.metrics), constraint))
     return found
 
 
@@ -161,6 +164,16 @@ def _promotions(search: Search, jobs: list[Job], plan: list[Recipe], running: bo
     return [_candidate(search, by_name[p.recipe], LAST_RUNG, time_left, settings) for p in chosen]
 
 
+def _within_job_quota(session: Session, tenant_id: str, promoted: list[Job], settings: Settings) -> list[Job]:
+    """Promotions count against the tenant's active-job quota like any submission, checked under the
+    tenant's lock with the insert; those without room are not started (the search ends on what it has)."""
+    lock_tenant(session, tenant_id)
+    room = max(0, settings.tenant_max_active_jobs - active_jobs(session, tenant_id))
+    if room < len(promoted):
+        log.info("search promotions: %d of %d started, the tenant's active-job quota (%d) is reached", room, len(promoted), settings.tenant_max_active_jobs)
+    return promoted[:room]
+
+
 def advance(settings: Settings, search_id: str) -> str | None:
     """Take the search one decision forward; returns its status afterwards (None if it does not exist)."""
     url = settings.resolved_database_url
@@ -180,6 +193,8 @@ def advance(settings: Settings, search_id: str) -> str | None:
             if not won:
                 session.rollback()
                 continue
+            if decision.new_jobs and jobs:
+                decision.new_jobs = _within_job_quota(session, search.tenant_id, decision.new_jobs, settings)
             session.add_all(decision.new_jobs)
             session.commit()
             tenant_id, status, webhook = search.tenant_id, str(decision.values.get("status", search.status)), search.webhook_url

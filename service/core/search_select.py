@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from service.core.job_metrics import JobMetrics
+
 
 @dataclass(frozen=True)
 class Point:
@@ -48,29 +50,29 @@ class Point:
         }
 
 
-def _speedup(metrics: dict[str, Any]) -> float:
-    before = {row["batch"]: row["p50"] for row in metrics["original"].get("latency_by_batch") or []}
-    after = {row["batch"]: row["p50"] for row in metrics["compressed"].get("latency_by_batch") or []}
+def _speedup(metrics: JobMetrics) -> float:
+    before = {row.batch: row.p50 for row in metrics.original.latency_by_batch}
+    after = {row.batch: row.p50 for row in metrics.compressed.latency_by_batch}
     ratios = [before[b] / after[b] for b in before if b in after and after[b] > 0]
     if not ratios:
-        return float(metrics.get("speedup") or 1.0)
+        return float(metrics.speedup or 1.0)
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 
-def point(job_id: str, recipe: str, rung: int, metrics: dict[str, Any], constraint: dict[str, float | None]) -> Point:
-    original, compressed = metrics["original"], metrics["compressed"]
-    accuracy = compressed.get("accuracy")
-    drop = original["accuracy"] - accuracy if accuracy is not None and original.get("accuracy") is not None else None
-    fidelity = (compressed.get("fidelity") or {}).get("cosine")
+def point(job_id: str, recipe: str, rung: int, metrics: JobMetrics, constraint: dict[str, float | None]) -> Point:
+    original, compressed = metrics.original, metrics.compressed
+    accuracy = compressed.accuracy
+    drop = original.accuracy - accuracy if accuracy is not None and original.accuracy is not None else None
+    fidelity = compressed.fidelity.cosine if compressed.fidelity is not None else None
     violation = 0.0
     max_drop, min_fidelity = constraint.get("max_accuracy_drop"), constraint.get("min_fidelity")
     if max_drop is not None:
         violation = max(violation, (drop - max_drop) if drop is not None else math.inf)
     if min_fidelity is not None:
         violation = max(violation, (min_fidelity - fidelity) if fidelity is not None else math.inf)
-    latency = (compressed.get("latency_by_batch") or [{}])[0].get("p50")
+    latency = compressed.latency_by_batch[0].p50 if compressed.latency_by_batch else None
     return Point(
-        job_id, recipe, rung, int(compressed["size_bytes"]), float(metrics["compression_ratio"]), _speedup(metrics),
+        job_id, recipe, rung, int(compressed.size_bytes), float(metrics.compression_ratio), _speedup(metrics),
         latency, accuracy, drop, fidelity, violation,
     )
 

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     # Jobs of one tenant in the broker queue or running at once; the rest wait their turn (fair dispatch).
     tenant_max_dispatched: int = Field(2, ge=1)
     tenant_max_stored_bytes: int = Field(100 * 1024**3, ge=0)
+    # Job results (models, bundles, reports) count against tenant_max_stored_bytes while they are kept:
+    # removed this many days after the job ended (0 keeps them until deleted). A finished search keeps
+    # the artifacts of its best, Pareto and closest candidates only, unless search_keep_all_artifacts.
+    job_artifact_retention_days: float = Field(30.0, ge=0)
+    search_keep_all_artifacts: bool = False
 
     # Reliability: a job's worker holds a lease it renews; a redelivered job whose lease expired is
     # taken over, and a job taken over more than max_attempts times fails.
@@ -59,6 +64,8 @@ class Settings(BaseSettings):
     # (whole process tree) and wall-clock time. A job may ask for less, never more.
     job_memory_limit_bytes: int = Field(8 * 1024**3, ge=64 * 1024**2)
     job_time_limit_s: float = Field(6 * 3600.0, gt=0)
+    # A job's process runs this much nicer than the API and the worker (0 = the same priority).
+    job_niceness: int = Field(10, ge=0, le=19)
     # After a cancel, how long a running job has to reach a step/epoch boundary before it is killed.
     cancel_grace_s: float = Field(10.0, ge=0)
     work_dir: Path | None = Field(None, description="Jobs' scratch directories; default <data_dir>/work")
@@ -91,6 +98,15 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(10.0, gt=0, description="Total time for one delivery attempt.")
     # Webhooks are delivered by their own worker (threads), never by a job worker.
     webhook_concurrency: int = Field(4, ge=1)
+    # At most this many of those threads deliver one tenant's webhooks at once (its slow endpoints cannot
+    # hold every thread); its other deliveries wait their turn in the queue.
+    webhook_max_per_tenant: int = Field(2, ge=1)
+    # GET /v1/jobs/{id} runs on this many threads of its own, not the shared pool's 40: 50 polling
+    # clients on 40 threads spent their time handing the GIL around (service/api/job_status.py).
+    status_threads: int = Field(4, ge=1)
+    # Event-stream followers check ownership and read snapshots on this many threads of their own: a
+    # burst of one tenant's followers must not queue ahead of other tenants' requests (service/api/follow.py).
+    stream_threads: int = Field(4, ge=1)
 
     @field_validator("webhook_allowed_hosts", mode="before")
     @classmethod

@@ -102,6 +102,11 @@ class Job(Base):
     progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     artifacts: Mapped[list[Any]] = mapped_column(default=list)
+    # The artifacts' bytes while they are stored (they count against the tenant's storage quota), and
+    # when and why they were removed (service.core.retention): the job's metrics and report stay.
+    artifact_bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    artifacts_removed_at: Mapped[datetime | None] = mapped_column(default=None)
+    artifacts_removed_reason: Mapped[str | None] = mapped_column(String(255), default=None)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)

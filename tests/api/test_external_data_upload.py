@@ -64,12 +64,22 @@ def _external(tmp_path: Path) -> tuple[bytes, bytes]:
     return path.read_bytes(), (tmp_path / "model.onnx.data").read_bytes()
 
 
+def _with_offset(graph: bytes, offset: int) -> bytes:
+    """The graph with its last external tensor's offset rewritten (a hand-edited or hostile file)."""
+    model = onnx.load_from_string(graph)
+    tensor = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL][-1]
+    entry = next(e for e in tensor.external_data if e.key == "offset") if any(e.key == "offset" for e in tensor.external_data) else tensor.external_data.add()
+    entry.key, entry.value = "offset", str(offset)
+    return model.SerializeToString()
+
+
 @pytest.mark.parametrize("case, code, words", [
     ("traversal", "unsafe_archive", "unsafe path"),
     ("symlink", "unsafe_archive", "link or special file"),
     ("missing-data", "invalid_model", "not a data file in the archive"),
     ("short-data", "invalid_model", "lies outside"),
     ("two-graphs", "invalid_model", "exactly one .onnx"),
+    ("negative-offset", "invalid_model", "lies outside"),
     ("pytorch", "unsupported_format", "PyTorch archives"),
 ])
 def test_unsafe_or_inconsistent_archives_are_refused(client, tmp_path: Path, case: str, code: str, words: str) -> None:
@@ -80,6 +90,7 @@ def test_unsafe_or_inconsistent_archives_are_refused(client, tmp_path: Path, cas
         "missing-data": {"model.onnx": graph},
         "short-data": {"model.onnx": graph, "model.onnx.data": data[: len(data) // 2]},
         "two-graphs": {"model.onnx": graph, "other.onnx": graph, "model.onnx.data": data},
+        "negative-offset": {"model.onnx": _with_offset(graph, -64), "model.onnx.data": data},
         "pytorch": {"archive/data.pkl": b"\x80\x04N.", "archive/version": b"3"},
     }[case]
     response = client.post("/v1/models", files={"file": ("m.zip", _zip(members, symlink="model.onnx.data" if case == "symlink" else None))})

@@ -213,8 +213,8 @@ def test_concurrent_uploads_and_jobs_never_take_a_tenant_over_its_quotas(tmp_pat
     one = len(to_bytes(mlp(seed=0)))
     settings = fast_settings(tmp_path, tenant_max_stored_bytes=int(3.5 * one), tenant_max_active_jobs=4)
     with authed_client(settings) as client:
-        # 12 different models at once, room for 3: each saw free room when it started streaming.
-        uploads = _at_once(12, lambda i: client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp(seed=i)))}))
+        # 30 different models at once, room for 3: each saw free room when it started streaming.
+        uploads = _at_once(30, lambda i: client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp(seed=i)))}))
         codes = sorted(r.status_code for r in uploads)
         assert codes.count(201) == 3 and set(codes) == {201, 507}, codes
         models = client.get("/v1/models").json()
@@ -223,3 +223,29 @@ def test_concurrent_uploads_and_jobs_never_take_a_tenant_over_its_quotas(tmp_pat
         jobs = _at_once(10, lambda i: client.post("/v1/jobs", json={"model_id": model_id, "steps": [STEP]}))
         assert sorted(r.status_code for r in jobs).count(202) == 4, [r.status_code for r in jobs]
         assert client.get("/v1/jobs").json()["count"] == 4
+
+
+def test_concurrent_searches_never_take_a_tenant_over_its_job_quota(tmp_path: Path) -> None:
+    settings = fast_settings(tmp_path, tenant_max_active_jobs=5)
+    with authed_client(settings) as client:
+        model_id = client.post("/v1/models", files={"file": ("m.onnx", to_bytes(mlp(seed=0)))}).json()["id"]
+        body = {"model_id": model_id, "objective": "size", "methods": ["quantize"], "budget_minutes": 5}
+        first = client.post("/v1/searches", json=body)
+        assert first.status_code == 202, first.text
+        per_search = len(first.json()["candidates"])
+        # 12 at once: each search's candidate jobs are written after its own row commits, so each
+        # must count the others' not-yet-written candidates (they all saw room before the fix).
+        searches = _at_once(12, lambda i: client.post("/v1/searches", json=body))
+        accepted = sum(1 for r in searches if r.status_code == 202)
+        assert {r.status_code for r in searches} <= {202, 429}, [r.text for r in searches if r.status_code not in (202, 429)]
+        assert accepted == (settings.tenant_max_active_jobs - per_search) // per_search
+        active = [j for j in client.get("/v1/jobs").json()["data"] if j["status"] in ("queued", "running")]
+        assert len(active) <= settings.tenant_max_active_jobs
+
+
+@pytest.mark.parametrize("method,path,allow", [("PUT", "/v1/models", "GET, POST"), ("POST", "/v1/models/m-1", "DELETE, GET"),
+                                               ("PATCH", "/healthz", "GET")])
+def test_a_wrong_method_answers_405_with_every_allowed_method(client, method: str, path: str, allow: str) -> None:
+    response = client.request(method, path)
+    assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+    assert response.headers["allow"] == allow

@@ -5,6 +5,7 @@ webhook deliverer (the API image too) imports its Celery tasks without torch."""
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def test_the_api_image_install_step_works_without_torch(tmp_path: Path) -> None:
             (shutil.copytree if (ROOT / source).is_dir() else shutil.copy)(ROOT / source, app_dir / source)
     install = re.search(r"^RUN pip install (.+?) \\\\?$", dockerfile, re.M)
     assert install, "no pip install step in the API Dockerfile"
-    args = [a for a in install.group(1).split() if a != "--no-cache-dir"]
+    args = [a for a in shlex.split(install.group(1)) if a != "--no-cache-dir"]
     subprocess.run([sys.executable, "-m", "venv", str(tmp_path / "venv")], check=True)
     python = str(tmp_path / "venv" / "bin" / "python")
     done = subprocess.run([python, "-m", "pip", "install", "-q", *args], cwd=app_dir, capture_output=True, text=True, timeout=900)

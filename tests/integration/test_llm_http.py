@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from service.core.job_metrics import checked
 from service.core.settings import Settings
 from tests.conftest import authed_client, fast_settings
 from tests.integration.test_job_lifecycle import follow
@@ -46,6 +47,7 @@ def test_tiny_llama_int4_end_to_end(tmp_path: Path, start_worker) -> None:
         job, events = follow(client, client.post("/v1/jobs", json=body).json()["id"])
         assert job["status"] == "succeeded", job["error"]
         metrics = job["metrics"]
+        checked(metrics, strict=True)  # every key the LLM path writes is one the schema declares
         original, compressed = metrics["original"]["llm"], metrics["compressed"]["llm"]
         assert metrics["compression_ratio"] > 3, metrics["compression_ratio"]
         assert original["perplexity"] > 1 and compressed["perplexity"] > 1

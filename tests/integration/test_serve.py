@@ -117,6 +117,8 @@ def test_make_serve_stops_with_make(tmp_path: Path) -> None:
                     break
             except httpx.HTTPError:
                 time.sleep(0.1)
+        else:
+            raise AssertionError("make serve never answered /healthz within 60 s")
         tree = psutil.Process(make.pid).children(recursive=True)
         assert any("redis-server" in " ".join(p.cmdline()) for p in tree)
         make.send_signal(signal.SIGTERM)

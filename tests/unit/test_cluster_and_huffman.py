@@ -105,10 +105,13 @@ def test_corrupt_bundle_is_refused() -> None:
     packed, _ = bundle.encode(mlp().SerializeToString())
     with pytest.raises(bundle.BundleError):
         bundle.decode(b"not a bundle")
-    tampered = bytearray(packed)
-    tampered[-1] ^= 0xFF
-    with pytest.raises((bundle.BundleError, Exception)):
-        bundle.decode(bytes(tampered))
+    for position in (-1, len(packed) // 2, 12):  # the payload's end, its middle, the header
+        tampered = bytearray(packed)
+        tampered[position] ^= 0xFF
+        with pytest.raises(bundle.BundleError):
+            bundle.decode(bytes(tampered))
+    with pytest.raises(bundle.BundleError):
+        bundle.decode(packed[: len(packed) // 3])  # truncated
 
 
 def test_int4_weight_only_uses_matmulnbits(tmp_path: Path) -> None:

@@ -59,4 +59,5 @@ def test_images_copy_what_exists_and_run_real_commands() -> None:
             assert service["command"][1] in commands
     api = _dockerfiles()["api.Dockerfile"]
     assert "[worker]" not in api and "torch" not in api.split("RUN pip install", 1)[1].split("\n")[0]
+    assert '".[server]"' in api
     assert '".[worker]"' in _dockerfiles()["worker-gpu.Dockerfile"]

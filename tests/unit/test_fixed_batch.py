@@ -6,7 +6,6 @@ sample is counted once."""
 from __future__ import annotations
 
 import io
-import json
 import tempfile
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import onnxruntime as ort
 import pytest
 
 from bench.architectures import dataset, export
-from service.api.schemas import JobMetrics
+from service.core.job_metrics import checked
 from service.core.artifacts import ArtifactStore
 from service.core.datasets import inspect_npz
 from service.core.onnx_probe import probe_onnx
@@ -77,7 +76,7 @@ def test_fixed_batch_export_passes_every_method(name: str, step: str, workspace:
     work = workspace / job.job_id
     work.mkdir()
     metrics, _ = run_pipeline(job, store, Settings(data_dir=workspace), work, lambda *a, **k: None)
-    JobMetrics.model_validate(json.loads(json.dumps(metrics, default=str)))
+    checked(metrics, strict=True)  # a key the schema does not declare (a misspelling) fails here
     assert metrics["evaluation"]["samples"] == SAMPLES  # every sample measured once, the filler rows dropped
     assert metrics["original"]["latency_ms"]["batch"] == 2 and metrics["evaluation"]["fixed_batch"] == 2
     assert metrics["compressed"]["fidelity"]["cosine"] > 0.5

@@ -87,20 +87,34 @@ def test_auto_plans_run_smallest_first(export: Path, tmp_path: Path) -> None:
     candidates = plans(QuantizeStep(method="quantize"), layers, ranked, lm_head)
     eights = [sum(1 for name in layers if plan.bits_of(name) == 8) for _, plan in candidates]
     assert eights[0] == 0 and eights == sorted(eights) and eights[-1] == len(layers)
-    assert candidates[1][1].bits_of(ranked[0]["layer"]) == 8  # the most sensitive layer is the first promoted
+    names = [name for name, _ in candidates]
+    assert names[1].endswith("int8 lm_head") and candidates[1][1].bits_of(lm_head) == 8 and eights[1] == 1  # the lm_head first
+    down = [name for name in layers if "/mlp/down_proj/" in name]
+    assert down and all(candidates[2][1].bits_of(name) == 8 for name in down) and eights[2] == 1 + len(down)  # then every down_proj
+    rest = [r["layer"] for r in ranked if r["layer"] != lm_head and r["layer"] not in down]
+    assert candidates[3][1].bits_of(rest[0]) == 8  # then the most sensitive of the others
+    assert all(plan.bits_of(lm_head) == 4 for _, plan in plans(QuantizeStep(method="quantize", lm_head_bits=4), layers, ranked, lm_head))
     fixed = plans(QuantizeStep(method="quantize", mode="int4_weight_only", lm_head_bits=8), layers, ranked, lm_head)
     assert len(fixed) == 1 and fixed[0][1].bits_of(lm_head) == 8 and fixed[0][1].bits_of(layers[0]) == 4
 
 
-def test_a_tied_lm_head_and_its_embedding_table_are_stored_once(tmp_path: Path) -> None:
-    # The GenAI builder exports a tied model as MatMul(lm_head weight) and Gather(Transpose(lm_head weight)).
+@pytest.mark.parametrize("lm_head_bits, cosine", [(4, 0.95), (8, 0.995)])
+def test_a_tied_lm_head_and_its_embedding_table_are_stored_once(tmp_path: Path, lm_head_bits: int, cosine: float) -> None:
+    # The GenAI builder exports a tied model as MatMul(lm_head weight) and Gather(Transpose(lm_head weight));
+    # the table reads the output projection's 4- or 8-bit codes (GatherBlockQuantized of the same bits).
     (tmp_path / "ckpt.zip").write_bytes(tiny_llama_zip(tied=True))
     export = build_genai(extract(tmp_path / "ckpt.zip", tmp_path / "ckpt"), tmp_path / "fp32", tmp_path / "cache")
     model = onnx.load(str(export / "model.onnx"))
     assert any(n.op_type == "Transpose" and "lm_head" in n.input[0] for n in model.graph.node)
-    quantized, report = weight_quant.quantize(model, weight_quant.Plan(algorithm="rtn"), None)
+    lm_head = next(n.name for n in calibration.weight_matmuls(model) if "lm_head" in n.name)
+    plan = weight_quant.Plan(algorithm="rtn")
+    plan.bits[lm_head] = lm_head_bits
+    quantized, report = weight_quant.quantize(model, plan, None)
     assert report["tied_tables_stored_once"] and report["float_share"] < 0.05
+    assert [e["bits"] for e in report["embeddings"]] == [lm_head_bits]
     assert not any(i.data_type == onnx.TensorProto.FLOAT and int(np.prod(i.dims)) >= 512 * 64 for i in quantized.graph.initializer)  # no float table left
+    gathers = [n for n in quantized.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == 1 and next(a.i for a in gathers[0].attribute if a.name == "bits") == lm_head_bits
     ids = _windows(1)[0]
     head = decoder.head_size(export)
     ref = decoder.session(export, 1).run(["logits"], decoder.feed(decoder.session(export, 1), ids, head))[0]
@@ -109,4 +123,4 @@ def test_a_tied_lm_head_and_its_embedding_table_are_stored_once(tmp_path: Path) 
     onnx.save_model(quantized, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     sess = decoder.session(folder, 1)
     got = sess.run(["logits"], decoder.feed(sess, ids, head))[0]
-    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.95
+    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > cosine

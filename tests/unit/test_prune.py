@@ -115,6 +115,9 @@ def test_lottery_ticket_rewinds_and_reports_each_round(data: StepData, tmp_path:
     rounds = result.report["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, "ticket"]
     assert rounds[-1]["sparsity"] == pytest.approx(0.8, abs=0.01)
+    # After each round the survivors are rewound exactly onto the upload, though training had moved them
+    # (round 1 trains the dense model, whose best epoch may be the untrained one).
+    assert all(r["rewound_max_distance"] == 0.0 for r in rounds[:-1]) and max(r["trained_max_change"] for r in rounds[:-1]) > 1e-3
 
 
 def test_cancel_between_epochs(data: StepData, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from service.core.job_metrics import JobMetrics, checked, stored
 from service.core.search_driver import decide
 from service.core.search_plan import recipes, steps_at_rung
 from service.core.search_select import best, closest, pareto, point, promote
@@ -18,16 +19,16 @@ from service.core.tables import Job, Search, utcnow
 ORIGINAL_BYTES = 100_000
 
 
-def metrics(ratio: float, speedup: float, accuracy: float | None = None, cosine: float = 0.999, original_accuracy: float = 0.98) -> dict:
-    latency = [{"batch": 1, "p50": 1.0}, {"batch": 32, "p50": 10.0}]
-    return {
+def metrics(ratio: float, speedup: float, accuracy: float | None = None, cosine: float = 0.999, original_accuracy: float = 0.98) -> JobMetrics:
+    latency = [{"batch": 1, "p50": 1.0, "p95": 1.1, "runs": 20}, {"batch": 32, "p50": 10.0, "p95": 11.0, "runs": 20}]
+    return checked({
         "original": {"size_bytes": ORIGINAL_BYTES, "accuracy": original_accuracy if accuracy is not None else None, "latency_by_batch": latency},
         "compressed": {
             "size_bytes": int(ORIGINAL_BYTES / ratio), "accuracy": accuracy, "fidelity": {"cosine": cosine},
-            "latency_by_batch": [{"batch": r["batch"], "p50": r["p50"] / speedup} for r in latency],
+            "latency_by_batch": [{**r, "p50": r["p50"] / speedup} for r in latency],
         },
         "compression_ratio": ratio, "speedup": speedup,
-    }
+    }, strict=True)
 
 
 ACCURACY = {"max_accuracy_drop": 0.005, "min_fidelity": None}
@@ -115,8 +116,8 @@ def _search(tmp_path: Path, **request: object) -> tuple[Search, Settings]:
     return search, settings
 
 
-def _finished(job: Job, status: str, job_metrics: dict | None) -> Job:
-    job.status, job.metrics = status, job_metrics
+def _finished(job: Job, status: str, job_metrics: JobMetrics | None) -> Job:
+    job.status, job.metrics = status, stored(job_metrics) if job_metrics is not None else None  # as the job row holds them
     return job
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from service.core.errors import InvalidInput
 from service.core.text_datasets import inspect_text, is_text_upload, read_documents
-from workers.llm.text import split_held_out, to_windows
+from workers.llm.text import calibration_separator, document_separators, split_held_out, to_windows
 
 
 def _write(tmp_path: Path, name: str, data: bytes) -> Path:
@@ -46,3 +47,15 @@ def test_windows_join_documents_with_the_end_token_and_respect_the_budget() -> N
     assert [w.tolist() for w in windows] == [[97, 98, 99, 100], [101, 102, 0, 103]]  # the 1-token tail is dropped
     calibrate, held_out = split_held_out([str(i) for i in range(8)])
     assert calibrate == [str(i) for i in range(6)] and held_out == ["6", "7"]
+
+
+def test_documents_are_joined_by_the_eos_and_the_end_of_text_token_in_turn(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": [{"id": 0, "content": "<|endoftext|>"}, {"id": 2, "content": "<|im_end|>"}]}))
+    assert document_separators(tmp_path, [2]) == [2, 0]
+    assert document_separators(tmp_path, 0) == [0]  # the eos is the end-of-text token: once
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": []}))
+    assert document_separators(tmp_path, 2) == [2]
+    encode = lambda text: [ord(c) for c in text]  # noqa: E731
+    windows = to_windows(["ab", "cd", "ef"], encode, [2, 0], window=9, max_tokens=9)
+    assert [w.tolist() for w in windows] == [[97, 98, 2, 99, 100, 0, 101, 102, 2]]
+    assert calibration_separator([2, 0]) == [0] and calibration_separator([2]) == [2]

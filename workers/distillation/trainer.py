@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +64,40 @@ def _projection(student_dim: int, teacher_dim: int, conv: bool) -> nn.Module:
     return nn.Conv2d(student_dim, teacher_dim, 1) if conv else nn.Linear(student_dim, teacher_dim)
 
 
+def _hints(student: nn.Module, train: Data, hint_pairs: list[tuple[nn.Module, nn.Module, torch.Tensor]] | None,
+           fixed: int | None) -> tuple[Any, nn.ModuleList, list[torch.Tensor]]:
+    """Hooks on the student's hinted layers, a projection from each to its teacher feature's width,
+    and the teacher features: (None, empty, []) without hints."""
+    projections = nn.ModuleList()
+    teacher_feats: list[torch.Tensor] = []
+    if not hint_pairs:
+        return None, projections, teacher_feats
+    hooks = _Hooks({str(i): s for i, (_, s, _) in enumerate(hint_pairs)})
+    with torch.no_grad():
+        student(*(exactly(x, fixed) if fixed else x[:2] for x in train.inputs))
+    for i, (_, _, feats) in enumerate(hint_pairs):
+        s_out = hooks.values[str(i)]
+        projections.append(_projection(s_out.shape[1], feats.shape[1], s_out.dim() == 4))
+        teacher_feats.append(feats)
+    return hooks, projections, teacher_feats
+
+
+def _soft_loss(out: torch.Tensor, idx: torch.Tensor, train: Data, labels: torch.Tensor | None, mask: torch.Tensor | None,
+               spec: DistillStep, hint: Any, device: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The batch's distillation loss and its parts: the teacher's soft targets, the labels' share
+    (alpha, classifiers with labels), the hint loss weighted by hint_weight."""
+    soft = soft_loss(out, train.teacher[idx].to(device), spec.temperature, train.kind, None if mask is None else mask[idx].to(device))
+    parts = {"soft": soft}
+    loss = soft
+    if labels is not None and spec.alpha > 0 and train.kind == "classifier":
+        parts["hard"] = F.cross_entropy(out, labels[idx].to(device))
+        loss = spec.alpha * parts["hard"] + (1 - spec.alpha) * soft
+    if hint is not None:
+        parts["hint"] = hint
+        loss = loss + spec.hint_weight * hint
+    return loss, parts
+
+
 def distill(
     student: nn.Module,
     train: Data,
@@ -77,21 +112,10 @@ def distill(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     labels = torch.from_numpy(train.labels).long() if train.labels is not None else None
-    t = spec.temperature
     fixed = module_fixed_batch(student)
     mask = padding_mask(student, train.inputs)  # padded positions count in no loss
 
-    projections = nn.ModuleList()
-    teacher_feats: list[torch.Tensor] = []
-    student_hooks = None
-    if hint_pairs and not hard_labels_only:
-        student_hooks = _Hooks({str(i): s for i, (_, s, _) in enumerate(hint_pairs)})
-        with torch.no_grad():
-            student(*(exactly(x, fixed) if fixed else x[:2] for x in train.inputs))
-        for i, (_, _, feats) in enumerate(hint_pairs):
-            s_out = student_hooks.values[str(i)]
-            projections.append(_projection(s_out.shape[1], feats.shape[1], s_out.dim() == 4))
-            teacher_feats.append(feats)
+    student_hooks, projections, teacher_feats = _hints(student, train, hint_pairs if not hard_labels_only else None, fixed)
 
     device = training_device()
     student.to(device)
@@ -116,22 +140,14 @@ def distill(
                 continue
             out = student(*(x[idx].to(device) for x in train.inputs))
             out = out[0] if isinstance(out, tuple) else out
-            parts = {}
             if hard_labels_only:
-                parts["hard"] = F.cross_entropy(out, labels[idx].to(device))
+                parts = {"hard": F.cross_entropy(out, labels[idx].to(device))}
                 loss = parts["hard"]
             else:
-                soft = soft_loss(out, train.teacher[idx].to(device), t, train.kind, None if mask is None else mask[idx].to(device))
-                parts["soft"] = soft
-                if labels is not None and spec.alpha > 0 and train.kind == "classifier":
-                    parts["hard"] = F.cross_entropy(out, labels[idx].to(device))
-                    loss = spec.alpha * parts["hard"] + (1 - spec.alpha) * soft
-                else:
-                    loss = soft
+                hint = None
                 if student_hooks is not None:
                     hint = sum(F.mse_loss(p(student_hooks.values[str(i)]), teacher_feats[i][idx].to(device)) for i, p in enumerate(projections))
-                    parts["hint"] = hint
-                    loss = loss + spec.hint_weight * hint
+                loss, parts = _soft_loss(out, idx, train, labels, mask, spec, hint, device)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -83,9 +83,9 @@ def step_report(step, chosen: dict[str, Any], candidates: list[dict[str, Any]], 
         "settings": {k: v for k, v in chosen["settings"].items() if k not in ("layers",)},
         "objective": step.objective,
         "target": {"max_perplexity_increase": step.max_perplexity_increase, "met": chosen["meets_target"],
-                   "perplexity_increase": chosen["perplexity_increase"], "measured_on": "calibration text"},
-        "measured_on": "calibration text (the job's metrics are on the evaluation text)",
-        "reason": ("the smallest candidate within max_perplexity_increase on the calibration text" if chosen["meets_target"]
+                   "perplexity_increase": chosen["perplexity_increase"], "measured_on": "held-out calibration windows"},
+        "measured_on": "the last quarter of the calibration windows, which GPTQ did not fit (the job's metrics are on the evaluation text)",
+        "reason": ("the smallest candidate within max_perplexity_increase on the held-out calibration windows" if chosen["meets_target"]
                    else "no candidate met the target: the most faithful one is kept (flagged)"),
         "candidates": [{k: v for k, v in c.items() if k not in ("settings", "index")} for c in candidates],
         "layers": chosen["settings"]["layers"],

@@ -3,7 +3,7 @@ int4 or int8 blocks (MatMulNBits) or left in float, by round-to-nearest, GPTQ or
 table to 4-bit blocks (GatherBlockQuantized), stored once with a tied lm_head.
 
 The node layout is ONNX Runtime's own (neural_compressor's make_matmul_weight_only_node; HQQ through
-its MatMulNBitsQuantizer); the block codes and GPTQ are in workers.llm.blocks (why there: its
+its MatMulNBitsQuantizer); the block codes and GPTQ are in workers.quantization.blocks (why there: its
 docstring); written here is the per-layer plan (bits chosen per layer, which ORT's quantizers take
 for one bit width at a time)."""
 
@@ -17,9 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from workers.llm import blocks
 from workers.llm.calibration import output_error, weight_matmuls
-from workers.quantization import int4
+from workers.quantization import blocks, int4
 
 
 @dataclass
@@ -30,6 +29,7 @@ class Plan:
     accuracy_level: int = 4
     bits: dict[str, int] = field(default_factory=dict)  # MatMul node name -> 4, 8 or 32 (float); absent: 4
     embeddings: bool = True
+    tied_embeddings_only: bool = False  # quantize only tables tied to a quantized output projection (stored once, at its bits)
     act_order: bool = True  # GPTQ: columns by decreasing Hessian diagonal, static block scales
 
     def bits_of(self, node: str) -> int:
@@ -109,7 +109,7 @@ def quantize(model: onnx.ModelProto, plan: Plan, hessians: dict[str, np.ndarray]
             new, new_inits = replaced[node.name]
             nodes.append(new)
             folded.graph.initializer.extend(new_inits)
-            if plan.bits_of(node.name) == 4 and plan.symmetric:
+            if plan.bits_of(node.name) in (4, 8) and plan.symmetric:  # a tied table can read these codes (GatherBlockQuantized bits 4 or 8)
                 by_weight[node.input[1]] = new
         else:
             nodes.append(node)
@@ -124,7 +124,9 @@ def quantize(model: onnx.ModelProto, plan: Plan, hessians: dict[str, np.ndarray]
     shared: list[tuple[str, str]] = []
     embedding_rows: list[dict[str, Any]] = []
     if plan.embeddings:
-        folded, embedding_rows, shared = int4._embeddings(folded, float_weights, tied, by_weight, plan.block_size, [])
+        tables = {table for weight, table in tied.items() if weight in by_weight}
+        untied = [n.name for n in folded.graph.node if n.op_type == "Gather" and n.input[0] not in tables] if plan.tied_embeddings_only else []
+        folded, embedding_rows, shared = int4._embeddings(folded, float_weights, tied, by_weight, plan.block_size, untied)
     quantized = sum(r["parameters"] for r in layers if r["bits"] != 32) + sum(int(np.prod(r["shape"])) for r in embedding_rows)
     total = sum(a.size for n, a in float_weights.items() if not (n.endswith("__kn") and n[:-4] in float_weights) and n not in tied)
     return folded, {

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from service.core.errors import CompressionFailed, InvalidInput
+from service.core.errors import CompressionFailed
 from service.core.specs import ClusterStep
+from workers.layer_names import require_known
 from workers.clustering import storage
 from workers.clustering.kmeans import kmeans_1d
 from workers.steps import StepContext, StepData, StepResult
@@ -107,9 +108,7 @@ def _cluster_initializers(model: onnx.ModelProto, spec: ClusterStep, ctx: StepCo
     clustered output channels first, as on the trainable path, so `group_size` groups the same rows."""
     ctx.progress(0.3, "clustering the ONNX weights directly (nothing to train, no conversion needed)")
     layers = weight_layers(model)
-    unknown = sorted((set(spec.skip_layers) | set(spec.layer_bits)) - set(layers))
-    if unknown:
-        raise InvalidInput(f"unknown layer name(s) {unknown}; the model's layers are {sorted(layers)}", code="unknown_layer")
+    require_known([*spec.skip_layers, *spec.layer_bits], layers)
     inits = {i.name: i for i in model.graph.initializer}
     replacements: dict = {}
     rows = []
@@ -132,6 +131,24 @@ def _cluster_initializers(model: onnx.ModelProto, spec: ClusterStep, ctx: StepCo
     })
 
 
+def _encode_layers(exported: onnx.ModelProto, clustered: dict[str, storage.Clustered]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Each clustered layer's weight found in the export (its dense values, maybe transposed) and
+    encoded as codebook + packed indices: (initializer replacements, a report row per layer)."""
+    replacements, rows = {}, []
+    for index, (layer_name, c) in enumerate(clustered.items()):
+        dense = c.codebook[c.labels]
+        found = storage.find_initializer(exported, dense)
+        if found is None:
+            raise CompressionFailed(f"could not locate layer {layer_name}'s weight in the exported model", code="export_failed")
+        init_name, transposed = found
+        if transposed:
+            c = storage.Clustered(c.codebook, c.labels.T.copy(), c.bits, c.sparse)
+        replacements[init_name] = storage.encode(init_name, c, prefix=f"cl{index}")
+        rows.append({"layer": layer_name, "shape": list(dense.shape), "bits": c.bits, "centroids": len(c.codebook),
+                     "sparse": c.sparse, "stored_bytes": storage.stored_bytes(c) + 4 * len(c.codebook), "dense_bytes": dense.size * 4})
+    return replacements, rows
+
+
 def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepContext) -> StepResult:
     if spec.finetune_epochs and not data.available:
         raise CompressionFailed("centroid fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
@@ -142,9 +159,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     run = TrainableRun(model, data)  # the original's outputs are taken before any weight is clustered
     module = run.module
     layers = weighted_layers(module)
-    unknown = sorted((set(spec.skip_layers) | set(spec.layer_bits)) - set(layers))
-    if unknown:
-        raise InvalidInput(f"unknown layer name(s) {unknown}; the model's layers are {sorted(layers)}", code="unknown_layer")
+    require_known([*spec.skip_layers, *spec.layer_bits], layers)
     # A tied weight (the output projection reading the token embedding) is left to the embedding: it is
     # clustered there (spec.embeddings) and read through the tie, so it stays stored once.
     chosen = {n: layer for n, layer in layers.items()
@@ -186,18 +201,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     example = tuple(torch.from_numpy(example_input(model, n)) for n in names)
     exported = trained_onnx(model, module, example, lambda: export(module, example, names, module.output_names, has_dynamic_batch(model), fold_constants=False))
 
-    replacements, rows = {}, []
-    for index, (layer_name, c) in enumerate(clustered_now.items()):
-        dense = c.codebook[c.labels]
-        found = storage.find_initializer(exported, dense)
-        if found is None:
-            raise CompressionFailed(f"could not locate layer {layer_name}'s weight in the exported model", code="export_failed")
-        init_name, transposed = found
-        if transposed:
-            c = storage.Clustered(c.codebook, c.labels.T.copy(), c.bits, c.sparse)
-        replacements[init_name] = storage.encode(init_name, c, prefix=f"cl{index}")
-        rows.append({"layer": layer_name, "shape": list(dense.shape), "bits": c.bits, "centroids": len(c.codebook),
-                     "sparse": c.sparse, "stored_bytes": storage.stored_bytes(c) + 4 * len(c.codebook), "dense_bytes": dense.size * 4})
+    replacements, rows = _encode_layers(exported, clustered_now)
     if spec.embeddings:
         rows += _cluster_embeddings(exported, replacements, spec)
     result = storage.replace_initializers(exported, replacements)

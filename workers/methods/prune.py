@@ -198,8 +198,15 @@ def _lottery(run: _Run) -> dict[str, Any]:
         value = run.quality()
         rounds.append({"round": r + 1, "sparsity": unstructured.sparsity(layers), run.metric: value, "finetune_loss": losses})
         masks, thresholds = unstructured.masks_for(layers, unstructured.scores(layers, "l1", None), spec, (r + 1) / spec.iterations, masks)
+        trained = {name: value.detach().clone() for name, value in run.module.state_dict().items()}
         run.module.load_state_dict(initial)  # rewind the survivors to the uploaded weights
         unstructured.apply_masks(layers, masks)
+        # What the rewind did, in the report: how far fine-tuning had moved the weights, and how far the
+        # survivors are from the uploaded ones now (0: rewound).
+        rewound = run.module.state_dict()
+        rounds[-1]["trained_max_change"] = max(float((trained[n] - initial[n]).abs().max()) for n in initial if initial[n].is_floating_point())
+        rounds[-1]["rewound_max_distance"] = max(float(((rewound[n] - initial[n]) * (rewound[n] != 0)).abs().max())
+                                                 for n in initial if initial[n].is_floating_point())
     final_masks = masks
     losses = run.finetune(spec.iterations, spec.iterations + 1, lambda: unstructured.apply_masks(layers, final_masks))
     value = run.quality()

@@ -24,7 +24,7 @@ from workers.memory import release_freed_memory
 from workers.methods import quantize_lowbit
 from workers.steps import StepContext, StepData, StepResult
 from workers.data import graph_inputs, synthetic_data, token_vocabularies
-from workers.quantization import fusion, int4, int8, mixed_precision, selection, smoothing
+from workers.quantization import error_feedback, fusion, int4, int8, mixed_precision, selection, smoothing
 from workers.quantization.candidates import Candidate, plan
 from workers.quantization.measure import MIN_COMPRESSION, Measured, Reference
 
@@ -110,7 +110,10 @@ class Builder:
         self.calibration_samples = 0
         self.smoothed_activations = 0
         self.smooth_nodes: list[str] = []
+        self._smoothed: Path | None = None
+        self.alphas: float | dict[str, float] | None = None
         self.count = 0
+        self._statistics: dict[Path, error_feedback.Statistics] = {}
         self.progress: Any = lambda fraction, message: None  # the candidate being built reports (and honours cancel) through it
 
     def fused(self) -> Path | None:
@@ -128,7 +131,7 @@ class Builder:
             return fused
         if candidate.family == "int8_static":
             return self.prepared(candidate.smooth)
-        return self.source
+        return self.smoothed() if candidate.smooth else self.source
 
     def ops(self, candidate: Candidate) -> list[str]:
         from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
@@ -136,16 +139,31 @@ class Builder:
         registry = QDQRegistry if candidate.family == "int8_static" else IntegerOpsRegistry
         return int8.op_types(registry, candidate.ops, self.spec.op_types if candidate.ops == "custom" else None, self.spec.exclude_op_types)
 
+    def smoothed(self) -> Path:
+        """The source graph after SmoothQuant, with each activation's alpha chosen on the calibration
+        data unless the step fixes one (computed once, for dynamic and static candidates alike)."""
+        if self._smoothed is None:
+            feeds = self.data.batches(self.data.batch_size(16), limit=self.spec.calibration.max_samples)
+            maxima, samples = smoothing.collect(self.model, feeds, self.ctx.threads)
+            self.alphas = self.spec.smooth_quant_alpha if self.spec.smooth_quant_alpha is not None else smoothing.choose_alphas(self.model, maxima, samples)
+            smoothed, self.smoothed_activations = smoothing.smooth(self.model, maxima, self.alphas)
+            # The inserted 1/s Muls stay float: their outputs, the smoothed activations, are what gets quantized.
+            self.smooth_nodes = [n.name for n in smoothed.graph.node if n.name.endswith(smoothing.SUFFIX)]
+            self._smoothed = self.work / "smoothed.onnx"
+            model_files.save_to(smoothed, self._smoothed)
+        return self._smoothed
+
+    def smooth_details(self) -> dict[str, Any]:
+        if isinstance(self.alphas, dict):
+            counts = Counter(self.alphas.values())
+            alpha: Any = {"chosen_per_activation": True, "counts": {str(a): counts[a] for a in sorted(counts)}}
+        else:
+            alpha = self.alphas
+        return {"smooth_quant": {"alpha": alpha, "activations": self.smoothed_activations}}
+
     def prepared(self, smooth: bool) -> Path:
         if smooth not in self._prepared:
-            base = self.source
-            if smooth:
-                maxima = smoothing.activation_maxima(self.model, self.data.batches(self.data.batch_size(16), limit=self.spec.calibration.max_samples), self.ctx.threads)
-                smoothed, self.smoothed_activations = smoothing.smooth(self.model, maxima, self.spec.smooth_quant_alpha)
-                # The inserted 1/s Muls stay float: their outputs, the smoothed activations, are what gets quantized.
-                self.smooth_nodes = [n.name for n in smoothed.graph.node if n.name.endswith(smoothing.SUFFIX)]
-                base = self.work / "smoothed.onnx"
-                model_files.save_to(smoothed, base)
+            base = self.smoothed() if smooth else self.source
             self._prepared[smooth] = int8.prepare(base, self.work / f"prepared-{int(smooth)}.onnx")
         return self._prepared[smooth]
 
@@ -158,23 +176,39 @@ class Builder:
             self._caches[key] = path
         return self._caches[key]
 
+    def refined(self, candidate: Candidate, graph: Path, out: Path, after: float = 0.0) -> dict[str, Any]:
+        """GPTQ codes in place of ORT's rounded ones (error_feedback), with the statistics of the graph
+        the candidate was quantized from (computed once per graph). Its progress runs from `after`
+        (what the build reported before) to half the candidate's share."""
+        if self.spec.int8_rounding != "gptq":
+            return {}
+        if not self.data.available:
+            raise CompressionFailed("int8_rounding gptq fits the weights to calibration data: submit the job with a dataset_id, or use nearest",
+                                    code="dataset_required")
+        if graph not in self._statistics:
+            self._statistics[graph] = error_feedback.statistics(graph, self.data, self.spec.calibration.max_samples, self.ctx.threads,
+                                                                lambda f, msg: self.progress(after + (0.5 - after) * f, msg))
+        return {"error_feedback": error_feedback.refine(out, graph, self._statistics[graph], candidate.reduce_range)}
+
     def build(self, candidate: Candidate, only: list[str] | None = None) -> tuple[Path, dict[str, Any]]:
         self.count += 1
         out = self.work / f"candidate-{self.count}.onnx"
         exclude = list(self.spec.exclude_nodes) + list(candidate.float_nodes)
         if candidate.family == "int8_dynamic":
-            int8.dynamic(self.graph(candidate), out, per_channel=candidate.per_channel, reduce_range=candidate.reduce_range,
+            graph = self.graph(candidate)
+            int8.dynamic(graph, out, per_channel=candidate.per_channel, reduce_range=candidate.reduce_range,
                          ops=self.ops(candidate), exclude=exclude, only=only)
-            return out, {}
+            return out, (self.smooth_details() if candidate.smooth else {}) | self.refined(candidate, graph, out)
         if candidate.family == "int8_static":
             ops = self.ops(candidate)
             exclude += self.smooth_nodes if candidate.smooth else []
-            int8.static(self.graph(candidate), out, self.cache(candidate, ops), method=candidate.calibration, per_channel=candidate.per_channel,
+            graph = self.graph(candidate)
+            int8.static(graph, out, self.cache(candidate, ops), method=candidate.calibration, per_channel=candidate.per_channel,
                         reduce_range=candidate.reduce_range, ops=ops, exclude=exclude, only=only)
             details = {"calibration": {"method": candidate.calibration, "samples": self.calibration_samples}, "format": "QDQ"}
             if candidate.smooth:
-                details["smooth_quant"] = {"alpha": self.spec.smooth_quant_alpha, "activations": self.smoothed_activations}
-            return out, details
+                details |= self.smooth_details()
+            return out, details | self.refined(candidate, graph, out, after=0.5)
         if candidate.family == "fp16":
             model_files.save_to(_to_fp16(self.source, self.spec), out)
             return out, {"keep_io_types": self.spec.keep_io_types}
@@ -252,6 +286,21 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     return named
 
 
+def _measure_candidates(builder: Builder, reference: Reference, candidates: list[Candidate], share: float, ctx: StepContext) -> list[Measured]:
+    """Each candidate built, checked and timed in turn, over the first `share` of the step's progress."""
+    measured: list[Measured] = []
+    for i, candidate in enumerate(candidates):
+        base = share * i / len(candidates)
+
+        def progress(f: float, msg: str, base: float = base, name: str = candidate.name) -> None:
+            ctx.progress(base + share * f / len(candidates), f"{name}: {msg}")
+
+        ctx.progress(base, f"candidate {i + 1}/{len(candidates)}: building {candidate.name}")
+        measured.append(_measure(builder, reference, candidate, timing=True, progress=progress))
+        ctx.progress(share * (i + 1) / len(candidates), f"measured {candidate.name}", milestone=True)
+    return measured
+
+
 def _quantize_measured(model: onnx.ModelProto, spec: QuantizeStep, data: StepData, ctx: StepContext) -> StepResult:
     model = _named(model)
     if spec.mode == "int8_static" and not data.available:
@@ -269,19 +318,9 @@ def _quantize_measured(model: onnx.ModelProto, spec: QuantizeStep, data: StepDat
     release_freed_memory()  # the transformer optimizer's copies of the graph
     ctx.progress(0.0, f"measuring the original on {held_out.samples} samples")
     reference = Reference(builder.source, held_out, ctx.threads)
-    measured: list[Measured] = []
     share = 0.8 if spec.mixed_precision else 0.95
-    for i, candidate in enumerate(candidates):
-        base = share * i / len(candidates)
-
-        def progress(f: float, msg: str, base: float = base, name: str = candidate.name) -> None:
-            ctx.progress(base + share * f / len(candidates), f"{name}: {msg}")
-
-        ctx.progress(base, f"candidate {i + 1}/{len(candidates)}: building {candidate.name}")
-        measured.append(_measure(builder, reference, candidate, timing=True, progress=progress))
-        ctx.progress(share * (i + 1) / len(candidates), f"measured {candidate.name}", milestone=True)
-
-    chosen = selection.best(measured, spec.target, spec.objective)
+    measured = _measure_candidates(builder, reference, candidates, share, ctx)
+    chosen = selection.best(measured, spec.target, spec.objective, reference.head_to_head)
     sensitivity = None
     miss = selection.promising_miss(measured, spec.target, spec.objective, chosen) if spec.mixed_precision else None
     if miss is not None:
@@ -294,7 +333,7 @@ def _quantize_measured(model: onnx.ModelProto, spec: QuantizeStep, data: StepDat
         _, attempts = mixed_precision.repair(miss.candidate, sensitivity, spec.target,
                                              lambda c: _measure(builder, reference, c, timing=True, progress=quiet))
         measured += attempts
-        chosen = selection.best(measured, spec.target, spec.objective)
+        chosen = selection.best(measured, spec.target, spec.objective, reference.head_to_head)
 
     rows = [c.row(spec.target) for c in measured]
     target_met = chosen is not None
@@ -337,7 +376,8 @@ def _quantize_measured(model: onnx.ModelProto, spec: QuantizeStep, data: StepDat
 
 def _reason(chosen: Measured, spec: QuantizeStep, target_met: bool, measured: list[Measured]) -> str:
     best_at = ("smallest of the fastest (speed compared in steps the timing can resolve, 5%: clearly faster than the original, "
-               "as fast, or slower; geometric mean over batch sizes)" if spec.objective == "latency" else "smallest")
+               "as fast, or slower; geometric mean over batch sizes; among those of one size and speed, the most faithful)"
+               if spec.objective == "latency" else "smallest")
     met = sum(1 for c in measured if c.meets(spec.target))
     if not target_met:
         return f"none of the {len(measured)} candidates measured met the target; kept the most faithful"

@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from service.core.errors import InvalidInput
 from service.core.specs import PruneStep
+from workers.layer_names import require_known
 from workers.onnx_weights import weight_layers
 
 
@@ -20,9 +20,7 @@ def prune(model: onnx.ModelProto, spec: PruneStep) -> tuple[onnx.ModelProto, lis
     out = onnx.ModelProto()
     out.CopyFrom(model)
     layers = weight_layers(out)
-    unknown = sorted((set(spec.skip_layers) | set(spec.layer_amounts)) - set(layers))
-    if unknown:
-        raise InvalidInput(f"unknown layer name(s) {unknown}; the model's prunable layers are {sorted(layers)}", code="unknown_layer")
+    require_known([*spec.skip_layers, *spec.layer_amounts], layers, "prunable layers")
     names = list(layers)
     if names and not spec.prune_output_layer:
         names = names[:-1]  # the output layer, as in the trainable path

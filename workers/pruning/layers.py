@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from service.core.errors import InvalidInput
 from service.core.specs import PruneStep
+from workers.layer_names import require_known
 from workers.trainable.from_onnx import OnnxGraphModule
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -23,9 +23,7 @@ def output_layer(module: OnnxGraphModule) -> str | None:
 
 def selected_layers(module: OnnxGraphModule, spec: PruneStep) -> dict[str, nn.Module]:
     layers = weighted_layers(module)
-    unknown = sorted((set(spec.skip_layers) | set(spec.layer_amounts)) - set(layers))
-    if unknown:
-        raise InvalidInput(f"unknown layer name(s) {unknown}; the model's prunable layers are {sorted(layers)}", code="unknown_layer")
+    require_known([*spec.skip_layers, *spec.layer_amounts], layers, "prunable layers")
     skip = set(spec.skip_layers)
     if not spec.prune_output_layer:
         skip.add(output_layer(module))

@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from service.core.errors import CompressionFailed
+from workers.quantization import blocks as block_codes
 from workers.steps import StepData
 
 MIN_WEIGHTS = 1024  # smaller tensors (biases, norms) are not worth a block structure
@@ -153,25 +154,25 @@ def _unpack4(packed: np.ndarray, count: int) -> np.ndarray:
 def dequantize_matmulnbits(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> np.ndarray:
     """The [K, N] float weight a MatMulNBits node computes with (for the per-layer error)."""
     attrs = _attrs(node)
-    k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+    k, n, block, bits = attrs["K"], attrs["N"], attrs["block_size"], attrs.get("bits", 4)
     blocks = -(-k // block)
-    q = _unpack4(numpy_helper.to_array(inits[node.input[1]]), blocks * block).astype(np.float32).reshape(n, blocks, block)
+    raw_q = numpy_helper.to_array(inits[node.input[1]])
+    q = (raw_q if bits == 8 else _unpack4(raw_q, blocks * block)).astype(np.float32).reshape(n, blocks, block)
     scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, blocks, 1)
-    zp: np.ndarray | float = 8.0
-    if len(node.input) > 3 and node.input[3]:
+    zp: np.ndarray | float = float(2 ** (bits - 1))
+    if len(node.input) > 3 and node.input[3] and bits == 4:
         raw = numpy_helper.to_array(inits[node.input[3]])
         zp = (raw if raw.dtype != np.uint8 else _unpack4(raw.reshape(n, -1), blocks)).astype(np.float32).reshape(n, blocks, 1)
     return ((q - zp) * scales).reshape(n, blocks * block)[:, :k].T
 
 
 def _quantize_table(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric 4-bit blocks along each row: (packed uint8 [V, H/2], scales [V, H/block])."""
+    """Symmetric 4-bit blocks along each row, on the grid ONNX Runtime's own quantizer uses (the
+    block's largest magnitude exactly on -8 steps): (packed uint8 [V, H/2], scales [V, H/block])."""
     v, h = table.shape
-    blocks = table.reshape(v, h // block, block)
-    scales = np.abs(blocks).max(axis=-1) / 7.0
-    scales[scales == 0] = 1.0
-    q = (np.clip(np.round(blocks / scales[..., None]), -8, 7) + 8).astype(np.uint8).reshape(v, h)
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8), scales.astype(np.float32)
+    codes = block_codes.round_to_nearest(table.T, 4, block, True)  # a [K=H, N=V] weight, blocks along H
+    q = codes.codes.reshape(v, h)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8), codes.scale.reshape(v, h // block)
 
 
 def _relative_error(before: np.ndarray, after: np.ndarray) -> float:
@@ -256,10 +257,14 @@ def _embeddings(model: onnx.ModelProto, float_weights: dict[str, np.ndarray], ti
             continue
         v, h = array.shape
         prefix = f"{table}__q4"
+        bits = 4
         if table in table_to_matmul:
+            # The table is the output projection's weight: read its MatMulNBits codes (4 or 8 bits) and
+            # scales through a Reshape, the same bytes stored once.
             mm = by_weight[table_to_matmul[table]]
+            bits = int(_attrs(mm).get("bits", 4))
             data, scales = f"{prefix}_data", f"{prefix}_scales"
-            added += [numpy_helper.from_array(np.array([v, h // 2], np.int64), f"{prefix}_dshape"),
+            added += [numpy_helper.from_array(np.array([v, h * bits // 8], np.int64), f"{prefix}_dshape"),
                       numpy_helper.from_array(np.array([v, h // block], np.int64), f"{prefix}_sshape")]
             nodes += [helper.make_node("Reshape", [mm.input[1], f"{prefix}_dshape"], [data], name=f"{prefix}_reshape_data"),
                       helper.make_node("Reshape", [mm.input[2], f"{prefix}_sshape"], [scales], name=f"{prefix}_reshape_scales")]
@@ -272,8 +277,8 @@ def _embeddings(model: onnx.ModelProto, float_weights: dict[str, np.ndarray], ti
             q = _unpack4(packed, h).astype(np.float32).reshape(v, h // block, block)
             deq = ((q - 8) * scale[..., None]).reshape(v, h)
         nodes.append(helper.make_node("GatherBlockQuantized", [data, node.input[1], scales], list(node.output), name=node.name or prefix,
-                                      domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block, bits=4))
-        layers.append({"layer": node.name or table, "weight": table, "kind": "embedding", "shape": [v, h], "algorithm": "rtn",
+                                      domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block, bits=bits))
+        layers.append({"layer": node.name or table, "weight": table, "kind": "embedding", "shape": [v, h], "algorithm": "shared" if table in table_to_matmul else "rtn", "bits": bits,
                        "relative_error": round(_relative_error(array, deq), 5), "stored_once_with": table_to_matmul.get(table)})
     del out.graph.node[:]
     out.graph.node.extend(nodes)

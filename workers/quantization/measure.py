@@ -92,6 +92,7 @@ class Reference:
         self.accuracy = compare(self.reference, self.session, self.kind).reference_accuracy() if data.labels is not None else None
         self.size_bytes = original.stat().st_size
         self._sessions: dict[Path, Any] = {}
+        self._duels: dict[tuple[Path, Path], float] = {}
 
     def fidelity(self, measured: Measured, session: Any) -> None:
         comparison = compare(self.reference, session, self.kind)
@@ -134,3 +135,18 @@ class Reference:
         original, candidate = m.latency([self.session, session], self.data, spec, progress)
         measured.latency_ratio = {o["batch"]: c["p50"] / o["p50"] for o, c in zip(original, candidate)}
         return measured
+
+    def head_to_head(self, first: Measured, second: Measured) -> float:
+        """first's time / second's (geometric mean over batch sizes), the two timed against each other
+        run by run for three times as long as a candidate against the original. Two ratios to the
+        original each carry their own noise; a direct comparison carries one (see selection)."""
+        assert first.path is not None and second.path is not None
+        key = (first.path, second.path)
+        if key not in self._duels:
+            batches = [self.data.fixed_batch] if self.data.fixed_batch else TIMING.batch_sizes
+            spec = TIMING.model_copy(update={"threads": self.threads, "batch_sizes": batches})
+            sessions = [m.make_session(first.path, self.threads), m.make_session(second.path, self.threads)]
+            a, b = m.latency(sessions, self.data, spec, lambda f, msg: None, min_timed_ms=3 * m.MIN_TIMED_MS)
+            ratios = [x["p50"] / y["p50"] for x, y in zip(a, b)]
+            self._duels[key] = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        return self._duels[key]

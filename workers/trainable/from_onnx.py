@@ -28,6 +28,23 @@ from workers.trainable.onnx_ops import OPS
 WEIGHTED = {"Conv", "Gemm", "BatchNormalization"}
 
 
+
+def _constants(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> tuple[dict[str, np.ndarray], set[int]]:
+    """Every constant value by name (initializers, Constant nodes, Identity of a constant) and the
+    ids of the nodes folded into them."""
+    consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    folded: set[int] = set()
+    for node in nodes:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = _constant_value(node)
+            folded.add(id(node))
+        elif node.op_type == "Identity" and node.input[0] in consts:
+            # The TorchScript exporter de-duplicates equal initializers through Identity nodes
+            # (e.g. a fresh BatchNorm's running_var aliasing its weight).
+            consts[node.output[0]] = consts[node.input[0]]
+            folded.add(id(node))
+    return consts, folded
+
 class UnsupportedModel(CompressionFailed):
     code = "unsupported_operator"
 
@@ -74,6 +91,16 @@ def _key(name: str, taken: set[str]) -> str:
     return key
 
 
+
+def _refuse_unsupported(nodes: list[onnx.NodeProto], folded: set[int]) -> None:
+    missing = sorted({n.op_type for n in nodes if id(n) not in folded} - set(OPS) - WEIGHTED - {"MatMul", "Constant"})
+    if missing:
+        # All of them at once: a user who works around one should not then meet the next.
+        raise UnsupportedModel(
+            f"operators not supported by the trainable converter: {', '.join(missing)}. quantize still applies "
+            f"(it works on the ONNX graph directly); supported by the converter: {', '.join(supported_operators())}"
+        )
+
 class OnnxGraphModule(nn.Module):
     """Runs the ONNX graph node by node; weighted layers are submodules in `self.layers`."""
 
@@ -88,17 +115,7 @@ class OnnxGraphModule(nn.Module):
         # module key -> where its parameters live in the (folded) ONNX graph, so trained weights can be
         # written back into the original graph (workers.trainable.write_back) instead of re-exported.
         self.sources: dict[str, dict[str, Any]] = {}
-        consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        folded: set[int] = set()
-        for node in nodes:
-            if node.op_type == "Constant":
-                consts[node.output[0]] = _constant_value(node)
-                folded.add(id(node))
-            elif node.op_type == "Identity" and node.input[0] in consts:
-                # The TorchScript exporter de-duplicates equal initializers through Identity nodes
-                # (e.g. a fresh BatchNorm's running_var aliasing its weight).
-                consts[node.output[0]] = consts[node.input[0]]
-                folded.add(id(node))
+        consts, folded = _constants(graph, nodes)
         self.input_names = [i.name for i in graph.input if i.name not in consts]
         self.output_names = [o.name for o in graph.output]
         # A fixed-batch export's shape constants spell its batch out: it runs on exactly that many rows.
@@ -114,13 +131,7 @@ class OnnxGraphModule(nn.Module):
             for name in node.input:
                 consumers.setdefault(name, []).append(node)
 
-        missing = sorted({n.op_type for n in nodes if id(n) not in folded} - set(OPS) - WEIGHTED - {"MatMul", "Constant"})
-        if missing:
-            # All of them at once: a user who works around one should not then meet the next.
-            raise UnsupportedModel(
-                f"operators not supported by the trainable converter: {', '.join(missing)}. quantize still applies "
-                f"(it works on the ONNX graph directly); supported by the converter: {', '.join(supported_operators())}"
-            )
+        _refuse_unsupported(nodes, folded)
         taken: set[str] = set()
         self.plan: list[tuple] = []
         used_consts: set[str] = set()
@@ -145,23 +156,7 @@ class OnnxGraphModule(nn.Module):
                                      "nodes": [node.output[0]]}
                 self.plan.append(("layer", key, [node.input[0]], list(node.output), None))
             elif op == "MatMul" and node.input[1] in consts and consts[node.input[1]].ndim == 2 and node.input[0] not in consts:
-                weight = consts[node.input[1]]
-                bias, bias_name, output = None, None, node.output[0]
-                users = consumers.get(output, [])
-                if len(users) == 1 and users[0].op_type == "Add":
-                    other = [i for i in users[0].input if i != output]
-                    if other and other[0] in consts and consts[other[0]].shape == (weight.shape[1],):
-                        bias, bias_name, output = consts[other[0]], other[0], users[0].output[0]
-                        skipped.add(id(users[0]))
-                linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
-                with torch.no_grad():
-                    linear.weight.copy_(torch.from_numpy(weight.T.copy()))
-                    if bias is not None:
-                        linear.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
-                if node.input[1] in (tied or ()):
-                    # A tied weight (GPT-2's output projection is the token embedding transposed): kept
-                    # as it is, so the model still stores the table once (write_back re-ties it).
-                    linear.weight.requires_grad_(False)
+                linear, bias_name, output = self._linear(node, consts, consumers, skipped, node.input[1] in (tied or ()))
                 key = _key(layer_name(node.input[1], node, aliases), taken)
                 self.layers[key] = linear
                 self.layer_names[key] = layer_name(node.input[1], node, aliases)
@@ -186,13 +181,42 @@ class OnnxGraphModule(nn.Module):
                 raise UnsupportedModel(
                     f"operator {op} (node '{node.name}') is not supported for training; supported: {', '.join(supported_operators())}"
                 )
-        self._const_keys: dict[str, str] = {}
-        for name in sorted(used_consts):
+        self._const_keys = self._register_constants(consts, used_consts, taken)
+
+    def _register_constants(self, consts: dict[str, np.ndarray], used: set[str], taken: set[str]) -> dict[str, str]:
+        """The constants the plan's ops read, as buffers (they follow the module to a device): name -> buffer key."""
+        keys: dict[str, str] = {}
+        for name in sorted(used):
             key = _key(f"const_{name}", taken)
             value = consts[name]
             tensor = torch.from_numpy(np.array(value, dtype=np.float32 if value.dtype == np.float64 else value.dtype))
             self.register_buffer(key, tensor, persistent=True)
-            self._const_keys[name] = key
+            keys[name] = key
+        return keys
+
+    @staticmethod
+    def _linear(node: onnx.NodeProto, consts: dict[str, np.ndarray], consumers: dict[str, list[onnx.NodeProto]], skipped: set[int],
+                tied: bool) -> tuple[nn.Linear, str | None, str]:
+        """A MatMul by a constant [K, N] weight as nn.Linear, taking in a following Add of a [N]
+        constant as its bias (that Add is marked skipped): (linear, bias name, output name)."""
+        weight = consts[node.input[1]]
+        bias, bias_name, output = None, None, node.output[0]
+        users = consumers.get(output, [])
+        if len(users) == 1 and users[0].op_type == "Add":
+            other = [i for i in users[0].input if i != output]
+            if other and other[0] in consts and consts[other[0]].shape == (weight.shape[1],):
+                bias, bias_name, output = consts[other[0]], other[0], users[0].output[0]
+                skipped.add(id(users[0]))
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(torch.from_numpy(weight.T.copy()))
+            if bias is not None:
+                linear.bias.copy_(torch.from_numpy(bias.astype(np.float32)))
+        if tied:
+            # A tied weight (GPT-2's output projection is the token embedding transposed): kept
+            # as it is, so the model still stores the table once (write_back re-ties it).
+            linear.weight.requires_grad_(False)
+        return linear, bias_name, output
 
     @staticmethod
     def _is_flatten(target: np.ndarray, in_dims: list[int | None] | None) -> bool:

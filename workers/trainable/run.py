@@ -13,7 +13,7 @@ import onnx
 import torch
 from torch import nn
 
-from service.core.errors import InvalidInput
+from workers.layer_names import require_known
 from workers.steps import StepData
 from workers.data import token_vocabularies
 from workers.fixed_batch import exactly
@@ -61,9 +61,7 @@ class TrainableRun:
     @staticmethod
     def check_named(layers: dict[str, nn.Module], asked: list[str] | None, what: str = "layers") -> None:
         """Every layer the step names must exist; the error lists the model's."""
-        unknown = sorted(set(asked or []) - set(layers))
-        if unknown:
-            raise InvalidInput(f"unknown {what} {unknown}; this model's are {sorted(layers)}", code="unknown_layer")
+        require_known(asked, layers, what)
 
     def inputs_seen(self, layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
         """The input each named layer receives on the example batch."""

@@ -19,18 +19,19 @@ from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
 from service.api.schemas import AUTH_RESPONSES, INVALID_RESPONSE, ITEM_RESPONSES, MAX_OFFSET, ErrorResponse, ArtifactUrl, JobCreate, JobPublic, JobsPublic, JobStatus
 from service.api.idempotency import check_replay
-from service.core.quota import lock_tenant
+from service.api.job_status import status_in_thread
+from service.core.quota import active_jobs, check_room_for_results, lock_tenant
 from service.api.page_headers import REPORT_PAGE_HEADERS
 from service.core import report_html
+from service.core.retention import remove_artifacts
 from service.core.datasets import check_against_model, check_labels_fit
 from service.core.db import session_scope
 from service.core.events import publish
 from service.core.errors import Conflict, InvalidInput, NotFound, QuotaExceeded, ServiceUnavailable
-from service.core.jobstore import job_public, request_cancel
+from service.core.jobstore import aware, job_public, request_cancel
 from service.core.llm import LLM_FORMAT, check_llm_job
 from service.core.dispatch import dispatch
-from service.core.queue import enqueue_webhook
-from service.core.search_driver import advance
+from service.core.job_end import EndedJob, on_job_ended
 from service.core.specs import StepCheck
 from service.core.tables import TERMINAL_STATUSES, Job, new_id
 from service.core.webhooks import check_webhook_url
@@ -94,7 +95,8 @@ def _created(job: Job) -> JSONResponse:
     "",
     status_code=202,
     response_model=JobPublic,
-    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: INVALID_RESPONSE, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: INVALID_RESPONSE, 429: {"model": ErrorResponse},
+               503: {"model": ErrorResponse}, 507: {"model": ErrorResponse, "description": "The tenant is at its storage quota (`storage_quota_exceeded`)."}},
 )
 def create_job(
     body: JobCreate,
@@ -113,7 +115,8 @@ def create_job(
             return _created(existing)
     _validate_inputs(session, tenant.id, body, settings)
     lock_tenant(session, tenant.id)  # the count below and the insert are one step for this tenant
-    active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running"))))
+    check_room_for_results(session, tenant.id, settings)
+    active = active_jobs(session, tenant.id)
     if active >= settings.tenant_max_active_jobs:
         # Also what keeps one tenant's backlog from starving the others in the shared FIFO queue.
         raise QuotaExceeded(
@@ -169,8 +172,11 @@ def list_jobs(
 
 
 @router.get("/{job_id}", responses=ITEM_RESPONSES, response_model=JobPublic)
-def get_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict:
-    return job_public(owned_job(session, tenant.id, job_id))
+async def get_job(job_id: str, tenant: CurrentTenant, settings: SettingsDep) -> Response:
+    # What every pipeline polls: built in one thread hop by service.api.job_status (returned as a
+    # dict, FastAPI would validate it again in a second hop), on a few threads of its own.
+    body = await status_in_thread(settings, tenant.id, job_id)
+    return Response(body, media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses={**ITEM_RESPONSES, 409: {"model": ErrorResponse}})
@@ -182,18 +188,8 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant, settings
         raise Conflict(f"job {job_id} already ended ({job.status})")
     status = request_cancel(session, job)
     publish(settings, job.id, {"status": status, "progress": job.progress or {}})
-    if status == "cancelled" and job.search_id:
-        advance(settings, job.search_id)  # a candidate cancelled on its own: its search judges without it
-    if status == "cancelled":
-        try:
-            dispatch(settings, tenant.id)  # its turn passes to the tenant's next waiting job
-        except Exception:  # noqa: BLE001 - the reconciler dispatches it later
-            pass
-    if status == "cancelled" and job.webhook_url:
-        try:
-            enqueue_webhook(settings, job.id)
-        except Exception:  # noqa: BLE001 - the cancel itself succeeded; a lost notification must not undo it
-            pass
+    if status == "cancelled":  # a queued job ended here; a running one ends in its worker, which does the same
+        on_job_ended(settings, EndedJob.of(job))
     return job_public(job)
 
 
@@ -207,7 +203,7 @@ async def job_events(job_id: str, request: Request, session: SessionDep, tenant:
     step), then one `end` event with the final job. Open streams are capped per tenant and overall
     (429 `too_many_streams`)."""
     # A stream may stay open for hours: it must not hold a pooled database connection while it waits.
-    slot = await checked_stream_slot(request, tenant.id, session, lambda: owned_job(session, tenant.id, job_id))
+    slot = await checked_stream_slot(request, settings, tenant.id, session, lambda: owned_job(session, tenant.id, job_id))
     url = settings.resolved_database_url
 
     def snapshot() -> dict[str, Any]:
@@ -225,6 +221,22 @@ def job_report_html(job_id: str, session: SessionDep, tenant: CurrentTenant) -> 
     return HTMLResponse(report_html.render(job_public(owned_job(session, tenant.id, job_id))), headers=REPORT_PAGE_HEADERS)
 
 
+def _no_artifact(job: Job, name: str) -> str:
+    if job.artifacts_removed_at is not None:
+        return f"job {job.id}'s artifacts were removed on {aware(job.artifacts_removed_at):%Y-%m-%d %H:%M} UTC ({job.artifacts_removed_reason}); its metrics and report stay"
+    return f"job {job.id} has no artifact '{name}'" + ("" if job.status == "succeeded" else f" (status: {job.status})")
+
+
+@router.delete("/{job_id}/artifacts", status_code=204, responses={**ITEM_RESPONSES, 409: {"model": ErrorResponse, "description": "The job has not ended (`conflict`)."}})
+def delete_artifacts(job_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> Response:
+    """Remove a finished job's artifacts (model, bundle, report.json) to free the tenant's storage
+    quota; the job, its metrics and its report page stay, `artifacts_removed` says when."""
+    job = owned_job(session, tenant.id, job_id)
+    if not remove_artifacts(session, store, job, "deleted by the user"):
+        raise Conflict(f"job {job_id} is {job.status}: its artifacts can be removed once it ends", code="conflict")
+    return Response(status_code=204)
+
+
 @router.get("/{job_id}/artifacts/{name}/url", response_model=ArtifactUrl, responses={**ITEM_RESPONSES, 409: {"model": ErrorResponse}})
 def artifact_url(job_id: str, name: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep, settings: SettingsDep) -> dict:
     """A presigned URL that downloads the artifact straight from the object store (large models need
@@ -232,7 +244,7 @@ def artifact_url(job_id: str, name: str, session: SessionDep, tenant: CurrentTen
     job = owned_job(session, tenant.id, job_id)
     artifact = next((a for a in job.artifacts or [] if a["name"] == name), None)
     if artifact is None:
-        raise NotFound(f"job {job_id} has no artifact '{name}'" + ("" if job.status == "succeeded" else f" (status: {job.status})"))
+        raise NotFound(_no_artifact(job, name))
     url = store.presigned_url(f"jobs/{tenant.id}/{job_id}/{name}", name, settings.presigned_url_ttl_s)
     if url is None:
         raise Conflict("this service stores artifacts on disk, not in object storage: download through GET .../artifacts/{name}", code="presigned_unavailable")
@@ -249,6 +261,6 @@ def download_artifact(job_id: str, name: str, session: SessionDep, tenant: Curre
     graph with its external data, when it is over 2 GB), `model.msz` (a Huffman bundle) or `report.json`."""
     job = owned_job(session, tenant.id, job_id)
     if name not in {a["name"] for a in job.artifacts or []}:
-        raise NotFound(f"job {job_id} has no artifact '{name}'" + ("" if job.status == "succeeded" else f" (status: {job.status})"))
+        raise NotFound(_no_artifact(job, name))
     media = {".json": "application/json", ".zip": "application/zip"}.get(Path(name).suffix, "application/octet-stream")
     return FileResponse(store.path(f"jobs/{tenant.id}/{job_id}/{name}"), media_type=media, filename=name)

@@ -17,7 +17,7 @@ from sse_starlette.sse import EventSourceResponse
 from service.api.deps import CurrentTenant, SessionDep, SettingsDep
 from service.api.follow import checked_stream_slot, follow
 from service.api.idempotency import check_replay
-from service.core.quota import lock_tenant
+from service.core.quota import active_jobs, check_room_for_results, lock_tenant
 from service.api.page_headers import REPORT_PAGE_HEADERS
 from service.api.routes.datasets import owned_dataset
 from service.api.routes.models import owned_model
@@ -29,7 +29,7 @@ from service.core.llm import LLM_FORMAT
 from service.core.search_driver import advance, search_recipes
 from service.core.search_report_html import render_search
 from service.core.search_view import candidate_jobs, search_public
-from service.core.tables import TERMINAL_STATUSES, Job, Search, new_id, utcnow
+from service.core.tables import TERMINAL_STATUSES, Search, new_id, utcnow
 from service.core.webhooks import check_webhook_url
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,8 @@ def _created(session, search: Search) -> JSONResponse:
     "",
     status_code=202,
     response_model=SearchPublic,
-    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: INVALID_RESPONSE, 429: {"model": ErrorResponse}},
+    responses={404: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 422: INVALID_RESPONSE, 429: {"model": ErrorResponse},
+               507: {"model": ErrorResponse, "description": "The tenant is at its storage quota (`storage_quota_exceeded`)."}},
 )
 def create_search(
     body: SearchCreate,
@@ -118,7 +119,8 @@ def create_search(
                     deadline_at=now + timedelta(minutes=body.budget_minutes), created_at=now)
     planned = len(search_recipes(search))
     lock_tenant(session, tenant.id)  # the count below and the insert are one step for this tenant
-    active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))) or 0
+    check_room_for_results(session, tenant.id, settings)
+    active = active_jobs(session, tenant.id)
     if active + planned > settings.tenant_max_active_jobs:
         raise QuotaExceeded(f"this search starts {planned} candidate jobs and this tenant has {active} queued or running, "
                             f"its limit is {settings.tenant_max_active_jobs}; wait for some to finish", retry_after_s=30)
@@ -181,7 +183,7 @@ def cancel_search(search_id: str, session: SessionDep, tenant: CurrentTenant, se
 async def search_events(search_id: str, request: Request, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> EventSourceResponse:
     """Server-sent events: `progress` whenever a candidate ends or a rung starts, then one `end` event
     with the final search."""
-    slot = await checked_stream_slot(request, tenant.id, session, lambda: owned_search(session, tenant.id, search_id))
+    slot = await checked_stream_slot(request, settings, tenant.id, session, lambda: owned_search(session, tenant.id, search_id))
     url = settings.resolved_database_url
 
     def snapshot() -> dict[str, Any]:

@@ -8,15 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from service.core.artifacts import ArtifactStore
-from service.core.errors import ServiceUnavailable, StorageQuotaExceeded
-from service.core.quota import lock_tenant
+from service.core.errors import ServiceUnavailable
+from service.core.quota import lock_tenant, storage_quota_exceeded, stored_bytes
 from service.core.settings import Settings
-from service.core.tables import StoredDataset, StoredModel
 from service.core.uploads import ReceivedUpload, receive_upload
 
 
@@ -65,18 +63,6 @@ class CheckQueue:
             self.semaphore.release()
 
 
-def stored_bytes(session: Session, tenant_id: str) -> int:
-    models = session.scalar(select(func.coalesce(func.sum(StoredModel.size_bytes), 0)).where(StoredModel.tenant_id == tenant_id))
-    datasets = session.scalar(select(func.coalesce(func.sum(StoredDataset.size_bytes), 0)).where(StoredDataset.tenant_id == tenant_id))
-    return int(models) + int(datasets)
-
-
-def _storage_quota(used: int, settings: Settings) -> StorageQuotaExceeded:
-    return StorageQuotaExceeded(
-        f"this tenant stores {used} bytes of models and datasets; its quota is {settings.tenant_max_stored_bytes}: delete some first"
-    )
-
-
 async def accept_upload(
     request: Request, session: Session, tenant_id: str, settings: Settings, store: ArtifactStore, check: Callable[[Path, str], dict[str, Any]],
     same_as: Callable[[str], Any] | None = None,
@@ -86,7 +72,7 @@ async def accept_upload(
     are not stored twice: the description is {"existing": row}."""
     used = await run_in_threadpool(stored_bytes, session, tenant_id)
     if used >= settings.tenant_max_stored_bytes:
-        raise _storage_quota(used, settings)
+        raise storage_quota_exceeded(used, settings)
     # Streaming and checking can take minutes: hold no pooled database connection meanwhile.
     await run_in_threadpool(session.close)
     upload = await receive_upload(request, store.temp_dir(), settings.max_upload_bytes)
@@ -97,7 +83,7 @@ async def accept_upload(
             return upload, {"existing": existing}
     try:
         if used + upload.size_bytes > settings.tenant_max_stored_bytes:
-            raise _storage_quota(used + upload.size_bytes, settings)
+            raise storage_quota_exceeded(used + upload.size_bytes, settings)
         description = await request.app.state.checks.run(lambda path: check(path, upload.filename), upload.path)
     except BaseException:
         upload.path.unlink(missing_ok=True)
@@ -113,7 +99,7 @@ def commit_within_quota(session: Session, row: Any, settings: Settings, store: A
     if used + row.size_bytes > settings.tenant_max_stored_bytes:
         session.rollback()
         store.delete_prefix(key.rsplit("/", 1)[0])
-        raise _storage_quota(used + row.size_bytes, settings)
+        raise storage_quota_exceeded(used + row.size_bytes, settings)
     session.add(row)
     session.commit()
 

@@ -16,6 +16,12 @@ class ClusterReport(StepReport):
     quality_before_finetune: float | None = None
     quality_after: float | None = None
     finetune_epochs: int | None = None
+    init: str | None = Field(None, description="How centroids were initialised (linear, density, kmeans++).")
+    finetune_loss: list[float] = Field(default_factory=list, description="Centroid fine-tuning's loss per epoch.")
+    target: str | None = Field(None, description="What fine-tuning trained towards: labels or the original model's outputs.")
+    batch_size: int | None = None
+    scores_by_epoch: list[float] | None = Field(None, description="Held-out quality after each epoch (the clustered state first).")
+    kept_epoch: int | None = Field(None, description="The epoch kept (0: the clustered state before fine-tuning).")
 
 
 class ClusterStep(MethodSpec):

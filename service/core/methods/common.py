@@ -10,6 +10,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.core.reported import Reported
+
 # Node, layer and operator names: bounded, so a spec cannot smuggle megabytes into the job store.
 NameList = list[Annotated[str, Field(min_length=1, max_length=512)]]
 
@@ -29,13 +31,16 @@ class StepCheck:
     other_model: Callable[[str], Any]  # another of the tenant's models by id (404 when not theirs)
 
 
-class StepReport(BaseModel):
+class StepReport(Reported):
     """What one step did: `index`, `method` and the method's own fields (each method's report model
-    lists them; a report may carry more: reports grow, and older jobs must stay readable)."""
+    lists them; read tolerantly, so older jobs stay readable as reports grow; service.core.reported)."""
 
-    model_config = ConfigDict(extra="allow")
     index: int = Field(description="The step's position in the job (0-based).")
     method: str
+    # Said by every method that trains or scores on data (only when it did).
+    device: str | None = Field(None, description="Where the step trained: cpu or cuda[:n].")
+    evaluated_on: str | None = Field(None, description="The data the step scored quality on: evaluation data, training data (no evaluation dataset) or synthetic inputs.")
+    why_no_conversion: str | None = Field(None, description="Why the step worked on the ONNX weights where they are stored instead of converting the model to torch.")
 
 
 class MethodSpec(StrictModel):

@@ -14,6 +14,9 @@ class DeepCompressionReport(StepReport):
     method: Literal["deep_compression"] = "deep_compression"
     stages: list[dict[str, Any]] = Field(default_factory=list, description="Per stage (pruned, clustered, Huffman-coded): size, ratio, accuracy.")
     paper: dict[str, Any] | None = None
+    prune: dict[str, Any] | None = Field(None, description="The pruning stage's own report (as a prune step reports).")
+    cluster: dict[str, Any] | None = Field(None, description="The clustering stage's own report (as a cluster step reports).")
+    labels_for_accuracy: bool | None = Field(None, description="Whether the stages' accuracy came from labels in the held-out data.")
 
 
 class DeepCompressionStep(MethodSpec):

@@ -36,6 +36,15 @@ class DistillReport(StepReport):
     student_score: float | None = None
     best_epoch: int | None = None
     curve: list[dict[str, Any]] = Field(default_factory=list)
+    teacher_architecture: list[dict[str, Any]] = Field(default_factory=list, description="Per layer of the teacher: type, weight shapes, parameters.")
+    student_architecture: list[dict[str, Any]] = Field(default_factory=list, description="The same for the student.")
+    temperature: float | None = None
+    loss: str | None = Field(None, description="The distillation loss, in words (it follows output_kind).")
+    alpha: float | None = Field(None, description="The labels' share of the loss (0 without labels).")
+    labels_used: bool | None = None
+    stopped_early: bool | None = Field(None, description="Training stopped when validation had not improved for `patience` epochs.")
+    baseline_from_scratch: dict[str, Any] | None = Field(None, description="With compare_to_scratch: the same student trained on the labels alone (score, best epoch, curve).")
+    distillation_gain: float | None = Field(None, description="student_score minus the from-scratch baseline's score.")
 
 
 class DistillStep(MethodSpec):

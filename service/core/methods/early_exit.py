@@ -16,6 +16,8 @@ class EarlyExitReport(StepReport):
     thresholds: list[dict[str, Any]] = Field(default_factory=list, description="Per threshold: accuracy, average MACs, share leaving at each exit.")
     chosen: dict[str, Any] | None = None
     deployable: dict[str, Any] | None = Field(None, description="The nested-If model: ONNX Runtime time per sample at batch 1, exit shares measured.")
+    quality_metric: str | None = None
+    original_score: float | None = Field(None, description="The original model's score on the held-out data, in quality_metric.")
 
 
 class EarlyExitStep(MethodSpec):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
 
 from service.core.methods.common import MethodSpec, StepReport
 
@@ -11,6 +13,9 @@ class HuffmanReport(StepReport):
     method: Literal["huffman"] = "huffman"
     onnx_bytes: int | None = None
     bundle_bytes: int | None = None
+    tensors: list[dict[str, Any]] = Field(default_factory=list, description="Per tensor: the codec and the bytes before and after.")
+    skeleton_bytes: int | None = Field(None, description="The graph without its weights, as stored in the bundle.")
+    header_bytes: int | None = None
 
 
 class HuffmanStep(MethodSpec):

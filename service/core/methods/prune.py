@@ -25,6 +25,13 @@ class PruneReport(StepReport):
     finetune_epochs: int | None = None
     ffn: dict[str, Any] | None = Field(None, description="Feed-forward units removed on the graph itself (transformers whose MLP reshapes around its layers with the width spelled out, as GPT-2's Conv1D): units before/after per block, the importance used.")
     heads: dict[str, Any] | None = Field(None, description="Attention heads removed (with `heads`): how many of how many, per block which ones and every head's measured importance.")
+    importance: str | None = Field(None, description="How weights or channels were ranked (magnitude, l1, l2, taylor, wanda, apoz, ...).")
+    scope: str | None = Field(None, description="layer or global: where the amount applies.")
+    target_amount: float | None = Field(None, description="The amount asked for.")
+    lottery_ticket: bool | None = None
+    kept_round: int | str | None = Field(None, description="The round whose model was kept (ticket: the rewound and retrained lottery ticket).")
+    finetune_lr: float | None = None
+    finetune_by_round: list[dict[str, Any]] = Field(default_factory=list, description="Each round's fine-tuning outcome: epochs, losses, the best epoch kept.")
 
 
 class PruneStep(MethodSpec):

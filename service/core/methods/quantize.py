@@ -44,12 +44,28 @@ class QuantizeReport(StepReport):
     measured_on: str | None = None
     reason: str | None = None
     candidates: list[QuantizeCandidate] = Field(default_factory=list)
+    error_feedback: dict[str, Any] | None = Field(None, description="int8 with gptq rounding: the layers refined and each one's output error on the calibration data, rounded to nearest and with GPTQ.")
     sensitivity: list[dict[str, Any]] | None = Field(None, description="Layers ranked by the fidelity each costs quantized alone (when mixed precision ran).")
     float_layers: list[dict[str, Any]] = Field(default_factory=list, description="Weights left in float32 and why.")
     warnings: list[str] = Field(default_factory=list)
     transformer_fusion: dict[str, int] | None = None
     ops_before: dict[str, int] = Field(default_factory=dict)
     ops_after: dict[str, int] = Field(default_factory=dict)
+    # What the kept candidate's builder did (only the keys of its family are present).
+    smooth_quant: dict[str, Any] | None = Field(None, description="SmoothQuant: the alpha (one, or chosen per activation with the counts of each) and how many activations were smoothed.")
+    calibration: dict[str, Any] | None = Field(None, description="int8_static: the calibration method and the number of samples it saw.")
+    format: str | None = Field(None, description="int8_static: QDQ (QuantizeLinear/DequantizeLinear pairs around float ops).")
+    keep_io_types: bool | None = Field(None, description="fp16: whether the inputs and outputs stayed float32.")
+    algorithm: str | None = Field(None, description="int4_weight_only: rtn, hqq or gptq.")
+    block_size: int | None = Field(None, description="int4_weight_only: weights per quantization block.")
+    layers: list[Any] | None = Field(None, description="int4_weight_only: the weights stored in 4 bits.")
+    tied_tables_stored_once: list[dict[str, str]] | None = Field(None, description="int4_weight_only: embedding tables a matrix product reads through the tie, stored once.")
+    float_weights: list[dict[str, Any]] | None = Field(None, description="int4_weight_only: weights left in float, largest first, with their parameters and why.")
+    float_share: float | None = Field(None, description="int4_weight_only: share of the parameters left in float.")
+    lm_head: dict[str, Any] | None = Field(None, description="LLM jobs: the output projection and the bits it got.")
+    binarized_layers: list[str] | None = Field(None, description="binary: the layers whose weights are signs times a per-row scale.")
+    quality: dict[str, Any] | None = Field(None, description="binary: quality before and after the binarised fine-tuning.")
+    path: str | None = Field(None, description="binary: onnx_initializers when nothing was trained and the weights were binarised where they are stored.")
 
 
 class QuantizeStep(MethodSpec):
@@ -91,9 +107,12 @@ class QuantizeStep(MethodSpec):
         None, description="Apply ONNX Runtime's transformer optimizer (attention, LayerNorm, GELU fusions) first. Default: measured with and without on transformer graphs."
     )
     smooth_quant: bool | None = Field(
-        None, description="int8_static: SmoothQuant (move activation outliers into the weights). Default: measured on transformers, kept only when better."
+        None, description="int8 (dynamic and static): SmoothQuant (move activation outliers into the weights). Default: measured on transformers "
+        "when the job has a dataset, kept only when better."
     )
-    smooth_quant_alpha: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength: larger moves more of the activation range into the weights.")
+    smooth_quant_alpha: float | None = Field(
+        None, ge=0, le=1, description="SmoothQuant migration strength: larger moves more of the activation range into the weights. "
+        "Default: chosen per activation among 0.3-0.9, the one whose int8 product on the calibration data is closest to the float one.")
     int4_algorithm: Literal["rtn", "hqq", "gptq"] | None = Field(
         None, description="int4_weight_only: round-to-nearest, HQQ or GPTQ (ONNX Runtime's MatMulNBitsQuantizer; GPTQ calibrates on the job's dataset). "
         "Default: measured; on an LLM checkpoint, gptq (on the calibration text, or built-in text without one)."
@@ -102,7 +121,7 @@ class QuantizeStep(MethodSpec):
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(
         None, description="MatMulNBits accuracy_level on an LLM checkpoint: 4 multiplies with int8 activations (fastest on CPU, as the GenAI builder), 0-1 in float. Default: 4.")
     max_perplexity_increase: float = Field(
-        0.05, gt=0, le=10, description="LLM checkpoints, auto: largest relative perplexity increase (0.05 = +5%) on the calibration text a kept candidate may have.")
+        0.05, gt=0, le=10, description="LLM checkpoints, auto: largest relative perplexity increase (0.05 = +5%) a kept candidate may have, on the last quarter of the calibration windows (held out from GPTQ).")
     lm_head_bits: Literal[4, 8, 32] | None = Field(
         None, description="LLM checkpoints: bits of the output projection (lm_head; 32 leaves it float). Default: 4 in int4_weight_only, 8 in int8_weight_only, measured in auto.")
     calibration_tokens: int = Field(8192, ge=64, le=1_000_000, description="LLM checkpoints: tokens of calibration text used for GPTQ, sensitivity and choosing.")
@@ -115,6 +134,11 @@ class QuantizeStep(MethodSpec):
     reduce_range: bool | None = Field(
         None, description="7-bit int8 weights, for CPUs without VNNI whose int8 arithmetic saturates. Default: measured where the CPU lacks VNNI, off elsewhere."
     )
+    int8_rounding: Literal["gptq", "nearest"] = Field(
+        "nearest", description="int8 weights: nearest rounds each weight alone, as ONNX Runtime does; gptq spreads each weight's rounding "
+        "error over the input channels not yet rounded, so every layer's output on the calibration data moves as little as it can "
+        "(ONNX Runtime's scales, operators and size unchanged; needs a dataset). gptq helps per-tensor weights most (all-MiniLM-L6-v2: "
+        "cosine 0.955 -> 0.973) and can lose after SmoothQuant (0.9964 -> 0.9916), so it is not the default.")
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
     op_types: NameList | None = Field(None, max_length=4096, description="Only quantize these operator types (default: measured: matrix products only, or all supported).")
     exclude_op_types: NameList = Field(default_factory=list, max_length=4096, description="Operator types left in float.")
@@ -128,7 +152,7 @@ class QuantizeStep(MethodSpec):
         return self
 
     def needs_dataset(self) -> bool:
-        return self.mode == "int8_static" or (self.mode == "binary" and self.finetune_epochs > 0) or (self.mode == "int4_weight_only" and self.int4_algorithm == "gptq")
+        return self.mode == "int8_static" or self.smooth_quant is True or self.int8_rounding == "gptq" or (self.mode == "binary" and self.finetune_epochs > 0) or (self.mode == "int4_weight_only" and self.int4_algorithm == "gptq")
 
     def trains(self, has_dataset: bool) -> bool:
         return self.mode == "binary" and self.finetune_epochs > 0 and has_dataset
