@@ -52,7 +52,13 @@ def probe_onnx(path: Path, *, timeout_s: float, memory_bytes: int, run: bool = T
     there for the caller. Memory is sized from what the archive declares it unpacks to (an honest model
     with compressible weights is small as a zip), files the child writes are capped by RLIMIT_FSIZE."""
     zipped = is_zip(path)
-    unpacks_to = min(max_unpacked_bytes, declared_unpacked_bytes(path)) if zipped else 0
+    declared = declared_unpacked_bytes(path) if zipped else 0
+    if declared > max_unpacked_bytes:
+        # Refused from the archive's own header, before anything is unpacked; a header that lies is
+        # caught while unpacking (internalize counts the bytes it writes, RLIMIT_FSIZE backs it).
+        raise InvalidInput(f"the archive unpacks to {declared / 1024**3:.2f} GiB, over the {max_unpacked_bytes / 1024**3:.2f} GiB "
+                           "this server accepts (MODELSHRINK_MAX_UPLOAD_BYTES)", code="model_too_large")
+    unpacks_to = declared
     memory_bytes = probe_memory_for(path, memory_bytes, max(decoded_bytes or 0, unpacks_to) or None)
     file_cap = max_unpacked_bytes + 64 * 1024**2
 

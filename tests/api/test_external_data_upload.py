@@ -102,3 +102,45 @@ def test_unsafe_or_inconsistent_archives_are_refused(client, tmp_path: Path, cas
 def test_a_single_file_model_still_uploads_as_before(client) -> None:
     response = client.post("/v1/models", files={"file": ("m.onnx", mlp().SerializeToString())})
     assert response.status_code == 201
+
+
+def _zero_weight_zip(path: Path, data_bytes: int) -> Path:
+    """An honest zip of a MatMul model whose all-zero float weight (`data_bytes` of it) is external
+    data: a few hundred KB per GiB. Written in chunks, so the test never holds the GiB itself."""
+    rows = data_bytes // (256 * 4)
+    weight = onnx.TensorProto(name="w", dims=[rows, 256], data_type=onnx.TensorProto.FLOAT, data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", "model.onnx.data"), ("offset", "0"), ("length", str(rows * 256 * 4))):
+        weight.external_data.add(key=key, value=value)
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", rows])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 256])], [weight])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=9)
+    chunk = bytes(16 * 1024**2)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        archive.writestr("model.onnx", model.SerializeToString())
+        with archive.open("model.onnx.data", "w", force_zip64=True) as data:
+            for _ in range(rows * 256 * 4 // len(chunk)):
+                data.write(chunk)
+    return path
+
+
+def test_a_one_gib_zip_bomb_sent_five_times_leaves_nothing_under_the_data_dir(tmp_path: Path) -> None:
+    """The red team's 1 MB zip of 1 GiB of zeros, refused because checking it would take more memory
+    than the operator allows: each refusal removed its upload and its unpacked folder (before, every
+    request left 1 GiB under the incoming folder until a restart)."""
+    from tests.conftest import authed_client, fast_settings
+
+    bomb = _zero_weight_zip(tmp_path / "bomb.zip", 1024**3)
+    assert bomb.stat().st_size < 8 * 1024**2
+    settings = fast_settings(tmp_path / "data", probe_memory_bytes=768 * 1024**2)
+    with authed_client(settings) as client:
+        for _ in range(5):
+            with bomb.open("rb") as body:
+                response = client.post("/v1/models", files={"file": ("bomb.zip", body)})
+            assert response.status_code == 422 and response.json()["error"]["code"] == "model_too_large", response.text
+        left = [p for p in (tmp_path / "data").rglob("*") if p.is_file() and p.stat().st_size > 1024**2]
+        assert left == [], left  # only the database and the keys remain
+        assert list(client.app.state.store.temp_dir().iterdir()) == []
+        # The same model under the limits (64 MiB of zero weights) is an honest model and is accepted.
+        honest = client.post("/v1/models", files={"file": ("zeros.zip", _zero_weight_zip(tmp_path / "zeros.zip", 64 * 1024**2).read_bytes())})
+        assert honest.status_code == 201, honest.text

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,9 @@ def start(env: dict[str, str], port: int) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([EXE, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     url = proc.stdout.readline().strip()  # serve prints its URL once it is about to listen
     assert url == f"http://127.0.0.1:{port}"
+    # Keep reading what it prints (the access log): a full pipe blocks the server's event loop on its
+    # next log line, and 200 requests at once filled it.
+    threading.Thread(target=proc.stdout.read, daemon=True).start()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:

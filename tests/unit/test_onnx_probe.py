@@ -140,3 +140,11 @@ def test_an_honest_model_with_compressible_weights_is_accepted(tmp_path: Path) -
     archive = _zipped_external(tmp_path, "zeros", 96 * 1024)  # 96 MiB of zero weights
     description = probe_onnx(archive, timeout_s=120, memory_bytes=4 * 1024**3)
     assert description["inputs"][0]["shape"] == ["N", 96 * 1024] and Path(description["stored_file"]).is_file()
+
+
+def test_an_archive_whose_header_declares_more_than_the_limit_is_refused_before_unpacking(tmp_path: Path) -> None:
+    archive = _zipped_external(tmp_path, "declared", 64 * 1024)  # 64 MiB of zeros, honestly declared
+    with pytest.raises(InvalidInput) as refused:
+        probe_onnx(archive, timeout_s=60, memory_bytes=2 * 1024**3, max_unpacked_bytes=32 * 1024**2)
+    assert refused.value.code == "model_too_large" and "0.06 GiB" in refused.value.message
+    assert [p.name for p in archive.parent.iterdir()] == ["declared.zip"]  # no folder was made for it

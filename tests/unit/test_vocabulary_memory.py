@@ -24,14 +24,14 @@ JOBS = {
 }
 
 
-def _prepare(directory: Path) -> None:
+def _prepare(directory: Path, n_embd: int = 64) -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from bench.architectures import Export, dataset
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2)).eval()
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=n_embd, n_head=2)).eval()
 
     class Logits(torch.nn.Module):
         def __init__(self) -> None:
