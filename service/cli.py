@@ -77,7 +77,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     import uvicorn
 
     from service.api.app import create_app
-    from service.log_queue import queue_handlers
+    from service.log_queue import BufferedLogs
     from service.core.db import migrate
     from service.processes import Supervised, embedded_redis_command, wait_for_redis, worker_command
 
@@ -102,7 +102,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    listeners: list = []
+    logs = None
     try:
         for child in children:
             child.start()
@@ -111,11 +111,11 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
         print(url, flush=True)
         # Open event streams must not hold a shutdown up for ever.
         config = uvicorn.Config(create_app(settings, run_migrations=False), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
-        listeners = queue_handlers("uvicorn", "uvicorn.access")  # configured by Config: its handlers, off the event loop
+        logs = BufferedLogs("uvicorn", "uvicorn.access")  # configured by Config: its handlers, off the event loop
         uvicorn.Server(config).run()
     finally:
-        for listener in listeners:
-            listener.stop()
+        if logs is not None:
+            logs.stop()
         for child in reversed(children):  # worker first, then the broker it talks to
             child.stop()
 
