@@ -7,12 +7,12 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import anyio
 import redis.asyncio as aioredis
 from fastapi import Request
 from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
+from service.api.own_threads import on_own_threads
 from service.core.events import channel, redis_url
 from service.core.settings import Settings
 from service.core.tables import TERMINAL_STATUSES
@@ -25,10 +25,7 @@ async def in_stream_thread(request: Request, settings: Settings, work: Callable[
     """`work` on the event streams' own threads (settings.stream_threads), not the shared pool: a burst
     of followers then queues behind itself, and another tenant's request does not wait behind 60
     ownership checks and first snapshots (1.07 s on CI's two cores, against a one-second goal)."""
-    limiter = getattr(request.app.state, "stream_threads", None)
-    if limiter is None:  # made on the event loop that uses it
-        limiter = request.app.state.stream_threads = anyio.CapacityLimiter(settings.stream_threads)
-    return await anyio.to_thread.run_sync(work, limiter=limiter)
+    return await on_own_threads(request, "streams", settings.stream_threads, work)
 
 
 async def checked_stream_slot(request: Request, settings: Settings, tenant_id: str, session: Any, check: Callable[[], Any]) -> Any:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 
-import anyio
+from fastapi import Request
 from sqlalchemy import Text, bindparam, cast, select
 from sqlalchemy.engine import Connection
 
+from service.api.own_threads import on_own_threads
 from service.api.schemas import JobPublic
 from service.core.db import engine_of
 from service.core.errors import NotFound
@@ -45,18 +46,12 @@ def status_body(connection: Connection, tenant_id: str, job_id: str) -> bytes:
     return body[:-1] + b',"metrics":' + (raw.encode() if raw is not None else b"null") + b"}"
 
 
-_limiter: anyio.CapacityLimiter | None = None
-
-
 def _status(url: str, tenant_id: str, job_id: str) -> bytes:
     # A Core connection, not an ORM session: nothing here needs the identity map.
     with engine_of(url).connect() as connection:
         return status_body(connection, tenant_id, job_id)
 
 
-async def status_in_thread(settings: Settings, tenant_id: str, job_id: str) -> bytes:
+async def status_in_thread(request: Request, settings: Settings, tenant_id: str, job_id: str) -> bytes:
     """The body, built on settings.status_threads threads of its own (why: Settings)."""
-    global _limiter
-    if _limiter is None:  # made on the event loop that uses it
-        _limiter = anyio.CapacityLimiter(settings.status_threads)
-    return await anyio.to_thread.run_sync(_status, settings.resolved_database_url, tenant_id, job_id, limiter=_limiter)
+    return await on_own_threads(request, "status", settings.status_threads, _status, settings.resolved_database_url, tenant_id, job_id)

@@ -39,6 +39,11 @@ class PrefillLatency(Reported):
     ms: float = Field(description="Median milliseconds to process the prompt (the time to the first token's logits).")
 
 
+class Generation(Reported):
+    prompt: str
+    text: str = Field(description="What the model generated after the prompt (greedy).")
+
+
 class LlmMeasurement(Reported):
     """One model's numbers in an LLM job (original: the fp32 export; compressed: the result), same text, same runtime."""
 
@@ -50,7 +55,7 @@ class LlmMeasurement(Reported):
     prefill: list[PrefillLatency] = Field(default_factory=list)
     peak_memory_bytes: int | None = Field(None, description="Peak resident memory of a process that loads the model and generates.")
     weight_bytes: int = Field(description="Bytes of model.onnx and its data file.")
-    generations: list[dict[str, Any]] = Field(default_factory=list, description="The prompts and what the model generated (greedy).")
+    generations: list[Generation] = Field(default_factory=list, description="The prompts and what the model generated (greedy).")
 
 
 def check_llm_job(model: Any, steps: list[Any], datasets: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from html import escape
 from typing import Any
 
 from service.core.llm import LlmMeasurement
+from service.core.methods.quantize import QuantizeReport
 from service.core.report_html import bars, fmt
 
 
@@ -29,24 +30,22 @@ def llm_sections(o: LlmMeasurement, c: LlmMeasurement) -> list[str]:
         sections.append(_pair("peak memory loading and generating (MB)", o.peak_memory_bytes / 1e6, c.peak_memory_bytes / 1e6))
     rows = []
     for a, b in zip(o.generations, c.generations):
-        rows.append(f"<tr><td><code>{escape(a['prompt'])}</code></td><td>{escape(a['text'])}</td><td>{escape(b['text'])}</td></tr>")
+        rows.append(f"<tr><td><code>{escape(a.prompt)}</code></td><td>{escape(a.text)}</td><td>{escape(b.text)}</td></tr>")
     if rows:
         sections.append("<h2>greedy generations</h2><table border=\"1\" cellpadding=\"4\" style=\"border-collapse:collapse;font-size:12px\">"
                         "<tr><th>prompt</th><th>original</th><th>compressed</th></tr>" + "".join(rows) + "</table>")
     return sections
 
 
-def llm_step_sections(step: dict[str, Any]) -> list[str]:
+def llm_step_sections(step: QuantizeReport) -> list[str]:
     sections = []
-    candidates = step.get("candidates") or []
-    if candidates:
+    if step.candidates:
         sections.append(bars("candidates: perplexity increase on the calibration text (%)",
-                             [(f"{c['candidate']} ({fmt(c.get('compression_ratio'))}x)", 100 * c["perplexity_increase"],
-                               "chosen" if c["candidate"] == step.get("chosen") else "compressed" if c.get("meets_target") else "original") for c in candidates]))
-        sections.append(f"<p>kept <b>{escape(fmt(step.get('chosen')))}</b>: {escape(fmt(step.get('reason')))}</p>")
-    sensitivity = step.get("sensitivity") or []
-    if sensitivity:
+                             [(f"{c.candidate} ({fmt(c.compression_ratio)}x)", None if c.perplexity_increase is None else 100 * c.perplexity_increase,
+                               "chosen" if c.candidate == step.chosen else "compressed" if c.meets_target else "original") for c in step.candidates]))
+        sections.append(f"<p>kept <b>{escape(fmt(step.chosen))}</b>: {escape(fmt(step.reason))}</p>")
+    if step.sensitivity:
         sections.append(bars("layers by sensitivity: output error at int4 on the calibration text (bits kept in the label)",
-                             [(f"{r['layer'].strip('/').replace('/MatMul', '')} [{r.get('bits')}b]", r["error_int4"],
-                               "warn" if r.get("bits") == 8 else "compressed") for r in sensitivity[:24]]))
+                             [(f"{r.layer.strip('/').replace('/MatMul', '')} [{r.bits}b]", r.error_int4,
+                               "warn" if r.bits == 8 else "compressed") for r in step.sensitivity[:24]]))
     return sections

@@ -13,6 +13,9 @@ from __future__ import annotations
 from html import escape
 from typing import TYPE_CHECKING, Any
 
+from service.core.methods.common import StepReport
+from service.core.methods.quantize import QuantizeCandidate, QuantizeReport
+
 if TYPE_CHECKING:
     from service.core.job_metrics import JobMetrics
 
@@ -79,13 +82,10 @@ def _curve(title: str, values: list[float]) -> str:
             f'<text x="0" y="{h + 40}" font-size="11">{escape(fmt(low))} .. {escape(fmt(high))} over {len(points)} points</text></svg>')
 
 
-def _scatter(title: str, rows: list[dict[str, Any]], chosen: str | None) -> str:
+def _scatter(title: str, candidates: list[QuantizeCandidate], chosen: str | None) -> str:
     """Quantize candidates: compression ratio (x) against speedup at the first batch size (y)."""
-    points = []
-    for row in rows:
-        speed = next(iter((row.get("speedup_by_batch") or {}).values()), None)
-        if row.get("compression_ratio") and speed:
-            points.append((row["compression_ratio"], speed, row["candidate"], row["candidate"] == chosen, row.get("meets_target")))
+    points = [(c.compression_ratio, c.first_speedup, c.candidate, c.candidate == chosen, c.meets_target)
+              for c in candidates if c.compression_ratio and c.first_speedup]
     if not points:
         return ""
     max_x, max_y = max(p[0] for p in points) * 1.1, max(p[1] for p in points) * 1.1
@@ -103,20 +103,6 @@ def _scatter(title: str, rows: list[dict[str, Any]], chosen: str | None) -> str:
         parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{7 if is_chosen else 4}" fill="{colour}"><title>{escape(name)}: {x:.2f}x smaller, {y:.2f}x faster</title></circle>')
     parts.append(f'<text x="40" y="{h + 55}" font-size="11">orange: kept; blue: met the quality target; grey: missed it</text></svg>')
     return "".join(parts)
-
-
-def _layerbars(step: dict[str, Any]) -> str:
-    layers = step.get("layers")
-    if not isinstance(layers, list) or not layers or not isinstance(layers[0], dict):
-        return ""
-    for key, title in (("sparsity", "sparsity per layer"), ("relative_error", "int4 error per layer"), ("bits", "bits per layer"),
-                       ("weight_ratio", "weights kept per layer"), ("removed_fraction", "removed per layer")):
-        if any(isinstance(row.get(key), (int, float)) for row in layers):
-            return bars(title, [(str(row.get("layer", "?")), row.get(key), "compressed") for row in layers[:40]])
-    if any("parameters_after" in row for row in layers):
-        return bars("parameters after / before per layer",
-                     [(str(row.get("layer", "?")), row["parameters_after"] / max(1, row.get("parameters_before") or 1), "compressed") for row in layers[:40]])
-    return ""
 
 
 def _summary(metrics: JobMetrics) -> list[str]:
@@ -151,31 +137,22 @@ def _summary(metrics: JobMetrics) -> list[str]:
     return sections
 
 
-def _step_sections(step: Any, llm: bool) -> list[str]:
-    """One step's report: the candidates (quantize), per-layer bars and training curves, whatever
-    the method reported (the fields differ by method, so they are looked up by name)."""
+def _step_sections(step: StepReport, llm: bool) -> list[str]:
+    """One step's report: the candidates (quantize), then the per-layer bars and training curves its
+    method's report model says it has (StepReport.per_layer / curves)."""
     from service.core.llm_report_html import llm_step_sections
 
-    report = step.model_dump()
     sections = [f"<h2>step {step.index + 1}: {escape(str(step.method))}</h2>"]
-    if llm:
-        sections.extend(llm_step_sections(report))
-    elif report.get("candidates"):
-        sections.append(_scatter("quantize candidates", report["candidates"], report.get("chosen")))
-        sections.append(f"<p>kept <b>{escape(fmt(report.get('chosen')))}</b>: {escape(fmt(report.get('reason')))}</p>")
-    sections.append(_layerbars(report))
-    for key in ("curve", "finetune_loss"):
-        values = report.get(key)
-        if isinstance(values, list) and values and isinstance(values[0], dict):
-            values = [v.get("validation", v.get("loss")) for v in values]
-        if isinstance(values, list):
-            sections.append(_curve(f"{key.replace('_', ' ')}", values))
-    scores = (report.get("finetune") or {}).get("scores_by_epoch") or report.get("scores_by_epoch")
-    if isinstance(scores, list):
-        sections.append(_curve("held-out score by fine-tuning epoch", scores))
-    for r, log in enumerate(report.get("finetune_by_round") or []):
-        if isinstance(log, dict) and isinstance(log.get("scores_by_epoch"), list):
-            sections.append(_curve(f"held-out score by fine-tuning epoch, round {r + 1}", log["scores_by_epoch"]))
+    if isinstance(step, QuantizeReport):
+        if llm:
+            sections.extend(llm_step_sections(step))
+        elif step.candidates:
+            sections.append(_scatter("quantize candidates", step.candidates, step.chosen))
+            sections.append(f"<p>kept <b>{escape(fmt(step.chosen))}</b>: {escape(fmt(step.reason))}</p>")
+    layers = step.per_layer()
+    if layers is not None:
+        sections.append(bars(layers.title, [(name, value, "compressed") for name, value in layers.values]))
+    sections.extend(_curve(curve.title, curve.values) for curve in step.curves())
     return sections
 
 

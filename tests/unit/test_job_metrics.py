@@ -19,7 +19,9 @@ def _metrics(**changes: object) -> dict:
         "compression_ratio": 4.0,
         "speedup": np.float64(1.5),
         "warnings": [],
-        "step_reports": [{"index": 0, "method": "quantize", "chosen": "int8_dynamic/per-channel/matmul", "ops_after": {"MatMulInteger": 4}}],
+        "step_reports": [{"index": 0, "method": "quantize", "chosen": "int8_dynamic/per-channel/matmul", "ops_after": {"MatMulInteger": 4}},
+                         {"index": 1, "method": "prune", "layers": [{"layer": "fc1", "shape_before": [4, 4], "shape_after": [4, 4],
+                                                                     "sparsity": 0.5, "removed_fraction": 0.0}]}],
     }
     metrics.update(changes)
     return metrics
@@ -30,18 +32,23 @@ def test_declared_keys_pass_strictly_and_are_stored_as_written() -> None:
     assert metrics["speedup"] == 1.5 and isinstance(metrics["speedup"], float)
     assert metrics["original"]["accuracy"] is None  # stored as the API answers it: the defaults too
     assert metrics["step_reports"][0]["chosen"] == "int8_dynamic/per-channel/matmul"
+    assert metrics["step_reports"][1]["layers"][0]["importance_threshold"] is None  # a row's declared defaults too
 
 
-@pytest.mark.parametrize("where", ["metrics", "measurement", "step_report"])
+def _holder(metrics: dict, where: str) -> dict:
+    return {"metrics": metrics, "measurement": metrics["compressed"], "step_report": metrics["step_reports"][0],
+            "layer_row": metrics["step_reports"][1]["layers"][0]}[where]
+
+
+@pytest.mark.parametrize("where", ["metrics", "measurement", "step_report", "layer_row"])
 def test_a_misspelt_key_fails_the_strict_check_and_is_kept_when_read(where: str) -> None:
     metrics = _metrics()
-    holder = {"metrics": metrics, "measurement": metrics["compressed"], "step_report": metrics["step_reports"][0]}[where]
-    holder["misspelt_key"] = 1.0
+    _holder(metrics, where)["misspelt_key"] = 1.0
     with pytest.raises(ValidationError, match="does not declare.*misspelt_key"):
         checked(metrics, strict=True)
     # Read back (an older job, a field added since): tolerated and kept.
     kept = stored(checked(metrics))
-    assert {"metrics": kept, "measurement": kept["compressed"], "step_report": kept["step_reports"][0]}[where]["misspelt_key"] == 1.0
+    assert _holder(kept, where)["misspelt_key"] == 1.0
 
 
 def test_a_wrong_type_fails_even_when_reading_tolerantly() -> None:

@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from workers import model_files
+from workers.activations import with_outputs
 from workers.llm import decoder
 
 
@@ -28,10 +29,7 @@ def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 def hessians(model: onnx.ModelProto, windows: list[np.ndarray], head: int, work: Path, threads: int, progress=None) -> dict[str, np.ndarray]:
     """{MatMul input tensor name: X^T X / positions} over the windows."""
     names = sorted({n.input[0] for n in weight_matmuls(model)})
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    known = {o.name for o in augmented.graph.output}
-    augmented.graph.output.extend(onnx.ValueInfoProto(name=name) for name in names if name not in known)
+    augmented = with_outputs(model, names)  # saved with its weights outside the graph: a checkpoint passes 2 GB
     work.mkdir(parents=True, exist_ok=True)
     model_files.save_to(augmented, work / "model.onnx")
     del augmented

@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
 from workers.onnx_weights import layer_name
 from workers.pruning.layers import ELEMENTWISE as TORCH_SIDE_ELEMENTWISE
-from workers.pruning.graph import OnnxGraph, Projection, differs, session, slice_initializer
+from workers.activations import probe_session, session
+from workers.pruning.graph import OnnxGraph, Projection, differs, slice_initializer
 
 # The element-wise ops the converted module's MLP detection follows, plus ONNX Runtime's fused GELUs.
 ELEMENTWISE = TORCH_SIDE_ELEMENTWISE | {"FastGelu", "BiasGelu"}
@@ -145,10 +146,7 @@ def importance(model: onnx.ModelProto, blocks: list[FeedForward], kind: str, fee
         order = 1 if kind == "l1" else 2
         ups = [np.moveaxis(_weight(model, b.up.weight), b.up.output_axis, 0).reshape(b.width, -1) for b in blocks]
         return [np.linalg.norm(u, ord=order, axis=1) + np.linalg.norm(d, ord=order, axis=1) for u, d in zip(ups, down_rows)]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.extend([helper.make_empty_tensor_value_info(b.inner) for b in blocks])
-    outputs = session(probe, threads).run([b.inner for b in blocks], feeds)
+    outputs = probe_session(model, [b.inner for b in blocks], threads).run([b.inner for b in blocks], feeds)
     return [np.abs(a.reshape(-1, b.width)).mean(0) * np.linalg.norm(d, axis=1) for a, b, d in zip(outputs, blocks, down_rows)]
 
 

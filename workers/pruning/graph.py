@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from workers.activations import session
+
 # Ops a projection's output passes through on its way into the attention products (reshape into
 # heads, transposes, the scaling), and from the attention output to the output projection.
 PASS_THROUGH = {"Reshape", "Transpose", "Mul", "Div", "Add", "Cast", "Identity", "Squeeze", "Unsqueeze"}
@@ -174,14 +176,6 @@ class OnnxGraph:
             if last is not None and last.size == 1 and int(last.ravel()[0]) > 0:
                 return int(last.ravel()[0])
         return None
-
-
-def session(model: onnx.ModelProto, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, threads)
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def differs(pruned: onnx.ModelProto, expected: list[np.ndarray], feeds: dict[str, np.ndarray], threads: int) -> str | None:

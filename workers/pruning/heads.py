@@ -28,7 +28,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from service.core.errors import CompressionFailed
 from workers.onnx_weights import layer_name
-from workers.pruning.graph import OnnxGraph, Projection, differs, session, slice_initializer
+from workers.activations import session
+from workers.pruning.graph import OnnxGraph, Projection, differs, slice_initializer
 
 # Ops between the attention scores and the softmax, and from the softmax to its use.
 PROBS_THROUGH = {"Where", "IsNaN", "Cast", "Dropout", "Identity", "Mul", "Div"}  # softmax -> probabilities as used

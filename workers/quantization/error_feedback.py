@@ -15,7 +15,6 @@ grid given from outside (ORT's [-127, 127] or its 7-bit [-64, 64]).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,9 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
+from workers.activations import probe_session
 from workers.evaluation import mask_input
 from workers.steps import StepData
 
@@ -65,19 +65,13 @@ def product_inputs(model: onnx.ModelProto) -> dict[str, str]:
 def statistics(model_path: Path, data: StepData, max_samples: int, threads: int, progress: Callable[[float, str], None]) -> Statistics:
     """One pass over the calibration data with every product's input as an extra output. Padded
     positions (the attention mask's zeros) are left out: the user never reads their outputs."""
-    import onnxruntime as ort
 
     model = onnx.load_model(str(model_path))
     activations = sorted(set(product_inputs(model).values()))
     if not activations:
         return Statistics({}, 0, 0)
-    probe = copy.deepcopy(model)
-    known = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in activations if n not in known)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del probe, model
+    session = probe_session(model, activations, threads)
+    del model
     mask_name = mask_input(data)
     total = min(max_samples, data.samples)
     sums: dict[str, np.ndarray] = {}

@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from workers.activations import probe_session
+
 EPS = 1e-5
 SUFFIX = "__smooth"
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -43,15 +45,9 @@ def activation_maxima(model: onnx.ModelProto, feeds: Iterator[dict[str, np.ndarr
 def collect(model: onnx.ModelProto, feeds: Iterator[dict[str, np.ndarray]], threads: int = 1,
             rows: int = SAMPLE_ROWS) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(per-channel max |x|, up to `rows` rows of x) of each smoothable activation, in one pass."""
-    import onnxruntime as ort
 
     names = list(_groups(model))
-    probe = copy.deepcopy(model)
-    existing = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names if n not in existing)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = probe_session(model, names, threads)
     maxima: dict[str, np.ndarray] = {}
     samples: dict[str, list[np.ndarray]] = {}
     rng = np.random.default_rng(0)

@@ -172,10 +172,10 @@ def list_jobs(
 
 
 @router.get("/{job_id}", responses=ITEM_RESPONSES, response_model=JobPublic)
-async def get_job(job_id: str, tenant: CurrentTenant, settings: SettingsDep) -> Response:
+async def get_job(job_id: str, request: Request, tenant: CurrentTenant, settings: SettingsDep) -> Response:
     # What every pipeline polls: built in one thread hop by service.api.job_status (returned as a
     # dict, FastAPI would validate it again in a second hop), on a few threads of its own.
-    body = await status_in_thread(settings, tenant.id, job_id)
+    body = await status_in_thread(request, settings, tenant.id, job_id)
     return Response(body, media_type="application/json")
 
 

@@ -13,10 +13,13 @@ import pkgutil
 from service.core.methods.common import MethodSpec
 
 
+SHARED_MODULES = ("common", "rows")  # what several methods' specs and reports use; every other module is one method
+
+
 def _discover() -> tuple[type[MethodSpec], ...]:
     found = []
     for info in pkgutil.iter_modules(__path__):
-        if info.name == "common":
+        if info.name in SHARED_MODULES:
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         specs = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, MethodSpec) and v is not MethodSpec

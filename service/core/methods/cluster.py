@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
 from service.core.methods.common import MethodSpec, NameList, StepReport, TrainingSpec
+from service.core.methods.rows import ClusterLayer, Curve, PerLayer, per_layer
 
 class ClusterReport(StepReport):
     method: Literal["cluster"] = "cluster"
     bits: int | None = None
     path: str | None = None
-    layers: list[dict[str, Any]] = Field(default_factory=list, description="Per layer: bits, centroids, stored and dense bytes.")
+    layers: list[ClusterLayer] = Field(default_factory=list, description="Per layer: bits, centroids, stored and dense bytes.")
     quality_before_finetune: float | None = None
     quality_after: float | None = None
     finetune_epochs: int | None = None
@@ -22,6 +23,13 @@ class ClusterReport(StepReport):
     batch_size: int | None = None
     scores_by_epoch: list[float] | None = Field(None, description="Held-out quality after each epoch (the clustered state first).")
     kept_epoch: int | None = Field(None, description="The epoch kept (0: the clustered state before fine-tuning).")
+
+    def per_layer(self) -> PerLayer | None:
+        return per_layer("bits per layer", self.layers, lambda row: row.bits)
+
+    def curves(self) -> list[Curve]:
+        out = [Curve("finetune loss", self.finetune_loss)] if self.finetune_loss else []
+        return out + ([Curve("held-out score by fine-tuning epoch", self.scores_by_epoch)] if self.scores_by_epoch else [])
 
 
 class ClusterStep(MethodSpec):

@@ -10,6 +10,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.core.methods.rows import Curve, PerLayer
 from service.core.reported import Reported
 
 # Node, layer and operator names: bounded, so a spec cannot smuggle megabytes into the job store.
@@ -41,6 +42,13 @@ class StepReport(Reported):
     device: str | None = Field(None, description="Where the step trained: cpu or cuda[:n].")
     evaluated_on: str | None = Field(None, description="The data the step scored quality on: evaluation data, training data (no evaluation dataset) or synthetic inputs.")
     why_no_conversion: str | None = Field(None, description="Why the step worked on the ONNX weights where they are stored instead of converting the model to torch.")
+
+    # What the job's report page draws for the step; each method's report knows its own rows.
+    def per_layer(self) -> PerLayer | None:
+        return None
+
+    def curves(self) -> list[Curve]:
+        return []
 
 
 class MethodSpec(StrictModel):

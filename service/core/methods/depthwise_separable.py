@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from service.core.methods.common import MethodSpec, NameList, StepReport, TrainingSpec
+from service.core.methods.rows import Curve, FinetuneLog, LeftAlone, PerLayer, SeparableLayer, per_layer, score_curve
 
 
 class DepthwiseSeparableReport(StepReport):
     method: Literal["depthwise_separable"] = "depthwise_separable"
-    layers: list[dict[str, Any]] = Field(default_factory=list, description="Per layer: weight ratio against 1/O + 1/K^2, approximation error, MACs.")
-    left_alone: list[dict[str, Any]] = Field(default_factory=list)
+    layers: list[SeparableLayer] = Field(default_factory=list, description="Per layer: weight ratio against 1/O + 1/K^2, approximation error, MACs.")
+    left_alone: list[LeftAlone] = Field(default_factory=list)
     quality_metric: str | None = None
     quality: dict[str, float | None] | None = None
-    distillation: dict[str, Any] | None = None
+    distillation: FinetuneLog | None = None
+
+    def per_layer(self) -> PerLayer | None:
+        return per_layer("weights kept per layer", self.layers, lambda row: row.weight_ratio)
+
+    def curves(self) -> list[Curve]:
+        return score_curve("held-out score by distillation epoch", self.distillation)
 
 
 class DepthwiseSeparableStep(MethodSpec):

@@ -8,6 +8,7 @@ from pydantic import Field
 
 from service.core.errors import InvalidInput
 from service.core.methods.common import MethodSpec, NameList, StepCheck, StepReport, StrictModel, TrainingSpec
+from service.core.methods.rows import Curve, DistillEpoch
 
 class StudentSpec(StrictModel):
     """How the service derives the student from the teacher."""
@@ -35,7 +36,7 @@ class DistillReport(StepReport):
     teacher_score: float | None = None
     student_score: float | None = None
     best_epoch: int | None = None
-    curve: list[dict[str, Any]] = Field(default_factory=list)
+    curve: list[DistillEpoch] = Field(default_factory=list)
     teacher_architecture: list[dict[str, Any]] = Field(default_factory=list, description="Per layer of the teacher: type, weight shapes, parameters.")
     student_architecture: list[dict[str, Any]] = Field(default_factory=list, description="The same for the student.")
     temperature: float | None = None
@@ -45,6 +46,9 @@ class DistillReport(StepReport):
     stopped_early: bool | None = Field(None, description="Training stopped when validation had not improved for `patience` epochs.")
     baseline_from_scratch: dict[str, Any] | None = Field(None, description="With compare_to_scratch: the same student trained on the labels alone (score, best epoch, curve).")
     distillation_gain: float | None = Field(None, description="student_score minus the from-scratch baseline's score.")
+
+    def curves(self) -> list[Curve]:
+        return [Curve("held-out score by distillation epoch", [e.validation for e in self.curve])] if self.curve else []
 
 
 class DistillStep(MethodSpec):

@@ -7,16 +7,23 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from service.core.methods.common import MethodSpec, NameList, StepReport, TrainingSpec
+from service.core.methods.rows import Curve, FinetuneLog, LowRankLayer, PerLayer, per_layer, score_curve
 
 
 class LowRankReport(StepReport):
     method: Literal["low_rank"] = "low_rank"
-    layers: list[dict[str, Any]] = Field(default_factory=list, description="Per layer: rank(s), parameters, MACs and time before/after.")
+    layers: list[LowRankLayer] = Field(default_factory=list, description="Per layer: rank(s), parameters, MACs and time before/after.")
     factorised_parameters: dict[str, Any] | None = None
     macs_in_factorised_layers: dict[str, Any] | None = None
     quality_metric: str | None = None
     quality: dict[str, float | None] | None = None
-    finetune: dict[str, Any] | None = None
+    finetune: FinetuneLog | None = None
+
+    def per_layer(self) -> PerLayer | None:
+        return per_layer("parameters after / before per layer", self.layers, lambda row: row.parameters_after / max(1, row.parameters_before))
+
+    def curves(self) -> list[Curve]:
+        return score_curve("held-out score by fine-tuning epoch", self.finetune)
 
 
 class LowRankStep(MethodSpec):

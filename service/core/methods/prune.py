@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from service.core.methods.common import MethodSpec, NameList, StepReport, TrainingSpec
+from service.core.methods.rows import Curve, FinetuneLog, PerLayer, PruneLayer, per_layer, score_curve
 
 class PruneReport(StepReport):
     method: Literal["prune"] = "prune"
@@ -20,7 +21,7 @@ class PruneReport(StepReport):
     baseline: float | None = None
     final: float | None = None
     rounds: list[dict[str, Any]] = Field(default_factory=list)
-    layers: list[dict[str, Any]] = Field(default_factory=list, description="Per layer: shape before/after, sparsity, threshold.")
+    layers: list[PruneLayer] = Field(default_factory=list, description="Per layer: shape before/after, sparsity, threshold.")
     storage: dict[str, Any] | None = None
     finetune_epochs: int | None = None
     ffn: dict[str, Any] | None = Field(None, description="Feed-forward units removed on the graph itself (transformers whose MLP reshapes around its layers with the width spelled out, as GPT-2's Conv1D): units before/after per block, the importance used.")
@@ -31,7 +32,15 @@ class PruneReport(StepReport):
     lottery_ticket: bool | None = None
     kept_round: int | str | None = Field(None, description="The round whose model was kept (ticket: the rewound and retrained lottery ticket).")
     finetune_lr: float | None = None
-    finetune_by_round: list[dict[str, Any]] = Field(default_factory=list, description="Each round's fine-tuning outcome: epochs, losses, the best epoch kept.")
+    finetune_by_round: list[FinetuneLog] = Field(default_factory=list, description="Each round's fine-tuning outcome: epochs, losses, the best epoch kept.")
+
+    def per_layer(self) -> PerLayer | None:
+        if self.kind == "structured":
+            return per_layer("removed per layer", self.layers, lambda row: row.removed_fraction)
+        return per_layer("sparsity per layer", self.layers, lambda row: row.sparsity)
+
+    def curves(self) -> list[Curve]:
+        return [c for r, log in enumerate(self.finetune_by_round) for c in score_curve(f"held-out score by fine-tuning epoch, round {r + 1}", log)]
 
 
 class PruneStep(MethodSpec):

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.core.methods.common import CalibrationSpec, MethodSpec, NameList, StepReport, StrictModel, TrainingSpec
+from service.core.methods.rows import LeftAlone, PerLayer, QuantizedLayer, QuantizeSensitivity, per_layer
 
 class QualityTarget(StrictModel):
     """What "still behaves like the original" means when quantize measures its candidates."""
@@ -32,6 +33,16 @@ class QuantizeCandidate(BaseModel):
     accuracy: float | None = None
     accuracy_drop: float | None = None
     speedup_by_batch: dict[str, float] = Field(default_factory=dict, description="batch size -> original p50 / candidate p50, timed interleaved")
+    # LLM checkpoints: candidates are judged on held-out calibration windows.
+    size_bytes: int | None = Field(None, description="LLMs: bytes of the candidate's model.onnx and data.")
+    perplexity: float | None = Field(None, description="LLMs: perplexity on the held-out calibration windows.")
+    perplexity_increase: float | None = Field(None, description="LLMs: perplexity / the original's - 1 on those windows.")
+    next_token_agreement: float | None = Field(None, description="LLMs: share of positions whose most likely next token is the original's.")
+
+    @property
+    def first_speedup(self) -> float | None:
+        """The speedup at the first batch size timed (the report page's y axis)."""
+        return next(iter(self.speedup_by_batch.values()), None)
 
 
 class QuantizeReport(StepReport):
@@ -45,8 +56,8 @@ class QuantizeReport(StepReport):
     reason: str | None = None
     candidates: list[QuantizeCandidate] = Field(default_factory=list)
     error_feedback: dict[str, Any] | None = Field(None, description="int8 with gptq rounding: the layers refined and each one's output error on the calibration data, rounded to nearest and with GPTQ.")
-    sensitivity: list[dict[str, Any]] | None = Field(None, description="Layers ranked by the fidelity each costs quantized alone (when mixed precision ran).")
-    float_layers: list[dict[str, Any]] = Field(default_factory=list, description="Weights left in float32 and why.")
+    sensitivity: list[QuantizeSensitivity] | None = Field(None, description="Layers ranked by the fidelity each costs quantized alone (when mixed precision ran), or, on LLMs, by their output error at int4 and int8 on the calibration text.")
+    float_layers: list[LeftAlone] = Field(default_factory=list, description="Weights left in float32 and why.")
     warnings: list[str] = Field(default_factory=list)
     transformer_fusion: dict[str, int] | None = None
     ops_before: dict[str, int] = Field(default_factory=dict)
@@ -58,7 +69,7 @@ class QuantizeReport(StepReport):
     keep_io_types: bool | None = Field(None, description="fp16: whether the inputs and outputs stayed float32.")
     algorithm: str | None = Field(None, description="int4_weight_only: rtn, hqq or gptq.")
     block_size: int | None = Field(None, description="int4_weight_only: weights per quantization block.")
-    layers: list[Any] | None = Field(None, description="int4_weight_only: the weights stored in 4 bits.")
+    layers: list[QuantizedLayer] | None = Field(None, description="int4_weight_only (and LLMs' weight-only modes): each weight's bits, algorithm and error.")
     tied_tables_stored_once: list[dict[str, str]] | None = Field(None, description="int4_weight_only: embedding tables a matrix product reads through the tie, stored once.")
     float_weights: list[dict[str, Any]] | None = Field(None, description="int4_weight_only: weights left in float, largest first, with their parameters and why.")
     float_share: float | None = Field(None, description="int4_weight_only: share of the parameters left in float.")
@@ -66,6 +77,10 @@ class QuantizeReport(StepReport):
     binarized_layers: list[str] | None = Field(None, description="binary: the layers whose weights are signs times a per-row scale.")
     quality: dict[str, Any] | None = Field(None, description="binary: quality before and after the binarised fine-tuning.")
     path: str | None = Field(None, description="binary: onnx_initializers when nothing was trained and the weights were binarised where they are stored.")
+
+    def per_layer(self) -> PerLayer | None:
+        rows = [row for row in self.layers or [] if row.relative_error is not None]
+        return per_layer("quantization error per layer (|W - Wq| / |W|)", rows, lambda row: row.relative_error)
 
 
 class QuantizeStep(MethodSpec):
