@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.core.error_codes import all_codes
 from service.core.job_metrics import JobMetrics
+from service.core.search_select import CandidatePoint
 from service.core.llm import LlmInfo
 from service.core.specs import STEP_TYPES, MeasureSpec, StepSpec
 
@@ -199,21 +200,6 @@ class SearchCreate(BaseModel):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of every candidate's training: the same search gives the same candidates.")
     measure: MeasureSpec = Field(default_factory=MeasureSpec, description="How every candidate's before/after metrics are measured.")
     webhook_url: str | None = Field(None, max_length=2048, description="POSTed the final search JSON (signed) when the search ends.")
-
-
-class CandidatePoint(BaseModel):
-    job_id: str
-    recipe: str
-    rung: int
-    size_bytes: int
-    compression_ratio: float
-    speedup: float = Field(description="Geometric mean of the speedups at the measured batch sizes.")
-    latency_ms: float | None = Field(description="p50 at the first measured batch size.")
-    accuracy: float | None
-    accuracy_drop: float | None
-    fidelity: float | None = Field(description="Mean output cosine to the original.")
-    meets_constraint: bool
-    violation: float = Field(description="0 when the constraint holds; else how far off, in the constraint's units.")
 
 
 class SearchCandidate(BaseModel):

@@ -6,17 +6,25 @@ Drawn with report_html's shapes, by hand for the same reason (a few SVG elements
 from __future__ import annotations
 
 from html import escape
+from collections.abc import Callable
 from typing import Any
 
 from service.core.report_html import COLOURS, WIDTH, bars as _bars, fmt as _fmt
+from service.core.search_select import CandidatePoint
 
 PLOT_HEIGHT = 240
 TOP = 44  # title and the quality axis's label above the plot
 
 
-def _pareto_scatter(title: str, axis: str, candidates: list[dict[str, Any]], front: set[str], best: str | None, quality: str) -> str:
+def _point(candidate: dict[str, Any]) -> CandidatePoint | None:
+    return CandidatePoint.model_validate(candidate["metrics"]) if candidate.get("metrics") else None
+
+
+def _pareto_scatter(title: str, axis: str, value: Callable[[CandidatePoint], float], candidates: list[dict[str, Any]], front: set[str],
+                    best: str | None, quality: str) -> str:
     """x: the axis (compression ratio or speedup, larger is better); y: quality (accuracy or fidelity)."""
-    points = [(c["metrics"][axis], c["metrics"][quality], c) for c in candidates if c.get("metrics") and c["metrics"].get(quality) is not None]
+    measured = [(m, c) for c in candidates if (m := _point(c)) is not None]
+    points = [(value(m), q, c, m) for m, c in measured if (q := m.quality(quality)) is not None]
     if not points:
         return ""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -45,12 +53,12 @@ def _pareto_scatter(title: str, axis: str, candidates: list[dict[str, Any]], fro
                      f'<text x="{ox + 3:.1f}" y="{TOP + 10}" font-size="10" fill="#666">original (1x)</text>')
     on_front = sorted((p for p in points if p[2]["job_id"] in front), key=lambda p: p[0])
     if len(on_front) > 1:
-        coords = " ".join("{:.1f},{:.1f}".format(*place(x, y)) for x, y, _ in on_front)
+        coords = " ".join("{:.1f},{:.1f}".format(*place(x, y)) for x, y, _, _ in on_front)
         parts.append(f'<polyline class="front" points="{coords}" fill="none" stroke="{COLOURS["compressed"]}" stroke-dasharray="4 3"/>')
-    for x, y, c in points:
+    for x, y, c, m in points:
         cx, cy = place(x, y)
         chosen = c["job_id"] == best
-        colour = COLOURS["chosen"] if chosen else (COLOURS["point"] if c["metrics"]["meets_constraint"] else COLOURS["original"])
+        colour = COLOURS["chosen"] if chosen else (COLOURS["point"] if m.meets_constraint else COLOURS["original"])
         parts.append(f'<circle class="{"chosen" if chosen else "candidate"}" cx="{cx:.1f}" cy="{cy:.1f}" r="{8 if chosen else 5}" fill="{colour}">'
                      f'<title>{escape(str(c["recipe"]))} (rung {c["rung"] + 1}): {x:.3g}x, {quality} {y:.4g}</title></circle>')
     parts.append(f'<text x="50" y="{h + TOP + 38}" font-size="11">orange: best; blue: meets the constraint; grey: misses it; dashed: the Pareto front</text></svg>')
@@ -60,17 +68,17 @@ def _pareto_scatter(title: str, axis: str, candidates: list[dict[str, Any]], fro
 def _table(candidates: list[dict[str, Any]], front: set[str], best: str | None) -> str:
     head = "<tr><th>recipe</th><th>rung</th><th>status</th><th>size ratio</th><th>speedup</th><th>accuracy</th><th>fidelity</th><th>meets</th><th>Pareto</th></tr>"
     # The original as the reference row: 1x on both axes, its own accuracy, fidelity 1 by definition.
-    original_accuracy = next((c["metrics"].get("accuracy") + c["metrics"].get("accuracy_drop")
-                              for c in candidates if c.get("metrics") and c["metrics"].get("accuracy") is not None and c["metrics"].get("accuracy_drop") is not None), None)
+    points = [_point(c) for c in candidates]
+    original_accuracy = next((m.accuracy + m.accuracy_drop for m in points if m is not None and m.accuracy is not None and m.accuracy_drop is not None), None)
     rows = ['<tr class="original"><td><i>the original model</i></td><td></td><td>reference</td><td>1x</td><td>1x</td>'
             f'<td>{_fmt(original_accuracy) if original_accuracy is not None else ""}</td><td>1</td><td></td><td></td></tr>']
-    for c in candidates:
-        m = c.get("metrics") or {}
+    for c, m in zip(candidates, points):
         note = escape(c["error"]["code"]) if c.get("error") else ""
         mark = " ★" if c["job_id"] == best else ""
         cells = [f'{escape(str(c["recipe"]))}{mark}<br><code>{escape(c["job_id"])}</code>', str(c["rung"] + 1), f'{escape(c["status"])} {note}',
-                 _fmt(m.get("compression_ratio", "")), _fmt(m.get("speedup", "")), _fmt(m.get("accuracy", "")), _fmt(m.get("fidelity", "")),
-                 "" if m.get("meets_constraint") is None else ("yes" if m["meets_constraint"] else "no"), "yes" if c["job_id"] in front else ""]
+                 *(("", "", "", "", "") if m is None else (_fmt(m.compression_ratio), _fmt(m.speedup), _fmt(m.accuracy), _fmt(m.fidelity),
+                                                             "yes" if m.meets_constraint else "no")),
+                 "yes" if c["job_id"] in front else ""]
         rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     return f'<table class="candidates">{head}{"".join(rows)}</table>'
 
@@ -93,16 +101,17 @@ def render_search(search: dict[str, Any]) -> str:
     if search.get("error"):
         sections.append(f'<p style="color:{COLOURS["warn"]}">error <b>{escape(search["error"]["code"])}</b>: {escape(search["error"]["message"])}</p>')
     chosen = next((c for c in candidates if c["job_id"] == best), None)
-    if chosen and chosen.get("metrics"):
-        m = chosen["metrics"]
+    m = _point(chosen) if chosen else None
+    if chosen and m is not None:
         sections.append(f'<p class="best">best: <b>{escape(str(chosen["recipe"]))}</b> (job <code>{escape(best or "")}</code>): '
-                        f'{_fmt(m["compression_ratio"])}x smaller, {_fmt(m["speedup"])}x the speed, {quality} {_fmt(m.get(quality))}</p>')
-        sections.append(_bars("size ratio of the best and of the Pareto front", [(str(c["recipe"]), c["metrics"]["compression_ratio"], "chosen" if c["job_id"] == best else "compressed")
-                                                                            for c in candidates if c["job_id"] in front and c.get("metrics")], "x"))
+                        f'{_fmt(m.compression_ratio)}x smaller, {_fmt(m.speedup)}x the speed, {quality} {_fmt(m.quality(quality))}</p>')
+        on_front = [(c, p) for c in candidates if c["job_id"] in front and (p := _point(c)) is not None]
+        sections.append(_bars("size ratio of the best and of the Pareto front",
+                              [(str(c["recipe"]), p.compression_ratio, "chosen" if c["job_id"] == best else "compressed") for c, p in on_front], "x"))
     elif search["status"] != "running":
         sections.append(f'<p style="color:{COLOURS["warn"]}">no candidate met the constraint; closest: {escape(", ".join(search.get("closest") or []))}</p>')
-    sections.append(_pareto_scatter(f"size ratio against {quality}", "compression_ratio", candidates, front, best, quality))
-    sections.append(_pareto_scatter(f"speedup against {quality}", "speedup", candidates, front, best, quality))
+    sections.append(_pareto_scatter(f"size ratio against {quality}", "compression_ratio", lambda p: p.compression_ratio, candidates, front, best, quality))
+    sections.append(_pareto_scatter(f"speedup against {quality}", "speedup", lambda p: p.speedup, candidates, front, best, quality))
     sections.append(_table(candidates, front, best))
     body = "\n".join(s for s in sections if s)
     return ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>modelshrink search report</title>"

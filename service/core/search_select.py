@@ -9,9 +9,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+
+from pydantic import BaseModel, Field
 
 from service.core.job_metrics import JobMetrics
+
+
+class CandidatePoint(BaseModel):
+    """A finished candidate as searches answer it and their report page draws it (Point.public)."""
+
+    job_id: str
+    recipe: str
+    rung: int
+    size_bytes: int
+    compression_ratio: float
+    speedup: float = Field(description="Geometric mean of the speedups at the measured batch sizes.")
+    latency_ms: float | None = Field(description="p50 at the first measured batch size.")
+    accuracy: float | None
+    accuracy_drop: float | None
+    fidelity: float | None = Field(description="Mean output cosine to the original.")
+    meets_constraint: bool
+    violation: float = Field(description="0 when the constraint holds; else how far off, in the constraint's units.")
+
+    def quality(self, name: str) -> float | None:
+        """The quality a search judges by: accuracy (labelled evaluation data) or fidelity."""
+        return self.accuracy if name == "accuracy" else self.fidelity
 
 
 @dataclass(frozen=True)
@@ -41,13 +63,11 @@ class Point:
     def quality(self) -> float:
         return self.accuracy if self.accuracy is not None else (self.fidelity if self.fidelity is not None else -math.inf)
 
-    def public(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id, "recipe": self.recipe, "rung": self.rung, "size_bytes": self.size_bytes,
-            "compression_ratio": round(self.ratio, 4), "speedup": round(self.speedup, 4), "latency_ms": self.latency_ms,
-            "accuracy": self.accuracy, "accuracy_drop": self.accuracy_drop, "fidelity": self.fidelity,
-            "meets_constraint": self.feasible, "violation": round(self.violation, 6),
-        }
+    def public(self) -> CandidatePoint:
+        return CandidatePoint(job_id=self.job_id, recipe=self.recipe, rung=self.rung, size_bytes=self.size_bytes,
+                              compression_ratio=round(self.ratio, 4), speedup=round(self.speedup, 4), latency_ms=self.latency_ms,
+                              accuracy=self.accuracy, accuracy_drop=self.accuracy_drop, fidelity=self.fidelity,
+                              meets_constraint=self.feasible, violation=round(self.violation, 6))
 
 
 def _speedup(metrics: JobMetrics) -> float:

@@ -52,7 +52,7 @@ def search_public(search: Search, jobs: list[Job]) -> dict[str, Any]:
             "rung": info.get("rung", 0),
             "status": job.status,
             "steps": job.steps,
-            "metrics": p.public() if p else None,
+            "metrics": p.public().model_dump() if p else None,
             "error": job.error,
         })
     return {
