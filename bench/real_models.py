@@ -52,12 +52,16 @@ METHODS = {
     "cluster-4bit-g8-noft": {"method": "cluster", "bits": 4, "group_size": 8, "finetune_epochs": 0},
     "cluster-4bit-row-noft": {"method": "cluster", "bits": 4, "group_size": 1, "finetune_epochs": 0},
     "cluster-4bit-row": {"method": "cluster", "bits": 4, "group_size": 1},
+    # SparseGPT (second-order reconstruction, issue 25): one-shot, and with the default fine-tuning.
+    "prune-sparsegpt-oneshot": {"method": "prune", "kind": "unstructured", "amount": 0.5, "importance": "sparsegpt", "finetune_epochs": 0},
+    "prune-sparsegpt": {"method": "prune", "kind": "unstructured", "amount": 0.5, "importance": "sparsegpt"},
+    "prune-wanda-oneshot": {"method": "prune", "kind": "unstructured", "amount": 0.5, "importance": "wanda", "scope": "layer", "finetune_epochs": 0},
     # Where the 4-bit loss is: the same without the embedding table (it stays float32).
     "cluster-4bit-grouped-noemb-noft": {"method": "cluster", "bits": 4, "group_size": 32, "embeddings": False, "finetune_epochs": 0},
 }
 VARIANTS = ("prune-wanda", "cluster-4bit-grouped", "distill-depth", "cluster-4bit-grouped-noft", "prune-heads", "prune-wanda-long",
             "cluster-4bit-grouped-long", "cluster-4bit-g8-noft", "cluster-4bit-row-noft", "cluster-4bit-row",
-            "cluster-4bit-grouped-noemb-noft")
+            "cluster-4bit-grouped-noemb-noft", "prune-sparsegpt-oneshot", "prune-sparsegpt", "prune-wanda-oneshot")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 MEASURE = {"runs": 30, "warmup": 3, "batch_sizes": [1, 32], "max_eval_samples": 100}
 SEQ = 32
@@ -187,6 +191,7 @@ def main() -> None:
     parser.add_argument("--models", default="minilm,resnet18,mobilenetv2,vit-tiny,gpt2")
     parser.add_argument("--exporters", default="torchscript,dynamo")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    parser.add_argument("--results", default="real_models", help="bench/results/NAME.json (a run of variants keeps the default matrix's file)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
@@ -198,7 +203,7 @@ def main() -> None:
             for method in args.methods.split(","):
                 rows.append(run_one(exp, train, held_out, method, work))
                 print(*rows[-1], flush=True)
-    report("real_models", "Methods on real architectures (held-out fidelity: cosine to the original's outputs)",
+    report(args.results, "Methods on real architectures (held-out fidelity: cosine to the original's outputs)",
            ["model", "method", "status", "size ratio", "held-out cosine", "speedup b1", "seconds"], rows, {"measure": MEASURE})
 
 

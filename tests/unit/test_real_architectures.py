@@ -28,6 +28,7 @@ MEASURE = {"runs": 5, "warmup": 1, "batch_sizes": [1, 4]}
 STEPS = {
     "int8": {"method": "quantize", "mode": "int8_dynamic"},
     "prune-unstructured": {"method": "prune", "kind": "unstructured", "amount": 0.5, "finetune_epochs": 1},
+    "prune-sparsegpt": {"method": "prune", "kind": "unstructured", "amount": 0.5, "importance": "sparsegpt", "finetune_epochs": 0},
     "cluster-4bit": {"method": "cluster", "bits": 4},
     "cluster-4bit-grouped": {"method": "cluster", "bits": 4, "group_size": 8, "finetune_epochs": 1},
     "deep-compression": {"method": "deep_compression"},

@@ -17,8 +17,9 @@ from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
 from workers import sparse_pack
 from workers.fixed_batch import chunks, exactly
+from workers.evaluation import mask_input
 from workers.steps import StepContext, StepData, StepResult
-from workers.pruning import ffn, heads, initializers, structured, unstructured
+from workers.pruning import ffn, heads, initializers, sparsegpt, structured, unstructured
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, selected_layers, weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.to_onnx import export, has_dynamic_batch
@@ -118,7 +119,7 @@ class _Run(TrainableRun):
         return self.spec.max_accuracy_drop is not None and self.baseline - value > self.spec.max_accuracy_drop + 1e-12
 
 
-def _layer_table(before: dict[str, tuple], run: _Run, thresholds: dict[str, float] | None) -> list[dict[str, Any]]:
+def _layer_table(before: dict[str, tuple], run: _Run, thresholds: dict[str, float] | None, errors: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
     rows = []
     for layer_name, layer in weighted_layers(run.module).items():
         w = layer.weight.detach()
@@ -131,6 +132,7 @@ def _layer_table(before: dict[str, tuple], run: _Run, thresholds: dict[str, floa
         }
         if thresholds is not None:
             row["importance_threshold"] = thresholds.get(layer_name)
+        row.update((errors or {}).get(layer_name, {}))
         rows.append(row)
     return rows
 
@@ -163,9 +165,13 @@ def _iterate(run: _Run, prune_round, after_step_for, snapshot) -> tuple[list[dic
 def _unstructured(run: _Run) -> dict[str, Any]:
     spec = run.spec
     layers = selected_layers(run.module, spec)
-    state: dict[str, Any] = {"masks": None, "thresholds": {}}
+    state: dict[str, Any] = {"masks": None, "thresholds": {}, "errors": None}
 
     def prune_round(r: int) -> dict[str, Any]:
+        if spec.importance == "sparsegpt":
+            masks, state["errors"] = _sparsegpt_round(run, layers, (r + 1) / spec.iterations)
+            state["masks"] = masks
+            return {"sparsity": unstructured.sparsity(layers)}
         grads = norms = None
         if spec.importance == "taylor":
             run.taylor_gradients()
@@ -184,7 +190,33 @@ def _unstructured(run: _Run) -> dict[str, Any]:
 
     rounds, best, stopped = _iterate(run, prune_round, after_step, lambda: copy.deepcopy(run.module.state_dict()))
     run.module.load_state_dict(best[0])
-    return {"rounds": rounds, "kept_round": best[1], "stopped": stopped, "thresholds": state["thresholds"], "achieved": unstructured.sparsity(layers)}
+    return {"rounds": rounds, "kept_round": best[1], "stopped": stopped, "thresholds": state["thresholds"], "achieved": unstructured.sparsity(layers),
+            "errors": state["errors"]}
+
+
+def _sparsegpt_round(run: _Run, layers: dict[str, nn.Module], fraction_of_target: float) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+    """One round of SparseGPT on the layers it supports (magnitude within each row on the others,
+    e.g. depthwise convolutions): the masks that keep the result, and each layer's output errors."""
+    spec = run.spec
+    amounts = {n: unstructured.round_target(spec.layer_amounts.get(n, spec.amount), fraction_of_target) for n in layers}
+    second_order = {n: layer for n, layer in layers.items() if sparsegpt.supported(layer)}
+    others = {n: layer for n, layer in layers.items() if n not in second_order}
+    if others:
+        current = {n: (layer.weight != 0).float() for n, layer in others.items()}
+        masks, _ = unstructured.masks_for(others, unstructured.scores(others, "l1", None), spec, fraction_of_target, current, per_row=True)
+        unstructured.apply_masks(others, masks)
+
+    mask_name = mask_input(run.data)
+    mask = run.inputs[run.module.input_names.index(mask_name)] if mask_name in run.module.input_names else None
+
+    def batches() -> list[sparsegpt.Batch]:
+        return [(tuple(t[rows] for t in run.inputs), None if mask is None else mask[rows]) for rows in run._batches(WANDA_BATCHES)]
+
+    def progress(index: int, total: int, name: str) -> None:
+        run.ctx.progress(0.05 + 0.4 * index / max(1, total), f"SparseGPT: layer {index + 1}/{total} ({name})")
+
+    errors = sparsegpt.prune_layers(run.module, second_order, amounts, batches, progress)
+    return {n: (layer.weight != 0).float() for n, layer in layers.items()}, errors
 
 
 def _lottery(run: _Run) -> dict[str, Any]:
@@ -362,12 +394,16 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         "final": final,
         "rounds": outcome["rounds"],
         "kept_round": outcome["kept_round"],
-        "layers": _layer_table(before, run, outcome["thresholds"]),
+        "layers": _layer_table(before, run, outcome["thresholds"], outcome.get("errors")),
         "storage": packing,
         "finetune_epochs": run.epochs,
         "finetune_lr": run.config.lr,
         "finetune_by_round": run.finetune_log,
     }
+    if outcome.get("errors"):
+        errors = outcome["errors"].values()
+        report["reconstruction"] = {"masked": round(sum(e["output_error_masked"] for e in errors) / len(errors), 6),
+                                    "updated": round(sum(e["output_error"] for e in errors) / len(errors), 6)}
     if ffn_report is not None:
         report["ffn"] = ffn_report
     if head_report is not None:

@@ -34,6 +34,12 @@ def _kth(values: torch.Tensor, fraction: float) -> float:
     return float(torch.kthvalue(values.flatten().float(), min(k, values.numel())).values)
 
 
+def round_target(amount: float, fraction_of_target: float) -> float:
+    """The share pruned after a round that is `fraction_of_target` of the way: geometric, each round
+    removes a share of what is left."""
+    return 1.0 - (1.0 - amount) ** fraction_of_target
+
+
 def masks_for(
     layers: dict[str, nn.Module], layer_scores: dict[str, torch.Tensor], spec: PruneStep, fraction_of_target: float, current: dict[str, torch.Tensor] | None,
     per_row: bool = False,
@@ -43,7 +49,7 @@ def masks_for(
     group). Already-pruned weights stay pruned (scored below everything)."""
 
     def target(amount: float) -> float:
-        return 1.0 - (1.0 - amount) ** fraction_of_target  # geometric: each round removes a share of what is left
+        return round_target(amount, fraction_of_target)
 
     masked_scores = {}
     for name, s in layer_scores.items():

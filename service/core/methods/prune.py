@@ -32,6 +32,8 @@ class PruneReport(StepReport):
     lottery_ticket: bool | None = None
     kept_round: int | str | None = Field(None, description="The round whose model was kept (ticket: the rewound and retrained lottery ticket).")
     finetune_lr: float | None = None
+    reconstruction: dict[str, float] | None = Field(
+        None, description="sparsegpt: the pruned layers' mean relative output error on the calibration data, with the same mask and no update (masked) and with the update.")
     finetune_by_round: list[FinetuneLog] = Field(default_factory=list, description="Each round's fine-tuning outcome: epochs, losses, the best epoch kept.")
 
     def per_layer(self) -> PerLayer | None:
@@ -59,9 +61,11 @@ class PruneStep(MethodSpec):
         "least one head is kept per block. Needs separate query/key/value projections (BERT, MiniLM, RoBERTa, ViT; not GPT-2's fused c_attn).",
     )
     scope: Literal["global", "layer"] = Field("global", description="One threshold across layers, or the same fraction in every layer.")
-    importance: Literal["l1", "l2", "apoz", "taylor", "wanda"] = Field(
+    importance: Literal["l1", "l2", "apoz", "taylor", "wanda", "sparsegpt"] = Field(
         "l1", description="l1/l2 weight magnitude; apoz: how often a neuron outputs zero on the data (structured only); taylor: |weight x gradient|; "
-        "wanda: |weight| x the L2 norm of its input feature on the data, compared within each output row (Sun et al. 2023; unstructured only).",
+        "wanda: |weight| x the L2 norm of its input feature on the data, compared within each output row (Sun et al. 2023; unstructured only); "
+        "sparsegpt: each layer pruned to its amount with the remaining weights updated to reproduce its output on the data "
+        "(second-order, Frantar & Alistarh 2023; unstructured only, layer by layer whatever `scope`; the report gives each layer's output error with and without the update).",
     )
     layer_amounts: dict[str, float] = Field(default_factory=dict, description="Per-layer overrides of `amount`, by layer name (see the step report).")
     skip_layers: NameList = Field(default_factory=list, max_length=4096, description="Layers left untouched.")
@@ -89,8 +93,8 @@ class PruneStep(MethodSpec):
             raise ValueError("amount must be > 0 (0 is allowed only with heads > 0: attention heads alone)")
         if self.importance == "apoz" and self.kind != "structured":
             raise ValueError("importance 'apoz' ranks neurons, so it needs kind 'structured'")
-        if self.importance == "wanda" and (self.kind != "unstructured" or self.lottery_ticket):
-            raise ValueError("importance 'wanda' ranks single weights within their row, so it needs kind 'unstructured' (and no lottery_ticket)")
+        if self.importance in ("wanda", "sparsegpt") and (self.kind != "unstructured" or self.lottery_ticket):
+            raise ValueError(f"importance '{self.importance}' chooses single weights, so it needs kind 'unstructured' (and no lottery_ticket)")
         if self.lottery_ticket and (self.kind != "unstructured" or (self.finetune_epochs or 0) < 1):
             raise ValueError("lottery_ticket needs kind 'unstructured' and finetune_epochs >= 1 (the ticket is trained)")
         for name, amount in self.layer_amounts.items():
@@ -99,7 +103,7 @@ class PruneStep(MethodSpec):
         return self
 
     def needs_dataset(self) -> bool:
-        return (self.finetune_epochs or 0) > 0 or self.importance in ("apoz", "taylor", "wanda") or self.max_accuracy_drop is not None
+        return (self.finetune_epochs or 0) > 0 or self.importance in ("apoz", "taylor", "wanda", "sparsegpt") or self.max_accuracy_drop is not None
 
     def trains(self, has_dataset: bool) -> bool:
         return (self.finetune_epochs if self.finetune_epochs is not None else (2 if has_dataset else 0)) > 0 and has_dataset

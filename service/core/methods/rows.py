@@ -27,6 +27,8 @@ class PruneLayer(LayerRow):
     sparsity: float = Field(description="Share of the layer's weights that are zero.")
     removed_fraction: float = Field(description="Share of the layer's parameters removed by narrowing it (structured).")
     importance_threshold: float | None = Field(None, description="The importance below which weights were removed.")
+    output_error_masked: float | None = Field(None, description="sparsegpt: the layer's relative output error on the calibration data with its mask and no weight update.")
+    output_error: float | None = Field(None, description="sparsegpt: the same with the remaining weights updated (what was kept).")
 
 
 class ClusterLayer(LayerRow):

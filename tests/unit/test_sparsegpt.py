@@ -1,0 +1,87 @@
+"""SparseGPT pruning (importance sparsegpt): the second-order update on one weight against numpy's own
+arithmetic, and the prune step with it on a dense network and a convolutional one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.core.methods.prune import PruneReport
+from service.core.reported import STRICT
+from service.core.specs import PruneStep
+from tests.builders import cnn, mlp, reference_outputs
+from workers.methods import prune
+from workers.pruning.sparsegpt import BLOCK, prune_weight
+from workers.steps import StepContext, StepData
+
+
+def _correlated(rng: np.random.Generator, samples: int, features: int) -> np.ndarray:
+    # Features that move together (as a layer's inputs do): where a second-order update has something to use.
+    return (rng.standard_normal((samples, features // 4)) @ rng.standard_normal((features // 4, features))
+            + 0.1 * rng.standard_normal((samples, features)))
+
+
+def test_the_update_keeps_the_amount_per_block_and_cuts_the_output_error_of_the_same_mask() -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((24, 2 * BLOCK))
+    x = _correlated(rng, 2048, 2 * BLOCK)
+    h = torch.from_numpy(2 * x.T @ x / len(x))
+    already = torch.zeros(w.shape, dtype=torch.bool)
+    already[:, :5] = True  # a previous round's zeros
+    w[:, :5] = 0
+    new, errors = prune_weight(torch.from_numpy(w).float(), h, 0.5, pruned=already)
+    new = new.double().numpy()
+    for start in range(0, w.shape[1], BLOCK):
+        assert (new[:, start:start + BLOCK] == 0).mean() == pytest.approx(0.5, abs=1 / (24 * BLOCK))
+    assert (new[:, :5] == 0).all()
+    # The reported errors are the layer's relative output error on the data, as numpy computes it.
+    relative = np.linalg.norm(x @ (new - w).T) / np.linalg.norm(x @ w.T)
+    assert errors["output_error"] == pytest.approx(relative, rel=1e-3)
+    masked = np.where(new == 0, 0.0, w)
+    assert errors["output_error_masked"] == pytest.approx(np.linalg.norm(x @ (masked - w).T) / np.linalg.norm(x @ w.T), rel=1e-3)
+    assert errors["output_error"] < 0.7 * errors["output_error_masked"]
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def test_the_step_reconstructs_a_dense_network_better_than_wanda_and_reports_each_layer(tmp_path: Path) -> None:
+    model = mlp(in_features=64, hidden=128, classes=8)
+    rng = np.random.default_rng(1)
+    x = _correlated(rng, 512, 64).astype(np.float32)
+    data = StepData(inputs={"x": x})
+    outputs, reports = {}, {}
+    for importance in ("wanda", "sparsegpt"):
+        step = PruneStep(kind="unstructured", amount=0.6, importance=importance, finetune_epochs=0, scope="layer")
+        result = prune.apply(model, step, data, StepContext(work_dir=tmp_path / importance))
+        outputs[importance], reports[importance] = reference_outputs(result.model, x), result.report
+    reference = reference_outputs(model, x)
+    assert _cosine(outputs["sparsegpt"], reference) > _cosine(outputs["wanda"], reference)
+    report = PruneReport.model_validate({"index": 0, **reports["sparsegpt"]}, context=STRICT)  # every key declared
+    assert report.achieved == pytest.approx(0.6, abs=0.02)
+    assert report.reconstruction is not None and report.reconstruction["updated"] < report.reconstruction["masked"]
+    pruned = [row for row in report.layers if row.sparsity > 0]
+    assert pruned and all(row.output_error is not None and row.output_error < row.output_error_masked for row in pruned)
+
+
+def test_convolutions_are_reconstructed_from_their_unfolded_patches(tmp_path: Path) -> None:
+    model = cnn(channels=16)
+    x = np.random.default_rng(0).standard_normal((128, 1, 8, 8)).astype(np.float32)
+    step = PruneStep(kind="unstructured", amount=0.5, importance="sparsegpt", finetune_epochs=0, scope="layer")
+    result = prune.apply(model, step, StepData(inputs={"x": x}), StepContext(work_dir=tmp_path))
+    rows = {row["layer"]: row for row in result.report["layers"]}
+    convs = [row for name, row in rows.items() if len(row["shape_before"]) == 4]
+    assert len(convs) == 2
+    for row in convs:
+        assert row["sparsity"] == pytest.approx(0.5, abs=0.05) and row["output_error"] <= row["output_error_masked"]
+    assert reference_outputs(result.model, x[:3]).shape == (3, 10)
+
+
+def test_sparsegpt_needs_unstructured_pruning_and_data() -> None:
+    with pytest.raises(ValueError, match="sparsegpt"):
+        PruneStep(kind="structured", importance="sparsegpt")
+    assert PruneStep(importance="sparsegpt").needs_dataset()
