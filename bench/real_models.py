@@ -56,12 +56,16 @@ METHODS = {
     "prune-sparsegpt-oneshot": {"method": "prune", "kind": "unstructured", "amount": 0.5, "importance": "sparsegpt", "finetune_epochs": 0},
     "prune-sparsegpt": {"method": "prune", "kind": "unstructured", "amount": 0.5, "importance": "sparsegpt"},
     "prune-wanda-oneshot": {"method": "prune", "kind": "unstructured", "amount": 0.5, "importance": "wanda", "scope": "layer", "finetune_epochs": 0},
+    # Codebook assignment (issue 25): nearest centroid (before 2026-12-03's default) against GPTQ's error feedback (the default on data).
+    "cluster-4bit-grouped-nearest": {"method": "cluster", "bits": 4, "group_size": 32, "assignment": "nearest"},
+    "cluster-4bit-grouped-gptq-noft": {"method": "cluster", "bits": 4, "group_size": 32, "assignment": "gptq", "finetune_epochs": 0},
     # Where the 4-bit loss is: the same without the embedding table (it stays float32).
     "cluster-4bit-grouped-noemb-noft": {"method": "cluster", "bits": 4, "group_size": 32, "embeddings": False, "finetune_epochs": 0},
 }
 VARIANTS = ("prune-wanda", "cluster-4bit-grouped", "distill-depth", "cluster-4bit-grouped-noft", "prune-heads", "prune-wanda-long",
             "cluster-4bit-grouped-long", "cluster-4bit-g8-noft", "cluster-4bit-row-noft", "cluster-4bit-row",
-            "cluster-4bit-grouped-noemb-noft", "prune-sparsegpt-oneshot", "prune-sparsegpt", "prune-wanda-oneshot")
+            "cluster-4bit-grouped-noemb-noft", "prune-sparsegpt-oneshot", "prune-sparsegpt", "prune-wanda-oneshot",
+            "cluster-4bit-grouped-nearest", "cluster-4bit-grouped-gptq-noft")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 MEASURE = {"runs": 30, "warmup": 3, "batch_sizes": [1, 32], "max_eval_samples": 100}
 SEQ = 32

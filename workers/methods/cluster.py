@@ -16,8 +16,9 @@ from torch.nn.utils import parametrize
 from service.core.errors import CompressionFailed
 from service.core.specs import ClusterStep
 from workers.layer_names import require_known
-from workers.clustering import storage
+from workers.clustering import error_feedback, storage
 from workers.clustering.kmeans import kmeans_1d
+from workers.hessian import Batch, hessian, supported
 from workers.steps import StepContext, StepData, StepResult
 from workers.onnx_weights import as_rows, from_rows, weight_layers
 from workers.pruning.layers import weighted_layers
@@ -29,6 +30,7 @@ from workers.trainable.training import finetune_epochs
 
 name = "cluster"
 SPEC = ClusterStep
+CALIBRATION_SAMPLES = 512  # samples a layer's input Hessian is taken on (gptq assignment)
 SPARSE_LAYER = 0.1  # a layer with more zeros than this was pruned: its zeros keep a centroid of their own
 
 
@@ -80,6 +82,22 @@ def _cluster_groups(weight: np.ndarray, bits: int, init: str, seed: int, group_s
         codebooks.append(np.pad(centroids, (0, k - len(centroids)), mode="edge"))
         labels[start:start + group_size] = local.reshape(block.shape) + group * k
     return storage.Clustered(np.concatenate(codebooks).astype(np.float32), labels.reshape(weight.shape), bits, sparse=False)
+
+
+def _assign_with_feedback(layer: nn.Module, clustered: storage.Clustered, group_size: int | None, batches: list[Batch],
+                          module: nn.Module) -> tuple[storage.Clustered, dict[str, float]]:
+    """The layer's k-means codebooks kept, its weights' centroids chosen with GPTQ's error feedback
+    on the layer's input Hessian (workers/clustering/error_feedback.py)."""
+    weight = layer.weight.detach()
+    rows = weight.reshape(weight.shape[0], -1)
+    k = 2 ** clustered.bits
+    grouped = bool(group_size) and weight.dim() >= 2 and weight.shape[0] > group_size  # as _cluster_layer chose
+    # Grouped codebooks are padded to k each; a single one may have fewer centroids (few distinct values).
+    books = torch.from_numpy(clustered.codebook).reshape(-1, k) if grouped else torch.from_numpy(clustered.codebook)[None, :]
+    group = torch.arange(rows.shape[0]) // group_size if grouped else torch.zeros(rows.shape[0], dtype=torch.long)
+    local, errors = error_feedback.assign(rows, books[group], hessian(module, layer, batches))
+    labels = (local + group[:, None] * k if grouped else local).reshape(weight.shape).numpy()
+    return storage.Clustered(clustered.codebook, labels, clustered.bits, sparse=False), errors
 
 
 def _cluster_embeddings(model: onnx.ModelProto, replacements: dict, spec: ClusterStep) -> list[dict[str, Any]]:
@@ -150,10 +168,11 @@ def _encode_layers(exported: onnx.ModelProto, clustered: dict[str, storage.Clust
 
 
 def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepContext) -> StepResult:
-    if spec.finetune_epochs and not data.available:
-        raise CompressionFailed("centroid fine-tuning trains on data: submit the job with a dataset_id", code="dataset_required")
+    if spec.needs_dataset() and not data.available:
+        raise CompressionFailed("centroid fine-tuning and gptq assignment work on data: submit the job with a dataset_id", code="dataset_required")
     epochs = finetune_epochs(spec.finetune_epochs, data.available)
-    if not epochs:
+    assignment = spec.resolved_assignment(data.available)
+    if not epochs and assignment == "nearest":
         return _cluster_initializers(model, spec, ctx)
     ctx.progress(0.0, "clustering weights")
     run = TrainableRun(model, data)  # the original's outputs are taken before any weight is clustered
@@ -168,8 +187,12 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
         raise CompressionFailed("no layer is large enough to cluster (see min_elements)", code="nothing_to_cluster")
 
     shared: dict[str, SharedWeight] = {}
+    errors: dict[str, dict[str, float]] = {}
     for i, (layer_name, layer) in enumerate(chosen.items()):
         clustered = _cluster_layer(layer.weight.detach().numpy(), spec.layer_bits.get(layer_name, spec.bits), spec.init, spec.training.seed + i, spec.group_size)
+        if assignment == "gptq" and not clustered.sparse and supported(layer):
+            # Taken now: the layers before this one are clustered already (their parametrizations run).
+            clustered, errors[layer_name] = _assign_with_feedback(layer, clustered, spec.group_size, run.calibration_batches(CALIBRATION_SAMPLES), module)
         shared[layer_name] = SharedWeight(clustered.codebook, clustered.labels, clustered.sparse)
         parametrize.register_parametrization(layer, "weight", shared[layer_name], unsafe=True)
         layer.parametrizations.weight.original.requires_grad_(False)
@@ -202,6 +225,8 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     exported = trained_onnx(model, module, example, lambda: export(module, example, names, module.output_names, has_dynamic_batch(model), fold_constants=False))
 
     replacements, rows = _encode_layers(exported, clustered_now)
+    for row in rows:
+        row.update(errors.get(row["layer"], {}))
     if spec.embeddings:
         rows += _cluster_embeddings(exported, replacements, spec)
     result = storage.replace_initializers(exported, replacements)
@@ -214,7 +239,11 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
         "quality_after": after_score,
         "finetune_loss": curve,
         "finetune_epochs": epochs,
+        "assignment": assignment,
         **finetune_outcome,
     }
+    if errors:
+        report["reconstruction"] = {"nearest": round(sum(e["output_error_nearest"] for e in errors.values()) / len(errors), 6),
+                                    "gptq": round(sum(e["output_error"] for e in errors.values()) / len(errors), 6)}
     return StepResult(model=result, report=report)
 

@@ -17,7 +17,7 @@ from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
 from workers import sparse_pack
 from workers.fixed_batch import chunks, exactly
-from workers.evaluation import mask_input
+from workers.hessian import Batch, supported
 from workers.steps import StepContext, StepData, StepResult
 from workers.pruning import ffn, heads, initializers, sparsegpt, structured, unstructured
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, selected_layers, weighted_layers
@@ -32,6 +32,7 @@ name = "prune"
 SPEC = PruneStep
 TAYLOR_BATCHES = 8
 WANDA_BATCHES = 16  # calibration batches for the input-feature norms
+CALIBRATION_SAMPLES = 512  # samples a layer's input Hessian is taken on (SparseGPT)
 
 
 class _Run(TrainableRun):
@@ -199,18 +200,15 @@ def _sparsegpt_round(run: _Run, layers: dict[str, nn.Module], fraction_of_target
     e.g. depthwise convolutions): the masks that keep the result, and each layer's output errors."""
     spec = run.spec
     amounts = {n: unstructured.round_target(spec.layer_amounts.get(n, spec.amount), fraction_of_target) for n in layers}
-    second_order = {n: layer for n, layer in layers.items() if sparsegpt.supported(layer)}
+    second_order = {n: layer for n, layer in layers.items() if supported(layer)}
     others = {n: layer for n, layer in layers.items() if n not in second_order}
     if others:
         current = {n: (layer.weight != 0).float() for n, layer in others.items()}
         masks, _ = unstructured.masks_for(others, unstructured.scores(others, "l1", None), spec, fraction_of_target, current, per_row=True)
         unstructured.apply_masks(others, masks)
 
-    mask_name = mask_input(run.data)
-    mask = run.inputs[run.module.input_names.index(mask_name)] if mask_name in run.module.input_names else None
-
-    def batches() -> list[sparsegpt.Batch]:
-        return [(tuple(t[rows] for t in run.inputs), None if mask is None else mask[rows]) for rows in run._batches(WANDA_BATCHES)]
+    def batches() -> list[Batch]:
+        return run.calibration_batches(CALIBRATION_SAMPLES)
 
     def progress(index: int, total: int, name: str) -> None:
         run.ctx.progress(0.05 + 0.4 * index / max(1, total), f"SparseGPT: layer {index + 1}/{total} ({name})")

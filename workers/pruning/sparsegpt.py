@@ -15,82 +15,13 @@ the reference algorithm's (IST-DASLab/sparsegpt, sparsegpt.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from workers.hessian import Batch, hessian, inverse_factor, output_error
+
 BLOCK = 128  # columns per lazy update and mask selection, as in the paper (32 and per-row choice measured the same on MiniLM)
-DAMP = 0.01  # share of the Hessian's mean diagonal added to it (the paper's percdamp; 0.1 and 1.0 measured worse on MiniLM)
-
-
-# A calibration batch: the module's inputs, and the token mask of its positions (None: every position counts).
-Batch = tuple[tuple[torch.Tensor, ...], "torch.Tensor | None"]
-
-
-class _Captured(Exception):
-    """Raised by the hook once the layer's input is captured: the rest of the forward pass is not needed."""
-
-
-def supported(layer: nn.Module) -> bool:
-    """Linear layers and ordinary convolutions (their input unfolded into patches); grouped and
-    depthwise convolutions fall back to magnitude within each row."""
-    if isinstance(layer, nn.Linear):
-        return True
-    return isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
-
-
-def _rows(layer: nn.Module, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
-    """The layer's input as rows of what each weight row multiplies: [positions, in_features]. With a
-    token mask `real` [batch, positions], padded positions are left out: nobody reads their outputs,
-    and their activations would pull the reconstruction towards them."""
-    if isinstance(layer, nn.Linear):
-        if real is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(real.shape):
-            return x[real.bool()]
-        return x.reshape(-1, x.shape[-1])
-    patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=layer.padding, stride=layer.stride)  # [B, C*kh*kw, L]
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
-
-
-@torch.no_grad()
-def hessian(module: nn.Module, layer: nn.Module, batches: Iterable[Batch]) -> torch.Tensor:
-    """2 X^T X / positions of the layer's input over the batches (float64), the forward stopped at the layer."""
-    total: torch.Tensor | None = None
-    positions = 0
-    current: list[torch.Tensor | None] = [None]  # the token mask of the batch running
-
-    def record(_module: nn.Module, args: tuple, _output: Any) -> None:
-        nonlocal total, positions
-        rows = _rows(layer, args[0].detach().double(), current[0])
-        total = rows.T @ rows if total is None else total + rows.T @ rows
-        positions += rows.shape[0]
-        raise _Captured
-
-    handle = layer.register_forward_hook(record)
-    try:
-        for batch, current[0] in batches:
-            try:
-                module(*batch)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    if total is None:
-        raise ValueError("the calibration data never reached the layer")
-    return 2 * total / max(1, positions)
-
-
-def _inverse_factor(h: torch.Tensor) -> torch.Tensor:
-    """The upper Cholesky factor of (H + damping)^-1; more damping where the data left H near singular."""
-    mean = torch.mean(torch.diag(h))
-    for damp in (DAMP, 0.1, 1.0):
-        try:
-            damped = h + damp * mean * torch.eye(h.shape[0], dtype=h.dtype)
-            return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
-        except torch.linalg.LinAlgError:
-            continue
-    raise ValueError("the layer's input Hessian is not positive definite even with damping")
 
 
 @torch.no_grad()
@@ -103,7 +34,7 @@ def prune_weight(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: t
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    hinv = _inverse_factor(h)
+    hinv = inverse_factor(h)
     columns = w.shape[1]
     mask = torch.zeros_like(w, dtype=torch.bool)
     for i1 in range(0, columns, BLOCK):
@@ -129,13 +60,8 @@ def prune_weight(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: t
         mask[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     original = weight.double()
-    magnitude = original.masked_fill(mask, 0)
-
-    def output_error(candidate: torch.Tensor) -> float:
-        diff = candidate - original
-        return float(torch.sqrt(torch.einsum("ij,jk,ik->", diff, h, diff).clamp(min=0) / torch.einsum("ij,jk,ik->", original, h, original).clamp(min=1e-30)))
-
-    return w.to(weight.dtype), {"output_error_masked": round(output_error(magnitude), 6), "output_error": round(output_error(w), 6)}
+    return w.to(weight.dtype), {"output_error_masked": round(output_error(original.masked_fill(mask, 0), original, h), 6),
+                                "output_error": round(output_error(w, original, h), 6)}
 
 
 @torch.no_grad()

@@ -16,12 +16,17 @@ from torch import nn
 from workers.layer_names import require_known
 from workers.steps import StepData
 from workers.data import token_vocabularies
-from workers.fixed_batch import exactly
+from workers.evaluation import mask_input
+from workers.fixed_batch import chunks, exactly
+from workers.hessian import Batch
 from workers.trainable.from_onnx import OnnxGraphModule
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.training import FINETUNE_LR, finetune_epochs, output_kind, predict, reference_outputs, score, tensors, train, train_config
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
+
+
+CALIBRATION_BATCH = 32
 
 
 class TrainableRun:
@@ -78,6 +83,17 @@ class TrainableRun:
         for hook in hooks:
             hook.remove()
         return seen
+
+    def calibration_batches(self, samples: int, batch_size: int = CALIBRATION_BATCH) -> list[Batch]:
+        """Up to `samples` training samples in batches (the model's fixed batch, if it has one), each
+        with its token mask when the model takes one: what a layer's input Hessian is taken on."""
+        mask_name = mask_input(self.data)
+        names = list(self.module.input_names)
+        mask = self.inputs[names.index(mask_name)] if mask_name in names else None
+        batch = self.data.fixed_batch or batch_size
+        count = min(samples, len(self.inputs[0]))
+        return [(tuple(t[rows] for t in self.inputs), None if mask is None else mask[rows])
+                for rows, _ in chunks(count, batch, self.data.fixed_batch is not None)]
 
     def replace(self, layer_name: str, replacement: nn.Module) -> None:
         key = next(k for k, n in self.module.layer_names.items() if n == layer_name)

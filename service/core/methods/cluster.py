@@ -23,6 +23,9 @@ class ClusterReport(StepReport):
     batch_size: int | None = None
     scores_by_epoch: list[float] | None = Field(None, description="Held-out quality after each epoch (the clustered state first).")
     kept_epoch: int | None = Field(None, description="The epoch kept (0: the clustered state before fine-tuning).")
+    assignment: str | None = Field(None, description="nearest or gptq: how weights took their centroids.")
+    reconstruction: dict[str, float] | None = Field(
+        None, description="gptq: the assigned layers' mean relative output error on the calibration data with nearest-centroid assignment and with gptq's.")
 
     def per_layer(self) -> PerLayer | None:
         return per_layer("bits per layer", self.layers, lambda row: row.bits)
@@ -55,7 +58,16 @@ class ClusterStep(MethodSpec):
         None, ge=0, le=1000,
         description="Fine-tune the centroids (gradients summed per cluster). Default: 2 when the job has a dataset, else 0; the best epoch on the evaluation data is kept.",
     )
+    assignment: Literal["nearest", "gptq"] | None = Field(
+        None, description="Which centroid each weight takes: nearest, or gptq (input columns in turn, each weight's rounding error "
+        "spread over the columns not yet assigned through the inverse of the layer's input Hessian on the data, so the layer's output "
+        "moves least; layer by layer on inputs through the layers already clustered). Default: gptq when the step fine-tunes "
+        "(the job has a dataset), else nearest. gptq needs a dataset; linear layers and ordinary convolutions, pruned layers keep nearest.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    def resolved_assignment(self, has_dataset: bool) -> str:
+        return self.assignment or ("gptq" if self.trains(has_dataset) else "nearest")
 
     @model_validator(mode="after")
     def _bits(self) -> "ClusterStep":
@@ -65,7 +77,7 @@ class ClusterStep(MethodSpec):
         return self
 
     def needs_dataset(self) -> bool:
-        return (self.finetune_epochs or 0) > 0
+        return (self.finetune_epochs or 0) > 0 or self.assignment == "gptq"
 
     def trains(self, has_dataset: bool) -> bool:
         return (self.finetune_epochs if self.finetune_epochs is not None else (2 if has_dataset else 0)) > 0 and has_dataset

@@ -40,6 +40,8 @@ class ClusterLayer(LayerRow):
     sparse: bool = Field(description="Zeros kept exact (a pruned layer's zero is its own centroid).")
     stored_bytes: int
     dense_bytes: int
+    output_error_nearest: float | None = Field(None, description="gptq assignment: the layer's relative output error on the calibration data with nearest centroids.")
+    output_error: float | None = Field(None, description="gptq assignment: the same with the centroids gptq chose (what was kept).")
 
 
 class LowRankLayer(LayerRow):

@@ -1,0 +1,57 @@
+"""GPTQ-style assignment of a layer's weights to its codebooks (Frantar et al. 2023's error feedback,
+as GPTVQ and SqueezeLLM use it for non-uniform codes): the input columns are visited in turn, each
+weight snapped to the nearest centroid of its row's codebook, and the rounding error spread over the
+columns not yet visited through the inverse of the layer's input Hessian, so the layer's output on
+the calibration data moves as little as it can with those codebooks. k-means still chooses the
+codebooks (workers/methods/cluster.py); only which centroid each weight takes changes.
+
+Written here because the libraries that do this (GPTQ's and GPTVQ's code, llm-compressor) work on
+uniform integer grids or on a transformer's own blocks, not on per-row codebooks of an arbitrary
+torch module."""
+
+from __future__ import annotations
+
+import torch
+
+from workers.hessian import inverse_factor, output_error
+
+BLOCK = 128  # columns per lazy update, as in GPTQ
+
+
+def _nearest(values: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the centroid nearest each value: values [rows] or [rows, n] (a column
+    at a time, so memory stays rows x k), codebooks [rows, k]."""
+    if values.dim() == 1:
+        return torch.argmin((values[:, None] - codebooks).abs(), dim=1)
+    return torch.stack([_nearest(values[:, j], codebooks) for j in range(values.shape[1])], dim=1)
+
+
+@torch.no_grad()
+def assign(weight: torch.Tensor, codebooks: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Each weight's centroid index within its row's codebook (`weight` [rows, columns], `codebooks`
+    [rows, k]), chosen with error feedback; and the layer's relative output error on the calibration
+    data with nearest-centroid assignment and with this one."""
+    w = weight.double().clone()
+    books = codebooks.double()
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    hinv = inverse_factor(h)
+    labels = torch.empty(w.shape, dtype=torch.long)
+    columns = w.shape[1]
+    for i1 in range(0, columns, BLOCK):
+        i2 = min(i1 + BLOCK, columns)
+        w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            index = _nearest(col, books)
+            labels[:, i1 + i] = index
+            e = (col - books.gather(1, index[:, None]).squeeze(1)) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    original = weight.double()
+    nearest = books.gather(1, _nearest(original, books))
+    return labels, {"output_error_nearest": round(output_error(nearest, original, h), 6),
+                    "output_error": round(output_error(books.gather(1, labels), original, h), 6)}
