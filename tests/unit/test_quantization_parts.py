@@ -158,16 +158,22 @@ def test_a_close_size_trade_is_decided_by_timing_the_two_against_each_other() ->
     fused, unfused = measured("int8_dynamic", 6_200, 1.00), measured("int8_static", 7_200, 1.06)
     duels: list[tuple[str, str]] = []
 
-    def head_to_head(ratio: float):
-        def timed(first: Measured, second: Measured) -> float:
+    def head_to_head(*ratios: float):
+        def timed(first: Measured, second: Measured, timing: int) -> float:
             duels.append((first.candidate.family, second.candidate.family))
-            return ratio
+            return ratios[timing % len(ratios)]
         return timed
 
     assert best([unfused, fused], QualityTarget(), "latency") is unfused  # without a direct timing, 6% is beyond the noise
     assert best([unfused, fused], QualityTarget(), "latency", head_to_head(1 / 1.02)) is fused
     assert duels == [("int8_static", "int8_dynamic")]  # the larger against the smaller
     assert best([unfused, fused], QualityTarget(), "latency", head_to_head(1 / 1.10)) is unfused  # a real 10% stays bought
+    # A duel too close to the 5% line to call is timed twice more and the median decides: one lucky
+    # 6% among two 2% timings does not buy the larger model.
+    duels.clear()
+    assert best([unfused, fused], QualityTarget(), "latency", head_to_head(1 / 1.06, 1 / 1.02, 1 / 1.03)) is fused and len(duels) == 3
+    duels.clear()
+    assert best([unfused, fused], QualityTarget(), "latency", head_to_head(1 / 1.06, 1 / 1.07, 1 / 1.02)) is unfused and len(duels) == 3
     # Far outside the band of doubt, the two ratios decide and nothing is timed again.
     duels.clear()
     much_faster = measured("int8_static", 7_200, 2.0)

@@ -92,7 +92,7 @@ class Reference:
         self.accuracy = compare(self.reference, self.session, self.kind).reference_accuracy() if data.labels is not None else None
         self.size_bytes = original.stat().st_size
         self._sessions: dict[Path, Any] = {}
-        self._duels: dict[tuple[Path, Path], float] = {}
+        self._duels: dict[tuple[Path, Path, int], float] = {}
 
     def fidelity(self, measured: Measured, session: Any) -> None:
         comparison = compare(self.reference, session, self.kind)
@@ -136,12 +136,13 @@ class Reference:
         measured.latency_ratio = {o["batch"]: c["p50"] / o["p50"] for o, c in zip(original, candidate)}
         return measured
 
-    def head_to_head(self, first: Measured, second: Measured) -> float:
+    def head_to_head(self, first: Measured, second: Measured, timing: int = 0) -> float:
         """first's time / second's (geometric mean over batch sizes), the two timed against each other
         run by run for three times as long as a candidate against the original. Two ratios to the
-        original each carry their own noise; a direct comparison carries one (see selection)."""
+        original each carry their own noise; a direct comparison carries one (see selection). Each
+        `timing` number is timed once and kept: selection asks for more when one is too close to call."""
         assert first.path is not None and second.path is not None
-        key = (first.path, second.path)
+        key = (first.path, second.path, timing)
         if key not in self._duels:
             batches = [self.data.fixed_batch] if self.data.fixed_batch else TIMING.batch_sizes
             spec = TIMING.model_copy(update={"threads": self.threads, "batch_sizes": batches})
