@@ -195,6 +195,8 @@ class SearchCreate(BaseModel):
     objective: Literal["size", "latency"] = Field(description="What `best` is best at among candidates meeting the constraint.")
     max_accuracy_drop: float | None = Field(None, ge=0, le=1, description="Largest absolute accuracy loss (0.002 = 0.2 points); needs labels in the evaluation data.")
     min_fidelity: float | None = Field(None, ge=0, le=1, description="Smallest mean cosine of the candidate's outputs to the original's. Default when neither is given: 0.99.")
+    max_perplexity_increase: float | None = Field(
+        None, gt=0, le=10, description="LLM checkpoints (and only they): largest relative perplexity increase on the evaluation text (0.05 = +5%, the default there).")
     budget_minutes: float = Field(30.0, gt=0, le=7 * 24 * 60, description="Wall-clock budget: at the deadline unfinished candidates are cancelled and the best finished one is kept.")
     methods: list[SEARCH_METHODS] | None = Field(None, min_length=1, description="Only recipes made of these methods (default: all).")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of every candidate's training: the same search gives the same candidates.")

@@ -45,7 +45,8 @@ class Decision:
 
 
 def constraint_of(request: dict[str, Any]) -> dict[str, float | None]:
-    return {"max_accuracy_drop": request.get("max_accuracy_drop"), "min_fidelity": request.get("min_fidelity")}
+    return {"max_accuracy_drop": request.get("max_accuracy_drop"), "min_fidelity": request.get("min_fidelity"),
+            "max_perplexity_increase": request.get("max_perplexity_increase")}
 
 
 def search_recipes(search: Search) -> list[Recipe]:
@@ -55,6 +56,8 @@ def search_recipes(search: Search) -> list[Recipe]:
         target["min_cosine"] = request["min_fidelity"]
     if request.get("max_accuracy_drop") is not None:
         target["max_accuracy_drop"] = request["max_accuracy_drop"]
+    if request.get("max_perplexity_increase") is not None:
+        target["max_perplexity_increase"] = request["max_perplexity_increase"]
     return recipes(request["objective"], search.facts, target, request.get("seed", 0), request.get("methods"))
 
 

@@ -54,8 +54,27 @@ def _deep_compression(amount: float, bits: int, seed: int) -> dict[str, Any]:
     }
 
 
+def _llm_recipes(objective: str, target: dict[str, float]) -> list[Recipe]:
+    """A decoder LLM checkpoint: weight-only quantization, the one family its runtime serves (int4 and int8
+    MatMulNBits). No recipe trains, so a search has one rung; each candidate exports the checkpoint
+    itself (the builder's fp32 export is every candidate's reference, measured on the same text)."""
+    auto = {"method": "quantize", "objective": objective, "max_perplexity_increase": target.get("max_perplexity_increase", 0.05)}
+    return [
+        _recipe("llm-auto", "int4 with the layers that move their outputs most promoted to int8 until the perplexity target holds", auto),
+        _recipe("llm-int4-gptq", "every layer int4, GPTQ on the calibration text (the smallest)", {"method": "quantize", "mode": "int4_weight_only"}),
+        _recipe("llm-int4-gptq-lm-head-int8", "int4 GPTQ with the output projection in int8 (it decides every token)",
+                {"method": "quantize", "mode": "int4_weight_only", "lm_head_bits": 8}),
+        _recipe("llm-int4-rtn", "every layer int4 by round-to-nearest (the GenAI builder's default, as a reference point)",
+                {"method": "quantize", "mode": "int4_weight_only", "int4_algorithm": "rtn"}),
+        _recipe("llm-int8", "every layer int8 (near-lossless, about half of fp32)", {"method": "quantize", "mode": "int8_weight_only"}),
+    ]
+
+
 def recipes(objective: str, facts: dict[str, Any], target: dict[str, float], seed: int, methods: list[str] | None) -> list[Recipe]:
     """Every recipe worth trying for this objective, model and data, restricted to `methods`."""
+    if facts.get("llm"):
+        found = _llm_recipes(objective, target)
+        return [r for r in found if r.methods <= set(methods)] if methods else found
     found = [_recipe("quantize-auto", "every quantization family, measured, best by the objective", _quantize(objective, target))]
     trainable = facts.get("has_dataset", False)
     # Token-id inputs (transformers): training paths on CPU are slow and the quantizers already fuse

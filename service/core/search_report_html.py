@@ -66,31 +66,48 @@ def _pareto_scatter(title: str, axis: str, value: Callable[[CandidatePoint], flo
 
 
 def _table(candidates: list[dict[str, Any]], front: set[str], best: str | None) -> str:
-    head = "<tr><th>recipe</th><th>rung</th><th>status</th><th>size ratio</th><th>speedup</th><th>accuracy</th><th>fidelity</th><th>meets</th><th>Pareto</th></tr>"
-    # The original as the reference row: 1x on both axes, its own accuracy, fidelity 1 by definition.
     points = [_point(c) for c in candidates]
+    llm = any(m is not None and m.perplexity_increase is not None for m in points)
+    # An LLM's quality is perplexity (its speed decode tokens/s); an ONNX model's accuracy and fidelity.
+    quality_heads = "<th>perplexity</th>" if llm else "<th>accuracy</th><th>fidelity</th>"
+    head = f"<tr><th>recipe</th><th>rung</th><th>status</th><th>size ratio</th><th>speedup</th>{quality_heads}<th>meets</th><th>Pareto</th></tr>"
+    # The original as the reference row: 1x on both axes, its own accuracy, fidelity 1 by definition.
     original_accuracy = next((m.accuracy + m.accuracy_drop for m in points if m is not None and m.accuracy is not None and m.accuracy_drop is not None), None)
-    rows = ['<tr class="original"><td><i>the original model</i></td><td></td><td>reference</td><td>1x</td><td>1x</td>'
-            f'<td>{_fmt(original_accuracy) if original_accuracy is not None else ""}</td><td>1</td><td></td><td></td></tr>']
+    reference_quality = "<td>+0%</td>" if llm else f'<td>{_fmt(original_accuracy) if original_accuracy is not None else ""}</td><td>1</td>'
+    rows = [f'<tr class="original"><td><i>the original model</i></td><td></td><td>reference</td><td>1x</td><td>1x</td>{reference_quality}<td></td><td></td></tr>']
+
+    def quality_cells(m: CandidatePoint) -> tuple[str, ...]:
+        if llm:
+            return (f"{100 * m.perplexity_increase:+.1f}%" if m.perplexity_increase is not None else "",)
+        return (_fmt(m.accuracy), _fmt(m.fidelity))
+
     for c, m in zip(candidates, points):
         note = escape(c["error"]["code"]) if c.get("error") else ""
         mark = " ★" if c["job_id"] == best else ""
+        empty = ("",) * (4 if llm else 5)
         cells = [f'{escape(str(c["recipe"]))}{mark}<br><code>{escape(c["job_id"])}</code>', str(c["rung"] + 1), f'{escape(c["status"])} {note}',
-                 *(("", "", "", "", "") if m is None else (_fmt(m.compression_ratio), _fmt(m.speedup), _fmt(m.accuracy), _fmt(m.fidelity),
-                                                             "yes" if m.meets_constraint else "no")),
+                 *(empty if m is None else (_fmt(m.compression_ratio), _fmt(m.speedup), *quality_cells(m), "yes" if m.meets_constraint else "no")),
                  "yes" if c["job_id"] in front else ""]
         rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     return f'<table class="candidates">{head}{"".join(rows)}</table>'
 
 
+def _quality_words(m: CandidatePoint, quality: str) -> str:
+    if quality == "perplexity" and m.perplexity_increase is not None:
+        return f"perplexity {100 * m.perplexity_increase:+.1f}% (decode speed is the speed)"
+    return f"{quality} {_fmt(m.quality(quality))}"
+
+
 def render_search(search: dict[str, Any]) -> str:
     request, candidates, best = search["request"], search["candidates"], search.get("best")
     front = set(search.get("pareto") or [])
-    quality = "accuracy" if request.get("max_accuracy_drop") is not None else "fidelity"
+    quality = "accuracy" if request.get("max_accuracy_drop") is not None else ("perplexity" if request.get("max_perplexity_increase") is not None else "fidelity")
     constraint = " and ".join(
         text for text in (
             f"accuracy within {request['max_accuracy_drop'] * 100:.3g} points" if request.get("max_accuracy_drop") is not None else "",
             f"fidelity (cosine) at least {request['min_fidelity']}" if request.get("min_fidelity") is not None else "",
+            f"perplexity within +{request['max_perplexity_increase'] * 100:.3g}% (quality drawn as the original's perplexity / the candidate's)"
+            if request.get("max_perplexity_increase") is not None else "",
         ) if text
     )
     sections = [f"<h1>modelshrink search {escape(search['id'])}</h1>",
@@ -104,7 +121,7 @@ def render_search(search: dict[str, Any]) -> str:
     m = _point(chosen) if chosen else None
     if chosen and m is not None:
         sections.append(f'<p class="best">best: <b>{escape(str(chosen["recipe"]))}</b> (job <code>{escape(best or "")}</code>): '
-                        f'{_fmt(m.compression_ratio)}x smaller, {_fmt(m.speedup)}x the speed, {quality} {_fmt(m.quality(quality))}</p>')
+                        f'{_fmt(m.compression_ratio)}x smaller, {_fmt(m.speedup)}x the speed, {_quality_words(m, quality)}</p>')
         on_front = [(c, p) for c in candidates if c["job_id"] in front and (p := _point(c)) is not None]
         sections.append(_bars("size ratio of the best and of the Pareto front",
                               [(str(c["recipe"]), p.compression_ratio, "chosen" if c["job_id"] == best else "compressed") for c, p in on_front], "x"))

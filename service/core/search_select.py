@@ -2,7 +2,9 @@
 
 Pure functions over the candidates' job metrics (no database), so the rules are tested directly.
 Quality is accuracy when the evaluation data has labels, else fidelity (mean output cosine to the
-original); the constraint is `max_accuracy_drop` (absolute) and/or `min_fidelity`.
+original); the constraint is `max_accuracy_drop` (absolute) and/or `min_fidelity`. On a decoder LLM
+quality is perplexity on the evaluation text, judged by `max_perplexity_increase` (relative), and
+speed is decode tokens/s at batch 1 (the job's `speedup`).
 """
 
 from __future__ import annotations
@@ -28,12 +30,21 @@ class CandidatePoint(BaseModel):
     accuracy: float | None
     accuracy_drop: float | None
     fidelity: float | None = Field(description="Mean output cosine to the original.")
+    perplexity_increase: float | None = Field(None, description="LLM checkpoints: perplexity on the evaluation text / the original's - 1.")
     meets_constraint: bool
     violation: float = Field(description="0 when the constraint holds; else how far off, in the constraint's units.")
 
     def quality(self, name: str) -> float | None:
-        """The quality a search judges by: accuracy (labelled evaluation data) or fidelity."""
+        """The quality a search judges by: accuracy (labelled evaluation data), fidelity, or on an LLM
+        the perplexity ratio (the original's / the candidate's: 1 is the original, higher is better)."""
+        if name == "perplexity":
+            return None if self.perplexity_increase is None else perplexity_ratio(self.perplexity_increase)
         return self.accuracy if name == "accuracy" else self.fidelity
+
+
+def perplexity_ratio(increase: float) -> float:
+    """The original's perplexity / the candidate's: a quality where higher is better, as accuracy and fidelity are."""
+    return 1.0 / (1.0 + increase)
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,7 @@ class Point:
     accuracy_drop: float | None
     fidelity: float | None
     violation: float  # 0 when the constraint holds; else how far off, in the constraint's own units
+    perplexity_increase: float | None = None  # LLM checkpoints
 
     @property
     def feasible(self) -> bool:
@@ -61,12 +73,15 @@ class Point:
         return self.ratio if objective == "size" else self.speedup
 
     def quality(self) -> float:
+        if self.perplexity_increase is not None:
+            return perplexity_ratio(self.perplexity_increase)
         return self.accuracy if self.accuracy is not None else (self.fidelity if self.fidelity is not None else -math.inf)
 
     def public(self) -> CandidatePoint:
         return CandidatePoint(job_id=self.job_id, recipe=self.recipe, rung=self.rung, size_bytes=self.size_bytes,
                               compression_ratio=round(self.ratio, 4), speedup=round(self.speedup, 4), latency_ms=self.latency_ms,
                               accuracy=self.accuracy, accuracy_drop=self.accuracy_drop, fidelity=self.fidelity,
+                              perplexity_increase=None if self.perplexity_increase is None else round(self.perplexity_increase, 6),
                               meets_constraint=self.feasible, violation=round(self.violation, 6))
 
 
@@ -84,8 +99,12 @@ def point(job_id: str, recipe: str, rung: int, metrics: JobMetrics, constraint: 
     accuracy = compressed.accuracy
     drop = original.accuracy - accuracy if accuracy is not None and original.accuracy is not None else None
     fidelity = compressed.fidelity.cosine if compressed.fidelity is not None else None
+    increase = compressed.llm.perplexity_increase if compressed.llm is not None else None
     violation = 0.0
     max_drop, min_fidelity = constraint.get("max_accuracy_drop"), constraint.get("min_fidelity")
+    max_increase = constraint.get("max_perplexity_increase")
+    if max_increase is not None:
+        violation = max(violation, (increase - max_increase) if increase is not None else math.inf)
     if max_drop is not None:
         violation = max(violation, (drop - max_drop) if drop is not None else math.inf)
     if min_fidelity is not None:
@@ -93,7 +112,7 @@ def point(job_id: str, recipe: str, rung: int, metrics: JobMetrics, constraint: 
     latency = compressed.latency_by_batch[0].p50 if compressed.latency_by_batch else None
     return Point(
         job_id, recipe, rung, int(compressed.size_bytes), float(metrics.compression_ratio), _speedup(metrics),
-        latency, accuracy, drop, fidelity, violation,
+        latency, accuracy, drop, fidelity, violation, increase,
     )
 
 

@@ -92,3 +92,42 @@ def test_hostile_checkpoints_are_refused_over_http(tmp_path: Path) -> None:
         bad_text = client.post("/v1/datasets", files={"file": ("t.txt", b"caf\xe9 latin-1")})
         assert bad_text.status_code == 422 and bad_text.json()["error"]["code"] == "invalid_text"
         assert client.get("/v1/models").json()["count"] == 0
+
+
+def test_a_search_over_a_checkpoint_keeps_the_smallest_within_its_perplexity_target(tmp_path: Path, start_worker) -> None:
+    settings: Settings = fast_settings(tmp_path, lease_ttl_s=10.0, visibility_timeout_s=600.0)
+    start_worker(settings)
+    with authed_client(settings) as client:
+        model_id = client.post("/v1/models", files={"file": ("tiny-llama.zip", tiny_llama_zip())}).json()["id"]
+        text_id = client.post("/v1/datasets", files={"file": ("calib.txt", TEXT.encode())}).json()["id"]
+        base = {"model_id": model_id, "dataset_id": text_id, "objective": "size", "budget_minutes": 20, "measure": {"window": 64, "eval_tokens": 512}}
+        # An ONNX model's constraints, and recipes that do not apply, are refused with the reason.
+        for bad, words in (({"min_fidelity": 0.99}, "max_perplexity_increase"), ({"methods": ["distill"]}, "quantize recipes only")):
+            refused = client.post("/v1/searches", json=base | bad)
+            assert refused.status_code == 422 and words in refused.json()["error"]["message"], refused.text
+
+        created = client.post("/v1/searches", json=base | {"max_perplexity_increase": 0.2})
+        assert created.status_code == 202, created.text
+        assert created.json()["request"]["max_perplexity_increase"] == 0.2 and created.json()["rungs"] >= 1
+        final, _ = follow(client, created.json()["id"], kind="searches")
+        assert final["status"] == "succeeded", final
+        candidates = final["candidates"]
+        assert {c["recipe"] for c in candidates} == {"llm-auto", "llm-int4-gptq", "llm-int4-gptq-lm-head-int8", "llm-int4-rtn", "llm-int8"}
+        assert all(c["status"] == "succeeded" and c["rung"] == 0 for c in candidates), [(c["recipe"], c["error"]) for c in candidates]
+        points = {c["job_id"]: c["metrics"] for c in candidates}
+        for candidate in candidates:  # each point is its job's own perplexity and decode speed
+            job = client.get(f"/v1/jobs/{candidate['job_id']}").json()
+            llm = job["metrics"]["compressed"]["llm"]
+            assert points[candidate["job_id"]]["perplexity_increase"] == pytest.approx(llm["perplexity_increase"], abs=1e-6)
+            assert points[candidate["job_id"]]["meets_constraint"] == (llm["perplexity_increase"] <= 0.2)
+            assert points[candidate["job_id"]]["fidelity"] is None and points[candidate["job_id"]]["accuracy"] is None
+        feasible = [p for p in points.values() if p["meets_constraint"]]
+        assert feasible, points
+        assert points[final["best"]]["compression_ratio"] >= max(p["compression_ratio"] for p in feasible) / 1.01
+        int8 = next(points[c["job_id"]] for c in candidates if c["recipe"] == "llm-int8")
+        int4 = next(points[c["job_id"]] for c in candidates if c["recipe"] == "llm-int4-gptq")
+        assert int4["compression_ratio"] > 1.4 * int8["compression_ratio"]
+        assert final["best"] in final["pareto"] and set(final["pareto"]) <= set(points)
+        page = client.get(f"/v1/searches/{final['id']}/report.html")
+        assert page.status_code == 200 and "perplexity within +20%" in page.text and 'class="pareto"' in page.text
+        assert page.text.count("<tr>") == len(candidates) + 1

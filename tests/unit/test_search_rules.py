@@ -201,3 +201,47 @@ def test_timing_noise_is_a_tie_that_the_other_axis_breaks() -> None:
     assert not any(p.ratio > chosen.ratio and p.speedup > chosen.speedup for p in points)
     clear = [point("job_fast", "a", 0, metrics(2.0, 1.6), fidelity), point("job_small", "b", 0, metrics(3.0, 1.3), fidelity)]
     assert best(clear, "latency").job_id == "job_fast"  # 23% faster is not noise
+
+
+def llm_metrics(ratio: float, decode_speedup: float, increase: float) -> JobMetrics:
+    """An LLM job's metrics as the worker writes them: no batch latencies, perplexity in `llm`."""
+    def measured(size: int, tokens_per_s: float, perplexity: float, extra: dict) -> dict:
+        return {"size_bytes": size, "latency_by_batch": [],
+                "llm": {"perplexity": perplexity, "decode_tokens_per_s": tokens_per_s, "weight_bytes": size, **extra}}
+
+    return checked({
+        "original": measured(ORIGINAL_BYTES, 10.0, 20.0, {}),
+        "compressed": measured(int(ORIGINAL_BYTES / ratio), 10.0 * decode_speedup, 20.0 * (1 + increase), {"perplexity_increase": increase}),
+        "compression_ratio": ratio, "speedup": decode_speedup,
+    }, strict=True)
+
+
+def test_an_llm_search_judges_perplexity_and_decode_speed() -> None:
+    constraint = {"max_accuracy_drop": None, "min_fidelity": None, "max_perplexity_increase": 0.05}
+    int4 = point("job_int4", "llm-int4-gptq", 0, llm_metrics(6.2, 3.9, 0.11), constraint)
+    mixed = point("job_mixed", "llm-auto", 0, llm_metrics(4.7, 3.3, 0.043), constraint)
+    int8 = point("job_int8", "llm-int8", 0, llm_metrics(2.0, 2.7, 0.003), constraint)
+    assert not int4.feasible and int4.violation == pytest.approx(0.06) and int4.speedup == pytest.approx(3.9)
+    assert mixed.feasible and mixed.perplexity_increase == pytest.approx(0.043)
+    # Quality is the perplexity ratio (higher is better), so the front keeps all three trade-offs.
+    assert mixed.quality() > int4.quality() and int8.quality() > mixed.quality()
+    assert [p.job_id for p in pareto([int4, mixed, int8])] == ["job_int4", "job_mixed", "job_int8"]
+    assert best([int4, mixed, int8], "size") is mixed and best([int4, mixed, int8], "latency") is mixed
+    assert mixed.public().perplexity_increase == pytest.approx(0.043) and mixed.public().quality("perplexity") == pytest.approx(1 / 1.043)
+    # A missing perplexity cannot meet a perplexity constraint.
+    assert point("job_onnx", "r", 0, metrics(4.0, 2.0), constraint).violation == float("inf")
+
+
+def test_llm_recipes_are_quantize_jobs_an_llm_checkpoint_takes() -> None:
+    from service.core.llm import LLM_QUANTIZE_MODES
+
+    facts = {"has_dataset": True, "labels": False, "token_inputs": True, "llm": True}
+    found = recipes("size", facts, {"max_perplexity_increase": 0.02}, 0, None)
+    assert [r.name for r in found] == ["llm-auto", "llm-int4-gptq", "llm-int4-gptq-lm-head-int8", "llm-int4-rtn", "llm-int8"]
+    by_method = {spec.model_fields["method"].default: spec for spec in STEP_TYPES}
+    for recipe in found:
+        assert not recipe.trainable and len(recipe.steps) == 1
+        step = by_method["quantize"].model_validate(recipe.steps[0])
+        assert step.mode in LLM_QUANTIZE_MODES
+    assert found[0].steps[0]["max_perplexity_increase"] == 0.02  # auto is held to the search's own constraint
+    assert recipes("size", facts, {}, 0, ["distill"]) == []

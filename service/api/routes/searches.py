@@ -35,6 +35,7 @@ from service.core.webhooks import check_webhook_url
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/searches", tags=["searches"], responses=AUTH_RESPONSES)
 DEFAULT_MIN_FIDELITY = 0.99
+DEFAULT_MAX_PERPLEXITY_INCREASE = 0.05
 
 
 def owned_search(session, tenant_id: str, search_id: str) -> Search:
@@ -52,12 +53,14 @@ def _facts(session, tenant_id: str, body: SearchCreate) -> dict[str, Any]:
     """What the planner needs to know of the model and data, checked as a job's inputs are."""
     model = owned_model(session, tenant_id, body.model_id)
     if model.format == LLM_FORMAT:
-        raise InvalidInput("searches over LLM checkpoints are not offered yet: submit a quantize job with mode unset (auto), "
-                           "which measures int4, int8 and mixed-precision candidates and keeps the smallest within max_perplexity_increase")
+        return _llm_facts(session, tenant_id, body)
     labels = {}
     for field, ds_id in (("dataset_id", body.dataset_id), ("eval_dataset_id", body.eval_dataset_id)):
         if ds_id is not None:
             dataset = owned_dataset(session, tenant_id, ds_id)
+            if dataset.kind == "text":
+                raise InvalidInput(f"{field} {ds_id} is a text dataset; text is for LLM checkpoints (format hf_causal_lm). "
+                                   "An ONNX model takes a .npz with one array per input")
             check_against_model(dataset.arrays, model.inputs, what=f"{field} {ds_id}")
             check_labels_fit(dataset.arrays, model.outputs, what=f"{field} {ds_id}")
             labels[field] = dataset.has_labels
@@ -70,8 +73,26 @@ def _facts(session, tenant_id: str, body: SearchCreate) -> dict[str, Any]:
     }
 
 
+def _llm_facts(session, tenant_id: str, body: SearchCreate) -> dict[str, Any]:
+    """A decoder LLM checkpoint: calibration and evaluation data are text, quality is perplexity."""
+    for field, ds_id in (("dataset_id", body.dataset_id), ("eval_dataset_id", body.eval_dataset_id)):
+        if ds_id is not None and owned_dataset(session, tenant_id, ds_id).kind != "text":
+            raise InvalidInput(f"{field} {ds_id} holds arrays; an LLM checkpoint calibrates and is evaluated on text (.txt or .jsonl)")
+    if body.max_accuracy_drop is not None or body.min_fidelity is not None:
+        raise InvalidInput("a search over an LLM checkpoint is judged by perplexity on the evaluation text: give max_perplexity_increase "
+                           f"(default {DEFAULT_MAX_PERPLEXITY_INCREASE}), not max_accuracy_drop or min_fidelity")
+    return {"has_dataset": body.dataset_id is not None, "labels": False, "token_inputs": True, "llm": True}
+
+
 def _request(body: SearchCreate, facts: dict[str, Any]) -> dict[str, Any]:
     request = body.model_dump(mode="json", exclude={"model_id", "dataset_id", "eval_dataset_id", "webhook_url"})
+    if facts.get("llm"):
+        if request["max_perplexity_increase"] is None:
+            request["max_perplexity_increase"] = DEFAULT_MAX_PERPLEXITY_INCREASE
+        return request
+    if request["max_perplexity_increase"] is not None:
+        raise InvalidInput("max_perplexity_increase judges searches over LLM checkpoints (format hf_causal_lm); "
+                           "an ONNX model's search takes max_accuracy_drop and/or min_fidelity")
     if request["max_accuracy_drop"] is not None and not facts["labels"]:
         raise InvalidInput("max_accuracy_drop needs labels in the evaluation data (eval_dataset_id, else dataset_id); use min_fidelity without labels",
                            code="labels_required")
@@ -101,7 +122,9 @@ def create_search(
 ) -> JSONResponse:
     """Start a search: recipes over the methods (quantize auto, pruning with fine-tuning, distilled
     widths, Deep Compression, low rank, and compositions with quantization) run as jobs on every worker,
-    the first rung on a third of the fine-tuning budget, the promising ones again at full budget.
+    the first rung on a third of the fine-tuning budget, the promising ones again at full budget. On an
+    LLM checkpoint: int4 (GPTQ, RTN), int4 with an int8 lm_head, auto mixed precision and int8, judged
+    by perplexity on the evaluation text (`max_perplexity_increase`) and decode speed.
     Answers 202 with the search and `Location: /v1/searches/{id}`."""
     fingerprint = hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
     if idempotency_key:
@@ -118,6 +141,9 @@ def create_search(
                     request=request, facts=facts, idempotency_key=idempotency_key, webhook_url=body.webhook_url,
                     deadline_at=now + timedelta(minutes=body.budget_minutes), created_at=now)
     planned = len(search_recipes(search))
+    if planned == 0:
+        raise InvalidInput(f"no recipe of methods {', '.join(body.methods or [])} applies to this model and data "
+                           "(training recipes need a dataset_id; an LLM checkpoint takes quantize recipes only)")
     lock_tenant(session, tenant.id)  # the count below and the insert are one step for this tenant
     check_room_for_results(session, tenant.id, settings)
     active = active_jobs(session, tenant.id)
