@@ -4,7 +4,10 @@
 #      ResNet-18 through the worker's method code on CUDA and on the CPU, quality compared;
 #   2. the tests that train (every method on BERT/GPT-2/ViT/ResNet/MobileNetV2 from both exporters,
 #      and the method tests) with MODELSHRINK_TORCH_DEVICE=cuda, so every training loop, mask,
-#      codebook and write-back runs with its tensors on the GPU.
+#      codebook and write-back runs with its tensors on the GPU;
+#   3. the LLM path (tiny random Llama: GenAI builder export, Hessians, GPTQ/AWQ/int8 plans, the
+#      result run in onnxruntime-genai) on that machine's image. The LLM path exports and measures on
+#      ONNX Runtime's CPU provider there too (no CUDA export yet): this checks it runs, not GPU speed.
 # Expects the service's pure-Python dependencies as wheels in .whl/ (the GPU image has torch, onnx,
 # onnxruntime, transformers and pytest but not FastAPI, SQLAlchemy, Celery, torch-pruning...):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
@@ -34,3 +37,8 @@ OMP_NUM_THREADS=2 MODELSHRINK_TORCH_DEVICE=cuda timeout "${TESTS_SECONDS:-240}" 
   > "$OUT/cuda_tests.log" 2>&1
 echo "tests exit $?" >> "$OUT/cuda_tests.log"
 grep -E "passed|failed|error" "$OUT/cuda_tests.log" | tail -40
+
+# Needs onnxruntime-genai and onnx-ir among the wheels.
+timeout "${LLM_SECONDS:-180}" python3 -m pytest -q -p no:cacheprovider -o addopts= tests/unit/test_llm_quantization.py > "$OUT/llm_tests.log" 2>&1
+echo "llm tests exit $?" >> "$OUT/llm_tests.log"
+tail -5 "$OUT/llm_tests.log"

@@ -68,6 +68,8 @@ def check_llm_job(model: Any, steps: list[Any], datasets: dict[str, Any]) -> Non
         for index, step in enumerate(steps):
             if step.method == "quantize" and step.mode == "int8_weight_only":
                 raise InvalidInput(f"steps[{index}]: int8_weight_only is for LLM checkpoints; an ONNX model quantizes to int8 with int8_dynamic or int8_static")
+            if step.method == "quantize" and step.int4_algorithm == "awq":
+                raise InvalidInput(f"steps[{index}]: int4_algorithm awq is for LLM checkpoints; an ONNX model's int4 takes rtn, hqq or gptq")
         return
     if len(steps) != 1 or steps[0].method != "quantize":
         methods = ", ".join(s.method for s in steps)

@@ -36,6 +36,8 @@ def test_submit_answers_202_with_location(client: TestClient, model_id: str) -> 
         ({"method": "quantize", "mode": "int3"}, "mode"),
         ({"method": "quantize", "colour": "blue"}, "colour"),
         ({"method": "quantize", "calibration": {"method": "entropy", "num_bins": 128}}, "num_bins"),
+        ({"method": "quantize", "mode": "int4_weight_only", "int4_algorithm": "awq"}, "awq is for LLM checkpoints"),
+        ({"method": "quantize", "mode": "int8_weight_only"}, "int8_weight_only is for LLM checkpoints"),
     ],
 )
 def test_bad_specs_are_422(client: TestClient, model_id: str, step: dict, fragment: str) -> None:

@@ -124,3 +124,53 @@ def test_a_tied_lm_head_and_its_embedding_table_are_stored_once(tmp_path: Path, 
     sess = decoder.session(folder, 1)
     got = sess.run(["logits"], decoder.feed(sess, ids, head))[0]
     assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > cosine
+
+
+def _with_outlier_channels(model: onnx.ModelProto, factor: float = 30.0) -> onnx.ModelProto:
+    """The same function with a few loud input channels, as real LLMs have: layer 0's input norm scales
+    channels 3 and 17 up by `factor` and the q/k/v weight's rows for them down by as much."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {i.name: i for i in out.graph.initializer}
+    qkv = next(n for n in out.graph.node if n.name == "/model/layers.0/attn/qkv_proj/MatMul")
+    norm = next(n for n in out.graph.node if qkv.input[0] in n.output)
+    for name, axis_scale in ((norm.input[1], factor), (qkv.input[1], 1 / factor)):
+        array = onnx.numpy_helper.to_array(inits[name]).copy()
+        array[[3, 17]] *= axis_scale
+        inits[name].CopyFrom(onnx.numpy_helper.from_array(array, name))
+    return out
+
+
+def _logits(folder: Path, model: onnx.ModelProto, ids: np.ndarray, head: int) -> np.ndarray:
+    folder.mkdir()
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    sess = decoder.session(folder, 1)
+    return sess.run(["logits"], decoder.feed(sess, ids, head))[0]
+
+
+def test_awq_scales_loud_channels_before_rounding_and_beats_round_to_nearest(export: Path, tmp_path: Path) -> None:
+    model = _with_outlier_channels(onnx.load(str(export / "model.onnx")))
+    head = decoder.head_size(export)
+    hessians = calibration.hessians(model, _windows(), head, tmp_path / "aug", 1)
+    awq, report = weight_quant.quantize(model, weight_quant.Plan(algorithm="awq"), hessians)
+    rtn, rtn_report = weight_quant.quantize(model, weight_quant.Plan(algorithm="rtn"), hessians)
+    groups = {row["input"]: row for row in report["awq"]}
+    # Never worse than round-to-nearest on the calibration text (alpha 0 is it), and on the group with
+    # the loud channels several times better.
+    assert all(row["output_error_awq"] <= row["output_error_rtn"] for row in groups.values())
+    qkv = groups["/model/layers.0/input_layernorm/output_0"]
+    assert qkv["alpha"] > 0 and qkv["output_error_awq"] < 0.5 * qkv["output_error_rtn"], qkv
+    assert qkv["inverse_scale"].startswith("folded into SimplifiedLayerNormalization")
+    # Folded where a norm writes the input; a Mul node only where none does (o_proj, down_proj).
+    muls = [n for n in awq.graph.node if n.name.endswith("__awq")]
+    assert len(muls) == sum(1 for row in groups.values() if row["alpha"] > 0 and row["inverse_scale"].startswith("a Mul"))
+    assert all("o_proj" in n.name or "down_proj" in n.name for n in muls)
+    assert {r["algorithm"] for r in report["layers"] if r["bits"] == 4} == {"awq"}
+    rtn_errors = {r["layer"]: r["output_error"] for r in rtn_report["layers"]}
+    awq_errors = {r["layer"]: r["output_error"] for r in report["layers"]}
+    assert awq_errors["/model/layers.0/attn/qkv_proj/MatMul"] < 0.5 * rtn_errors["/model/layers.0/attn/qkv_proj/MatMul"]
+    # The graph computes what it should: AWQ's logits closer to the float model's than round-to-nearest's.
+    ids = _windows(1, 64)[0]
+    reference = _logits(tmp_path / "fp32", model, ids, head)
+    errors = {name: float(np.linalg.norm(_logits(tmp_path / name, q, ids, head) - reference)) for name, q in (("awq", awq), ("rtn", rtn))}
+    assert errors["awq"] < errors["rtn"], errors

@@ -170,7 +170,7 @@ def _run(job: JobInput, store: ArtifactStore, work_dir: Path, progress: Progress
     todo = plans(step, layers, ranked, lm_head)
     for index, (name, plan) in enumerate(todo):
         progress(0.2 + 0.4 * index / len(todo), "quantize", f"candidate {index + 1}/{len(todo)}: {name}", True)
-        quantized, layer_report = weight_quant.quantize(model, plan, hessians if plan.algorithm == "gptq" else None)
+        quantized, layer_report = weight_quant.quantize(model, plan, hessians if plan.algorithm in ("gptq", "awq") else None)
         folder = _folder_with(original, quantized, work_dir / f"candidate{index}")
         del quantized
         release_freed_memory()

@@ -17,13 +17,14 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from workers.llm import awq
 from workers.llm.calibration import output_error, weight_matmuls
 from workers.quantization import blocks, int4
 
 
 @dataclass
 class Plan:
-    algorithm: str = "gptq"  # rtn, gptq, hqq (4-bit layers; 8-bit layers are always round-to-nearest)
+    algorithm: str = "gptq"  # rtn, gptq, hqq, awq (4-bit layers; 8-bit layers are always round-to-nearest, AWQ-scaled under awq)
     block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4
@@ -76,6 +77,10 @@ def _hqq(model: onnx.ModelProto, nodes: list[str], plan: Plan) -> onnx.ModelProt
 def quantize(model: onnx.ModelProto, plan: Plan, hessians: dict[str, np.ndarray] | None) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """The quantized graph and what happened to each weight."""
     folded, tied = int4.fold_weights(model)
+    awq_rows: list[dict[str, Any]] = []
+    if plan.algorithm == "awq" and hessians:
+        # Scales first (in place on the folded copy), then round-to-nearest on the scaled weights.
+        hessians, awq_rows = awq.apply(folded, hessians, plan.bits_of, plan.block_size, plan.symmetric, keep=set(tied))
     inits = {i.name: i for i in folded.graph.initializer}
     float_weights = {name: numpy_helper.to_array(t) for name, t in inits.items()
                      if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= int4.MIN_WEIGHTS}
@@ -98,6 +103,8 @@ def quantize(model: onnx.ModelProto, plan: Plan, hessians: dict[str, np.ndarray]
             codes = blocks.round_to_nearest(weight, bits, plan.block_size, plan.symmetric)
         replaced[name] = _node(node, weight.shape, codes, bits, plan)
         computed = codes.dequantized(bits)
+        if bits == 4 and plan.algorithm == "awq":
+            algorithm = "awq"
         row = {"layer": name, "bits": bits, "algorithm": algorithm, "parameters": int(weight.size),
                "relative_error": round(float(np.linalg.norm(weight - computed) / max(np.linalg.norm(weight), 1e-12)), 5)}
         if hessians and node.input[0] in hessians:
@@ -133,6 +140,7 @@ def quantize(model: onnx.ModelProto, plan: Plan, hessians: dict[str, np.ndarray]
         "algorithm": plan.algorithm, "act_order": plan.act_order if plan.algorithm == "gptq" else None, "block_size": plan.block_size, "symmetric": plan.symmetric, "accuracy_level": plan.accuracy_level,
         "layers": layers, "embeddings": embedding_rows,
         "tied_tables_stored_once": [{"table": t, "matmul_weight": w} for t, w in shared],
+        **({"awq": awq_rows} if plan.algorithm == "awq" else {}),
         "bits_count": {str(b): sum(1 for r in layers if r["bits"] == b) for b in (4, 8, 32)},
         "float_share": round(1 - quantized / max(1, total), 4),
     }

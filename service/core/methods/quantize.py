@@ -67,7 +67,7 @@ class QuantizeReport(StepReport):
     calibration: dict[str, Any] | None = Field(None, description="int8_static: the calibration method and the number of samples it saw.")
     format: str | None = Field(None, description="int8_static: QDQ (QuantizeLinear/DequantizeLinear pairs around float ops).")
     keep_io_types: bool | None = Field(None, description="fp16: whether the inputs and outputs stayed float32.")
-    algorithm: str | None = Field(None, description="int4_weight_only: rtn, hqq or gptq.")
+    algorithm: str | None = Field(None, description="int4_weight_only: rtn, hqq, gptq or (LLM checkpoints) awq.")
     block_size: int | None = Field(None, description="int4_weight_only: weights per quantization block.")
     layers: list[QuantizedLayer] | None = Field(None, description="int4_weight_only (and LLMs' weight-only modes): each weight's bits, algorithm and error.")
     tied_tables_stored_once: list[dict[str, str]] | None = Field(None, description="int4_weight_only: embedding tables a matrix product reads through the tie, stored once.")
@@ -128,9 +128,10 @@ class QuantizeStep(MethodSpec):
     smooth_quant_alpha: float | None = Field(
         None, ge=0, le=1, description="SmoothQuant migration strength: larger moves more of the activation range into the weights. "
         "Default: chosen per activation among 0.3-0.9, the one whose int8 product on the calibration data is closest to the float one.")
-    int4_algorithm: Literal["rtn", "hqq", "gptq"] | None = Field(
+    int4_algorithm: Literal["rtn", "hqq", "gptq", "awq"] | None = Field(
         None, description="int4_weight_only: round-to-nearest, HQQ or GPTQ (ONNX Runtime's MatMulNBitsQuantizer; GPTQ calibrates on the job's dataset). "
-        "Default: measured; on an LLM checkpoint, gptq (on the calibration text, or built-in text without one)."
+        "Default: measured; on an LLM checkpoint, gptq (on the calibration text, or built-in text without one). awq (LLM checkpoints only): "
+        "activation-aware per-channel scales searched on the calibration text, then round-to-nearest."
     )
     symmetric: bool | None = Field(None, description="int4/int8 weight-only on an LLM checkpoint: symmetric blocks (no zero points). Default: symmetric.")
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = Field(

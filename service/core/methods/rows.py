@@ -84,7 +84,7 @@ class QuantizedLayer(LayerRow):
     weight: str | None = Field(None, description="The initializer quantized.")
     kind: str | None = Field(None, description="matmul or embedding.")
     shape: list[int] | None = None
-    algorithm: str | None = Field(None, description="rtn, gptq, hqq, or shared (a table read through its tied matrix product's codes).")
+    algorithm: str | None = Field(None, description="rtn, gptq, hqq, awq, or shared (a table read through its tied matrix product's codes).")
     bits: int | None = Field(None, description="4, 8, or 32 (left in float).")
     parameters: int | None = None
     relative_error: float | None = Field(None, description="|W - W_q| / |W|.")
