@@ -20,7 +20,7 @@ DAMP = 0.01  # share of the Hessian's mean diagonal added to it (the papers' per
 Batch = tuple[tuple[torch.Tensor, ...], "torch.Tensor | None"]
 
 
-class _Captured(Exception):
+class Captured(Exception):
     """Raised by the hook once the layer's input is captured: the rest of the forward pass is not needed."""
 
 
@@ -32,7 +32,7 @@ def supported(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Conv2d) and layer.groups == 1 and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
 
 
-def _rows(layer: nn.Module, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+def input_rows(layer: nn.Module, x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
     """The layer's input as rows of what each weight row multiplies: [positions, in_features]. With a
     token mask `real` [batch, positions], padded positions are left out: nobody reads their outputs,
     and their activations would pull the reconstruction towards them."""
@@ -53,17 +53,17 @@ def hessian(module: nn.Module, layer: nn.Module, batches: Iterable[Batch]) -> to
 
     def record(_module: nn.Module, args: tuple, _output: Any) -> None:
         nonlocal total, positions
-        rows = _rows(layer, args[0].detach().double(), current[0])
+        rows = input_rows(layer, args[0].detach().double(), current[0])
         total = rows.T @ rows if total is None else total + rows.T @ rows
         positions += rows.shape[0]
-        raise _Captured
+        raise Captured
 
     handle = layer.register_forward_hook(record)
     try:
         for batch, current[0] in batches:
             try:
                 module(*batch)
-            except _Captured:
+            except Captured:
                 pass
     finally:
         handle.remove()

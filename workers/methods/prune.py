@@ -16,10 +16,11 @@ from torch import nn
 from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
 from workers import sparse_pack
+from workers.evaluation import mask_input
 from workers.fixed_batch import chunks, exactly
 from workers.hessian import Batch, supported
 from workers.steps import StepContext, StepData, StepResult
-from workers.pruning import ffn, heads, initializers, sparsegpt, structured, unstructured
+from workers.pruning import ffn, heads, initializers, refit, sparsegpt, structured, unstructured
 from workers.pruning.layers import is_transformer, mlp_hidden_layers, selected_layers, weighted_layers
 from workers.trainable.device import training_device
 from workers.trainable.to_onnx import export, has_dynamic_batch
@@ -33,6 +34,10 @@ SPEC = PruneStep
 TAYLOR_BATCHES = 8
 WANDA_BATCHES = 16  # calibration batches for the input-feature norms
 CALIBRATION_SAMPLES = 512  # samples a layer's input Hessian is taken on (SparseGPT)
+# Samples a narrowed layer is refitted on: each layer costs a forward pass of the pruned and of the
+# reference model up to it per batch, and a least-squares fit needs positions well over its inputs
+# (a transformer: samples x tokens; a convolution: samples x pixels).
+REFIT_SAMPLES = 256
 
 
 class _Run(TrainableRun):
@@ -282,6 +287,8 @@ def _structured(run: _Run) -> dict[str, Any]:
         raise CompressionFailed(f"torch-pruning could not build the layer dependency graph: {str(exc).splitlines()[0][:300]}", code="structured_pruning_failed") from exc
     params_before = sum(p.numel() for p in run.module.parameters())
     thresholds: dict[str, float] = {}
+    refitting = spec.refit and run.data.available
+    refits: list[dict[str, Any]] = []
 
     def prune_round(r: int) -> dict[str, Any]:
         if spec.importance == "taylor":
@@ -301,7 +308,12 @@ def _structured(run: _Run) -> dict[str, Any]:
             if value is not None:
                 scores[owner] = value.detach().flatten()
         widths = {n: all_layers[n].weight.shape[0] for n in scores}
-        pruner.step()
+        inputs_before = refit.input_widths(all_layers)
+        reference = copy.deepcopy(run.module) if refitting else None  # what the narrowed layers' outputs are fitted to
+        removed_outputs = _step_recording_outputs(pruner, all_layers)
+        if reference is not None:
+            _refit_round(run, reference, refit.narrowed(inputs_before, all_layers), removed_outputs, r, refits)
+            del reference
         for layer_name, value in scores.items():
             removed = widths[layer_name] - all_layers[layer_name].weight.shape[0]
             if removed > 0:
@@ -312,7 +324,32 @@ def _structured(run: _Run) -> dict[str, Any]:
     rounds, best, stopped = _iterate(run, prune_round, lambda: None, lambda: copy.deepcopy(run.module))
     run.module = best[0]
     return {"rounds": rounds, "kept_round": best[1], "stopped": stopped, "thresholds": thresholds,
-            "achieved": 1 - sum(p.numel() for p in run.module.parameters()) / params_before}
+            "achieved": 1 - sum(p.numel() for p in run.module.parameters()) / params_before, "refit": refits if refitting else None}
+
+
+def _step_recording_outputs(pruner: Any, layers: dict[str, nn.Module]) -> dict[str, list[int]]:
+    """torch-pruning's step, group by group: which output channels of each layer it removed (a layer
+    narrowed on both sides is refitted to its kept outputs only)."""
+    names = {id(layer): name for name, layer in layers.items()}
+    removed: dict[str, list[int]] = {}
+    for group in pruner.step(interactive=True):
+        for dep, idxs in group:
+            name = names.get(id(dep.target.module))
+            if name is not None and getattr(dep.handler, "__name__", "") == "prune_out_channels":
+                removed.setdefault(name, []).extend(int(i) for i in idxs)
+        group.prune()
+    return removed
+
+
+def _refit_round(run: _Run, reference: nn.Module, narrowed: dict[str, nn.Module], removed_outputs: dict[str, list[int]], round_index: int,
+                 rows: list[dict[str, Any]]) -> None:
+    """The layers whose inputs lost channels this round, refitted to their outputs before it (workers.pruning.refit)."""
+    def progress(index: int, total: int, name: str) -> None:
+        run.ctx.progress(0.05, f"refitting layer {index + 1}/{total} ({name}) to its output before pruning")
+
+    found = refit.refit(reference, weighted_layers(reference), run.module, narrowed, lambda: run.calibration_batches(REFIT_SAMPLES),
+                        removed_outputs, progress)
+    rows += [{"round": round_index + 1, **row} for row in found]
 
 
 NO_CONVERSION = "nothing is trained, so the ONNX weights were pruned where they are stored (no conversion to torch; the graph is otherwise the one uploaded)"
@@ -351,7 +388,12 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
     graph, head_report = model, None
     if spec.heads:
         ctx.progress(0.01, "measuring each attention head's importance")
-        graph, head_report = heads.prune_heads(model, spec.heads, _head_feeds(run), ctx.threads)
+        refit_on = None
+        if spec.refit and data.available:
+            feeds = _head_feeds(run, REFIT_SAMPLES)
+            mask = mask_input(data)
+            refit_on = (feeds, feeds[mask] if mask in feeds else None)
+        graph, head_report = heads.prune_heads(model, spec.heads, _head_feeds(run), ctx.threads, refit_on)
         run.module = trainable(graph, data)
     ffn_report = None
     if _needs_graph_ffn(run):
@@ -402,6 +444,8 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         errors = outcome["errors"].values()
         report["reconstruction"] = {"masked": round(sum(e["output_error_masked"] for e in errors) / len(errors), 6),
                                     "updated": round(sum(e["output_error"] for e in errors) / len(errors), 6)}
+    if outcome.get("refit") is not None:
+        report["refit"] = outcome["refit"]
     if ffn_report is not None:
         report["ffn"] = ffn_report
     if head_report is not None:

@@ -30,6 +30,7 @@ from service.core.errors import CompressionFailed
 from workers.onnx_weights import layer_name
 from workers.activations import session
 from workers.pruning.graph import OnnxGraph, Projection, differs, slice_initializer
+from workers.pruning.refit import refit_projection_inputs
 
 # Ops between the attention scores and the softmax, and from the softmax to its use.
 PROBS_THROUGH = {"Where", "IsNaN", "Cast", "Dropout", "Identity", "Mul", "Div"}  # softmax -> probabilities as used
@@ -188,7 +189,10 @@ def remove(model: onnx.ModelProto, blocks: list[AttentionBlock], removed: dict[i
     return out
 
 
-def prune_heads(model: onnx.ModelProto, fraction: float, feeds: dict[str, np.ndarray], threads: int = 1) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def prune_heads(model: onnx.ModelProto, fraction: float, feeds: dict[str, np.ndarray], threads: int = 1,
+                refit_on: tuple[dict[str, np.ndarray], np.ndarray | None] | None = None) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """`refit_on`: data (feeds and the real-token mask) to refit each narrowed output projection on
+    by least squares (workers.pruning.refit), or None."""
     blocks = find_blocks(model)
     if not blocks:
         raise HeadPruningUnsupported(
@@ -206,5 +210,8 @@ def prune_heads(model: onnx.ModelProto, fraction: float, feeds: dict[str, np.nda
     rows = [{"layer": block.name, "heads_before": block.heads, "heads_after": block.heads - len(block.removed), "head_dim": block.head_dim,
              "removed": block.removed, "importance": [round(float(s), 6) for s in scores[b, :block.heads]]} for b, block in enumerate(blocks)]
     total = sum(b.heads for b in blocks)
-    return pruned, {"removed": sum(len(h) for h in removed.values()), "total": total, "fraction_asked": fraction,
-                    "importance": "relative change of the outputs with the head switched off, on the job's data", "blocks": rows}
+    report = {"removed": sum(len(h) for h in removed.values()), "total": total, "fraction_asked": fraction,
+              "importance": "relative change of the outputs with the head switched off, on the job's data", "blocks": rows}
+    if refit_on is not None and removed:
+        report["refit"] = refit_projection_inputs(model, pruned, [blocks[b].o for b in removed], refit_on[0], refit_on[1], threads)
+    return pruned, report

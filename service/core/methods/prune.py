@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.core.methods.common import MethodSpec, NameList, StepReport, TrainingSpec
 from service.core.methods.rows import Curve, FinetuneLog, PerLayer, PruneLayer, per_layer, score_curve
+
+
+class RefitLayer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    round: int
+    layer: str
+    output_error_pruned: float = Field(description="||X' W - Y||^2 / ||Y||^2: the pruned layer against its output before the round.")
+    output_error_refit: float = Field(description="The same after the least-squares refit.")
+    kept: str = Field(description="refitted, or pruned weights when the fit was no better.")
+
 
 class PruneReport(StepReport):
     method: Literal["prune"] = "prune"
@@ -35,6 +45,9 @@ class PruneReport(StepReport):
     reconstruction: dict[str, float] | None = Field(
         None, description="sparsegpt: the pruned layers' mean relative output error on the calibration data, with the same mask and no update (masked) and with the update.")
     finetune_by_round: list[FinetuneLog] = Field(default_factory=list, description="Each round's fine-tuning outcome: epochs, losses, the best epoch kept.")
+    refit: list[RefitLayer] | None = Field(
+        None, description="structured with refit: per round and layer whose inputs lost channels, its relative output error on the calibration data "
+        "with the pruned weights and after the least-squares refit.")
 
     def per_layer(self) -> PerLayer | None:
         if self.kind == "structured":
@@ -83,6 +96,10 @@ class PruneStep(MethodSpec):
         None, ge=0, le=1, description="Stop before accuracy (absolute, on the evaluation data) drops more than this; keep the best model within it."
     )
     lottery_ticket: bool = Field(False, description="Iterative magnitude pruning with rewinding to the uploaded weights (Frankle & Carbin).")
+    refit: bool = Field(
+        True, description="structured: after each round, every layer whose inputs lost channels gets the weights and bias that best reproduce "
+        "(least squares on the job's data) what it output before, from what it receives now (ThiNet; Kwon et al. 2022's mask tuning), "
+        "so fine-tuning starts close or is not needed; the report gives each layer's output error before and after. Needs a dataset.")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
 
     @model_validator(mode="after")
