@@ -187,10 +187,10 @@ def weights_of(model: onnx.ModelProto) -> list[np.ndarray]:
     return [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
 
 
-def test_wanda_needs_unstructured_pruning_and_data() -> None:
+def test_wanda_needs_data_and_no_lottery_ticket() -> None:
     with pytest.raises(ValueError, match="wanda"):
-        PruneStep(kind="structured", importance="wanda")
-    assert PruneStep(importance="wanda").needs_dataset()
+        PruneStep(importance="wanda", lottery_ticket=True, finetune_epochs=1)
+    assert PruneStep(importance="wanda").needs_dataset() and PruneStep(kind="structured", importance="wanda").needs_dataset()
 
 
 def test_structured_refit_reproduces_what_the_narrowed_layers_output(tmp_path: Path) -> None:

@@ -54,6 +54,51 @@ class APoZImportance(tp.importance.GroupMagnitudeImportance):
         return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
 
 
+class OutputContributionImportance(tp.importance.GroupMagnitudeImportance):
+    """What a channel carries into the layers that read it, measured on the data: the RMS of its value
+    at each consumer's input times the norm of that consumer's weights for it (Wanda's |W| x ||x||
+    summed over a channel's weights; the criterion the graph path ranks feed-forward units by). A unit
+    that is loud but read through small weights, or read through large weights but rarely on, matters
+    little; l1 sees only the weights."""
+
+    @contextmanager
+    def measure(self, model: nn.Module):
+        sums: dict[nn.Module, list] = {}
+
+        @torch.no_grad()
+        def hook(module: nn.Module, inputs: tuple, _output: torch.Tensor) -> None:
+            x = inputs[0].double()
+            squares = (x * x).reshape(-1, x.shape[-1]).sum(0) if isinstance(module, nn.Linear) else (x * x).transpose(0, 1).reshape(x.shape[1], -1).sum(1)
+            seen = x.numel() // squares.numel()
+            total = sums.setdefault(module, [torch.zeros_like(squares), 0])
+            total[0] += squares
+            total[1] += seen
+
+        hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            for module, (squares, seen) in sums.items():
+                module._input_rms = torch.sqrt(squares / max(1, seen)).float()
+
+    @torch.no_grad()
+    def __call__(self, group):
+        group_imp, group_idxs = [], []
+        for i, (dep, idxs) in enumerate(group):
+            layer, handler = dep.target.module, dep.handler
+            if handler in (function.prune_conv_in_channels, function.prune_linear_in_channels) and hasattr(layer, "_input_rms") \
+                    and getattr(layer, "groups", 1) == 1:
+                index = torch.tensor(sorted(idxs))
+                weights = layer.weight.detach().transpose(0, 1)[index].reshape(len(index), -1)  # [channels, out x kernel]
+                group_imp.append(layer._input_rms[index] * weights.norm(dim=1).float())
+                group_idxs.append(group[i].root_idxs)
+        if not group_imp:
+            return None
+        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+
+
 def importance_for(name: str) -> tp.importance.Importance:
     if name == "l1":
         return tp.importance.GroupMagnitudeImportance(p=1)
@@ -61,6 +106,8 @@ def importance_for(name: str) -> tp.importance.Importance:
         return tp.importance.GroupMagnitudeImportance(p=2)
     if name == "taylor":
         return tp.importance.GroupTaylorImportance()
+    if name == "wanda":
+        return OutputContributionImportance()
     return APoZImportance()
 
 

@@ -37,6 +37,7 @@ class PruneReport(StepReport):
     ffn: dict[str, Any] | None = Field(None, description="Feed-forward units removed on the graph itself (transformers whose MLP reshapes around its layers with the width spelled out, as GPT-2's Conv1D): units before/after per block, the importance used.")
     heads: dict[str, Any] | None = Field(None, description="Attention heads removed (with `heads`): how many of how many, per block which ones and every head's measured importance.")
     importance: str | None = Field(None, description="How weights or channels were ranked (magnitude, l1, l2, taylor, wanda, apoz, ...).")
+    importance_chosen: str | None = Field(None, description="Why the importance used is not the spec's default, when the step chose it (structured pruning of a transformer with data).")
     scope: str | None = Field(None, description="layer or global: where the amount applies.")
     target_amount: float | None = Field(None, description="The amount asked for.")
     lottery_ticket: bool | None = None
@@ -75,8 +76,10 @@ class PruneStep(MethodSpec):
     )
     scope: Literal["global", "layer"] = Field("global", description="One threshold across layers, or the same fraction in every layer.")
     importance: Literal["l1", "l2", "apoz", "taylor", "wanda", "sparsegpt"] = Field(
-        "l1", description="l1/l2 weight magnitude; apoz: how often a neuron outputs zero on the data (structured only); taylor: |weight x gradient|; "
-        "wanda: |weight| x the L2 norm of its input feature on the data, compared within each output row (Sun et al. 2023; unstructured only); "
+        "l1", description="Default l1, except structured pruning of a transformer with a dataset, which uses wanda unless this is set "
+        "(measured: all-MiniLM-L6-v2 0.805 -> 0.960 held-out cosine at 30% of its feed-forward units). l1/l2 weight magnitude; apoz: how often a neuron outputs zero on the data (structured only); taylor: |weight x gradient|; "
+        "wanda: |weight| x the L2 norm of its input feature on the data, compared within each output row (Sun et al. 2023); structured: a "
+        "channel's RMS at the layers that read it x the norm of their weights for it (what it carries into them); "
         "sparsegpt: each layer pruned to its amount with the remaining weights updated to reproduce its output on the data "
         "(second-order, Frantar & Alistarh 2023; unstructured only, layer by layer whatever `scope`; the report gives each layer's output error with and without the update).",
     )
@@ -96,10 +99,12 @@ class PruneStep(MethodSpec):
         None, ge=0, le=1, description="Stop before accuracy (absolute, on the evaluation data) drops more than this; keep the best model within it."
     )
     lottery_ticket: bool = Field(False, description="Iterative magnitude pruning with rewinding to the uploaded weights (Frankle & Carbin).")
-    refit: bool = Field(
-        True, description="structured: after each round, every layer whose inputs lost channels gets the weights and bias that best reproduce "
-        "(least squares on the job's data) what it output before, from what it receives now (ThiNet; Kwon et al. 2022's mask tuning), "
-        "so fine-tuning starts close or is not needed; the report gives each layer's output error before and after. Needs a dataset.")
+    refit: bool | None = Field(
+        None, description="structured: after each round, every layer whose inputs lost channels gets the weights and bias that best reproduce "
+        "(least squares on the job's data) what it output before, from what it receives now (ThiNet; Kwon et al. 2022's mask tuning); "
+        "the report gives each layer's output error before and after. Default: on when the step does not fine-tune (one-shot: a residual "
+        "CNN on MNIST at half its channels 67.2% -> 96.0%) and on transformers ranked by wanda (MiniLM fine-tuned: 0.928 -> 0.938); off "
+        "otherwise (fine-tuned from the refit by l1, MiniLM and the CNN ended 0.2-2.5 points lower). Needs a dataset.")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
 
     @model_validator(mode="after")
@@ -110,8 +115,10 @@ class PruneStep(MethodSpec):
             raise ValueError("amount must be > 0 (0 is allowed only with heads > 0: attention heads alone)")
         if self.importance == "apoz" and self.kind != "structured":
             raise ValueError("importance 'apoz' ranks neurons, so it needs kind 'structured'")
-        if self.importance in ("wanda", "sparsegpt") and (self.kind != "unstructured" or self.lottery_ticket):
-            raise ValueError(f"importance '{self.importance}' chooses single weights, so it needs kind 'unstructured' (and no lottery_ticket)")
+        if self.importance == "sparsegpt" and (self.kind != "unstructured" or self.lottery_ticket):
+            raise ValueError("importance 'sparsegpt' chooses single weights, so it needs kind 'unstructured' (and no lottery_ticket)")
+        if self.importance == "wanda" and self.lottery_ticket:
+            raise ValueError("importance 'wanda' measures the data; lottery_ticket ranks by magnitude alone")
         if self.lottery_ticket and (self.kind != "unstructured" or (self.finetune_epochs or 0) < 1):
             raise ValueError("lottery_ticket needs kind 'unstructured' and finetune_epochs >= 1 (the ticket is trained)")
         for name, amount in self.layer_amounts.items():
