@@ -390,6 +390,34 @@ def _head_feeds(run: _Run, samples: int = 32) -> dict[str, np.ndarray]:
     return {name: (exactly(t, run.fixed_batch) if run.fixed_batch else t[:samples]).numpy() for name, t in zip(run.module.input_names, run.inputs)}
 
 
+def _prune_heads(run: _Run, model: onnx.ModelProto, data: StepData) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Attention heads removed on the graph (workers.pruning.heads), each output projection refitted when
+    the refit applies; the run's module becomes the narrowed graph's."""
+    run.ctx.progress(0.01, "measuring each attention head's importance")
+    refit_on = None
+    if refit_wanted(run.spec, run.epochs, True) and data.available:
+        feeds = _head_feeds(run, REFIT_SAMPLES)
+        mask = mask_input(data)
+        refit_on = (feeds, feeds[mask] if mask in feeds else None)
+    graph, report = heads.prune_heads(model, run.spec.heads, _head_feeds(run), run.ctx.threads, refit_on)
+    run.module = trainable(graph, data)
+    return graph, report
+
+
+def _reconstruction_notes(outcome: dict[str, Any], importance_note: str | None) -> dict[str, Any]:
+    """What the step did to make up for what it removed: SparseGPT's errors, the refit, the ranking chosen."""
+    notes: dict[str, Any] = {}
+    if outcome.get("errors"):
+        errors = outcome["errors"].values()
+        notes["reconstruction"] = {"masked": round(sum(e["output_error_masked"] for e in errors) / len(errors), 6),
+                                   "updated": round(sum(e["output_error"] for e in errors) / len(errors), 6)}
+    if outcome.get("refit") is not None:
+        notes["refit"] = outcome["refit"]
+    if importance_note is not None:
+        notes["importance_chosen"] = importance_note
+    return notes
+
+
 def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepContext) -> StepResult:
     needs_data = spec.needs_dataset()
     if needs_data and not data.available:
@@ -405,16 +433,7 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         importance_note = DEFAULT_TRANSFORMER_IMPORTANCE
     before = {n: tuple(layer.weight.shape) for n, layer in weighted_layers(run.module).items()}
     params_original = sum(p.numel() for p in run.module.parameters())
-    graph, head_report = model, None
-    if spec.heads:
-        ctx.progress(0.01, "measuring each attention head's importance")
-        refit_on = None
-        if refit_wanted(spec, run.epochs, True) and data.available:
-            feeds = _head_feeds(run, REFIT_SAMPLES)
-            mask = mask_input(data)
-            refit_on = (feeds, feeds[mask] if mask in feeds else None)
-        graph, head_report = heads.prune_heads(model, spec.heads, _head_feeds(run), ctx.threads, refit_on)
-        run.module = trainable(graph, data)
+    graph, head_report = _prune_heads(run, model, data) if spec.heads else (model, None)
     ffn_report = None
     if _needs_graph_ffn(run):
         ctx.progress(0.02, "narrowing the feed-forward blocks in the graph")
@@ -460,14 +479,7 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
         "finetune_lr": run.config.lr,
         "finetune_by_round": run.finetune_log,
     }
-    if outcome.get("errors"):
-        errors = outcome["errors"].values()
-        report["reconstruction"] = {"masked": round(sum(e["output_error_masked"] for e in errors) / len(errors), 6),
-                                    "updated": round(sum(e["output_error"] for e in errors) / len(errors), 6)}
-    if outcome.get("refit") is not None:
-        report["refit"] = outcome["refit"]
-    if importance_note is not None:
-        report["importance_chosen"] = importance_note
+    report.update(_reconstruction_notes(outcome, importance_note))
     if ffn_report is not None:
         report["ffn"] = ffn_report
     if head_report is not None:
