@@ -98,22 +98,13 @@ def refit_layer(before: nn.Module, before_layer: nn.Module, after: nn.Module, la
     current = layer.weight.detach().reshape(layer.weight.shape[0], -1).double()
     if layer.bias is not None:
         current = torch.cat([current, layer.bias.detach().double().unsqueeze(1)], dim=1)
-
-    def error(w: torch.Tensor) -> float:  # ||X w^T - Y||^2 / ||Y||^2 from the accumulated products
-        return max(0.0, float(torch.einsum("ij,jk,ik->", w, xtx, w) - 2 * torch.einsum("ij,ji->", w, xty) + yty)) / max(yty, 1e-30)
-
-    damped = xtx.clone()
-    features = damped.shape[0] - (1 if layer.bias is not None else 0)
-    diagonal = torch.diagonal(damped)[:features]
-    diagonal += RIDGE * float(diagonal.mean()) + 1e-12
-    fitted = torch.linalg.solve(damped, xty).T  # [out, in (+1)]
-    before_error, after_error = error(current), error(fitted)
+    fitted, before_error, after_error = solve(xtx.numpy(), xty.numpy(), yty, current.numpy(), layer.bias is not None)
     if after_error >= before_error:  # never worse on the data it was fitted on (a degenerate fit keeps the pruned weights)
         return {"output_error_pruned": round(before_error, 6), "output_error_refit": round(before_error, 6), "kept": "pruned weights"}
-    weight = fitted[:, :features] if layer.bias is not None else fitted
-    layer.weight.copy_(weight.reshape(layer.weight.shape).to(layer.weight.dtype))
+    features = current.shape[1] - (1 if layer.bias is not None else 0)
+    layer.weight.copy_(torch.from_numpy(fitted[:, :features]).reshape(layer.weight.shape).to(layer.weight.dtype))
     if layer.bias is not None:
-        layer.bias.copy_(fitted[:, features].to(layer.bias.dtype))
+        layer.bias.copy_(torch.from_numpy(fitted[:, features]).to(layer.bias.dtype))
     return {"output_error_pruned": round(before_error, 6), "output_error_refit": round(after_error, 6), "kept": "refitted"}
 
 
@@ -134,8 +125,9 @@ def refit(before: nn.Module, before_layers: dict[str, nn.Module], after: nn.Modu
 
 
 def solve(xtx: np.ndarray, xty: np.ndarray, yty: float, current: np.ndarray, bias: bool) -> tuple[np.ndarray, float, float]:
-    """The ridge least-squares fit [out, in (+1)] from accumulated X^T X, X^T Y, Y.Y (numpy; the graph
-    side), and the relative output error of `current` and of the fit."""
+    """The ridge least-squares fit [out, in (+1)] from accumulated X^T X, X^T Y, Y.Y (the last input
+    column the constant 1 when `bias`; it is not damped), and the relative output error
+    ||X w^T - Y||^2 / ||Y||^2 of `current` and of the fit."""
     def error(w: np.ndarray) -> float:
         return max(0.0, float(np.einsum("ij,jk,ik->", w, xtx, w) - 2 * np.einsum("ij,ji->", w, xty) + yty)) / max(yty, 1e-30)
 
