@@ -44,29 +44,35 @@ def input_rows(layer: nn.Module, x: torch.Tensor, real: torch.Tensor | None) -> 
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
+def at_layer(module: nn.Module, layer: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layer`'s input and output on one batch of `module`'s inputs, the forward stopped there."""
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def record(_module: nn.Module, args: tuple, output: Any) -> None:
+        found.append((args[0].detach(), output.detach()))
+        raise Captured
+
+    handle = layer.register_forward_hook(record)
+    try:
+        module(*batch)
+    except Captured:
+        pass
+    finally:
+        handle.remove()
+    if not found:
+        raise ValueError("the calibration data never reached the layer")
+    return found[0]
+
+
 @torch.no_grad()
 def hessian(module: nn.Module, layer: nn.Module, batches: Iterable[Batch]) -> torch.Tensor:
     """2 X^T X / positions of the layer's input over the batches (float64), the forward stopped at the layer."""
     total: torch.Tensor | None = None
     positions = 0
-    current: list[torch.Tensor | None] = [None]  # the token mask of the batch running
-
-    def record(_module: nn.Module, args: tuple, _output: Any) -> None:
-        nonlocal total, positions
-        rows = input_rows(layer, args[0].detach().double(), current[0])
+    for batch, real in batches:
+        rows = input_rows(layer, at_layer(module, layer, batch)[0].double(), real)
         total = rows.T @ rows if total is None else total + rows.T @ rows
         positions += rows.shape[0]
-        raise Captured
-
-    handle = layer.register_forward_hook(record)
-    try:
-        for batch, current[0] in batches:
-            try:
-                module(*batch)
-            except Captured:
-                pass
-    finally:
-        handle.remove()
     if total is None:
         raise ValueError("the calibration data never reached the layer")
     return 2 * total / max(1, positions)

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from workers.activations import probe_session
-from workers.hessian import Batch, Captured, input_rows, supported
+from workers.hessian import Batch, at_layer, input_rows, supported
 from workers.onnx_weights import layer_name
 from workers.pruning.graph import OnnxGraph, Projection
 
@@ -54,22 +54,8 @@ def _output_rows(layer: nn.Module, y: torch.Tensor, real: torch.Tensor | None) -
 
 def _at(module: nn.Module, layer: nn.Module, batch: tuple, want_input: bool, real: torch.Tensor | None) -> torch.Tensor:
     """The layer's input rows (want_input) or output rows on one batch, the forward stopped there."""
-    found: list[torch.Tensor] = []
-
-    def record(_module: nn.Module, args: tuple, output: Any) -> None:
-        found.append(input_rows(layer, args[0].detach().double(), real) if want_input else _output_rows(layer, output.detach().double(), real))
-        raise Captured
-
-    handle = layer.register_forward_hook(record)
-    try:
-        module(*batch)
-    except Captured:
-        pass
-    finally:
-        handle.remove()
-    if not found:
-        raise ValueError("the calibration data never reached the layer")
-    return found[0]
+    x, y = at_layer(module, layer, batch)
+    return input_rows(layer, x.double(), real) if want_input else _output_rows(layer, y.double(), real)
 
 
 @torch.no_grad()
@@ -135,7 +121,12 @@ def solve(xtx: np.ndarray, xty: np.ndarray, yty: float, current: np.ndarray, bia
     features = damped.shape[0] - (1 if bias else 0)
     index = np.arange(features)
     damped[index, index] += RIDGE * float(np.diag(xtx)[:features].mean()) + 1e-12
-    fitted = np.linalg.solve(damped, xty).T
+    try:
+        fitted = np.linalg.solve(damped, xty).T
+    except np.linalg.LinAlgError:  # non-finite activations on the client's data: the pruned weights stay, the step goes on
+        return current, error(current), error(current)
+    if not np.isfinite(fitted).all():
+        return current, error(current), error(current)
     return fitted, error(current), error(fitted)
 
 
