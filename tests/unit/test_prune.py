@@ -241,3 +241,24 @@ def test_head_pruning_refits_each_output_projection_on_the_graph(tmp_path: Path)
     assert all(row["kept"] == "refitted" and row["output_error_refit"] < row["output_error_pruned"] for row in rows), rows
     assert "refit" not in plain.report["heads"]
     assert refitted.report["final"] > plain.report["final"], (refitted.report["final"], plain.report["final"])
+
+
+def test_a_schedule_sets_each_rounds_sparsity_and_stops_within_the_budget(data: StepData, tmp_path: Path) -> None:
+    schedule = [0.3, 0.6, 0.9, 0.97, 0.99]
+    result = run(mlp(in_features=32, hidden=64), data, tmp_path, kind="unstructured", schedule=schedule, finetune_epochs=1, max_accuracy_drop=0.4)
+    report = result.report
+    assert report["target_amount"] == 0.99
+    reached = [r["sparsity"] for r in report["rounds"]]
+    assert reached == pytest.approx(schedule[: len(reached)], abs=0.01)
+    assert report["achieved"] == pytest.approx(schedule[report["kept_round"] - 1], abs=0.01)
+    assert report["baseline"] - report["final"] <= 0.4 + 1e-9
+    assert report["stopped"] is None or report["kept_round"] == len(reached) - 1
+
+
+def test_a_schedule_must_increase_and_prune_single_weights() -> None:
+    step = PruneStep(schedule=[0.5, 0.8])
+    assert (step.amount, step.iterations) == (0.8, 2) and 1 - (1 - step.amount) ** step.round_fraction(0) == pytest.approx(0.5)
+    assert PruneStep.model_validate(step.model_dump()) == step  # stored and read back by the worker
+    for bad in ({"schedule": [0.5, 0.5]}, {"schedule": [0.5, 1.0]}, {"schedule": [0.5], "kind": "structured"}):
+        with pytest.raises(ValueError):
+            PruneStep(**bad)

@@ -6,9 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import onnx
+import torch
 
+from service.core.errors import CompressionFailed
+from service.core.methods.deep_compression import AUTO_SCHEDULE, DEFAULT_QUALITY_DROP, PRUNE_SHARE
 from service.core.specs import DeepCompressionStep, HuffmanStep
+from workers.output_kind import model_output_kind
+from workers.trainable.run import metric_for
+from workers.trainable.training import quality
 from workers.methods import cluster, huffman, prune
 from workers.steps import StepContext, StepData, StepResult
 
@@ -21,15 +28,62 @@ PAPER = {
 }
 
 
-def _accuracy(model: onnx.ModelProto, held_out: StepData) -> float | None:
+def _outputs(model: onnx.ModelProto, held_out: StepData) -> np.ndarray:
     import onnxruntime as ort
 
-    if held_out.labels is None:
-        return None
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    outs = held_out.outputs(lambda feed: session.run(None, {n: feed[n] for n in names})[0], 512)
-    return float((outs.argmax(-1) == held_out.labels).mean())
+    return held_out.outputs(lambda feed: session.run(None, {n: feed[n] for n in names})[0], 512)
+
+
+def _accuracy(model: onnx.ModelProto, held_out: StepData) -> float | None:
+    if held_out.labels is None:
+        return None
+    return float((_outputs(model, held_out).argmax(-1) == held_out.labels).mean())
+
+
+class _Budget:
+    """The default pruning stage's yardstick: the quality measure the methods report for this model's
+    outputs (workers.trainable.run.metric_for), the original's outputs on the held-out data, and the
+    budget of max_quality_drop (given, or the measure's default)."""
+
+    def __init__(self, model: onnx.ModelProto, spec: DeepCompressionStep, held_out: StepData) -> None:
+        self.held_out = held_out
+        self.reference = _outputs(model, held_out)
+        self.kind = model_output_kind(model, self.reference[:4], held_out.labels is not None)
+        self.metric = metric_for(self.kind, held_out.labels is not None)
+        self.total = spec.max_quality_drop if spec.max_quality_drop is not None else DEFAULT_QUALITY_DROP[self.metric]
+        self.for_pruning = self.total * PRUNE_SHARE
+        self.quality_of_original = self.quality(model)
+
+    def quality(self, model: onnx.ModelProto) -> float:
+        # Scored as the methods score (training.quality), on every held-out sample.
+        return quality(torch.from_numpy(_outputs(model, self.held_out)), self.held_out.labels, torch.from_numpy(self.reference), self.kind)
+
+    def chosen(self, pruned: dict[str, Any], final: float) -> dict[str, Any]:
+        baseline = self.quality_of_original
+        tried = [{"sparsity": r.get("sparsity"), self.metric: r.get(pruned["quality_metric"])} for r in pruned["rounds"]]
+        kept = pruned["achieved"]
+        why = (pruned["stopped"] if pruned["stopped"] else
+               f"every sparsity of the schedule stayed within {self.for_pruning:.4g} {self.metric}; the last, {kept:.0%}, is kept")
+        return {"quality_metric": self.metric, "max_quality_drop": self.total, "pruning_budget": self.for_pruning,
+                "max_quality_drop_default": DEFAULT_QUALITY_DROP[self.metric], "tried": tried, "sparsity": kept, "why": why,
+                "original": baseline, "final": final, "within_budget": baseline - final <= self.total + 1e-12}
+
+
+def _prune_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: StepData, ctx: StepContext, budget: _Budget | None) -> StepResult:
+    sub = _sub_context(ctx, 0.0, 0.6, "prune")
+    if budget is None:
+        return prune.apply(model, spec.prune, data, sub)  # type: ignore[arg-type]
+    try:
+        return prune.apply(model, spec.auto_prune(budget.for_pruning), data, sub)
+    except CompressionFailed as exc:
+        if exc.code != "accuracy_budget_exceeded":
+            raise
+        # Not even the schedule's first sparsity fits the budget: the clusters and the code go on alone.
+        why = (f"not even the first sparsity of the schedule, {AUTO_SCHEDULE[0]:.0%}, kept {budget.metric} within {budget.for_pruning:.4g} "
+               f"after fine-tuning ({exc.message.split('(')[-1].split(')')[0]}): nothing is pruned")
+        return StepResult(model=model, report={"achieved": 0.0, "quality_metric": budget.metric, "rounds": [], "stopped": why})
 
 
 def _sub_context(ctx: StepContext, start: float, end: float, stage: str) -> StepContext:
@@ -48,7 +102,8 @@ def apply(model: onnx.ModelProto, spec: DeepCompressionStep, data: StepData, ctx
         stages.append({"stage": stage, "size_bytes": size, "ratio": original_bytes / size, "accuracy": _accuracy(current, held_out), **details})
 
     record("original (fp32 ONNX)", original_bytes, model, {})
-    pruned = prune.apply(model, spec.prune, data, _sub_context(ctx, 0.0, 0.6, "prune"))
+    budget = _Budget(model, spec, held_out) if spec.prune is None else None
+    pruned = _prune_stage(model, spec, data, ctx, budget)
     record("pruned", len(pruned.model.SerializeToString()), pruned.model, {"sparsity": pruned.report["achieved"]})
     clustered = cluster.apply(pruned.model, spec.cluster, data, _sub_context(ctx, 0.6, 0.95, "cluster"))
     record("clustered", len(clustered.model.SerializeToString()), clustered.model, {"bits": spec.cluster.bits})
@@ -64,4 +119,13 @@ def apply(model: onnx.ModelProto, spec: DeepCompressionStep, data: StepData, ctx
         "cluster": clustered.report,
         "labels_for_accuracy": held_out.labels is not None,
     }
+    warnings = []
+    if budget is not None:
+        chosen = report["chosen"] = budget.chosen(pruned.report, budget.quality(clustered.model))
+        if not chosen["within_budget"]:
+            warnings.append(f"deep_compression lost {chosen['original'] - chosen['final']:.4f} {budget.metric} on the evaluation data "
+                            f"({chosen['original']:.4f} -> {chosen['final']:.4f}), beyond max_quality_drop {budget.total:.4g}: the pruning "
+                            f"stage kept {chosen['sparsity']:.0%} within half of it and the {spec.cluster.bits}-bit clusters lost the rest; "
+                            "raise the cluster's `bits`, or give `prune` a lower amount")
+    report["warnings"] = warnings
     return StepResult(model=clustered.model, report=report, bundle=bundle)

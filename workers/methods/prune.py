@@ -179,7 +179,7 @@ def _unstructured(run: _Run) -> dict[str, Any]:
 
     def prune_round(r: int) -> dict[str, Any]:
         if spec.importance == "sparsegpt":
-            masks, state["errors"] = _sparsegpt_round(run, layers, (r + 1) / spec.iterations)
+            masks, state["errors"] = _sparsegpt_round(run, layers, spec.round_fraction(r))
             state["masks"] = masks
             return {"sparsity": unstructured.sparsity(layers)}
         grads = norms = None
@@ -189,7 +189,7 @@ def _unstructured(run: _Run) -> dict[str, Any]:
         if spec.importance == "wanda":
             norms = run.input_norms(layers)
         scores = unstructured.scores(layers, spec.importance, grads, norms)
-        masks, thresholds = unstructured.masks_for(layers, scores, spec, (r + 1) / spec.iterations, state["masks"], per_row=spec.importance == "wanda")
+        masks, thresholds = unstructured.masks_for(layers, scores, spec, spec.round_fraction(r), state["masks"], per_row=spec.importance == "wanda")
         unstructured.apply_masks(layers, masks)
         state["masks"], state["thresholds"] = masks, thresholds
         return {"sparsity": unstructured.sparsity(layers)}

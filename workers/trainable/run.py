@@ -53,12 +53,7 @@ class TrainableRun:
         self.kind = output_kind(few, set(token_vocabularies(model).values()), self.module.output_names[0], self.labels is not None)
         self.teacher = reference_outputs(self.module, self.inputs, self.kind)
         self.eval_teacher = self.teacher if data.evaluation is None else reference_outputs(self.module, self.eval_inputs, self.kind)
-        if self.kind == "classifier":
-            self.metric = "accuracy" if self.eval_labels is not None else "agreement_with_original"
-        elif self.kind == "token_logits":
-            self.metric = "next_token_agreement_with_original"
-        else:
-            self.metric = "cosine_to_original"
+        self.metric = metric_for(self.kind, self.eval_labels is not None)
 
     def quality(self, module: nn.Module | None = None) -> float:
         return score(module or self.module, self.eval_inputs, self.eval_labels, self.eval_teacher, self.kind)
@@ -116,3 +111,10 @@ class TrainableRun:
         """The user's graph with the changed layers written in; a fresh export when that cannot be done."""
         module, example = self.module, self.example
         return trained_onnx(self.model, module, example, lambda: export(module, example, module.input_names, module.output_names, has_dynamic_batch(self.model)))
+
+
+def metric_for(kind: str, has_labels: bool) -> str:
+    """The quality measure a method reports for outputs of `kind` (workers.output_kind)."""
+    if kind == "classifier":
+        return "accuracy" if has_labels else "agreement_with_original"
+    return "next_token_agreement_with_original" if kind == "token_logits" else "cosine_to_original"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -91,6 +92,11 @@ class PruneStep(MethodSpec):
     )
     prune_output_layer: bool = Field(False, description="Also prune the last layer (structured pruning never narrows the model's outputs).")
     iterations: int = Field(1, ge=1, le=50, description="Rounds of prune -> fine-tune; the pruned fraction grows to `amount` over the rounds.")
+    schedule: list[float] | None = Field(
+        None, min_length=1, max_length=50,
+        description="unstructured: the sparsity after each round, increasing, instead of an even ramp to `amount` (`iterations` and "
+        "`amount` then follow from it: one round per entry, ending at the last). With `max_accuracy_drop`, the rounds stop at the first "
+        "one the evaluation data does not allow and the last one within it is kept: the sparsity the data supports, measured.")
     finetune_epochs: int | None = Field(
         None, ge=0, le=1000,
         description="Fine-tuning epochs after each round. Default: 2 when the job has a dataset, else 0. The best epoch on the evaluation data is kept, so fine-tuning never leaves the model worse than pruning alone.",
@@ -124,7 +130,26 @@ class PruneStep(MethodSpec):
         for name, amount in self.layer_amounts.items():
             if not 0 <= amount < 1:
                 raise ValueError(f"layer_amounts['{name}'] must be in [0, 1)")
+        if self.schedule is not None:
+            self._follow_schedule(self.schedule)
         return self
+
+    def _follow_schedule(self, schedule: list[float]) -> None:
+        if self.kind != "unstructured" or self.lottery_ticket:
+            raise ValueError("schedule sets the sparsity of each round of unstructured pruning: it needs kind 'unstructured' (and no lottery_ticket)")
+        if any(not 0 < a < 1 for a in schedule) or any(b <= a for a, b in zip(schedule, schedule[1:])):
+            raise ValueError(f"schedule must increase strictly, each entry in (0, 1): {schedule}")
+        # Assigned past validation (pydantic would re-run this validator on each assignment).
+        object.__setattr__(self, "amount", schedule[-1])
+        object.__setattr__(self, "iterations", len(schedule))
+
+    def round_fraction(self, round_index: int) -> float:
+        """How far towards `amount` round `round_index` (0-based) goes, as the pruning's geometric ramp
+        takes it (workers.pruning.unstructured.round_target: pruned = 1 - (1 - amount) ** fraction),
+        so that with a schedule the round reaches its entry (and each layer override its share)."""
+        if self.schedule is not None:
+            return math.log1p(-self.schedule[round_index]) / math.log1p(-self.schedule[-1])
+        return (round_index + 1) / self.iterations
 
     def needs_dataset(self) -> bool:
         return (self.finetune_epochs or 0) > 0 or self.importance in ("apoz", "taylor", "wanda", "sparsegpt") or self.max_accuracy_drop is not None

@@ -1,0 +1,52 @@
+"""deep_compression with its defaults chooses the sparsity on the job's data: the climb through the
+schedule stops within half of the quality budget, the report says what was tried, kept and why, and
+a step that ends beyond the budget says so in its warnings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.core.methods.deep_compression import AUTO_SCHEDULE, DEFAULT_QUALITY_DROP
+from service.core.specs import DeepCompressionStep, PruneStep
+from tests.builders import mlp, reference_outputs
+from workers.methods import deep_compression
+from workers.steps import StepContext, StepData
+
+
+def _labelled(n: int, seed: int) -> tuple[StepData, object]:
+    model = mlp(in_features=32, hidden=64)
+    x = np.random.default_rng(seed).standard_normal((n, 32)).astype(np.float32)
+    return StepData(inputs={"x": x}, labels=reference_outputs(model, x).argmax(-1)), model
+
+
+@pytest.mark.parametrize("budget", [0.6, 0.002])
+def test_the_default_pruning_stage_is_chosen_on_the_data(tmp_path: Path, budget: float) -> None:
+    # A random MLP scored against its own top class is fragile (20% of its weights off: 0.73 after
+    # fine-tuning): a wide budget lets the climb start, a narrow one stops it before the first round.
+    data, model = _labelled(512, 0)
+    data.evaluation, _ = _labelled(256, 1)
+    ctx = StepContext(work_dir=tmp_path, report_progress=lambda f, m, milestone=False: None)
+    result = deep_compression.apply(model, DeepCompressionStep(max_quality_drop=budget), data, ctx)
+    chosen = result.report["chosen"]
+    assert chosen["quality_metric"] == "accuracy" and chosen["max_quality_drop"] == budget and chosen["pruning_budget"] == budget / 2
+    tried = [t["sparsity"] for t in chosen["tried"]]
+    assert tried == pytest.approx(AUTO_SCHEDULE[: len(tried)], abs=0.01)
+    fits = [chosen["original"] - t["accuracy"] <= budget / 2 + 1e-9 for t in chosen["tried"]]
+    if not tried:  # the first round did not fit: nothing pruned, and the report says why
+        assert budget == 0.002 and chosen["sparsity"] == 0.0 and "nothing is pruned" in chosen["why"]
+    else:  # every round kept but the last tried, which stopped the climb unless it was the schedule's end
+        assert all(fits[:-1]) and (not fits[-1] or len(tried) == len(AUTO_SCHEDULE))
+        assert chosen["sparsity"] == pytest.approx(tried[-2] if not fits[-1] else tried[-1], abs=0.01)
+    assert chosen["within_budget"] == (chosen["original"] - chosen["final"] <= budget + 1e-12)
+    assert bool(result.report["warnings"]) == (not chosen["within_budget"])
+    assert result.report["stages"][1]["sparsity"] == pytest.approx(chosen["sparsity"], abs=1e-6)
+
+
+def test_defaults_per_measure_and_the_budget_only_with_the_default_stage() -> None:
+    assert DEFAULT_QUALITY_DROP["accuracy"] == 0.001 and DEFAULT_QUALITY_DROP["cosine_to_original"] == 0.03
+    assert DeepCompressionStep().needs_dataset()
+    with pytest.raises(ValueError, match="max_quality_drop"):
+        DeepCompressionStep(prune=PruneStep(amount=0.9), max_quality_drop=0.01)
