@@ -199,9 +199,15 @@ def run_pipeline_metrics(exp: Export, train: bytes, held_out: bytes, step: dict,
     return "ok", metrics
 
 
+# What a step chose on the data (its report's `chosen`: deep_compression's defaults), by row, for the JSON.
+CHOICES: dict[str, object] = {}
+
+
 def run_one(exp: Export, train: bytes, held_out: bytes, method: str, work: Path) -> list:
     started = time.perf_counter()
     status, metrics = run_pipeline_metrics(exp, train, held_out, METHODS[method], work)
+    if metrics is not None and metrics["step_reports"][-1].get("chosen"):
+        CHOICES[f"{exp.name} {method}"] = metrics["step_reports"][-1]["chosen"]
     if metrics is None:
         return [exp.name, method, status, None, None, None, round(time.perf_counter() - started, 1)]
     return [exp.name, method, "ok", metrics["compression_ratio"], metrics["compressed"]["fidelity"]["cosine"], metrics["speedup"],
@@ -226,7 +232,7 @@ def main() -> None:
                 rows.append(run_one(exp, train, held_out, method, work))
                 print(*rows[-1], flush=True)
     report(args.results, "Methods on real architectures (held-out fidelity: cosine to the original's outputs)",
-           ["model", "method", "status", "size ratio", "held-out cosine", "speedup b1", "seconds"], rows, {"measure": MEASURE})
+           ["model", "method", "status", "size ratio", "held-out cosine", "speedup b1", "seconds"], rows, {"measure": MEASURE, "chosen": CHOICES})
 
 
 if __name__ == "__main__":
