@@ -50,3 +50,11 @@ def test_defaults_per_measure_and_the_budget_only_with_the_default_stage() -> No
     assert DeepCompressionStep().needs_dataset()
     with pytest.raises(ValueError, match="max_quality_drop"):
         DeepCompressionStep(prune=PruneStep(amount=0.9), max_quality_drop=0.01)
+
+
+def test_defaults_stay_defaults_through_the_stored_job() -> None:
+    # The API stores each step's full dump and the worker reads it back: a default chosen by the worker
+    # must still read as "left to the default" there (a filled-in value would look like the user's).
+    stored = DeepCompressionStep.model_validate(DeepCompressionStep().model_dump(mode="json"))
+    assert stored.prune is None and stored.cluster is None and stored.clusters().bits == 4
+    assert PruneStep.model_validate(PruneStep(kind="structured", amount=0.3).model_dump(mode="json")).importance is None

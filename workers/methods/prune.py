@@ -428,9 +428,10 @@ def apply(model: onnx.ModelProto, spec: PruneStep, data: StepData, ctx: StepCont
     ctx.progress(0.0, "converting the model to a trainable form")
     run = _Run(model, spec, data, ctx)  # built on the original: its outputs are the reference
     importance_note = None
-    if spec.kind == "structured" and "importance" not in spec.model_fields_set and data.available and is_transformer(run.module):
-        spec = run.spec = spec.model_copy(update={"importance": "wanda"})
-        importance_note = DEFAULT_TRANSFORMER_IMPORTANCE
+    if spec.importance is None:  # left to its default: chosen here, where the model is known
+        wanda = spec.kind == "structured" and data.available and is_transformer(run.module)
+        spec = run.spec = spec.model_copy(update={"importance": "wanda" if wanda else "l1"})
+        importance_note = DEFAULT_TRANSFORMER_IMPORTANCE if wanda else None
     before = {n: tuple(layer.weight.shape) for n, layer in weighted_layers(run.module).items()}
     params_original = sum(p.numel() for p in run.module.parameters())
     graph, head_report = _prune_heads(run, model, data) if spec.heads else (model, None)

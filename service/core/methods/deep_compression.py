@@ -18,6 +18,8 @@ AUTO_FINETUNE_EPOCHS = 2
 # Per quality measure, the default of max_quality_drop (why: the field's description).
 DEFAULT_QUALITY_DROP = {"accuracy": 0.001, "agreement_with_original": 0.01, "next_token_agreement_with_original": 0.01, "cosine_to_original": 0.03}
 PRUNE_SHARE = 0.5
+# With the default stages, the rows sharing a codebook when one per layer misses the budget.
+AUTO_GROUP_SIZE = 32
 
 class DeepCompressionReport(StepReport):
     method: Literal["deep_compression"] = "deep_compression"
@@ -46,20 +48,28 @@ class DeepCompressionStep(MethodSpec):
         "that loses more than half of `max_quality_drop` on the evaluation data and keeping the one before (the report's `chosen` says "
         "which and why; when even the first does not fit, nothing is pruned). Han et al.'s LeNet setting was 92% in 3 rounds of 3 epochs: {\"kind\": \"unstructured\", \"amount\": 0.92, "
         "\"iterations\": 3, \"finetune_epochs\": 3}.")
-    cluster: ClusterStep = Field(default_factory=lambda: ClusterStep(bits=4, finetune_epochs=2, training=TrainingSpec(lr=1e-4)))
+    cluster: ClusterStep | None = Field(
+        None, description="The clustering stage. Default: 4 bits, 2 epochs of centroid fine-tuning (lr 1e-4), a codebook per layer; with "
+        "`prune` left to its default too, retried with a codebook per 32 rows when that misses `max_quality_drop`.")
     huffman: bool = True
     max_quality_drop: float | None = Field(
         None, gt=0, le=1,
         description="How much of the evaluation data's quality the whole step may lose (absolute), when `prune` is left to its default: "
         "accuracy with labels (default 0.001, the 0.1 points Han et al. report as no loss), agreement with the original's top class or "
         "token without (default 0.01), cosine to the original's output for embeddings and other features (default 0.03). Half goes to "
-        "pruning, the rest is left for the clusters; a step that ends beyond it says so in its warnings.")
+        "pruning, the rest is left for the clusters. With `cluster` left to its default too, a codebook per layer that ends beyond the "
+        "budget is retried with a codebook per 32 rows of each unpruned layer (`chosen.clusters`). A step that ends beyond it says so in "
+        "its warnings.")
 
     def needs_dataset(self) -> bool:
-        return self.prune is None or self.prune.needs_dataset() or self.cluster.needs_dataset()
+        return self.prune is None or self.prune.needs_dataset() or self.clusters().needs_dataset()
 
     def trains(self, has_dataset: bool) -> bool:
-        return has_dataset if self.prune is None else (self.prune.trains(has_dataset) or self.cluster.trains(has_dataset))
+        return has_dataset if self.prune is None else (self.prune.trains(has_dataset) or self.clusters().trains(has_dataset))
+
+    def clusters(self) -> ClusterStep:
+        """The clustering stage: as given, or the default."""
+        return self.cluster or ClusterStep(bits=4, finetune_epochs=2, training=TrainingSpec(lr=1e-4))
 
     @model_validator(mode="after")
     def _budget_with_auto(self) -> "DeepCompressionStep":
