@@ -7,6 +7,7 @@ through the layers already changed."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,15 +68,70 @@ def at_layer(module: nn.Module, layer: nn.Module, batch: tuple) -> tuple[torch.T
 @torch.no_grad()
 def hessian(module: nn.Module, layer: nn.Module, batches: Iterable[Batch]) -> torch.Tensor:
     """2 X^T X / positions of the layer's input over the batches (float64), the forward stopped at the layer."""
-    total: torch.Tensor | None = None
+    return statistics(module, layer, batches).h
+
+
+@dataclass
+class LayerStatistics:
+    """What a layer-wise reconstruction needs of its calibration inputs, each 2 A^T B / positions
+    (float64) over rows of what a weight row multiplies: `h` of the changed module's own input X;
+    with a reference (the model before the step), `cross` of the reference's input X0 against X and
+    `h_reference` of X0 alone, so that errors and targets are measured against the original's output."""
+
+    h: torch.Tensor
+    cross: torch.Tensor | None = None
+    h_reference: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def statistics(module: nn.Module, layer: nn.Module, batches: Iterable[Batch], reference: nn.Module | None = None,
+               reference_layer: nn.Module | None = None) -> LayerStatistics:
+    """The layer's input statistics over the batches, the forward stopped at the layer; with a
+    `reference` module, its `reference_layer` is read on the same batches (same positions) too."""
+    h = cross = h_ref = None
     positions = 0
     for batch, real in batches:
         rows = input_rows(layer, at_layer(module, layer, batch)[0].double(), real)
-        total = rows.T @ rows if total is None else total + rows.T @ rows
+        h = _add(h, rows.T @ rows)
+        if reference is not None and reference_layer is not None:
+            rows_ref = input_rows(reference_layer, at_layer(reference, reference_layer, batch)[0].double(), real)
+            cross, h_ref = _add(cross, rows_ref.T @ rows), _add(h_ref, rows_ref.T @ rows_ref)
         positions += rows.shape[0]
-    if total is None:
+    if h is None:
         raise ValueError("the calibration data never reached the layer")
-    return 2 * total / max(1, positions)
+    scale = 2 / max(1, positions)
+    return LayerStatistics(scale * h, None if cross is None else scale * cross, None if h_ref is None else scale * h_ref)
+
+
+def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    return term if total is None else total + term
+
+
+def dense_target(weight: torch.Tensor, stats: LayerStatistics) -> torch.Tensor:
+    """The weight that, reading this layer's input X (through the layers already changed), best
+    reproduces the original layer's output W X0: argmin |W* X - W X0|^2 + damp |W* - W|^2, i.e.
+    (W C + damp W)(H + damp I)^-1 (GPTAQ's asymmetric calibration, Li et al. 2025). Snapping W* to a
+    mask or a codebook with error feedback then minimises the error against the original's output:
+    |Q X - W X0|^2 = |(Q - W*) X|^2 + |W* X - W X0|^2, the second term being what no weight of this
+    layer can remove. Without a reference, or where X is X0 (the first changed layer), W* is W."""
+    if stats.cross is None:
+        return weight.double()
+    w = weight.double()
+    damp = DAMP * torch.mean(torch.diag(stats.h))
+    eye = torch.eye(stats.h.shape[0], dtype=stats.h.dtype)
+    target = torch.linalg.solve(stats.h + damp * eye, (w @ stats.cross + damp * w).T).T  # H and C^T solve from the right; H is symmetric
+    return target
+
+
+def error_to_reference(candidate: torch.Tensor, original: torch.Tensor, stats: LayerStatistics) -> float:
+    """|W' X - W X0| / |W X0| on the calibration data: the layer's relative output error against what
+    the original model's layer computed on its own inputs (without a reference, X0 is X)."""
+    if stats.cross is None or stats.h_reference is None:
+        return output_error(candidate, original, stats.h)
+    c, w = candidate.double(), original.double()
+    squared = (torch.einsum("ij,jk,ik->", c, stats.h, c) - 2 * torch.einsum("ij,kj,ik->", c, stats.cross, w)
+               + torch.einsum("ij,jk,ik->", w, stats.h_reference, w))
+    return float(torch.sqrt(squared.clamp(min=0) / torch.einsum("ij,jk,ik->", w, stats.h_reference, w).clamp(min=1e-30)))
 
 
 def inverse_factor(h: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@ as GPTVQ and SqueezeLLM use it for non-uniform codes): the input columns are vis
 weight snapped to the nearest centroid of its row's codebook, and the rounding error spread over the
 columns not yet visited through the inverse of the layer's input Hessian, so the layer's output on
 the calibration data moves as little as it can with those codebooks. k-means still chooses the
-codebooks (workers/methods/cluster.py); only which centroid each weight takes changes.
+codebooks (workers/methods/cluster.py); which centroid each weight takes is chosen here, and then
+each codebook's centroids are re-solved by least squares for the layer's output with those
+assignments (GPTVQ's codebook update, van Baalen et al. 2024).
 
 Written here because the libraries that do this (GPTQ's and GPTVQ's code, llm-compressor) work on
 uniform integer grids or on a transformer's own blocks, not on per-row codebooks of an arbitrary
@@ -55,3 +57,31 @@ def assign(weight: torch.Tensor, codebooks: torch.Tensor, h: torch.Tensor) -> tu
     nearest = books.gather(1, _nearest(original, books))
     return labels, {"output_error_nearest": round(output_error(nearest, original, h), 6),
                     "output_error": round(output_error(books.gather(1, labels), original, h), 6)}
+
+
+@torch.no_grad()
+def refit_codebooks(weight: torch.Tensor, labels: torch.Tensor, codebooks: torch.Tensor, group: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The centroids that, with each weight's assignment kept, make the layer's output on the
+    calibration data closest to `weight`'s: per codebook g, argmin_c sum over its rows r of
+    (w_r - c[l_r])^T H (w_r - c[l_r]), a k x k system (sum_r O_r^T H O_r) c = sum_r O_r^T H w_r with
+    O_r the one-hot [columns, k] of row r's labels. `codebooks` [groups, k], `labels` [rows,
+    columns] local to the row's codebook, `group` [rows] each row's codebook. A centroid no weight
+    takes keeps its value."""
+    k = codebooks.shape[1]
+    w, hf = weight.double(), h.double()
+    books = codebooks.double().clone()
+    for g in range(books.shape[0]):
+        rows = torch.nonzero(group == g).flatten()
+        if rows.numel() == 0:
+            continue
+        system = torch.zeros(k, k, dtype=torch.float64)
+        rhs = torch.zeros(k, dtype=torch.float64)
+        for chunk in rows.split(32):  # memory: 32 rows x columns x k one-hots at a time
+            onehot = torch.nn.functional.one_hot(labels[chunk], k).double()  # [r, columns, k]
+            h_onehot = torch.einsum("ij,rjk->rik", hf, onehot)
+            system += torch.einsum("rik,ril->kl", onehot, h_onehot)
+            rhs += torch.einsum("rik,ri->k", h_onehot, w[chunk])
+        # A centroid nobody takes has a zero row: a tiny ridge towards its old value keeps it (and the system solvable).
+        ridge = 1e-9 * torch.clamp(torch.diagonal(system).max(), min=1e-30)
+        books[g] = torch.linalg.solve(system + ridge * torch.eye(k, dtype=torch.float64), rhs + ridge * books[g])
+    return books.to(codebooks.dtype)

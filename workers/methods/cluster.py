@@ -5,6 +5,7 @@ and the ONNX file stores the codebook plus bit-packed indices."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from service.core.specs import ClusterStep
 from workers.layer_names import require_known
 from workers.clustering import error_feedback, storage
 from workers.clustering.kmeans import kmeans_1d
-from workers.hessian import Batch, hessian, supported
+from workers.hessian import Batch, dense_target, error_to_reference, statistics, supported
 from workers.steps import StepContext, StepData, StepResult
 from workers.onnx_weights import as_rows, from_rows, weight_layers
 from workers.pruning.layers import weighted_layers
@@ -85,19 +86,31 @@ def _cluster_groups(weight: np.ndarray, bits: int, init: str, seed: int, group_s
 
 
 def _assign_with_feedback(layer: nn.Module, clustered: storage.Clustered, group_size: int | None, batches: list[Batch],
-                          module: nn.Module) -> tuple[storage.Clustered, dict[str, float]]:
-    """The layer's k-means codebooks kept, its weights' centroids chosen with GPTQ's error feedback
-    on the layer's input Hessian (workers/clustering/error_feedback.py)."""
+                          module: nn.Module, reference: nn.Module, reference_layer: nn.Module) -> tuple[storage.Clustered, dict[str, float]]:
+    """The layer's weights snapped to its k-means codebooks with GPTQ's error feedback on the layer's
+    input Hessian, towards the weight that best reproduces the unclustered model's layer output from
+    this layer's input (hessian.dense_target), then the codebooks re-solved by least squares for those
+    assignments (workers/clustering/error_feedback.py). Errors are against the unclustered model's
+    layer output: nearest centroid, gptq assignment, and after the codebook refit."""
     weight = layer.weight.detach()
-    rows = weight.reshape(weight.shape[0], -1)
+    rows = weight.reshape(weight.shape[0], -1).double()
     k = 2 ** clustered.bits
     grouped = bool(group_size) and weight.dim() >= 2 and weight.shape[0] > group_size  # as _cluster_layer chose
     # Grouped codebooks are padded to k each; a single one may have fewer centroids (few distinct values).
     books = torch.from_numpy(clustered.codebook).reshape(-1, k) if grouped else torch.from_numpy(clustered.codebook)[None, :]
     group = torch.arange(rows.shape[0]) // group_size if grouped else torch.zeros(rows.shape[0], dtype=torch.long)
-    local, errors = error_feedback.assign(rows, books[group], hessian(module, layer, batches))
+    stats = statistics(module, layer, batches, reference, reference_layer)
+    target = dense_target(rows, stats)
+    local, _ = error_feedback.assign(target, books[group], stats.h)
+    refitted = error_feedback.refit_codebooks(target, local, books, group, stats.h)
     labels = (local + group[:, None] * k if grouped else local).reshape(weight.shape).numpy()
-    return storage.Clustered(clustered.codebook, labels, clustered.bits, sparse=False), errors
+    books64 = books.double()
+    nearest = books64[group].gather(1, torch.argmin((rows[:, :, None] - books64[group][:, None, :]).abs(), dim=2))
+    errors = {"output_error_nearest": round(error_to_reference(nearest, rows, stats), 6),
+              "output_error_assigned": round(error_to_reference(books64[group].gather(1, local), rows, stats), 6),
+              "output_error": round(error_to_reference(refitted.double()[group].gather(1, local), rows, stats), 6)}
+    codebook = refitted.reshape(-1).numpy().astype(np.float32) if grouped else refitted[0].numpy().astype(np.float32)
+    return storage.Clustered(codebook, labels, clustered.bits, sparse=False), errors
 
 
 def _cluster_embeddings(model: onnx.ModelProto, replacements: dict, spec: ClusterStep) -> list[dict[str, Any]]:
@@ -188,11 +201,15 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
 
     shared: dict[str, SharedWeight] = {}
     errors: dict[str, dict[str, float]] = {}
+    # gptq assignment fits each layer to the unclustered model's output (hessian.dense_target).
+    reference = copy.deepcopy(module).eval() if assignment == "gptq" else None
+    reference_layers = weighted_layers(reference) if reference is not None else {}
     for i, (layer_name, layer) in enumerate(chosen.items()):
         clustered = _cluster_layer(layer.weight.detach().numpy(), spec.layer_bits.get(layer_name, spec.bits), spec.init, spec.training.seed + i, spec.group_size)
         if assignment == "gptq" and not clustered.sparse and supported(layer):
             # Taken now: the layers before this one are clustered already (their parametrizations run).
-            clustered, errors[layer_name] = _assign_with_feedback(layer, clustered, spec.group_size, run.calibration_batches(CALIBRATION_SAMPLES), module)
+            clustered, errors[layer_name] = _assign_with_feedback(layer, clustered, spec.group_size, run.calibration_batches(CALIBRATION_SAMPLES), module,
+                                                                  reference, reference_layers[layer_name])
         shared[layer_name] = SharedWeight(clustered.codebook, clustered.labels, clustered.sparse)
         parametrize.register_parametrization(layer, "weight", shared[layer_name], unsafe=True)
         layer.parametrizations.weight.original.requires_grad_(False)
@@ -244,6 +261,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     }
     if errors:
         report["reconstruction"] = {"nearest": round(sum(e["output_error_nearest"] for e in errors.values()) / len(errors), 6),
-                                    "gptq": round(sum(e["output_error"] for e in errors.values()) / len(errors), 6)}
+                                    "gptq": round(sum(e["output_error_assigned"] for e in errors.values()) / len(errors), 6),
+                                    "refit": round(sum(e["output_error"] for e in errors.values()) / len(errors), 6)}
     return StepResult(model=result, report=report)
 

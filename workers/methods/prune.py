@@ -176,10 +176,12 @@ def _unstructured(run: _Run) -> dict[str, Any]:
     spec = run.spec
     layers = selected_layers(run.module, spec)
     state: dict[str, Any] = {"masks": None, "thresholds": {}, "errors": None}
+    # SparseGPT fits each layer to the unpruned model's output (hessian.dense_target): kept as it was before any round.
+    reference = copy.deepcopy(run.module).eval() if spec.importance == "sparsegpt" else None
 
     def prune_round(r: int) -> dict[str, Any]:
-        if spec.importance == "sparsegpt":
-            masks, state["errors"] = _sparsegpt_round(run, layers, spec.round_fraction(r))
+        if reference is not None:
+            masks, state["errors"] = _sparsegpt_round(run, layers, spec.round_fraction(r), reference)
             state["masks"] = masks
             return {"sparsity": unstructured.sparsity(layers)}
         grads = norms = None
@@ -204,7 +206,8 @@ def _unstructured(run: _Run) -> dict[str, Any]:
             "errors": state["errors"]}
 
 
-def _sparsegpt_round(run: _Run, layers: dict[str, nn.Module], fraction_of_target: float) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+def _sparsegpt_round(run: _Run, layers: dict[str, nn.Module], fraction_of_target: float,
+                     reference: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """One round of SparseGPT on the layers it supports (magnitude within each row on the others,
     e.g. depthwise convolutions): the masks that keep the result, and each layer's output errors."""
     spec = run.spec
@@ -222,7 +225,7 @@ def _sparsegpt_round(run: _Run, layers: dict[str, nn.Module], fraction_of_target
     def progress(index: int, total: int, name: str) -> None:
         run.ctx.progress(0.05 + 0.4 * index / max(1, total), f"SparseGPT: layer {index + 1}/{total} ({name})")
 
-    errors = sparsegpt.prune_layers(run.module, second_order, amounts, batches, progress)
+    errors = sparsegpt.prune_layers(run.module, second_order, amounts, batches, progress, reference, selected_layers(reference, spec))
     return {n: (layer.weight != 0).float() for n, layer in layers.items()}, errors
 
 

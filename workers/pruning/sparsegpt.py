@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from workers.hessian import Batch, hessian, inverse_factor, output_error
+from workers.hessian import Batch, dense_target, error_to_reference, inverse_factor, output_error, statistics
 
 BLOCK = 128  # columns per lazy update and mask selection, as in the paper (32 and per-row choice measured the same on MiniLM)
 
@@ -29,7 +29,16 @@ def prune_weight(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: t
     """`weight` [out, in] with `amount` of each block's weights set to zero and the rest updated to
     make up for them; `pruned` marks weights already zero that must stay so. Returns the new weight
     and the layer's output error on the calibration data, relative, before and after the update."""
-    w = weight.double().clone()
+    w, mask = _prune(weight.double(), h, amount, pruned)
+    original = weight.double()
+    return w.to(weight.dtype), {"output_error_masked": round(output_error(original.masked_fill(mask, 0), original, h), 6),
+                                "output_error": round(output_error(w, original, h), 6)}
+
+
+@torch.no_grad()
+def _prune(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's column loop on a float64 `weight`: the pruned and updated weight, and its mask."""
+    w = weight.clone()
     h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
@@ -59,17 +68,19 @@ def prune_weight(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: t
         w[:, i1:i2] = q1
         mask[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    original = weight.double()
-    return w.to(weight.dtype), {"output_error_masked": round(output_error(original.masked_fill(mask, 0), original, h), 6),
-                                "output_error": round(output_error(w, original, h), 6)}
+    return w, mask
 
 
 @torch.no_grad()
 def prune_layers(module: nn.Module, layers: dict[str, nn.Module], amounts: dict[str, float], batches: Callable[[], Iterable[Batch]],
-                 progress: Callable[[int, int, str], None]) -> dict[str, dict[str, float]]:
+                 progress: Callable[[int, int, str], None], reference: nn.Module | None = None,
+                 reference_layers: dict[str, nn.Module] | None = None) -> dict[str, dict[str, float]]:
     """Each supported layer pruned in turn (in the order of `layers`, the graph's), its Hessian taken
     on inputs through the layers already pruned; returns each layer's output error before/after the
-    update. Already-zero weights stay zero (a later round of an iterative schedule)."""
+    update. Already-zero weights stay zero (a later round of an iterative schedule). With a
+    `reference` (the model before pruning, its layers by the same names), each layer is fitted to
+    the reference layer's output on the reference's own inputs (hessian.dense_target), so a layer
+    also makes up for what the layers before it lost, and the errors are measured against it."""
     module.eval()
     errors = {}
     for index, (name, layer) in enumerate(layers.items()):
@@ -77,6 +88,10 @@ def prune_layers(module: nn.Module, layers: dict[str, nn.Module], amounts: dict[
         weight = layer.weight
         shape = weight.shape
         flat = weight.reshape(shape[0], -1)
-        new, errors[name] = prune_weight(flat, hessian(module, layer, batches()), amounts[name], pruned=flat == 0)
-        weight.copy_(new.reshape(shape))
+        stats = statistics(module, layer, batches(), reference, (reference_layers or {}).get(name))
+        new, mask = _prune(dense_target(flat, stats), stats.h, amounts[name], pruned=flat == 0)
+        original = flat.double()
+        errors[name] = {"output_error_masked": round(error_to_reference(original.masked_fill(mask, 0), original, stats), 6),
+                        "output_error": round(error_to_reference(new, original, stats), 6)}
+        weight.copy_(new.to(weight.dtype).reshape(shape))
     return errors

@@ -25,7 +25,8 @@ class ClusterReport(StepReport):
     kept_epoch: int | None = Field(None, description="The epoch kept (0: the clustered state before fine-tuning).")
     assignment: str | None = Field(None, description="nearest or gptq: how weights took their centroids.")
     reconstruction: dict[str, float] | None = Field(
-        None, description="gptq: the assigned layers' mean relative output error on the calibration data with nearest-centroid assignment and with gptq's.")
+        None, description="gptq: the assigned layers' mean relative output error on the calibration data against the unclustered model's: nearest-centroid "
+        "assignment, gptq's, and gptq's after the codebooks' least-squares refit (refit: what was kept).")
 
     def per_layer(self) -> PerLayer | None:
         return per_layer("bits per layer", self.layers, lambda row: row.bits)

@@ -27,8 +27,10 @@ class PruneLayer(LayerRow):
     sparsity: float = Field(description="Share of the layer's weights that are zero.")
     removed_fraction: float = Field(description="Share of the layer's parameters removed by narrowing it (structured).")
     importance_threshold: float | None = Field(None, description="The importance below which weights were removed.")
-    output_error_masked: float | None = Field(None, description="sparsegpt: the layer's relative output error on the calibration data with its mask and no weight update.")
-    output_error: float | None = Field(None, description="sparsegpt: the same with the remaining weights updated (what was kept).")
+    output_error_masked: float | None = Field(
+        None, description="sparsegpt: the layer's relative output error on the calibration data with its mask and no weight update, against the unpruned "
+        "model's layer output (the layer reads its input through the layers pruned before it).")
+    output_error: float | None = Field(None, description="sparsegpt: the same with the remaining weights updated towards the unpruned model's output (what was kept).")
 
 
 class ClusterLayer(LayerRow):
@@ -40,8 +42,11 @@ class ClusterLayer(LayerRow):
     sparse: bool = Field(description="Zeros kept exact (a pruned layer's zero is its own centroid).")
     stored_bytes: int
     dense_bytes: int
-    output_error_nearest: float | None = Field(None, description="gptq assignment: the layer's relative output error on the calibration data with nearest centroids.")
-    output_error: float | None = Field(None, description="gptq assignment: the same with the centroids gptq chose (what was kept).")
+    output_error_nearest: float | None = Field(
+        None, description="gptq assignment: the layer's relative output error on the calibration data with nearest centroids, against the unclustered "
+        "model's layer output (the layer reads its input through the layers clustered before it).")
+    output_error_assigned: float | None = Field(None, description="gptq assignment: the same with the centroids gptq chose, before the codebooks' refit.")
+    output_error: float | None = Field(None, description="gptq assignment: the same after each codebook's centroids were re-solved by least squares (what was kept).")
 
 
 class LowRankLayer(LayerRow):
