@@ -74,6 +74,9 @@ METHODS = {
     "prune-heads-wanda-oneshot": {"method": "prune", "kind": "structured", "amount": 0.3, "heads": 0.25, "importance": "wanda", "finetune_epochs": 0},
     "prune-heads-wanda": {"method": "prune", "kind": "structured", "amount": 0.3, "heads": 0.25, "importance": "wanda"},
     "prune-heads-wanda-norefit": {"method": "prune", "kind": "structured", "amount": 0.3, "heads": 0.25, "importance": "wanda", "refit": False},
+    # Deep Compression towards 10x (issue 25): MiniLM's token embedding table (half its weights) at fewer bits, the rest at 4.
+    "dc-emb3": {"method": "deep_compression", "cluster": {"bits": 4, "group_size": 32, "layer_bits": {"bert.embeddings.word_embeddings.weight": 3}}},
+    "dc-emb2": {"method": "deep_compression", "cluster": {"bits": 4, "group_size": 32, "layer_bits": {"bert.embeddings.word_embeddings.weight": 2}}},
     # Towards 1.5x faster at batch 32: half the feed-forward units and 40% of the heads.
     "prune-half-wanda": {"method": "prune", "kind": "structured", "amount": 0.5, "heads": 0.4, "importance": "wanda"},
 }

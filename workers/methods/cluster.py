@@ -113,12 +113,18 @@ def _assign_with_feedback(layer: nn.Module, clustered: storage.Clustered, group_
     return storage.Clustered(codebook, labels, clustered.bits, sparse=False), errors
 
 
+def _embedding_tables(model: onnx.ModelProto) -> set[str]:
+    """Initializers read as a Gather's data (float): embedding tables, named by initializer in `layer_bits` and `skip_layers`."""
+    gathered = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    return {i.name for i in model.graph.initializer if i.name in gathered and i.data_type == onnx.TensorProto.FLOAT}
+
+
 def _cluster_embeddings(model: onnx.ModelProto, replacements: dict, spec: ClusterStep) -> list[dict[str, Any]]:
     """Embedding tables (the data input of a Gather, float, large enough) as codebook + indices."""
-    tables = {n.input[0] for n in model.graph.node if n.op_type == "Gather"}
+    tables = _embedding_tables(model)
     rows = []
     for index, init in enumerate(model.graph.initializer):
-        if init.name not in tables or init.name in replacements or init.data_type != onnx.TensorProto.FLOAT:
+        if init.name not in tables or init.name in replacements:
             continue
         weight = onnx.numpy_helper.to_array(init)
         if weight.size < spec.min_elements or init.name in spec.skip_layers:
@@ -139,7 +145,7 @@ def _cluster_initializers(model: onnx.ModelProto, spec: ClusterStep, ctx: StepCo
     clustered output channels first, as on the trainable path, so `group_size` groups the same rows."""
     ctx.progress(0.3, "clustering the ONNX weights directly (nothing to train, no conversion needed)")
     layers = weight_layers(model)
-    require_known([*spec.skip_layers, *spec.layer_bits], layers)
+    require_known([*spec.skip_layers, *spec.layer_bits], [*layers, *(_embedding_tables(model) if spec.embeddings else ())])
     inits = {i.name: i for i in model.graph.initializer}
     replacements: dict = {}
     rows = []
@@ -191,7 +197,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     run = TrainableRun(model, data)  # the original's outputs are taken before any weight is clustered
     module = run.module
     layers = weighted_layers(module)
-    require_known([*spec.skip_layers, *spec.layer_bits], layers)
+    require_known([*spec.skip_layers, *spec.layer_bits], [*layers, *(_embedding_tables(model) if spec.embeddings else ())])
     # A tied weight (the output projection reading the token embedding) is left to the embedding: it is
     # clustered there (spec.embeddings) and read through the tie, so it stays stored once.
     chosen = {n: layer for n, layer in layers.items()
