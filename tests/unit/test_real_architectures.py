@@ -147,6 +147,10 @@ def test_method_on_real_architecture(arch: str, exporter: str, step: str, worksp
     if step == "cluster-4bit" and arch in TOKEN_MODELS:  # the token embedding table is clustered too
         rows = metrics["step_reports"][0]["layers"]
         assert any(row.get("embedding") and row["shape"][0] == exp.vocab for row in rows)
+    if step == "prune-unstructured":  # importance left out: SparseGPT on the transformers (data given), magnitude on the CNNs
+        report = metrics["step_reports"][0]
+        assert report["importance"] == ("l1" if arch in CNNS else "sparsegpt"), report["importance"]
+        assert (report.get("importance_chosen") is None) == (arch in CNNS) and (report.get("reconstruction") is None) == (arch in CNNS)
     if step == "prune-heads":  # one head of two gone in every block, and the feed-forward units narrowed too
         report = metrics["step_reports"][0]
         assert report["heads"]["removed"] == 2 and all(row["heads_after"] == 1 for row in report["heads"]["blocks"])

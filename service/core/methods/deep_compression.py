@@ -79,5 +79,7 @@ class DeepCompressionStep(MethodSpec):
 
     def auto_prune(self, budget: float) -> PruneStep:
         """The pruning stage chosen on the data: the schedule, stopped within `budget` of quality."""
-        return PruneStep(kind="unstructured", schedule=AUTO_SCHEDULE, finetune_epochs=AUTO_FINETUNE_EPOCHS, max_accuracy_drop=budget,
-                         training=TrainingSpec(lr=1e-3))
+        # Magnitude, explicitly: the clusters after it keep their gptq assignment and row groups only on unpruned layers, so
+        # SparseGPT's default for transformers is not taken here until pruned layers get them too.
+        return PruneStep(kind="unstructured", importance="l1", schedule=AUTO_SCHEDULE, finetune_epochs=AUTO_FINETUNE_EPOCHS,
+                         max_accuracy_drop=budget, training=TrainingSpec(lr=1e-3))
