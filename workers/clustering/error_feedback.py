@@ -20,12 +20,12 @@ from workers.hessian import inverse_factor, output_error
 BLOCK = 128  # columns per lazy update, as in GPTQ
 
 
-def _nearest(values: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+def nearest(values: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
     """Per row, the index of the centroid nearest each value: values [rows] or [rows, n] (a column
     at a time, so memory stays rows x k), codebooks [rows, k]."""
     if values.dim() == 1:
         return torch.argmin((values[:, None] - codebooks).abs(), dim=1)
-    return torch.stack([_nearest(values[:, j], codebooks) for j in range(values.shape[1])], dim=1)
+    return torch.stack([nearest(values[:, j], codebooks) for j in range(values.shape[1])], dim=1)
 
 
 @torch.no_grad()
@@ -47,15 +47,15 @@ def assign(weight: torch.Tensor, codebooks: torch.Tensor, h: torch.Tensor) -> tu
         err1 = torch.zeros_like(w1)
         for i in range(i2 - i1):
             col = w1[:, i]
-            index = _nearest(col, books)
+            index = nearest(col, books)
             labels[:, i1 + i] = index
             e = (col - books.gather(1, index[:, None]).squeeze(1)) / hinv1[i, i]
             w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     original = weight.double()
-    nearest = books.gather(1, _nearest(original, books))
-    return labels, {"output_error_nearest": round(output_error(nearest, original, h), 6),
+    snapped = books.gather(1, nearest(original, books))
+    return labels, {"output_error_nearest": round(output_error(snapped, original, h), 6),
                     "output_error": round(output_error(books.gather(1, labels), original, h), 6)}
 
 

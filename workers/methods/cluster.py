@@ -105,7 +105,7 @@ def _assign_with_feedback(layer: nn.Module, clustered: storage.Clustered, group_
     refitted = error_feedback.refit_codebooks(target, local, books, group, stats.h)
     labels = (local + group[:, None] * k if grouped else local).reshape(weight.shape).numpy()
     books64 = books.double()
-    nearest = books64[group].gather(1, torch.argmin((rows[:, :, None] - books64[group][:, None, :]).abs(), dim=2))
+    nearest = books64[group].gather(1, error_feedback.nearest(rows, books64[group]))  # a column at a time: rows x k in memory
     errors = {"output_error_nearest": round(error_to_reference(nearest, rows, stats), 6),
               "output_error_assigned": round(error_to_reference(books64[group].gather(1, local), rows, stats), 6),
               "output_error": round(error_to_reference(refitted.double()[group].gather(1, local), rows, stats), 6)}
@@ -186,6 +186,28 @@ def _encode_layers(exported: onnx.ModelProto, clustered: dict[str, storage.Clust
     return replacements, rows
 
 
+def _cluster_chosen(run: TrainableRun, chosen: dict[str, nn.Module], spec: ClusterStep, assignment: str,
+                    ctx: StepContext) -> tuple[dict[str, SharedWeight], dict[str, dict[str, float]]]:
+    """Each chosen layer clustered in turn (gptq assignment where asked) and its weight replaced by
+    a parametrization reading its codebook: (the shared weights, each gptq layer's errors)."""
+    shared: dict[str, SharedWeight] = {}
+    errors: dict[str, dict[str, float]] = {}
+    # gptq assignment fits each layer to the unclustered model's output (hessian.dense_target).
+    reference = copy.deepcopy(run.module).eval() if assignment == "gptq" else None
+    reference_layers = weighted_layers(reference) if reference is not None else {}
+    for i, (layer_name, layer) in enumerate(chosen.items()):
+        clustered = _cluster_layer(layer.weight.detach().numpy(), spec.layer_bits.get(layer_name, spec.bits), spec.init, spec.training.seed + i, spec.group_size)
+        if assignment == "gptq" and not clustered.sparse and supported(layer):
+            # Taken now: the layers before this one are clustered already (their parametrizations run).
+            clustered, errors[layer_name] = _assign_with_feedback(layer, clustered, spec.group_size, run.calibration_batches(CALIBRATION_SAMPLES),
+                                                                  run.module, reference, reference_layers[layer_name])
+        shared[layer_name] = SharedWeight(clustered.codebook, clustered.labels, clustered.sparse)
+        parametrize.register_parametrization(layer, "weight", shared[layer_name], unsafe=True)
+        layer.parametrizations.weight.original.requires_grad_(False)
+        ctx.progress(0.3 * (i + 1) / len(chosen), f"clustered {layer_name}", milestone=True)
+    return shared, errors
+
+
 def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepContext) -> StepResult:
     if spec.needs_dataset() and not data.available:
         raise CompressionFailed("centroid fine-tuning and gptq assignment work on data: submit the job with a dataset_id", code="dataset_required")
@@ -205,22 +227,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     if not chosen:
         raise CompressionFailed("no layer is large enough to cluster (see min_elements)", code="nothing_to_cluster")
 
-    shared: dict[str, SharedWeight] = {}
-    errors: dict[str, dict[str, float]] = {}
-    # gptq assignment fits each layer to the unclustered model's output (hessian.dense_target).
-    reference = copy.deepcopy(module).eval() if assignment == "gptq" else None
-    reference_layers = weighted_layers(reference) if reference is not None else {}
-    for i, (layer_name, layer) in enumerate(chosen.items()):
-        clustered = _cluster_layer(layer.weight.detach().numpy(), spec.layer_bits.get(layer_name, spec.bits), spec.init, spec.training.seed + i, spec.group_size)
-        if assignment == "gptq" and not clustered.sparse and supported(layer):
-            # Taken now: the layers before this one are clustered already (their parametrizations run).
-            clustered, errors[layer_name] = _assign_with_feedback(layer, clustered, spec.group_size, run.calibration_batches(CALIBRATION_SAMPLES), module,
-                                                                  reference, reference_layers[layer_name])
-        shared[layer_name] = SharedWeight(clustered.codebook, clustered.labels, clustered.sparse)
-        parametrize.register_parametrization(layer, "weight", shared[layer_name], unsafe=True)
-        layer.parametrizations.weight.original.requires_grad_(False)
-        ctx.progress(0.3 * (i + 1) / len(chosen), f"clustered {layer_name}", milestone=True)
-
+    shared, errors = _cluster_chosen(run, chosen, spec, assignment, ctx)
     before_score = after_score = None
     curve: list[float] = []
     finetune_outcome: dict[str, Any] = {}
@@ -266,8 +273,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
         **finetune_outcome,
     }
     if errors:
-        report["reconstruction"] = {"nearest": round(sum(e["output_error_nearest"] for e in errors.values()) / len(errors), 6),
-                                    "gptq": round(sum(e["output_error_assigned"] for e in errors.values()) / len(errors), 6),
-                                    "refit": round(sum(e["output_error"] for e in errors.values()) / len(errors), 6)}
+        report["reconstruction"] = {label: round(sum(e[key] for e in errors.values()) / len(errors), 6)
+                                    for label, key in (("nearest", "output_error_nearest"), ("gptq", "output_error_assigned"), ("refit", "output_error"))}
     return StepResult(model=result, report=report)
 
