@@ -151,6 +151,8 @@ def test_method_on_real_architecture(arch: str, exporter: str, step: str, worksp
         report = metrics["step_reports"][0]
         assert report["importance"] == ("l1" if arch in CNNS else "sparsegpt"), report["importance"]
         assert (report.get("importance_chosen") is None) == (arch in CNNS) and (report.get("reconstruction") is None) == (arch in CNNS)
+        # scope global (the default): SparseGPT's layers get sparsities from their measured sensitivity
+        assert (report.get("allocation") is None) == (arch in CNNS), report.get("allocation")
     if step == "prune-heads":  # one head of two gone in every block, and the feed-forward units narrowed too
         report = metrics["step_reports"][0]
         assert report["heads"]["removed"] == 2 and all(row["heads_after"] == 1 for row in report["heads"]["blocks"])

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from workers.hessian import Batch, dense_target, error_to_reference, inverse_factor, output_error, statistics
+from workers.hessian import DAMP, Batch, dense_target, error_to_reference, inverse_factor, output_error, statistics
+from workers.pruning.masked_refit import refit_kept
 
 BLOCK = 128  # columns per lazy update and mask selection, as in the paper (32 and per-row choice measured the same on MiniLM)
 
@@ -80,7 +81,9 @@ def prune_layers(module: nn.Module, layers: dict[str, nn.Module], amounts: dict[
     update. Already-zero weights stay zero (a later round of an iterative schedule). With a
     `reference` (the model before pruning, its layers by the same names), each layer is fitted to
     the reference layer's output on the reference's own inputs (hessian.dense_target), so a layer
-    also makes up for what the layers before it lost, and the errors are measured against it."""
+    also makes up for what the layers before it lost, and the errors are measured against it. Once
+    SparseGPT has chosen a layer's mask, its kept weights are re-solved exactly for that mask
+    (masked_refit: the errors give SparseGPT's and the final one)."""
     module.eval()
     errors = {}
     for index, (name, layer) in enumerate(layers.items()):
@@ -89,9 +92,12 @@ def prune_layers(module: nn.Module, layers: dict[str, nn.Module], amounts: dict[
         shape = weight.shape
         flat = weight.reshape(shape[0], -1)
         stats = statistics(module, layer, batches(), reference, (reference_layers or {}).get(name))
-        new, mask = _prune(dense_target(flat, stats), stats.h, amounts[name], pruned=flat == 0)
+        target = dense_target(flat, stats)
+        swept, mask = _prune(target, stats.h, amounts[name], pruned=flat == 0)
+        new = refit_kept(swept, target, ~mask, stats.h, DAMP)
         original = flat.double()
         errors[name] = {"output_error_masked": round(error_to_reference(original.masked_fill(mask, 0), original, stats), 6),
+                        "output_error_sparsegpt": round(error_to_reference(swept, original, stats), 6),
                         "output_error": round(error_to_reference(new, original, stats), 6)}
         weight.copy_(new.to(weight.dtype).reshape(shape))
     return errors

@@ -20,6 +20,21 @@ class RefitLayer(BaseModel):
     kept: str = Field(description="refitted, or pruned weights when the fit was no better.")
 
 
+class AllocatedLayer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: str
+    amount: float = Field(description="The sparsity this layer was given.")
+    measured: dict[str, float] = Field(description="The distillation loss to the original's outputs with this layer alone pruned, by sparsity.")
+
+
+class SparsityAllocation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    how: str
+    predicted_loss_uniform: float = Field(description="The layers' measured losses added up at the same amount everywhere.")
+    predicted_loss_allocated: float = Field(description="The same at the amounts chosen (lower: the allocation's expected gain).")
+    layers: list[AllocatedLayer]
+
+
 class PruneReport(StepReport):
     method: Literal["prune"] = "prune"
     kind: str | None = None
@@ -45,7 +60,10 @@ class PruneReport(StepReport):
     kept_round: int | str | None = Field(None, description="The round whose model was kept (ticket: the rewound and retrained lottery ticket).")
     finetune_lr: float | None = None
     reconstruction: dict[str, float] | None = Field(
-        None, description="sparsegpt: the pruned layers' mean relative output error on the calibration data, with the same mask and no update (masked) and with the update.")
+        None, description="sparsegpt: the pruned layers' mean relative output error on the calibration data: with the mask and no update (masked), after "
+        "SparseGPT's update (sparsegpt), and with the kept weights re-solved for the mask (updated: what was kept).")
+    allocation: SparsityAllocation | None = Field(
+        None, description="sparsegpt with scope global: each layer's sparsity chosen from its measured sensitivity so that the amount holds over the layers together.")
     finetune_by_round: list[FinetuneLog] = Field(default_factory=list, description="Each round's fine-tuning outcome: epochs, losses, the best epoch kept.")
     refit: list[RefitLayer] | None = Field(
         None, description="structured with refit: per round and layer whose inputs lost channels, its relative output error on the calibration data "
@@ -75,15 +93,19 @@ class PruneStep(MethodSpec):
         "narrowed in the graph). Heads are ranked by how much the outputs change with each one switched off, on the job's data; at "
         "least one head is kept per block. Needs separate query/key/value projections (BERT, MiniLM, RoBERTa, ViT; not GPT-2's fused c_attn).",
     )
-    scope: Literal["global", "layer"] = Field("global", description="One threshold across layers, or the same fraction in every layer.")
+    scope: Literal["global", "layer"] = Field(
+        "global", description="global: the amount holds over all the layers together (magnitude: one threshold across layers; sparsegpt: each "
+        "layer's sparsity chosen from its measured sensitivity, within 0.25 of the amount; the report's allocation gives them); layer: the same "
+        "fraction in every layer.")
     importance: Literal["l1", "l2", "apoz", "taylor", "wanda", "sparsegpt"] | None = Field(
         None, description="Default (left out or null): l1, except on a transformer with a dataset: structured pruning uses wanda "
         "(measured: all-MiniLM-L6-v2 0.805 -> 0.960 held-out cosine at 30% of its feed-forward units), unstructured pruning sparsegpt "
-        "(MiniLM at 50% with the default fine-tuning: 0.891 -> 0.938; not with lottery_ticket). The report's importance_chosen says so. l1/l2 weight magnitude; apoz: how often a neuron outputs zero on the data (structured only); taylor: |weight x gradient|; "
+        "(MiniLM at 50% with the defaults: 0.891 -> 0.957; not with lottery_ticket). The report's importance_chosen says so. l1/l2 weight magnitude; apoz: how often a neuron outputs zero on the data (structured only); taylor: |weight x gradient|; "
         "wanda: |weight| x the L2 norm of its input feature on the data, compared within each output row (Sun et al. 2023); structured: a "
         "channel's RMS at the layers that read it x the norm of their weights for it (what it carries into them); "
         "sparsegpt: each layer pruned to its amount with the remaining weights updated to reproduce its output on the data "
-        "(second-order, Frantar & Alistarh 2023; unstructured only, layer by layer whatever `scope`; the report gives each layer's output error with and without the update).",
+        "(second-order, Frantar & Alistarh 2023; unstructured only), the kept weights then re-solved by least squares for the mask; the report gives each "
+        "layer's output error without an update, after SparseGPT's and after the re-solve.",
     )
     layer_amounts: dict[str, float] = Field(default_factory=dict, description="Per-layer overrides of `amount`, by layer name (see the step report).")
     skip_layers: NameList = Field(default_factory=list, max_length=4096, description="Layers left untouched.")
