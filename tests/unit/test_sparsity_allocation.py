@@ -58,6 +58,10 @@ def test_the_budget_goes_where_pruning_costs_least_and_holds_overall() -> None:
     overall = sum(sizes[n] * chosen[n] for n in chosen) / sum(sizes.values())
     assert 0.5 <= overall <= 0.5 + 0.01
     assert allocation.predicted_loss(curves, chosen) < allocation.predicted_loss(curves, targets)
+    # A small amount: the range reaches down to (not below) the smallest step, and the budget still holds.
+    low = {n: {s: 0.001 * s ** 2 for s in allocation.measured_points(0.1)} for n in ("a", "b")}
+    small = allocation.allocate(low, {"a": 10, "b": 10}, {"a": 0.1, "b": 0.1})
+    assert all(allocation.STEP <= a <= 0.35 for a in small.values()) and sum(small.values()) / 2 >= 0.1
 
 
 def test_a_global_sparsegpt_step_allocates_by_layer_and_keeps_the_amount_overall(tmp_path: Path) -> None:

@@ -69,7 +69,8 @@ def allocate(curves: dict[str, dict[float, float]], sizes: dict[str, int], targe
     layers' weights pruned in total as their targets prune them."""
     options = {}
     for name, points in curves.items():
-        grid = np.round(np.arange(max(0.0, targets[name] - REACH), min(0.95, targets[name] + REACH) + STEP / 2, STEP), 4)
+        # From STEP, not 0: the curves live in log sparsity.
+        grid = np.round(np.arange(max(STEP, targets[name] - REACH), min(0.95, targets[name] + REACH) + STEP / 2, STEP), 4)
         options[name] = (grid, _curve(points, grid))
     budget = sum(sizes[n] * targets[n] for n in curves)
 
