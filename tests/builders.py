@@ -93,3 +93,9 @@ def dataset_npz(model: onnx.ModelProto, samples: int = 64, seed: int = 1, labels
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
+
+
+def correlated_features(rng: np.random.Generator, samples: int, features: int) -> np.ndarray:
+    """Features that move together (as a layer's inputs do): where a second-order update has something to use."""
+    return (rng.standard_normal((samples, features // 4)) @ rng.standard_normal((features // 4, features))
+            + 0.1 * rng.standard_normal((samples, features)))

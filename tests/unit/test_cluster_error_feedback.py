@@ -12,21 +12,16 @@ import torch
 from service.core.methods.cluster import ClusterReport
 from service.core.reported import STRICT
 from service.core.specs import ClusterStep
-from tests.builders import cnn, mlp, reference_outputs
+from tests.builders import cnn, correlated_features, mlp, reference_outputs
 from workers.clustering.error_feedback import assign
 from workers.methods import cluster
 from workers.steps import StepContext, StepData
 
 
-def _correlated(rng: np.random.Generator, samples: int, features: int) -> np.ndarray:
-    return (rng.standard_normal((samples, features // 4)) @ rng.standard_normal((features // 4, features))
-            + 0.1 * rng.standard_normal((samples, features)))
-
-
 def test_feedback_keeps_each_rows_codebook_and_cuts_the_output_error() -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((32, 160))
-    x = _correlated(rng, 2048, 160)
+    x = correlated_features(rng, 2048, 160)
     books = torch.from_numpy(np.sort(rng.standard_normal((32, 16)), axis=1))  # a codebook per row
     labels, errors = assign(torch.from_numpy(w).float(), books, torch.from_numpy(2 * x.T @ x / len(x)))
     assert labels.shape == w.shape and int(labels.min()) >= 0 and int(labels.max()) < 16
@@ -43,7 +38,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.mark.parametrize("group_size", [None, 16])
 def test_the_step_assigns_with_feedback_by_default_on_data_and_stays_closer(group_size: int | None, tmp_path: Path) -> None:
     model = mlp(in_features=64, hidden=128, classes=8)
-    x = _correlated(np.random.default_rng(1), 512, 64).astype(np.float32)
+    x = correlated_features(np.random.default_rng(1), 512, 64).astype(np.float32)
     data = StepData(inputs={"x": x})
     reference, out = reference_outputs(model, x), {}
     for assignment in ("nearest", None):  # None: the default, gptq on data

@@ -12,22 +12,16 @@ import torch
 from service.core.methods.prune import PruneReport
 from service.core.reported import STRICT
 from service.core.specs import PruneStep
-from tests.builders import cnn, mlp, reference_outputs
+from tests.builders import cnn, correlated_features, mlp, reference_outputs
 from workers.methods import prune
 from workers.pruning.sparsegpt import BLOCK, prune_weight
 from workers.steps import StepContext, StepData
 
 
-def _correlated(rng: np.random.Generator, samples: int, features: int) -> np.ndarray:
-    # Features that move together (as a layer's inputs do): where a second-order update has something to use.
-    return (rng.standard_normal((samples, features // 4)) @ rng.standard_normal((features // 4, features))
-            + 0.1 * rng.standard_normal((samples, features)))
-
-
 def test_the_update_keeps_the_amount_per_block_and_cuts_the_output_error_of_the_same_mask() -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((24, 2 * BLOCK))
-    x = _correlated(rng, 2048, 2 * BLOCK)
+    x = correlated_features(rng, 2048, 2 * BLOCK)
     h = torch.from_numpy(2 * x.T @ x / len(x))
     already = torch.zeros(w.shape, dtype=torch.bool)
     already[:, :5] = True  # a previous round's zeros
@@ -52,7 +46,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def test_the_step_reconstructs_a_dense_network_better_than_wanda_and_reports_each_layer(tmp_path: Path) -> None:
     model = mlp(in_features=64, hidden=128, classes=8)
     rng = np.random.default_rng(1)
-    x = _correlated(rng, 512, 64).astype(np.float32)
+    x = correlated_features(rng, 512, 64).astype(np.float32)
     data = StepData(inputs={"x": x})
     outputs, reports = {}, {}
     for importance in ("wanda", "sparsegpt"):
