@@ -13,7 +13,7 @@ import torch
 from service.core.methods.prune import PruneReport
 from service.core.reported import STRICT
 from service.core.specs import PruneStep
-from tests.builders import mlp
+from tests.builders import correlated_features, mlp
 from workers.hessian import DAMP, output_error
 from workers.methods import prune
 from workers.pruning import allocation
@@ -22,15 +22,10 @@ from workers.pruning.sparsegpt import _prune
 from workers.steps import StepContext, StepData
 
 
-def _correlated(rng: np.random.Generator, samples: int, features: int) -> np.ndarray:
-    return (rng.standard_normal((samples, features // 4)) @ rng.standard_normal((features // 4, features))
-            + 0.1 * rng.standard_normal((samples, features)))
-
-
 def test_the_kept_weights_are_the_least_squares_solution_for_the_mask() -> None:
     rng = np.random.default_rng(0)
     w = rng.standard_normal((12, 96))
-    x = _correlated(rng, 1024, 96)
+    x = correlated_features(rng, 1024, 96)
     h = torch.from_numpy(2 * x.T @ x / len(x))
     swept, mask = _prune(torch.from_numpy(w), h, 0.5, None)
     refit = refit_kept(swept, torch.from_numpy(w), ~mask, h, DAMP).numpy()
@@ -66,7 +61,7 @@ def test_the_budget_goes_where_pruning_costs_least_and_holds_overall() -> None:
 
 def test_a_global_sparsegpt_step_allocates_by_layer_and_keeps_the_amount_overall(tmp_path: Path) -> None:
     model = mlp(in_features=64, hidden=128, classes=8)
-    x = _correlated(np.random.default_rng(1), 512, 64).astype(np.float32)
+    x = correlated_features(np.random.default_rng(1), 512, 64).astype(np.float32)
     step = PruneStep(kind="unstructured", amount=0.6, importance="sparsegpt", finetune_epochs=0, prune_output_layer=True)
     result = prune.apply(model, step, StepData(inputs={"x": x}), StepContext(work_dir=tmp_path))
     report = PruneReport.model_validate({"index": 0, **result.report}, context=STRICT)
@@ -90,7 +85,7 @@ def test_layers_too_large_for_direct_solves_still_move_towards_them(monkeypatch:
 
     rng = np.random.default_rng(2)
     w = torch.from_numpy(rng.standard_normal((12, 96)))
-    x = _correlated(rng, 1024, 96)
+    x = correlated_features(rng, 1024, 96)
     h = torch.from_numpy(2 * x.T @ x / len(x))
     swept, mask = _prune(w, h, 0.5, None)
     exact = refit_kept(swept, w, ~mask, h, DAMP)
@@ -99,3 +94,12 @@ def test_layers_too_large_for_direct_solves_still_move_towards_them(monkeypatch:
     assert (iterated[mask] == 0).all()
     errors = [output_error(c, w, h) for c in (swept, iterated, exact)]
     assert errors[2] <= errors[1] < errors[0] and errors[1] == pytest.approx(errors[2], rel=0.01)
+
+
+def test_a_layer_whose_inputs_are_all_zero_is_refitted_without_error() -> None:
+    w = torch.from_numpy(np.random.default_rng(3).standard_normal((4, 8)))
+    h = torch.zeros(8, 8, dtype=torch.float64)  # the data never reached these inputs
+    kept = torch.ones(4, 8, dtype=torch.bool)
+    kept[:, ::2] = False
+    refit = refit_kept(w * kept, w, kept, h, DAMP)
+    assert torch.isfinite(refit).all() and (refit[~kept] == 0).all()

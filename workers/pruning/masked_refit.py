@@ -30,7 +30,10 @@ TOLERANCE = 1e-8  # relative squared residual, per row, at which a row is solved
 def refit_kept(start: torch.Tensor, target: torch.Tensor, kept: torch.Tensor, h: torch.Tensor, damp: float) -> torch.Tensor:
     """`start` [rows, columns] (zero where `kept` is False) moved towards argmin over weights with
     that mask of sum_r (w_r - t_r)^T (H + damp mean(diag H) I) (w_r - t_r); float64."""
-    hd = h.double() + damp * torch.mean(torch.diag(h)).double() * torch.eye(h.shape[0], dtype=torch.float64)
+    hd = h.double().clone()
+    dead = torch.diag(hd) == 0  # inputs the data never sets: as SparseGPT does, a unit diagonal keeps the system solvable
+    hd[dead, dead] = 1
+    hd += damp * torch.mean(torch.diag(hd)) * torch.eye(h.shape[0], dtype=torch.float64)
     if float((kept.sum(1).double() ** 3).sum()) / 3 <= DIRECT_FLOPS:
         return _direct(target.double(), kept, hd)
     return _conjugate_gradients(start.double(), target.double(), kept, hd)
