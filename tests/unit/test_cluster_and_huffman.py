@@ -13,8 +13,8 @@ import pytest
 from service.core.specs import ClusterStep, HuffmanStep, QuantizeStep
 from tests.builders import cnn, mlp, reference_outputs
 from workers import bundle
+from workers.clustering import storage
 from workers.clustering.kmeans import kmeans_1d
-from workers.clustering.storage import pack_nibbles, unpack_nibbles
 from workers.constant_folding import fold
 from workers.methods import cluster, huffman, prune, quantize
 from workers.steps import StepContext, StepData
@@ -47,12 +47,15 @@ def test_kmeans_1d_finds_separated_clusters(init: str) -> None:
     assert np.bincount(labels).tolist() == [100, 50, 10]
 
 
-def test_nibble_packing_round_trips() -> None:
-    idx = np.random.default_rng(0).integers(0, 16, 101)
-    assert np.array_equal(unpack_nibbles(pack_nibbles(idx), 101), idx)
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_packing_takes_exactly_bits_per_index_and_round_trips(bits: int) -> None:
+    idx = np.random.default_rng(bits).integers(0, 2**bits, 8 * 101 + 3)  # a count that leaves padding in every plane
+    planes = storage.pack(idx, bits)
+    assert sum(p.size for p in planes) == storage.packed_bytes(idx.size, bits) <= (idx.size * bits + 7 * len(planes)) // 8 + len(planes)
+    assert np.array_equal(storage.unpack(planes, bits, idx.size), idx)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 6])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6])
 def test_clustered_model_holds_codebook_and_indices(bits: int, tmp_path: Path) -> None:
     model = cnn(channels=16)
     result = cluster.apply(model, ClusterStep(bits=bits, min_elements=64), StepData(), StepContext(work_dir=tmp_path))
@@ -60,6 +63,8 @@ def test_clustered_model_holds_codebook_and_indices(bits: int, tmp_path: Path) -
     dense = weights(result.model)
     for row in result.report["layers"]:
         assert row["centroids"] == 2**bits
+        # Packed to exactly `bits` bits a weight (plus the codebook and at most a padding byte a plane).
+        assert row["stored_bytes"] - 4 * row["centroids"] <= row["dense_bytes"] // 4 * bits // 8 + 4
     conv = next(w for name, w in dense.items() if w.shape == (16, 16, 3, 3))
     assert len(np.unique(conv)) <= 2**bits
     integer_tensors = [i for i in result.model.graph.initializer if i.data_type == onnx.TensorProto.UINT8 and i.name.startswith("cl")]
@@ -150,8 +155,10 @@ def test_grouped_codebooks_follow_rows_of_different_scales_and_decode_exactly(tm
     error = {name: float((np.linalg.norm(c.codebook[c.labels] - weight, axis=1) / np.linalg.norm(weight, axis=1)).mean())
              for name, c in (("whole", whole), ("grouped", grouped))}
     assert error["grouped"] < error["whole"] / 5, error
-    # In a graph (and transposed, as exporters store MatMul weights): ONNX Runtime rebuilds codebook[labels] exactly.
-    for c in (grouped, storage.Clustered(grouped.codebook, grouped.labels.T.copy(), 4, False)):
+    # In a graph (and transposed, as exporters store MatMul weights; and at 3 and 5 bits, stored as two planes):
+    # ONNX Runtime rebuilds codebook[labels] exactly.
+    three, five = (_cluster_layer(weight, bits, "linear", 0, group_size=8) for bits in (3, 5))
+    for c in (grouped, storage.Clustered(grouped.codebook, grouped.labels.T.copy(), 4, False), three, storage.Clustered(five.codebook, five.labels.T.copy(), 5, False)):
         shape = list(c.labels.shape)
         dense = onnx.numpy_helper.from_array(np.zeros(shape, np.float32), "w")
         graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["w"], ["y"])], "g", [],
@@ -163,7 +170,7 @@ def test_grouped_codebooks_follow_rows_of_different_scales_and_decode_exactly(tm
 
         (out,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
         assert np.array_equal(out, c.codebook[c.labels])
-        assert storage.stored_bytes(c) < c.labels.size  # still about half a byte per weight
+        assert storage.stored_bytes(c) <= c.labels.size * c.bits / 8 + 4 * max(c.labels.shape)  # bits per weight, and the groups' offsets
 
 
 def test_cluster_step_with_groups_runs_and_fine_tunes(tmp_path: Path) -> None:

@@ -144,9 +144,14 @@ def test_method_on_real_architecture(arch: str, exporter: str, step: str, worksp
         else:  # one whole block of two gone: its two LayerNorms with it
             norms = [count(m, "LayerNormalization") for m in (original, compressed)]
             assert norms[1] == norms[0] - 2 and dropped == ["block 1"], norms
-    if step == "cluster-4bit" and arch in TOKEN_MODELS:  # the token embedding table is clustered too
-        rows = metrics["step_reports"][0]["layers"]
-        assert any(row.get("embedding") and row["shape"][0] == exp.vocab for row in rows)
+    if step.startswith("cluster"):  # data given: each layer's bits measured, the clusters no larger than `bits` everywhere
+        report = metrics["step_reports"][0]
+        allocation, bits = report["bit_allocation"], {row["layer"]: row["bits"] for row in report["layers"]}
+        assert allocation["stored_bits_allocated"] <= allocation["stored_bits_uniform"]
+        assert all(bits[row["layer"]] == row["bits"] for row in allocation["layers"]), (allocation, bits)
+        if arch in TOKEN_MODELS:  # the token embedding table is clustered too, and measured with the layers
+            tables = [row["layer"] for row in report["layers"] if row.get("embedding") and row["shape"][0] == exp.vocab]
+            assert tables and set(tables) <= {row["layer"] for row in allocation["layers"]}, allocation
     if step == "prune-unstructured":  # importance left out: SparseGPT on the transformers (data given), magnitude on the CNNs
         report = metrics["step_reports"][0]
         assert report["importance"] == ("l1" if arch in CNNS else "sparsegpt"), report["importance"]

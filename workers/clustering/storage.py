@@ -1,9 +1,9 @@
 """Clustered weights inside a standard ONNX model: the file holds a small float codebook and integer
-indices (two 4-bit indices per byte when bits <= 4), and the graph rebuilds the dense weight with
+indices packed to exactly `bits` bits each, and the graph rebuilds the dense weight with
 Gather (plus the sparse-gap scatter of `sparse_pack` for pruned layers). All inputs are constants,
 so ONNX Runtime folds the rebuild once at load; the weights it runs are codebook[indices] exactly.
 
-Opset 17 has no BitwiseAnd, so 4-bit indices are unpacked with integer Div and Mod.
+Opset 17 has no BitwiseAnd, so packed indices are unpacked by Gather on small byte tables.
 """
 
 from __future__ import annotations
@@ -45,58 +45,103 @@ def group_offsets(c: Clustered) -> np.ndarray:
     raise ValueError("a grouped codebook's groups must follow rows or columns")
 
 
-def pack_nibbles(indices: np.ndarray) -> np.ndarray:
-    flat = indices.astype(np.uint8).ravel()
-    if len(flat) % 2:
-        flat = np.append(flat, np.uint8(0))
-    return (flat[0::2] << 4) | flat[1::2]
+# An index of `bits` bits is stored as planes of 8, 4, 2 and 1 bits (5 = 4 + 1, 3 = 2 + 1), each plane
+# packed 8 // width indices to a byte: exactly `bits` bits per weight for any width, and each plane is
+# decoded by one Gather on a 256-row table (opset 17 has no BitwiseAnd).
+WIDTHS = (8, 4, 2, 1)
 
 
-def unpack_nibbles(packed: np.ndarray, n: int) -> np.ndarray:
-    return np.stack([packed >> 4, packed & 15], axis=1).ravel()[:n]
+def planes(bits: int) -> list[tuple[int, int]]:
+    """(width, shift) of each plane, the high bits first."""
+    out, left = [], bits
+    while left:
+        width = next(w for w in WIDTHS if w <= left)
+        left -= width
+        out.append((width, left))
+    return out
+
+
+def pack(indices: np.ndarray, bits: int) -> list[np.ndarray]:
+    """The indices (each < 2**bits) as uint8 planes; within a byte, the first index takes the high bits."""
+    flat = indices.astype(np.int64).ravel()
+    out = []
+    for width, shift in planes(bits):
+        per = 8 // width
+        values = ((flat >> shift) & (2**width - 1)).astype(np.uint8)
+        values = np.pad(values, (0, -len(values) % per)).reshape(-1, per)
+        out.append(np.bitwise_or.reduce(values << (8 - width * (np.arange(per, dtype=np.uint8) + 1)), axis=1).astype(np.uint8))
+    return out
+
+
+def _table(width: int) -> np.ndarray:
+    """byte -> its 8 // width indices of `width` bits, as `pack` put them."""
+    per = 8 // width
+    return ((np.arange(256)[:, None] >> (8 - width * (np.arange(per) + 1))) & (2**width - 1)).astype(np.uint8)
+
+
+def unpack(stored: list[np.ndarray], bits: int, n: int) -> np.ndarray:
+    out = np.zeros(n, np.int64)
+    for plane, (width, shift) in zip(stored, planes(bits)):
+        out += _table(width)[plane].ravel()[:n].astype(np.int64) << shift
+    return out
 
 
 def _const(name: str, value: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(value, name)
 
 
-# Shared by every packed layer of a model: byte -> its two 4-bit indices, and two small shapes.
-NIBBLES = "nib__table"
+# Shared by every packed layer of a model: a table per plane width, and two small shapes.
+TABLES = {4: "nib__table", 2: "pk2__table", 1: "pk1__table"}
 FLAT = "nib__flat"
 ZERO = "nib__zero"
 SHARED = {
-    NIBBLES: np.stack([np.arange(256) >> 4, np.arange(256) & 15], axis=1).astype(np.uint8),
+    **{name: _table(width) for width, name in TABLES.items()},
     FLAT: np.array([-1], np.int64),
     ZERO: np.array([0], np.int64),
 }
 
 
-def _indices_nodes(prefix: str, stored: np.ndarray, n: int, packed: bool) -> tuple[list, list, str]:
-    """Nodes turning the stored index tensor into int32[n] indices."""
-    inits = [_const(f"{prefix}i", stored)]
-    if not packed:
-        return [helper.make_node("Cast", [f"{prefix}i"], [f"{prefix}j"], to=TensorProto.INT32)], inits, f"{prefix}j"
-    nodes = [
-        helper.make_node("Cast", [f"{prefix}i"], [f"{prefix}b"], to=TensorProto.INT32),
-        helper.make_node("Gather", [NIBBLES, f"{prefix}b"], [f"{prefix}p"], axis=0),
-        helper.make_node("Reshape", [f"{prefix}p", FLAT], [f"{prefix}q"]),
-    ]
-    last = f"{prefix}q"
-    if n % 2:  # an odd count carries one padding index at the end
-        inits.append(_const(f"{prefix}n", np.array([n], np.int64)))
-        nodes.append(helper.make_node("Slice", [last, ZERO, f"{prefix}n"], [f"{prefix}s"]))
-        last = f"{prefix}s"
-    nodes.append(helper.make_node("Cast", [last], [f"{prefix}j"], to=TensorProto.INT32))
-    return nodes, inits, f"{prefix}j"
+def _indices_nodes(prefix: str, indices: np.ndarray, bits: int) -> tuple[list, list, str]:
+    """Nodes turning the packed planes of `indices` back into int32[n] indices."""
+    n = indices.size
+    nodes, inits, parts = [], [], []
+    for p, (stored, (width, shift)) in enumerate(zip(pack(indices, bits), planes(bits))):
+        name = f"{prefix}i" if p == 0 else f"{prefix}i{p}"  # the first plane keeps the name single-plane models always had
+        inits.append(_const(name, stored))
+        last = f"{name}j"
+        if width == 8:
+            nodes.append(helper.make_node("Cast", [name], [last], to=TensorProto.INT32))
+        else:
+            nodes += [helper.make_node("Cast", [name], [f"{name}b"], to=TensorProto.INT32),
+                      helper.make_node("Gather", [TABLES[width], f"{name}b"], [f"{name}p"], axis=0),
+                      helper.make_node("Reshape", [f"{name}p", FLAT], [f"{name}q"])]
+            last = f"{name}q"
+            if n % (8 // width):  # the last byte carries padding indices
+                inits.append(_const(f"{name}n", np.array([n], np.int64)))
+                nodes.append(helper.make_node("Slice", [last, ZERO, f"{name}n"], [f"{name}s"]))
+                last = f"{name}s"
+            nodes.append(helper.make_node("Cast", [last], [f"{name}j"], to=TensorProto.INT32))
+            last = f"{name}j"
+        if shift:
+            inits.append(_const(f"{name}m", np.array(2**shift, np.int32)))
+            nodes.append(helper.make_node("Mul", [last, f"{name}m"], [f"{name}x"]))
+            last = f"{name}x"
+        parts.append(last)
+    while len(parts) > 1:
+        nodes.append(helper.make_node("Add", parts[:2], [f"{parts[0]}+"]))
+        parts = [f"{parts[0]}+", *parts[2:]]
+    return nodes, inits, parts[0]
+
+
+def packed_bytes(n: int, bits: int) -> int:
+    return sum(-(-n // (8 // width)) for width, _ in planes(bits))
 
 
 def stored_bytes(c: Clustered) -> int:
-    n = c.labels.size
     if not c.sparse:
-        return ((n + 1) // 2 if c.bits <= 4 else n) + (4 * group_offsets(c).size if c.grouped else 0)
+        return packed_bytes(c.labels.size, c.bits) + (4 * group_offsets(c).size if c.grouped else 0)
     _, gaps = encode_gaps(c.labels.ravel())
-    m = len(gaps)
-    return m + ((m + 1) // 2 if c.bits <= 4 else m)
+    return len(gaps) + packed_bytes(len(gaps), c.bits)
 
 
 def encode(name: str, c: Clustered, prefix: str | None = None) -> tuple[list, list]:
@@ -105,15 +150,13 @@ def encode(name: str, c: Clustered, prefix: str | None = None) -> tuple[list, li
     out_name, name = name, prefix or name
     shape = np.array(c.labels.shape, np.int64)
     n = c.labels.size
-    packed = c.bits <= 4
     inits = [_const(f"{name}c", c.codebook.astype(np.float32)), _const(f"{name}h", shape)]
     if c.grouped:
         # Local indices (bits each, as an ungrouped layer stores them) plus each group's offset into
         # the concatenated codebooks, added per row (or column) by broadcasting.
         offsets = group_offsets(c)
         local = c.labels.reshape(c.labels.shape[0], -1) - offsets
-        stored = pack_nibbles(local) if packed else local.astype(np.uint8).ravel()
-        nodes, more, idx = _indices_nodes(name, stored, n, packed)
+        nodes, more, idx = _indices_nodes(name, local, c.bits)
         inits += [_const(f"{name}o", offsets), _const(f"{name}r", np.array(local.shape, np.int64))]
         nodes += [
             helper.make_node("Reshape", [idx, f"{name}r"], [f"{name}l"]),
@@ -124,8 +167,7 @@ def encode(name: str, c: Clustered, prefix: str | None = None) -> tuple[list, li
         ]
         return nodes, inits + more
     if not c.sparse:
-        stored = pack_nibbles(c.labels) if packed else c.labels.astype(np.uint8).ravel()
-        nodes, more, idx = _indices_nodes(name, stored, n, packed)
+        nodes, more, idx = _indices_nodes(name, c.labels, c.bits)
         nodes += [
             helper.make_node("Gather", [f"{name}c", idx], [f"{name}d"], axis=0),
             helper.make_node("Reshape", [f"{name}d", f"{name}h"], [out_name]),
@@ -133,8 +175,7 @@ def encode(name: str, c: Clustered, prefix: str | None = None) -> tuple[list, li
         return nodes, inits + more
     # Sparse: positions as uint8 gaps (filler entries use index 0, whose centroid is 0), indices per entry.
     entry_labels, gaps = encode_gaps(c.labels.ravel())
-    stored = pack_nibbles(entry_labels) if packed else entry_labels.astype(np.uint8)
-    nodes, more, idx = _indices_nodes(name, stored, len(gaps), packed)
+    nodes, more, idx = _indices_nodes(name, entry_labels, c.bits)
     scatter, consts = scatter_nodes(name, f"{name}v", f"{name}g", n, f"{name}h", out_name, np.dtype(np.float32))
     inits += more + [_const(f"{name}g", gaps), *consts]
     nodes += [helper.make_node("Gather", [f"{name}c", idx], [f"{name}v"], axis=0), *scatter]

@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from service.core.errors import CompressionFailed
 from service.core.specs import ClusterStep
 from workers.layer_names import require_known
-from workers.clustering import error_feedback, storage
+from workers.clustering import bit_allocation, error_feedback, storage
 from workers.clustering.kmeans import kmeans_1d
 from workers.hessian import Batch, dense_target, error_to_reference, statistics, supported
 from workers.steps import StepContext, StepData, StepResult
@@ -33,6 +33,7 @@ name = "cluster"
 SPEC = ClusterStep
 CALIBRATION_SAMPLES = 512  # samples a layer's input Hessian is taken on (gptq assignment)
 SPARSE_LAYER = 0.1  # a layer with more zeros than this was pruned: its zeros keep a centroid of their own
+SENSITIVITY_SAMPLES = 32  # samples each layer's cost at a number of bits is measured on (bit allocation)
 
 
 class SharedWeight(nn.Module):
@@ -208,12 +209,61 @@ def _cluster_chosen(run: TrainableRun, chosen: dict[str, nn.Module], spec: Clust
     return shared, errors
 
 
+def _groups(rows: int, group_size: int | None) -> int:
+    return -(-rows // group_size) if group_size and rows > group_size else 1
+
+
+def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: list[str], spec: ClusterStep,
+                    ctx: StepContext) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """Each layer's bits (and each embedding table's) from its measured cost, the clusters taking no
+    more room than `bits` everywhere (workers/clustering/bit_allocation.py); layers named in
+    layer_bits keep theirs. Returns the bits by name and the report's `bit_allocation`."""
+    weights: dict[str, torch.Tensor] = {n: layer.weight for n, layer in chosen.items() if n not in spec.layer_bits}
+    for table in tables:
+        buffer = run.module.constant(table)
+        if table not in spec.layer_bits and buffer is not None and buffer.numel() >= spec.min_elements:
+            weights[table] = buffer
+    if len(weights) < 2:
+        return {}, None
+
+    def entry(index: int, weight: torch.Tensor) -> tuple:
+        kept = weight.detach().clone()
+
+        def cluster_at(bits: int) -> None:
+            c = _cluster_layer(kept.numpy(), bits, spec.init, spec.training.seed + index, spec.group_size)
+            with torch.no_grad():
+                weight.copy_(torch.from_numpy(c.codebook[c.labels]))
+
+        def restore() -> None:
+            with torch.no_grad():
+                weight.copy_(kept)
+        return cluster_at, restore
+
+    def progress(index: int, total: int, layer_name: str) -> None:
+        ctx.progress(0.05 * index / total, f"measuring each layer's cost at {bits_measured} bits: {index + 1}/{total} ({layer_name})")
+
+    bits_measured = "/".join(map(str, bit_allocation.measured_bits(spec.bits)))
+    curves = bit_allocation.measure({n: entry(i, w) for i, (n, w) in enumerate(weights.items())}, spec.bits,
+                                    run.distance_to_original(SENSITIVITY_SAMPLES), progress)
+    costs = {n: (lambda b, w=w: bit_allocation.stored_bits(w.numel(), _groups(w.shape[0], spec.group_size), b)) for n, w in weights.items()}
+    choice = bit_allocation.allocate(curves, costs, spec.bits)
+    uniform = {n: spec.bits for n in curves}
+    report = {"how": f"each layer's bits from its measured cost at {bits_measured} bits (alone, nearest centroids, the distillation loss "
+                     f"to the original on {SENSITIVITY_SAMPLES} samples), the clusters taking no more room than {spec.bits} bits everywhere",
+              "stored_bits_uniform": sum(costs[n](spec.bits) for n in curves), "stored_bits_allocated": sum(costs[n](b) for n, b in choice.items()),
+              "predicted_loss_uniform": round(bit_allocation.predicted_loss(curves, uniform), 8),
+              "predicted_loss_allocated": round(bit_allocation.predicted_loss(curves, choice), 8),
+              "layers": [{"layer": n, "bits": choice[n], "measured": {str(b): round(v, 8) for b, v in curves[n].items()}} for n in curves]}
+    return choice, report
+
+
 def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepContext) -> StepResult:
     if spec.needs_dataset() and not data.available:
         raise CompressionFailed("centroid fine-tuning and gptq assignment work on data: submit the job with a dataset_id", code="dataset_required")
     epochs = finetune_epochs(spec.finetune_epochs, data.available)
     assignment = spec.resolved_assignment(data.available)
-    if not epochs and assignment == "nearest":
+    measured_bits = spec.resolved_bit_allocation(data.available) == "measured"
+    if not epochs and assignment == "nearest" and not measured_bits:
         return _cluster_initializers(model, spec, ctx)
     ctx.progress(0.0, "clustering weights")
     run = TrainableRun(model, data)  # the original's outputs are taken before any weight is clustered
@@ -226,6 +276,11 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
               if n not in spec.skip_layers and layer.weight.numel() >= spec.min_elements and layer.weight.requires_grad}
     if not chosen:
         raise CompressionFailed("no layer is large enough to cluster (see min_elements)", code="nothing_to_cluster")
+    allocation = None
+    if measured_bits:
+        tables = [t for t in _embedding_tables(model) if t not in spec.skip_layers] if spec.embeddings else []
+        allocated, allocation = _allocated_bits(run, chosen, tables, spec, ctx)
+        spec = spec.model_copy(update={"layer_bits": {**allocated, **spec.layer_bits}})
 
     shared, errors = _cluster_chosen(run, chosen, spec, assignment, ctx)
     before_score = after_score = None
@@ -272,6 +327,8 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
         "assignment": assignment,
         **finetune_outcome,
     }
+    if allocation:
+        report["bit_allocation"] = allocation
     if errors:
         report["reconstruction"] = {label: round(sum(e[key] for e in errors.values()) / len(errors), 6)
                                     for label, key in (("nearest", "output_error_nearest"), ("gptq", "output_error_assigned"), ("refit", "output_error"))}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,7 +27,7 @@ from workers.trainable.to_onnx import export, has_dynamic_batch
 from workers.trainable.run import TrainableRun
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
-from workers.trainable.training import DISTILL_TEMPERATURE, FINETUNE_LR, finetune_epochs, padding_mask, predict, soft_loss, train, train_config
+from workers.trainable.training import FINETUNE_LR, finetune_epochs, predict, train, train_config
 
 name = "prune"
 SPEC = PruneStep
@@ -219,27 +218,6 @@ def _unstructured(run: _Run) -> dict[str, Any]:
             "errors": state["errors"], "allocation": state["allocation"]}
 
 
-def _distance_to_original(run: _Run, samples: int) -> Callable[[], float]:
-    """The distillation loss of the module's outputs to the original's (run.teacher) on the first
-    training samples, batch by batch (a language model's logits for all of them at once would be the
-    vocabulary times the samples): how far a change moved the model, continuous for every output kind."""
-    count = min(samples, len(run.inputs[0]))
-    batch = run.fixed_batch or 16
-
-    @torch.no_grad()
-    def distance() -> float:
-        run.module.eval()
-        total = 0.0
-        for rows, real in chunks(count, batch, run.fixed_batch is not None):
-            index = torch.from_numpy(rows)
-            inputs = [t[index] for t in run.inputs]
-            out = run.module(*inputs)
-            out = (out[0] if isinstance(out, tuple) else out)[:real]
-            total += real * float(soft_loss(out, run.teacher[index[:real]], DISTILL_TEMPERATURE, run.kind, padding_mask(run.module, [t[:real] for t in inputs])))
-        return total / count
-    return distance
-
-
 def _allocated_amounts(run: _Run, layers: dict[str, nn.Module], amounts: dict[str, float]) -> tuple[dict[str, float], dict[str, Any] | None]:
     """scope global with SparseGPT: each layer's sparsity from its measured sensitivity, the step's
     amounts holding over the layers together (workers/pruning/allocation.py); layers named in
@@ -252,7 +230,7 @@ def _allocated_amounts(run: _Run, layers: dict[str, nn.Module], amounts: dict[st
         run.ctx.progress(0.01 + 0.04 * index / total, f"measuring each layer's sensitivity: {index + 1}/{total} ({layer_name})")
 
     curves = allocation.measure(run.module, free, amounts, lambda: run.calibration_batches(SENSITIVITY_HESSIAN_SAMPLES),
-                                _distance_to_original(run, SENSITIVITY_SAMPLES), progress)
+                                run.distance_to_original(SENSITIVITY_SAMPLES), progress)
     chosen = allocation.allocate(curves, {n: layer.weight.numel() for n, layer in free.items()}, amounts)
     report = {"how": "each layer's sparsity from its measured sensitivity, the amount holding over the layers together (scope global)",
               "predicted_loss_uniform": round(allocation.predicted_loss(curves, amounts), 8),

@@ -183,6 +183,11 @@ class OnnxGraphModule(nn.Module):
                 )
         self._const_keys = self._register_constants(consts, used_consts, taken)
 
+    def constant(self, name: str) -> torch.Tensor | None:
+        """The buffer holding ONNX constant `name` (an embedding table, say) where the graph reads one."""
+        key = self._const_keys.get(name)
+        return None if key is None else getattr(self, key)
+
     def _register_constants(self, consts: dict[str, np.ndarray], used: set[str], taken: set[str]) -> dict[str, str]:
         """The constants the plan's ops read, as buffers (they follow the module to a device): name -> buffer key."""
         keys: dict[str, str] = {}

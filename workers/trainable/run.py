@@ -21,7 +21,7 @@ from workers.fixed_batch import chunks, exactly
 from workers.hessian import Batch
 from workers.trainable.from_onnx import OnnxGraphModule
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
-from workers.trainable.training import FINETUNE_LR, finetune_epochs, output_kind, predict, reference_outputs, score, tensors, train, train_config
+from workers.trainable.training import DISTILL_TEMPERATURE, FINETUNE_LR, finetune_epochs, output_kind, padding_mask, predict, reference_outputs, score, soft_loss, tensors, train, train_config
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
 
@@ -78,6 +78,27 @@ class TrainableRun:
         for hook in hooks:
             hook.remove()
         return seen
+
+    def distance_to_original(self, samples: int) -> Callable[[], float]:
+        """The distillation loss of the module's outputs to the original's (self.teacher) on the first
+        training samples, batch by batch (a language model's logits for all of them at once would be
+        the vocabulary times the samples): how far a change moved the model, continuous for every
+        output kind (what sensitivity measurements compare)."""
+        count = min(samples, len(self.inputs[0]))
+        fixed = self.data.fixed_batch
+
+        @torch.no_grad()
+        def distance() -> float:
+            self.module.eval()
+            total = 0.0
+            for rows, real in chunks(count, fixed or 16, fixed is not None):
+                index = torch.from_numpy(rows)
+                inputs = [t[index] for t in self.inputs]
+                out = self.module(*inputs)
+                out = (out[0] if isinstance(out, tuple) else out)[:real]
+                total += real * float(soft_loss(out, self.teacher[index[:real]], DISTILL_TEMPERATURE, self.kind, padding_mask(self.module, [t[:real] for t in inputs])))
+            return total / count
+        return distance
 
     def calibration_batches(self, samples: int, batch_size: int = CALIBRATION_BATCH) -> list[Batch]:
         """Up to `samples` training samples in batches (the model's fixed batch, if it has one), each

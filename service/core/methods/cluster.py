@@ -4,10 +4,27 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.core.methods.common import MethodSpec, NameList, StepReport, TrainingSpec
 from service.core.methods.rows import ClusterLayer, Curve, PerLayer, per_layer
+
+class AllocatedBits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: str
+    bits: int
+    measured: dict[str, float] = Field(description="The distillation loss to the original with this layer alone clustered, by bits.")
+
+
+class BitAllocation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    how: str
+    stored_bits_uniform: int = Field(description="What the measured layers' indices and codebooks take at `bits` everywhere (the budget).")
+    stored_bits_allocated: int = Field(description="The same at the bits chosen.")
+    predicted_loss_uniform: float = Field(description="The layers' measured losses added up at `bits` everywhere.")
+    predicted_loss_allocated: float = Field(description="The same at the bits chosen (lower: the allocation's expected gain).")
+    layers: list[AllocatedBits]
+
 
 class ClusterReport(StepReport):
     method: Literal["cluster"] = "cluster"
@@ -24,6 +41,7 @@ class ClusterReport(StepReport):
     scores_by_epoch: list[float] | None = Field(None, description="Held-out quality after each epoch (the clustered state first).")
     kept_epoch: int | None = Field(None, description="The epoch kept (0: the clustered state before fine-tuning).")
     assignment: str | None = Field(None, description="nearest or gptq: how weights took their centroids.")
+    bit_allocation: BitAllocation | None = Field(None, description="measured bit allocation: each layer's bits and the costs they were chosen from.")
     reconstruction: dict[str, float] | None = Field(
         None, description="gptq: the assigned layers' mean relative output error on the calibration data against the unclustered model's: nearest-centroid "
         "assignment, gptq's, and gptq's after the codebooks' least-squares refit (refit: what was kept).")
@@ -65,7 +83,17 @@ class ClusterStep(MethodSpec):
         "moves least; layer by layer on inputs through the layers already clustered). Default: gptq when the step fine-tunes "
         "(the job has a dataset), else nearest. gptq needs a dataset; linear layers and ordinary convolutions, pruned layers keep nearest.",
     )
+    bit_allocation: Literal["measured", "uniform"] | None = Field(
+        None, description="How many bits each layer gets. measured: each layer (and embedding table) alone is clustered at bits - 1, bits and "
+        "bits + 1 on the unchanged model, its cost taken as the distillation loss to the original's outputs on a few samples, and each "
+        "takes the bits that make the summed costs least with the clusters no larger than `bits` everywhere (the tables that lose little "
+        "at fewer bits pay for more bits where they matter). uniform: `bits` everywhere. Layers in `layer_bits` keep theirs. Default: "
+        "measured when the job has a dataset, else uniform.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    def resolved_bit_allocation(self, has_dataset: bool) -> str:
+        return self.bit_allocation or ("measured" if has_dataset else "uniform")
 
     def resolved_assignment(self, has_dataset: bool) -> str:
         return self.assignment or ("gptq" if self.trains(has_dataset) else "nearest")
@@ -78,7 +106,7 @@ class ClusterStep(MethodSpec):
         return self
 
     def needs_dataset(self) -> bool:
-        return (self.finetune_epochs or 0) > 0 or self.assignment == "gptq"
+        return (self.finetune_epochs or 0) > 0 or self.assignment == "gptq" or self.bit_allocation == "measured"
 
     def trains(self, has_dataset: bool) -> bool:
         return (self.finetune_epochs if self.finetune_epochs is not None else (2 if has_dataset else 0)) > 0 and has_dataset

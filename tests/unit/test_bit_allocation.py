@@ -1,0 +1,86 @@
+"""Measured bit allocation for clusters: each layer's bits chosen from its measured cost under the
+size `bits` everywhere would take (on made-up curves, and through the cluster step)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from service.core.methods.cluster import ClusterReport
+from service.core.reported import STRICT
+from service.core.specs import ClusterStep
+from bench.architectures import export
+from workers.clustering import bit_allocation
+from workers.methods import cluster
+from workers.steps import StepContext, StepData
+
+
+def test_a_cheap_large_table_pays_for_more_bits_where_they_matter() -> None:
+    # "table" is a little larger than the two linears together (their 5-bit codebooks cost a little more) and loses little per bit.
+    curves = {"table": {3: 0.002, 4: 0.001, 5: 0.0008}, "dear": {3: 0.08, 4: 0.02, 5: 0.004}, "dear2": {3: 0.06, 4: 0.015, 5: 0.003}}
+    counts = {"table": 210_000, "dear": 100_000, "dear2": 100_000}
+    costs = {n: (lambda b, c=c: bit_allocation.stored_bits(c, 1, b)) for n, c in counts.items()}
+    choice = bit_allocation.allocate(curves, costs, 4)
+    assert choice == {"table": 3, "dear": 5, "dear2": 5}
+    assert sum(costs[n](b) for n, b in choice.items()) <= sum(costs[n](4) for n in curves)
+    assert bit_allocation.predicted_loss(curves, choice) < bit_allocation.predicted_loss(curves, dict.fromkeys(curves, 4))
+    # Equal curves: nothing to trade, every layer keeps the budget's bits.
+    same = {n: {3: 0.03, 4: 0.01, 5: 0.003} for n in curves}
+    assert bit_allocation.allocate(same, {n: (lambda b: bit_allocation.stored_bits(1000, 1, b)) for n in same}, 4) == dict.fromkeys(same, 4)
+
+
+def test_the_measured_bits_stay_in_range_and_more_bits_never_cost_more() -> None:
+    assert bit_allocation.measured_bits(4) == (3, 4, 5) and bit_allocation.measured_bits(2) == (2, 3) and bit_allocation.measured_bits(8) == (7, 8)
+    noisy = iter([0.01, 0.02, 0.001])  # 4 bits measured worse than 3: noise
+    curves = bit_allocation.measure({"a": (lambda b: None, lambda: None)}, 4, lambda: next(noisy), lambda *a: None)
+    assert curves["a"] == {3: 0.02, 4: 0.02, 5: 0.001}
+
+
+def test_a_cluster_step_on_bert_moves_bits_to_where_they_cost_and_holds_the_size(tmp_path: Path) -> None:
+    # Hugging Face BERT (tiny, random weights: its embedding tables, not its near-uniform attention, carry the
+    # output), the data reading 20 of its 200 tokens as a domain's text reads a fraction of a vocabulary.
+    exp = export("bert", "torchscript", tmp_path)
+    model = onnx.load(str(exp.path))
+    rng = np.random.default_rng(0)
+    data = StepData(inputs={"input_ids": rng.integers(1, 21, (64, 16)).astype(np.int64), "attention_mask": np.ones((64, 16), np.int64)})
+    step = ClusterStep(bits=4, finetune_epochs=0, assignment="nearest")
+    result = cluster.apply(model, step, data, StepContext(work_dir=tmp_path / "measured"))
+    report = ClusterReport.model_validate({"index": 0, **result.report}, context=STRICT)
+    assert report.bit_allocation is not None
+    chosen = {row.layer: row.bits for row in report.bit_allocation.layers}
+    table = next(name for name in chosen if "word_embeddings" in name)
+    assert min(chosen.values()) == 3 and max(chosen.values()) == 5, chosen
+    assert {row.layer: row.bits for row in report.layers} == chosen  # the clusters were made at the bits chosen
+    assert report.bit_allocation.stored_bits_allocated <= report.bit_allocation.stored_bits_uniform
+    assert report.bit_allocation.predicted_loss_allocated < report.bit_allocation.predicted_loss_uniform
+    for row in report.bit_allocation.layers:
+        assert list(row.measured) == ["3", "4", "5"] and row.measured["3"] >= row.measured["4"] >= row.measured["5"]
+    # The file holds exactly the bits chosen: no larger than 4 bits everywhere (uniform), and closer to the original.
+    uniform = cluster.apply(model, step.model_copy(update={"bit_allocation": "uniform"}), data, StepContext(work_dir=tmp_path / "uniform"))
+    assert uniform.report.get("bit_allocation") is None and {row["bits"] for row in uniform.report["layers"]} == {4}
+    stored = lambda r: sum(row["stored_bytes"] for row in r.report["layers"])  # noqa: E731
+    assert stored(result) <= stored(uniform) + 2 * len(chosen)  # a padding byte per plane at most
+    feeds = {k: v[:32] for k, v in data.inputs.items()}
+    original = reference_outputs(model, feeds)
+    distance = {name: float(np.mean((reference_outputs(r.model, feeds) - original) ** 2)) for name, r in (("measured", result), ("uniform", uniform))}
+    assert distance["measured"] < distance["uniform"], distance
+    # A layer named in layer_bits keeps its bits and is not measured.
+    named = cluster.apply(model, step.model_copy(update={"layer_bits": {table: 6}}), data, StepContext(work_dir=tmp_path / "named"))
+    assert next(r["bits"] for r in named.report["layers"] if r["layer"] == table) == 6
+    assert table not in {r["layer"] for r in named.report["bit_allocation"]["layers"]}
+
+
+def reference_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
+
+
+def test_measured_allocation_needs_data() -> None:
+    assert ClusterStep(bits=4, bit_allocation="measured").needs_dataset()
+    assert ClusterStep(bits=4).resolved_bit_allocation(False) == "uniform" and ClusterStep(bits=4).resolved_bit_allocation(True) == "measured"
+    with pytest.raises(ValueError):
+        ClusterStep(bits=4, bit_allocation="greedy")

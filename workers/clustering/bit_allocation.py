@@ -1,0 +1,86 @@
+"""How many bits each clustered layer gets, measured: each layer alone is clustered at `bits` - 1,
+`bits` and `bits` + 1 on the unchanged model and the distillation loss to the original's outputs is
+taken on a few calibration samples; then each layer's bits are chosen so that the summed losses are
+least while the clustered weights take no more room than `bits` everywhere would. On all-MiniLM-L6-v2
+the token embedding table (half the weights, read one row per token) loses little at 3 bits, which
+pays for 5 bits in the linear layers, whose 4-bit resolution is what costs (docs/benchmarks.md).
+
+The choice is a multiple-choice knapsack (HAWQ-V3 solves the same one with integer programming),
+solved exactly by dynamic programming over the budget: a Lagrangian price alone (as the sparsity
+allocation uses) jumps past the budget on few, unequal layers and left a small MLP worse than
+uniform bits. Written here because those libraries allocate over uniform integer
+grids of a transformer's own blocks; this works on codebooks over whatever layers the graph has."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+FLOOR = 1e-12  # a loss too small to measure
+SPREAD = 1  # the bits measured: bits - SPREAD .. bits + SPREAD
+LOWEST, HIGHEST = 2, 8
+RESOLUTION = 4000  # steps the budget's room is divided into
+
+
+def measured_bits(bits: int) -> tuple[int, ...]:
+    return tuple(b for b in range(bits - SPREAD, bits + SPREAD + 1) if LOWEST <= b <= HIGHEST)
+
+
+def stored_bits(count: int, groups: int, bits: int) -> int:
+    """What a layer's clusters take: an index of `bits` bits a weight and a float32 codebook of 2**bits per group."""
+    return count * bits + 32 * groups * 2**bits
+
+
+def measure(layers: dict[str, tuple[Callable[[int], None], Callable[[], None]]], bits: int, loss: Callable[[], float],
+            progress: Callable[[int, int, str], None]) -> dict[str, dict[int, float]]:
+    """Per layer, the loss with that layer alone clustered at each of `measured_bits(bits)`.
+    `layers` maps a name to (cluster it at b bits in place, restore it)."""
+    curves = {}
+    for index, (name, (cluster_at, restore)) in enumerate(layers.items()):
+        progress(index, len(layers), name)
+        curve = {}
+        for b in measured_bits(bits):
+            cluster_at(b)
+            curve[b] = max(FLOOR, loss())
+        restore()
+        # More bits never cost more: a measurement's noise must not say they do.
+        for b in sorted(curve)[::-1][1:]:
+            curve[b] = max(curve[b], curve[b + 1])
+        curves[name] = curve
+    return curves
+
+
+def allocate(curves: dict[str, dict[int, float]], costs: dict[str, Callable[[int], int]], bits: int) -> dict[str, int]:
+    """Each layer's bits from its measured curve, minimising the summed losses with the layers' stored
+    size (`costs[name](b)`) no more than `bits` everywhere would take: dynamic programming over the
+    room above every layer's fewest bits, in RESOLUTION steps, each option's cost rounded up (so the
+    budget holds); `bits` everywhere when that rounding leaves nothing better."""
+    names = list(curves)
+    uniform = dict.fromkeys(names, bits)
+    fewest = {n: min(curves[n]) for n in names}
+    room = sum(costs[n](bits) for n in names) - sum(costs[n](fewest[n]) for n in names)
+    if room <= 0:
+        return uniform
+    unit = room / RESOLUTION
+    best = np.zeros(RESOLUTION + 1)  # best[u]: the least summed loss of the layers so far within u units of room
+    picks = []
+    for n in names:
+        options = sorted(curves[n])
+        weights = [int(np.ceil((costs[n](b) - costs[n](fewest[n])) / unit - 1e-9)) for b in options]
+        candidates = np.full((len(options), RESOLUTION + 1), np.inf)
+        for i, (b, w) in enumerate(zip(options, weights)):
+            if w <= RESOLUTION:
+                candidates[i, w:] = best[:RESOLUTION + 1 - w] + curves[n][b]
+        picks.append((options, weights, np.argmin(candidates, axis=0)))
+        best = candidates.min(axis=0)
+    choice, u = {}, RESOLUTION
+    for n, (options, weights, pick) in zip(names[::-1], picks[::-1]):
+        choice[n] = options[pick[u]]
+        u -= weights[pick[u]]
+    return choice if predicted_loss(curves, choice) < predicted_loss(curves, uniform) else uniform
+
+
+def predicted_loss(curves: dict[str, dict[int, float]], choice: dict[str, int]) -> float:
+    """The summed per-layer losses measured at `choice` (for the report: allocated against uniform)."""
+    return float(np.sum([curves[n][b] for n, b in choice.items()]))
