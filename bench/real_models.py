@@ -215,6 +215,10 @@ def run_one(exp: Export, train: bytes, held_out: bytes, method: str, work: Path)
     status, metrics = run_pipeline_metrics(exp, train, held_out, METHODS[method], work)
     if metrics is not None and metrics["step_reports"][-1].get("chosen"):
         CHOICES[f"{exp.name} {method}"] = metrics["step_reports"][-1]["chosen"]
+    if metrics is not None and metrics["step_reports"][-1].get("bit_allocation"):  # cluster: each layer's bits, by how many layers took them
+        bits = [row["bits"] for row in metrics["step_reports"][-1]["bit_allocation"]["layers"]]
+        tables = {row["layer"]: row["bits"] for row in metrics["step_reports"][-1]["layers"] if row.get("embedding")}
+        CHOICES[f"{exp.name} {method}"] = {"layers_by_bits": {str(b): bits.count(b) for b in sorted(set(bits))}, "embedding_tables": tables}
     if metrics is None:
         return [exp.name, method, status, None, None, None, round(time.perf_counter() - started, 1)]
     return [exp.name, method, "ok", metrics["compression_ratio"], metrics["compressed"]["fidelity"]["cosine"], metrics["speedup"],

@@ -6,6 +6,7 @@ and the ONNX file stores the codebook plus bit-packed indices."""
 from __future__ import annotations
 
 import copy
+import time
 from typing import Any
 
 import numpy as np
@@ -243,6 +244,7 @@ def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: lis
         ctx.progress(0.05 * index / total, f"measuring each layer's cost at {bits_measured} bits: {index + 1}/{total} ({layer_name})")
 
     bits_measured = "/".join(map(str, bit_allocation.measured_bits(spec.bits)))
+    started = time.perf_counter()
     curves = bit_allocation.measure({n: entry(i, w) for i, (n, w) in enumerate(weights.items())}, spec.bits,
                                     run.distance_to_original(SENSITIVITY_SAMPLES), progress)
     costs = {n: (lambda b, w=w: bit_allocation.stored_bits(w.numel(), _groups(w.shape[0], spec.group_size), b)) for n, w in weights.items()}
@@ -253,6 +255,7 @@ def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: lis
               "stored_bits_uniform": sum(costs[n](spec.bits) for n in curves), "stored_bits_allocated": sum(costs[n](b) for n, b in choice.items()),
               "predicted_loss_uniform": round(bit_allocation.predicted_loss(curves, uniform), 8),
               "predicted_loss_allocated": round(bit_allocation.predicted_loss(curves, choice), 8),
+              "seconds": round(time.perf_counter() - started, 1),
               "layers": [{"layer": n, "bits": choice[n], "measured": {str(b): round(v, 8) for b, v in curves[n].items()}} for n in curves]}
     return choice, report
 

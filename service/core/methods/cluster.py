@@ -23,6 +23,7 @@ class BitAllocation(BaseModel):
     stored_bits_allocated: int = Field(description="The same at the bits chosen.")
     predicted_loss_uniform: float = Field(description="The layers' measured losses added up at `bits` everywhere.")
     predicted_loss_allocated: float = Field(description="The same at the bits chosen (lower: the allocation's expected gain).")
+    seconds: float = Field(description="How long measuring and choosing took.")
     layers: list[AllocatedBits]
 
 
