@@ -70,3 +70,11 @@ def test_clustering_leaves_the_tie_to_the_embedding_table(tmp_path: Path) -> Non
     assert any(n.op_type == "Transpose" and list(n.input) == ["wte"] for n in out.graph.node)  # the head reads the clustered table
     session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
     assert session.run(None, {"ids": ids[:2]})[0].shape == (2, 8, VOCAB)
+    # The table's bits were measured with the head reading it clustered too: with every token the same,
+    # the lookup alone would move one row's output; through the head every logit moves.
+    one_token = np.full((64, 8), 7, np.int64)
+    step = ClusterStep(bits=4, finetune_epochs=0, assignment="nearest", min_elements=256)
+    measured = cluster.apply(model, step, StepData(inputs={"ids": one_token}), StepContext(work_dir=tmp_path / "one"))
+    table = next(row for row in measured.report["bit_allocation"]["layers"] if row["layer"] == "wte")
+    fc = next(row for row in measured.report["bit_allocation"]["layers"] if row["layer"] != "wte")
+    assert table["measured"]["3"] > fc["measured"]["3"], measured.report["bit_allocation"]

@@ -226,19 +226,24 @@ def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: lis
             weights[table] = buffer
     if len(weights) < 2:
         return {}, None
+    # A projection tied to a table (GPT-2's output layer reads the token table transposed) is not
+    # clustered itself but reads the clustered table: the table is measured through both.
+    tied = [layer.weight for layer in weighted_layers(run.module).values() if not layer.weight.requires_grad]
 
     def entry(index: int, weight: torch.Tensor) -> tuple:
         kept = weight.detach().clone()
+        # nn.Linear's weight is [out, in]: a head computing h @ table^T holds the table as it is.
+        readers = [w for w in tied if w is not weight and w.shape == kept.shape and torch.equal(w, kept)]
+
+        def put(value: torch.Tensor) -> None:
+            with torch.no_grad():
+                for tensor in (weight, *readers):
+                    tensor.copy_(value)
 
         def cluster_at(bits: int) -> None:
             c = _cluster_layer(kept.numpy(), bits, spec.init, spec.training.seed + index, spec.group_size)
-            with torch.no_grad():
-                weight.copy_(torch.from_numpy(c.codebook[c.labels]))
-
-        def restore() -> None:
-            with torch.no_grad():
-                weight.copy_(kept)
-        return cluster_at, restore
+            put(torch.from_numpy(c.codebook[c.labels]))
+        return cluster_at, lambda: put(kept)
 
     def progress(index: int, total: int, layer_name: str) -> None:
         ctx.progress(0.05 * index / total, f"measuring each layer's cost at {bits_measured} bits: {index + 1}/{total} ({layer_name})")
