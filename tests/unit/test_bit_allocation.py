@@ -28,6 +28,12 @@ def test_a_cheap_large_table_pays_for_more_bits_where_they_matter() -> None:
     assert choice == {"table": 3, "dear": 5, "dear2": 5}
     assert sum(costs[n](b) for n, b in choice.items()) <= sum(costs[n](4) for n in curves)
     assert bit_allocation.predicted_loss(curves, choice) < bit_allocation.predicted_loss(curves, dict.fromkeys(curves, 4))
+    # A fractional budget: 3.5 bits a weight on average.
+    smaller = bit_allocation.allocate(curves, costs, 3.5)
+    assert smaller == {"table": 3, "dear": 4, "dear2": 4}
+    assert sum(costs[n](b) for n, b in smaller.items()) <= sum(costs[n](3.5) for n in curves)
+    # No room above every layer's fewest bits: the fewest.
+    assert bit_allocation.allocate(curves, costs, 2.5) == {"table": 3, "dear": 3, "dear2": 3}
     # Equal curves: nothing to trade, every layer keeps the budget's bits.
     same = {n: {3: 0.03, 4: 0.01, 5: 0.003} for n in curves}
     assert bit_allocation.allocate(same, {n: (lambda b: bit_allocation.stored_bits(1000, 1, b)) for n in same}, 4) == dict.fromkeys(same, 4)
@@ -68,6 +74,10 @@ def test_a_cluster_step_on_bert_moves_bits_to_where_they_cost_and_holds_the_size
     original = reference_outputs(model, feeds)
     distance = {name: float(np.mean((reference_outputs(r.model, feeds) - original) ** 2)) for name, r in (("measured", result), ("uniform", uniform))}
     assert distance["measured"] < distance["uniform"], distance
+    # average_bits 3.5: the clusters take about an eighth less than at 4 bits everywhere.
+    smaller = cluster.apply(model, step.model_copy(update={"average_bits": 3.5}), data, StepContext(work_dir=tmp_path / "smaller"))
+    assert smaller.report["bit_allocation"]["budget_bits"] == 3.5
+    assert stored(smaller) < 0.92 * stored(uniform), (stored(smaller), stored(uniform))
     # A layer named in layer_bits keeps its bits and is not measured.
     named = cluster.apply(model, step.model_copy(update={"layer_bits": {table: 6}}), data, StepContext(work_dir=tmp_path / "named"))
     assert next(r["bits"] for r in named.report["layers"] if r["layer"] == table) == 6
@@ -84,3 +94,8 @@ def test_measured_allocation_needs_data() -> None:
     assert ClusterStep(bits=4).resolved_bit_allocation(False) == "uniform" and ClusterStep(bits=4).resolved_bit_allocation(True) == "measured"
     with pytest.raises(ValueError):
         ClusterStep(bits=4, bit_allocation="greedy")
+    with pytest.raises(ValueError, match="within 1 of bits"):
+        ClusterStep(bits=4, average_bits=2.5)
+    with pytest.raises(ValueError, match="needs bit_allocation measured"):
+        ClusterStep(bits=4, average_bits=3.5, bit_allocation="uniform")
+    assert ClusterStep(bits=4, average_bits=3.5).budget_bits() == 3.5 and ClusterStep(bits=4).budget_bits() == 4

@@ -27,8 +27,9 @@ def measured_bits(bits: int) -> tuple[int, ...]:
     return tuple(b for b in range(bits - SPREAD, bits + SPREAD + 1) if LOWEST <= b <= HIGHEST)
 
 
-def stored_bits(count: int, groups: int, bits: int) -> int:
-    """What a layer's clusters take: an index of `bits` bits a weight and a float32 codebook of 2**bits per group."""
+def stored_bits(count: int, groups: int, bits: float) -> float:
+    """What a layer's clusters take: an index of `bits` bits a weight and a float32 codebook of 2**bits
+    per group (a fractional `bits` is a budget: the same formula, as an average)."""
     return count * bits + 32 * groups * 2**bits
 
 
@@ -51,17 +52,17 @@ def measure(layers: dict[str, tuple[Callable[[int], None], Callable[[], None]]],
     return curves
 
 
-def allocate(curves: dict[str, dict[int, float]], costs: dict[str, Callable[[int], int]], bits: int) -> dict[str, int]:
+def allocate(curves: dict[str, dict[int, float]], costs: dict[str, Callable[[float], float]], budget_bits: float) -> dict[str, int]:
     """Each layer's bits from its measured curve, minimising the summed losses with the layers' stored
-    size (`costs[name](b)`) no more than `bits` everywhere would take: dynamic programming over the
-    room above every layer's fewest bits, in RESOLUTION steps, each option's cost rounded up (so the
-    budget holds); `bits` everywhere when that rounding leaves nothing better."""
+    size (`costs[name](b)`) no more than `budget_bits` a weight everywhere would take: dynamic
+    programming over the room above every layer's fewest bits, in RESOLUTION steps, each option's
+    cost rounded up (so the budget holds). With a whole `budget_bits` every layer can take, that
+    uniform choice stands when the rounding leaves nothing better; with no room, the fewest bits."""
     names = list(curves)
-    uniform = dict.fromkeys(names, bits)
     fewest = {n: min(curves[n]) for n in names}
-    room = sum(costs[n](bits) for n in names) - sum(costs[n](fewest[n]) for n in names)
+    room = sum(costs[n](budget_bits) for n in names) - sum(costs[n](fewest[n]) for n in names)
     if room <= 0:
-        return uniform
+        return fewest
     unit = room / RESOLUTION
     best = np.zeros(RESOLUTION + 1)  # best[u]: the least summed loss of the layers so far within u units of room
     picks = []
@@ -78,7 +79,11 @@ def allocate(curves: dict[str, dict[int, float]], costs: dict[str, Callable[[int
     for n, (options, weights, pick) in zip(names[::-1], picks[::-1]):
         choice[n] = options[pick[u]]
         u -= weights[pick[u]]
-    return choice if predicted_loss(curves, choice) < predicted_loss(curves, uniform) else uniform
+    if float(budget_bits).is_integer() and all(int(budget_bits) in curves[n] for n in names):
+        uniform = dict.fromkeys(names, int(budget_bits))
+        if predicted_loss(curves, uniform) <= predicted_loss(curves, choice):
+            return uniform
+    return choice
 
 
 def predicted_loss(curves: dict[str, dict[int, float]], choice: dict[str, int]) -> float:

@@ -19,8 +19,9 @@ class AllocatedBits(BaseModel):
 class BitAllocation(BaseModel):
     model_config = ConfigDict(extra="forbid")
     how: str
-    stored_bits_uniform: int = Field(description="What the measured layers' indices and codebooks take at `bits` everywhere (the budget).")
-    stored_bits_allocated: int = Field(description="The same at the bits chosen.")
+    budget_bits: float = Field(description="The bits a weight the measured layers' clusters could take on average: average_bits, or bits.")
+    stored_bits_uniform: int = Field(description="What the measured layers' indices and codebooks take at `bits` everywhere.")
+    stored_bits_allocated: int = Field(description="The same at the bits chosen (no more than budget_bits everywhere would take).")
     predicted_loss_uniform: float = Field(description="The layers' measured losses added up at `bits` everywhere.")
     predicted_loss_allocated: float = Field(description="The same at the bits chosen (lower: the allocation's expected gain).")
     seconds: float = Field(description="How long measuring and choosing took.")
@@ -91,7 +92,15 @@ class ClusterStep(MethodSpec):
         "at fewer bits pay for more bits where they matter). uniform: `bits` everywhere. Layers in `layer_bits` keep theirs. Default: "
         "measured when the job has a dataset, else uniform.",
     )
+    average_bits: float | None = Field(
+        None, ge=2, le=8, description="With measured bit allocation: the bits a weight the clusters may take on average (indices and "
+        "codebooks), between bits - 1 and bits + 1, e.g. 3.5 with `bits: 4` for a smaller model that spends its bits where they cost "
+        "least. Default: `bits`.",
+    )
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+
+    def budget_bits(self) -> float:
+        return self.average_bits if self.average_bits is not None else float(self.bits)
 
     def resolved_bit_allocation(self, has_dataset: bool) -> str:
         return self.bit_allocation or ("measured" if has_dataset else "uniform")
@@ -104,6 +113,11 @@ class ClusterStep(MethodSpec):
         for name, bits in self.layer_bits.items():
             if not 2 <= bits <= 8:
                 raise ValueError(f"layer_bits['{name}'] must be between 2 and 8")
+        if self.average_bits is not None:
+            if self.bit_allocation == "uniform":
+                raise ValueError("average_bits needs bit_allocation measured: with uniform bits every layer takes `bits`")
+            if not self.bits - 1 <= self.average_bits <= self.bits + 1:
+                raise ValueError(f"average_bits must be within 1 of bits ({self.bits}): each layer's bits are chosen from bits - 1, bits and bits + 1")
         return self
 
     def needs_dataset(self) -> bool:
