@@ -43,6 +43,18 @@ def test_the_default_pruning_stage_is_chosen_on_the_data(tmp_path: Path, budget:
     assert chosen["within_budget"] == (chosen["original"] - chosen["final"] <= budget + 1e-12)
     assert bool(result.report["warnings"]) == (not chosen["within_budget"])
     assert result.report["stages"][1]["sparsity"] == pytest.approx(chosen["sparsity"], abs=1e-6)
+    # The clusters: fewer bits a weight on average are tried exactly when a first choice fit the budget
+    # (the wide budget: it did), and kept when they fit too and the file is smaller (on this tiny pruned
+    # MLP the second index plane's nodes outweigh the bits saved).
+    clusters = chosen["clusters"]
+    fit = [chosen["original"] - t["quality"] <= budget + 1e-12 for t in clusters["tried"]]
+    fewer = [i for i, t in enumerate(clusters["tried"]) if t["average_bits"] is not None]
+    assert bool(fewer) == any(fit[:len(fit) - len(fewer)]), clusters
+    if fewer:
+        assert fewer == [len(fit) - 1] and clusters["tried"][-1]["average_bits"] == 3.5
+        assert (clusters["kept"] == clusters["tried"][-1]) == (fit[-1] and clusters["tried"][-1]["size_bytes"] < clusters["tried"][0]["size_bytes"])
+    if budget == 0.6:
+        assert fewer, clusters
 
 
 def test_defaults_per_measure_and_the_budget_only_with_the_default_stage() -> None:

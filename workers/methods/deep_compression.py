@@ -11,7 +11,7 @@ import onnx
 import torch
 
 from service.core.errors import CompressionFailed
-from service.core.methods.deep_compression import AUTO_GROUP_SIZE, AUTO_SCHEDULE, DEFAULT_QUALITY_DROP, PRUNE_SHARE
+from service.core.methods.deep_compression import AUTO_FEWER_BITS, AUTO_GROUP_SIZE, AUTO_SCHEDULE, DEFAULT_QUALITY_DROP, PRUNE_SHARE
 from service.core.specs import DeepCompressionStep, HuffmanStep
 from workers.output_kind import model_output_kind
 from workers.trainable.run import metric_for
@@ -91,20 +91,35 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
     """The clusters as given; with the default stages, a codebook per layer first and, when that ends
     beyond the budget, a codebook per AUTO_GROUP_SIZE rows of each unpruned layer (rows of transformer
     weights differ in scale: MiniLM at 4 bits 0.960 -> 0.975), keeping the one within the budget or
-    else the more faithful."""
+    else the more faithful. When one is within the budget and each layer's bits were measured, the same
+    at AUTO_FEWER_BITS fewer bits a weight on average is tried, and kept if it stays within the budget
+    too (the fewest bits the data supports)."""
     stage = spec.clusters()
-    per_layer = cluster.apply(model, stage, data, _sub_context(ctx, 0.6, 0.8 if budget else 0.95, "cluster"))
+    per_layer = cluster.apply(model, stage, data, _sub_context(ctx, 0.6, 0.75 if budget else 0.95, "cluster"))
     if budget is None or spec.cluster is not None:
         return per_layer, None
-    tried = [{"group_size": None, "quality": budget.quality(per_layer.model), "size_bytes": per_layer.model.ByteSize()}]
+    tried = [{"group_size": None, "average_bits": None, "quality": budget.quality(per_layer.model), "size_bytes": per_layer.model.ByteSize()}]
     results = [per_layer]
-    if budget.quality_of_original - tried[0]["quality"] > budget.total:
+
+    def within(i: int) -> bool:
+        return budget.quality_of_original - tried[i]["quality"] <= budget.total + 1e-12
+
+    if not within(0):
         grouped = cluster.apply(model, stage.model_copy(update={"group_size": AUTO_GROUP_SIZE}), data,
-                                _sub_context(ctx, 0.8, 0.95, f"cluster, a codebook per {AUTO_GROUP_SIZE} rows"))
-        tried.append({"group_size": AUTO_GROUP_SIZE, "quality": budget.quality(grouped.model), "size_bytes": grouped.model.ByteSize()})
+                                _sub_context(ctx, 0.75, 0.85, f"cluster, a codebook per {AUTO_GROUP_SIZE} rows"))
+        tried.append({"group_size": AUTO_GROUP_SIZE, "average_bits": None, "quality": budget.quality(grouped.model), "size_bytes": grouped.model.ByteSize()})
         results.append(grouped)
-    fits = [i for i, t in enumerate(tried) if budget.quality_of_original - t["quality"] <= budget.total + 1e-12]
+    fits = [i for i in range(len(tried)) if within(i)]
     kept = fits[0] if fits else max(range(len(tried)), key=lambda i: tried[i]["quality"])
+    if fits and results[kept].report.get("bit_allocation"):
+        average = stage.bits - AUTO_FEWER_BITS
+        fewer = cluster.apply(model, stage.model_copy(update={"group_size": tried[kept]["group_size"], "average_bits": average}), data,
+                              _sub_context(ctx, 0.85, 0.95, f"cluster, {average:g} bits a weight on average"))
+        tried.append({"group_size": tried[kept]["group_size"], "average_bits": average, "quality": budget.quality(fewer.model),
+                      "size_bytes": fewer.model.ByteSize()})
+        results.append(fewer)
+        if within(len(tried) - 1) and tried[-1]["size_bytes"] < tried[kept]["size_bytes"]:
+            kept = len(tried) - 1
     return results[kept], {"tried": tried, "kept": tried[kept]}
 
 

@@ -20,6 +20,7 @@ DEFAULT_QUALITY_DROP = {"accuracy": 0.001, "agreement_with_original": 0.01, "nex
 PRUNE_SHARE = 0.5
 # With the default stages, the rows sharing a codebook when one per layer misses the budget.
 AUTO_GROUP_SIZE = 32
+AUTO_FEWER_BITS = 0.5  # with the default stages, clusters within the budget are tried again at this many fewer bits a weight on average
 
 class DeepCompressionReport(StepReport):
     method: Literal["deep_compression"] = "deep_compression"
@@ -49,8 +50,10 @@ class DeepCompressionStep(MethodSpec):
         "which and why; when even the first does not fit, nothing is pruned). Han et al.'s LeNet setting was 92% in 3 rounds of 3 epochs: {\"kind\": \"unstructured\", \"amount\": 0.92, "
         "\"iterations\": 3, \"finetune_epochs\": 3}.")
     cluster: ClusterStep | None = Field(
-        None, description="The clustering stage. Default: 4 bits, 2 epochs of centroid fine-tuning (lr 1e-4), a codebook per layer; with "
-        "`prune` left to its default too, retried with a codebook per 32 rows when that misses `max_quality_drop`.")
+        None, description="The clustering stage. Default: 4 bits (each layer's bits measured on the job's data), 2 epochs of centroid "
+        "fine-tuning (lr 1e-4), a codebook per layer; with `prune` left to its default too, retried with a codebook per 32 rows when that "
+        f"misses `max_quality_drop`, and when within it tried again at {AUTO_FEWER_BITS:g} fewer bits a weight on average (`average_bits`), "
+        "kept if that stays within it.")
     huffman: bool = True
     max_quality_drop: float | None = Field(
         None, gt=0, le=1,
