@@ -44,6 +44,7 @@ class ClusterReport(StepReport):
     kept_epoch: int | None = Field(None, description="The epoch kept (0: the clustered state before fine-tuning).")
     assignment: str | None = Field(None, description="nearest or gptq: how weights took their centroids.")
     bit_allocation: BitAllocation | None = Field(None, description="measured bit allocation: each layer's bits and the costs they were chosen from.")
+    bit_allocation_skipped: str | None = Field(None, description="Why each layer's bits were not measured although the job has data (`bits` everywhere).")
     reconstruction: dict[str, float] | None = Field(
         None, description="gptq: the assigned layers' mean relative output error on the calibration data against the unclustered model's: nearest-centroid "
         "assignment, gptq's, and gptq's after the codebooks' least-squares refit (refit: what was kept).")
