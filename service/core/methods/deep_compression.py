@@ -20,7 +20,7 @@ DEFAULT_QUALITY_DROP = {"accuracy": 0.001, "agreement_with_original": 0.01, "nex
 PRUNE_SHARE = 0.5
 # With the default stages, the rows sharing a codebook when one per layer misses the budget.
 AUTO_GROUP_SIZE = 32
-AUTO_FEWER_BITS = 0.5  # with the default stages, clusters within the budget are tried again at this many fewer bits a weight on average
+AUTO_FEWER_BITS = 0.5  # with the default stages, clusters within the budget are tried again at this many fewer bits a weight on average, and again
 
 class DeepCompressionReport(StepReport):
     method: Literal["deep_compression"] = "deep_compression"
@@ -52,8 +52,8 @@ class DeepCompressionStep(MethodSpec):
     cluster: ClusterStep | None = Field(
         None, description="The clustering stage. Default: 4 bits (each layer's bits measured on the job's data), 2 epochs of centroid "
         "fine-tuning (lr 1e-4), a codebook per layer; with `prune` left to its default too, retried with a codebook per 32 rows when that "
-        f"misses `max_quality_drop`, and when within it tried again at {AUTO_FEWER_BITS:g} fewer bits a weight on average (`average_bits`), "
-        "kept if that stays within it.")
+        f"misses `max_quality_drop`; when within it, tried again at {AUTO_FEWER_BITS:g} fewer bits a weight on average (`average_bits`) and "
+        "again down to one bit fewer, each kept while it stays within it and makes the file smaller.")
     huffman: bool = True
     max_quality_drop: float | None = Field(
         None, gt=0, le=1,
