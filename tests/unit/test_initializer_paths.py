@@ -78,18 +78,6 @@ def test_clustering_without_training_clusters_the_onnx_weights(tmp_path: Path) -
     assert len(result.model.SerializeToString()) < 0.4 * len(model.SerializeToString())
 
 
-def test_clustering_with_data_but_no_training_falls_back_to_uniform_bits_on_a_graph_torch_cannot_run(tmp_path: Path) -> None:
-    # Measured bits are the default with data; they need the trainable form, which Celu has not.
-    data = StepData(inputs={"x": np.random.default_rng(5).standard_normal((32, 64)).astype(np.float32)})
-    step = ClusterStep(bits=4, finetune_epochs=0, assignment="nearest")
-    result = cluster.apply(celu_mlp(), step, data, StepContext(work_dir=tmp_path))
-    assert result.report["path"] == "onnx_initializers" and {row["bits"] for row in result.report["layers"]} == {4}
-    assert "Celu" in result.report["bit_allocation_skipped"]
-    with pytest.raises(CompressionFailed) as info:  # asked for explicitly: refused, with the reason
-        cluster.apply(celu_mlp(), step.model_copy(update={"bit_allocation": "measured"}), data, StepContext(work_dir=tmp_path / "asked"))
-    assert info.value.code == "unsupported_operator" and "Celu" in info.value.message
-
-
 def test_binary_without_training_binarises_the_onnx_weights(tmp_path: Path) -> None:
     model = celu_mlp()
     result, report = quantize_lowbit.binary(model, QuantizeStep(mode="binary"), StepData(), StepContext(work_dir=tmp_path))

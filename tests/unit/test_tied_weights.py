@@ -73,7 +73,7 @@ def test_clustering_leaves_the_tie_to_the_embedding_table(tmp_path: Path) -> Non
     # The table's bits were measured with the head reading it clustered too: with every token the same,
     # the lookup alone would move one row's output; through the head every logit moves.
     one_token = np.full((64, 8), 7, np.int64)
-    step = ClusterStep(bits=4, finetune_epochs=0, assignment="nearest", min_elements=256)
+    step = ClusterStep(bits=4, finetune_epochs=0, assignment="nearest", min_elements=256, bit_allocation="measured")
     measured = cluster.apply(model, step, StepData(inputs={"ids": one_token}), StepContext(work_dir=tmp_path / "one"))
     table = next(row for row in measured.report["bit_allocation"]["layers"] if row["layer"] == "wte")
     fc = next(row for row in measured.report["bit_allocation"]["layers"] if row["layer"] != "wte")

@@ -13,14 +13,18 @@ grids of a transformer's own blocks; this works on codebooks over whatever layer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
+
+from workers.clustering.storage import planes
 
 FLOOR = 1e-12  # a loss too small to measure
 SPREAD = 1  # the bits measured: bits - SPREAD .. bits + SPREAD
 LOWEST, HIGHEST = 2, 8
 RESOLUTION = 4000  # steps the budget's room is divided into
+PLANE_BITS = 8 * 256  # what one plane's unpacking nodes and constants take in the file (measured: about 250 bytes)
 
 
 def measured_bits(bits: int) -> tuple[int, ...]:
@@ -28,9 +32,12 @@ def measured_bits(bits: int) -> tuple[int, ...]:
 
 
 def stored_bits(count: int, groups: int, bits: float) -> float:
-    """What a layer's clusters take: an index of `bits` bits a weight and a float32 codebook of 2**bits
-    per group (a fractional `bits` is a budget: the same formula, as an average)."""
-    return count * bits + 32 * groups * 2**bits
+    """What a layer's clusters take: an index of `bits` bits a weight, a float32 codebook of 2**bits
+    per group, and the graph nodes that unpack each plane of the indices (storage.planes: 5 bits are
+    two planes; on a small model those nodes are a visible share of the file). A fractional `bits` is
+    a budget: the same formula, as an average, with the fewer planes of the whole bits either side."""
+    whole = {math.floor(bits), math.ceil(bits)}
+    return count * bits + 32 * groups * 2**bits + PLANE_BITS * min(len(planes(b)) for b in whole)
 
 
 def measure(layers: dict[str, tuple[Callable[[int], None], Callable[[], None]]], bits: int, loss: Callable[[], float],
@@ -55,20 +62,21 @@ def measure(layers: dict[str, tuple[Callable[[int], None], Callable[[], None]]],
 def allocate(curves: dict[str, dict[int, float]], costs: dict[str, Callable[[float], float]], budget_bits: float) -> dict[str, int]:
     """Each layer's bits from its measured curve, minimising the summed losses with the layers' stored
     size (`costs[name](b)`) no more than `budget_bits` a weight everywhere would take: dynamic
-    programming over the room above every layer's fewest bits, in RESOLUTION steps, each option's
+    programming over the room above every layer's cheapest option, in RESOLUTION steps, each option's
     cost rounded up (so the budget holds). With a whole `budget_bits` every layer can take, that
-    uniform choice stands when the rounding leaves nothing better; with no room, the fewest bits."""
+    uniform choice stands when the rounding leaves nothing better; with no room, the cheapest."""
     names = list(curves)
-    fewest = {n: min(curves[n]) for n in names}
-    room = sum(costs[n](budget_bits) for n in names) - sum(costs[n](fewest[n]) for n in names)
+    # Each layer's cheapest option (with the planes' nodes counted, 4 bits can cost less than 3 on a small layer).
+    cheapest = {n: min(curves[n], key=lambda b, n=n: (costs[n](b), b)) for n in names}
+    room = sum(costs[n](budget_bits) for n in names) - sum(costs[n](cheapest[n]) for n in names)
     if room <= 0:
-        return fewest
+        return cheapest
     unit = room / RESOLUTION
     best = np.zeros(RESOLUTION + 1)  # best[u]: the least summed loss of the layers so far within u units of room
     picks = []
     for n in names:
         options = sorted(curves[n])
-        weights = [int(np.ceil((costs[n](b) - costs[n](fewest[n])) / unit - 1e-9)) for b in options]
+        weights = [int(np.ceil((costs[n](b) - costs[n](cheapest[n])) / unit - 1e-9)) for b in options]
         candidates = np.full((len(options), RESOLUTION + 1), np.inf)
         for i, (b, w) in enumerate(zip(options, weights)):
             if w <= RESOLUTION:

@@ -25,10 +25,8 @@ from workers.steps import StepContext, StepData, StepResult
 from workers.onnx_weights import as_rows, from_rows, weight_layers
 from workers.pruning.layers import weighted_layers
 from workers.trainable.device import training_device
-from workers.trainable.from_onnx import UnsupportedModel
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.run import TrainableRun
-from workers.trainable.verify import ConversionMismatch
 from workers.trainable.write_back import trained_onnx
 from workers.trainable.training import finetune_epochs
 
@@ -277,15 +275,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     if not epochs and assignment == "nearest" and not measured_bits:
         return _cluster_initializers(model, spec, ctx)
     ctx.progress(0.0, "clustering weights")
-    try:
-        run = TrainableRun(model, data)  # the original's outputs are taken before any weight is clustered
-    except (UnsupportedModel, ConversionMismatch) as exc:
-        if epochs or assignment == "gptq" or spec.bit_allocation == "measured":
-            raise
-        # Only the default measured bits needed the trainable form: uniform bits, as before, on any graph ONNX Runtime runs.
-        result = _cluster_initializers(model, spec, ctx)
-        result.report["bit_allocation_skipped"] = f"each layer's bits are measured on the trainable form of the model, which this one has not: {exc.message}"
-        return result
+    run = TrainableRun(model, data)  # the original's outputs are taken before any weight is clustered
     module = run.module
     layers = weighted_layers(module)
     require_known([*spec.skip_layers, *spec.layer_bits], [*layers, *(_embedding_tables(model) if spec.embeddings else ())])

@@ -44,7 +44,6 @@ class ClusterReport(StepReport):
     kept_epoch: int | None = Field(None, description="The epoch kept (0: the clustered state before fine-tuning).")
     assignment: str | None = Field(None, description="nearest or gptq: how weights took their centroids.")
     bit_allocation: BitAllocation | None = Field(None, description="measured bit allocation: each layer's bits and the costs they were chosen from.")
-    bit_allocation_skipped: str | None = Field(None, description="Why each layer's bits were not measured although the job has data (`bits` everywhere).")
     reconstruction: dict[str, float] | None = Field(
         None, description="gptq: the assigned layers' mean relative output error on the calibration data against the unclustered model's: nearest-centroid "
         "assignment, gptq's, and gptq's after the codebooks' least-squares refit (refit: what was kept).")
@@ -90,8 +89,8 @@ class ClusterStep(MethodSpec):
         None, description="How many bits each layer gets. measured: each layer (and embedding table) alone is clustered at bits - 1, bits and "
         "bits + 1 on the unchanged model, its cost taken as the distillation loss to the original's outputs on a few samples, and each "
         "takes the bits that make the summed costs least with the clusters no larger than `bits` everywhere (the tables that lose little "
-        "at fewer bits pay for more bits where they matter). uniform: `bits` everywhere. Layers in `layer_bits` keep theirs. Default: "
-        "measured when the job has a dataset, else uniform.",
+        "at fewer bits pay for more bits where they matter; needs a dataset). uniform: `bits` everywhere. Layers in `layer_bits` keep "
+        "theirs. Default: uniform (deep_compression's default clusters: measured).",
     )
     average_bits: float | None = Field(
         None, ge=2, le=8, description="With measured bit allocation: the bits a weight the clusters may take on average (indices and "
@@ -104,7 +103,7 @@ class ClusterStep(MethodSpec):
         return self.average_bits if self.average_bits is not None else float(self.bits)
 
     def resolved_bit_allocation(self, has_dataset: bool) -> str:
-        return self.bit_allocation or ("measured" if has_dataset else "uniform")
+        return self.bit_allocation or ("measured" if self.average_bits is not None else "uniform")
 
     def resolved_assignment(self, has_dataset: bool) -> str:
         return self.assignment or ("gptq" if self.trains(has_dataset) else "nearest")
@@ -122,7 +121,7 @@ class ClusterStep(MethodSpec):
         return self
 
     def needs_dataset(self) -> bool:
-        return (self.finetune_epochs or 0) > 0 or self.assignment == "gptq" or self.bit_allocation == "measured"
+        return (self.finetune_epochs or 0) > 0 or self.assignment == "gptq" or self.resolved_bit_allocation(True) == "measured"
 
     def trains(self, has_dataset: bool) -> bool:
         return (self.finetune_epochs if self.finetune_epochs is not None else (2 if has_dataset else 0)) > 0 and has_dataset

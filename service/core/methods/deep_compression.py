@@ -72,7 +72,7 @@ class DeepCompressionStep(MethodSpec):
 
     def clusters(self) -> ClusterStep:
         """The clustering stage: as given, or the default."""
-        return self.cluster or ClusterStep(bits=4, finetune_epochs=2, training=TrainingSpec(lr=1e-4))
+        return self.cluster or ClusterStep(bits=4, finetune_epochs=2, bit_allocation="measured", training=TrainingSpec(lr=1e-4))
 
     @model_validator(mode="after")
     def _budget_with_auto(self) -> "DeepCompressionStep":
