@@ -39,6 +39,18 @@ def test_a_cheap_large_table_pays_for_more_bits_where_they_matter() -> None:
     assert bit_allocation.allocate(same, {n: (lambda b: bit_allocation.stored_bits(1000, 1, b)) for n in same}, 4) == dict.fromkeys(same, 4)
 
 
+def test_the_byte_tables_a_model_pays_once_for_count_in_the_budget() -> None:
+    # 3 and 5 bits unpack through 2- and 1-bit planes, whose byte tables 4 bits everywhere does not
+    # need (about 350 bytes each, once per model): with them counted, the second 5-bit layer no longer fits.
+    curves = {"table": {3: 0.002, 4: 0.001, 5: 0.0008}, "dear": {3: 0.08, 4: 0.02, 5: 0.004}, "dear2": {3: 0.06, 4: 0.015, 5: 0.003}}
+    costs = {n: (lambda b, c=c: bit_allocation.stored_bits(c, 1, b)) for n, c in {"table": 210_000, "dear": 100_000, "dear2": 100_000}.items()}
+    choice = bit_allocation.allocate(curves, costs, 4, bit_allocation.shared_bits)
+    assert choice == {"table": 3, "dear": 5, "dear2": 4}
+    total = lambda c: sum(costs[n](b) for n, b in c.items()) + bit_allocation.shared_bits(set(c.values()))  # noqa: E731
+    assert total(choice) <= total(dict.fromkeys(curves, 4)) < total({"table": 3, "dear": 5, "dear2": 5})
+    assert bit_allocation.shared_bits({4}) < bit_allocation.shared_bits({5}) < bit_allocation.shared_bits({3, 5}) == bit_allocation.shared_bits({3, 4, 5})
+
+
 def test_the_measured_bits_stay_in_range_and_more_bits_never_cost_more() -> None:
     assert bit_allocation.measured_bits(4) == (3, 4, 5) and bit_allocation.measured_bits(2) == (2, 3) and bit_allocation.measured_bits(8) == (7, 8)
     noisy = iter([0.01, 0.02, 0.001])  # 4 bits measured worse than 3: noise
@@ -91,7 +103,8 @@ def reference_outputs(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> n
 
 def test_measured_allocation_needs_data() -> None:
     assert ClusterStep(bits=4, bit_allocation="measured").needs_dataset()
-    assert ClusterStep(bits=4).resolved_bit_allocation(False) == "uniform" and ClusterStep(bits=4).resolved_bit_allocation(True) == "uniform"
+    assert ClusterStep(bits=4).resolved_bit_allocation(False) == "uniform" and ClusterStep(bits=4).resolved_bit_allocation(True) == "measured"
+    assert ClusterStep(bits=4, finetune_epochs=0).resolved_bit_allocation(True) == "uniform" and not ClusterStep(bits=4).needs_dataset()
     with pytest.raises(ValueError):
         ClusterStep(bits=4, bit_allocation="greedy")
     with pytest.raises(ValueError, match="within 1 of bits"):

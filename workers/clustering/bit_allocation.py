@@ -13,18 +13,18 @@ grids of a transformer's own blocks; this works on codebooks over whatever layer
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from workers.clustering.storage import planes
+from workers.clustering.storage import table_bytes, unpacking_bytes
 
 FLOOR = 1e-12  # a loss too small to measure
 SPREAD = 1  # the bits measured: bits - SPREAD .. bits + SPREAD
 LOWEST, HIGHEST = 2, 8
 RESOLUTION = 4000  # steps the budget's room is divided into
-PLANE_BITS = 8 * 256  # what one plane's unpacking nodes and constants take in the file (measured: about 250 bytes)
 
 
 def measured_bits(bits: int) -> tuple[int, ...]:
@@ -35,9 +35,18 @@ def stored_bits(count: int, groups: int, bits: float) -> float:
     """What a layer's clusters take: an index of `bits` bits a weight, a float32 codebook of 2**bits
     per group, and the graph nodes that unpack each plane of the indices (storage.planes: 5 bits are
     two planes; on a small model those nodes are a visible share of the file). A fractional `bits` is
-    a budget: the same formula, as an average, with the fewer planes of the whole bits either side."""
-    whole = {math.floor(bits), math.ceil(bits)}
-    return count * bits + 32 * groups * 2**bits + PLANE_BITS * min(len(planes(b)) for b in whole)
+    a budget: the same formula, as an average, with the cheaper nodes of the whole bits either side."""
+    return count * bits + 32 * groups * 2**bits + 8 * min(unpacking_bytes(count, b) for b in _whole(bits))
+
+
+def shared_bits(bits: Iterable[float]) -> float:
+    """What clusters of these bits take once per model whatever the layers: the byte tables that
+    unpack their planes (about 350 bytes a plane width; 3 and 5 bits each add widths 4 bits has not)."""
+    return 8 * table_bytes(bits)
+
+
+def _whole(bits: float) -> set[int]:
+    return {math.floor(bits), math.ceil(bits)}
 
 
 def measure(layers: dict[str, tuple[Callable[[int], None], Callable[[], None]]], bits: int, loss: Callable[[], float],
@@ -59,17 +68,46 @@ def measure(layers: dict[str, tuple[Callable[[int], None], Callable[[], None]]],
     return curves
 
 
-def allocate(curves: dict[str, dict[int, float]], costs: dict[str, Callable[[float], float]], budget_bits: float) -> dict[str, int]:
+def allocate(curves: dict[str, dict[int, float]], costs: dict[str, Callable[[float], float]], budget_bits: float,
+             shared: Callable[[Iterable[float]], float] = lambda bits: 0.0) -> dict[str, int]:
     """Each layer's bits from its measured curve, minimising the summed losses with the layers' stored
-    size (`costs[name](b)`) no more than `budget_bits` a weight everywhere would take: dynamic
-    programming over the room above every layer's cheapest option, in RESOLUTION steps, each option's
-    cost rounded up (so the budget holds). With a whole `budget_bits` every layer can take, that
-    uniform choice stands when the rounding leaves nothing better; with no room, the cheapest."""
+    size (`costs[name](b)`, plus `shared(the bits used)`, what the model pays once for them) no more
+    than `budget_bits` a weight everywhere would take. Every set of bits the layers may use is tried
+    (its shared cost known), each by dynamic programming over the room (_knapsack). With a whole
+    `budget_bits` every layer can take, that uniform choice stands when nothing is better; with no
+    room, each layer's cheapest."""
+    names = list(curves)
+    budget = sum(costs[n](budget_bits) for n in names) + min(shared({b}) for b in _whole(budget_bits))
+    options = sorted(set().union(*map(set, curves.values())))
+    best: tuple[float, dict[str, int]] | None = None
+    for size in range(1, len(options) + 1):
+        for allowed in itertools.combinations(options, size):
+            within = {n: {b: v for b, v in curves[n].items() if b in allowed} for n in names}
+            if not all(within.values()):
+                continue
+            choice = _knapsack(within, costs, budget - shared(allowed))
+            if choice is not None and (best is None or predicted_loss(curves, choice) < best[0]):
+                best = predicted_loss(curves, choice), choice
+    if best is None:
+        return {n: min(curves[n], key=lambda b, n=n: (costs[n](b), b)) for n in names}
+    if float(budget_bits).is_integer() and all(int(budget_bits) in curves[n] for n in names):
+        uniform = dict.fromkeys(names, int(budget_bits))
+        if predicted_loss(curves, uniform) <= best[0]:
+            return uniform
+    return best[1]
+
+
+def _knapsack(curves: dict[str, dict[int, float]], costs: dict[str, Callable[[float], float]], budget: float) -> dict[str, int] | None:
+    """The least summed loss with the summed costs within `budget` (None when even each layer's
+    cheapest option is over it): dynamic programming over the room above every layer's cheapest
+    option, in RESOLUTION steps, each option's cost rounded up (so the budget holds)."""
     names = list(curves)
     # Each layer's cheapest option (with the planes' nodes counted, 4 bits can cost less than 3 on a small layer).
     cheapest = {n: min(curves[n], key=lambda b, n=n: (costs[n](b), b)) for n in names}
-    room = sum(costs[n](budget_bits) for n in names) - sum(costs[n](cheapest[n]) for n in names)
-    if room <= 0:
+    room = budget - sum(costs[n](cheapest[n]) for n in names)
+    if room < 0:
+        return None
+    if room == 0:
         return cheapest
     unit = room / RESOLUTION
     best = np.zeros(RESOLUTION + 1)  # best[u]: the least summed loss of the layers so far within u units of room
@@ -87,10 +125,6 @@ def allocate(curves: dict[str, dict[int, float]], costs: dict[str, Callable[[flo
     for n, (options, weights, pick) in zip(names[::-1], picks[::-1]):
         choice[n] = options[pick[u]]
         u -= weights[pick[u]]
-    if float(budget_bits).is_integer() and all(int(budget_bits) in curves[n] for n in names):
-        uniform = dict.fromkeys(names, int(budget_bits))
-        if predicted_loss(curves, uniform) <= predicted_loss(curves, choice):
-            return uniform
     return choice
 
 

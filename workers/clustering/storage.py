@@ -8,6 +8,8 @@ Opset 17 has no BitwiseAnd, so packed indices are unpacked by Gather on small by
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,6 +148,27 @@ def _indices_nodes(prefix: str, indices: np.ndarray, bits: int) -> tuple[list, l
         nodes.append(helper.make_node("Add", parts[:2], [f"{parts[0]}+"]))
         parts = [f"{parts[0]}+", *parts[2:]]
     return nodes, inits, parts[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _unpacking_bytes(residue: int, bits: int) -> int:
+    n = 8 + residue  # the nodes depend on n only through the last byte's padding (n mod 8)
+    nodes, inits, _ = _indices_nodes("cl00", np.zeros(n, np.int64), bits)
+    return sum(x.ByteSize() for x in [*nodes, *inits]) - packed_bytes(n, bits)
+
+
+def unpacking_bytes(n: int, bits: int) -> int:
+    """What the nodes unpacking `n` indices of `bits` bits take in the file beyond the packed planes
+    themselves (each plane's Cast/Gather/Reshape and small constants: about 200 bytes, a visible share
+    of a small layer's clusters)."""
+    return _unpacking_bytes(n % 8, bits)
+
+
+def table_bytes(bits: Iterable[int]) -> int:
+    """What the byte tables unpacking planes of these `bits` take, once per model (replace_initializers
+    adds each width's table nodes once, whatever number of layers read it)."""
+    widths = {width for b in bits for width, _ in planes(b) if width in TABLES}
+    return sum(sum(x.ByteSize() for x in [*nodes, *inits]) for nodes, inits in map(_table_nodes, sorted(widths)))
 
 
 def packed_bytes(n: int, bits: int) -> int:

@@ -253,12 +253,13 @@ def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: lis
     curves = bit_allocation.measure({n: entry(i, w) for i, (n, w) in enumerate(weights.items())}, spec.bits,
                                     run.distance_to_original(SENSITIVITY_SAMPLES), progress)
     costs = {n: (lambda b, w=w: bit_allocation.stored_bits(w.numel(), _groups(w.shape[0], spec.group_size), b)) for n, w in weights.items()}
-    choice = bit_allocation.allocate(curves, costs, spec.budget_bits())
+    choice = bit_allocation.allocate(curves, costs, spec.budget_bits(), bit_allocation.shared_bits)
     uniform = {n: spec.bits for n in curves}
     report = {"how": f"each layer's bits from its measured cost at {bits_measured} bits (alone, nearest centroids, the distillation loss "
                      f"to the original on {SENSITIVITY_SAMPLES} samples), the clusters taking no more room than {spec.budget_bits():g} bits a weight",
               "budget_bits": spec.budget_bits(),
-              "stored_bits_uniform": int(sum(costs[n](spec.bits) for n in curves)), "stored_bits_allocated": int(sum(costs[n](b) for n, b in choice.items())),
+              "stored_bits_uniform": int(sum(costs[n](spec.bits) for n in curves) + bit_allocation.shared_bits({spec.bits})),
+              "stored_bits_allocated": int(sum(costs[n](b) for n, b in choice.items()) + bit_allocation.shared_bits(set(choice.values()))),
               "predicted_loss_uniform": round(bit_allocation.predicted_loss(curves, uniform), 8),
               "predicted_loss_allocated": round(bit_allocation.predicted_loss(curves, choice), 8),
               "seconds": round(time.perf_counter() - started, 1),

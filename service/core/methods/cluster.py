@@ -20,7 +20,7 @@ class BitAllocation(BaseModel):
     model_config = ConfigDict(extra="forbid")
     how: str
     budget_bits: float = Field(description="The bits a weight the measured layers' clusters could take on average: average_bits, or bits.")
-    stored_bits_uniform: int = Field(description="What the measured layers' indices and codebooks take at `bits` everywhere.")
+    stored_bits_uniform: int = Field(description="What the measured layers' indices, codebooks and the nodes unpacking them take at `bits` everywhere.")
     stored_bits_allocated: int = Field(description="The same at the bits chosen (no more than budget_bits everywhere would take).")
     predicted_loss_uniform: float = Field(description="The layers' measured losses added up at `bits` everywhere.")
     predicted_loss_allocated: float = Field(description="The same at the bits chosen (lower: the allocation's expected gain).")
@@ -90,7 +90,7 @@ class ClusterStep(MethodSpec):
         "bits + 1 on the unchanged model, its cost taken as the distillation loss to the original's outputs on a few samples, and each "
         "takes the bits that make the summed costs least with the clusters no larger than `bits` everywhere (the tables that lose little "
         "at fewer bits pay for more bits where they matter; needs a dataset). uniform: `bits` everywhere. Layers in `layer_bits` keep "
-        "theirs. Default: uniform (deep_compression's default clusters: measured).",
+        "theirs. Default: measured when the step fine-tunes (the job has a dataset), else uniform.",
     )
     average_bits: float | None = Field(
         None, ge=2, le=8, description="With measured bit allocation: the bits a weight the clusters may take on average (indices and "
@@ -103,7 +103,10 @@ class ClusterStep(MethodSpec):
         return self.average_bits if self.average_bits is not None else float(self.bits)
 
     def resolved_bit_allocation(self, has_dataset: bool) -> str:
-        return self.bit_allocation or ("measured" if self.average_bits is not None else "uniform")
+        # The default follows fine-tuning: a step that trains runs on the trainable form the measurement needs.
+        if self.bit_allocation:
+            return self.bit_allocation
+        return "measured" if self.average_bits is not None or self.trains(has_dataset) else "uniform"
 
     def resolved_assignment(self, has_dataset: bool) -> str:
         return self.assignment or ("gptq" if self.trains(has_dataset) else "nearest")
@@ -121,7 +124,7 @@ class ClusterStep(MethodSpec):
         return self
 
     def needs_dataset(self) -> bool:
-        return (self.finetune_epochs or 0) > 0 or self.assignment == "gptq" or self.resolved_bit_allocation(True) == "measured"
+        return (self.finetune_epochs or 0) > 0 or self.assignment == "gptq" or self.bit_allocation == "measured" or self.average_bits is not None
 
     def trains(self, has_dataset: bool) -> bool:
         return (self.finetune_epochs if self.finetune_epochs is not None else (2 if has_dataset else 0)) > 0 and has_dataset
