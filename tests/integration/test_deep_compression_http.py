@@ -21,6 +21,9 @@ from tests.integration.test_job_lifecycle import follow
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(not mnist.available(), reason="../shared/data/mnist is missing")]
 
 
+# Prune (3 rounds of 3 epochs), cluster and Huffman on 60,000 images: 69 s alone on 2 cores, and past the
+# suite's 300 s twice while benchmarks shared the machine (both times it passed alone right after).
+@pytest.mark.timeout(600)
 def test_lenet_300_100_deep_compression_over_http(tmp_path: Path, start_worker) -> None:
     settings: Settings = fast_settings(tmp_path, lease_ttl_s=10.0, visibility_timeout_s=600.0)
     start_worker(settings)
