@@ -39,7 +39,7 @@ def stored_bits(count: int, groups: int, bits: float) -> float:
     return count * bits + 32 * groups * 2**bits + 8 * min(unpacking_bytes(count, b) for b in _whole(bits))
 
 
-def shared_bits(bits: Iterable[float]) -> float:
+def shared_bits(bits: Iterable[int]) -> float:
     """What clusters of these bits take once per model whatever the layers: the byte tables that
     unpack their planes (about 350 bytes a plane width; 3 and 5 bits each add widths 4 bits has not)."""
     return 8 * table_bytes(bits)
@@ -69,7 +69,7 @@ def measure(layers: dict[str, tuple[Callable[[int], None], Callable[[], None]]],
 
 
 def allocate(curves: dict[str, dict[int, float]], costs: dict[str, Callable[[float], float]], budget_bits: float,
-             shared: Callable[[Iterable[float]], float] = lambda bits: 0.0) -> dict[str, int]:
+             shared: Callable[[Iterable[int]], float] = lambda bits: 0.0) -> dict[str, int]:
     """Each layer's bits from its measured curve, minimising the summed losses with the layers' stored
     size (`costs[name](b)`, plus `shared(the bits used)`, what the model pays once for them) no more
     than `budget_bits` a weight everywhere would take. Every set of bits the layers may use is tried
@@ -86,8 +86,9 @@ def allocate(curves: dict[str, dict[int, float]], costs: dict[str, Callable[[flo
             if not all(within.values()):
                 continue
             choice = _knapsack(within, costs, budget - shared(allowed))
-            if choice is not None and (best is None or predicted_loss(curves, choice) < best[0]):
-                best = predicted_loss(curves, choice), choice
+            loss = predicted_loss(curves, choice) if choice is not None else math.inf
+            if choice is not None and (best is None or loss < best[0]):
+                best = loss, choice
     if best is None:
         return {n: min(curves[n], key=lambda b, n=n: (costs[n](b), b)) for n in names}
     if float(budget_bits).is_integer() and all(int(budget_bits) in curves[n] for n in names):
