@@ -76,7 +76,14 @@ class LayerStatistics:
     """What a layer-wise reconstruction needs of its calibration inputs, each 2 A^T B / positions
     (float64) over rows of what a weight row multiplies: `h` of the changed module's own input X;
     with a reference (the model before the step), `cross` of the reference's input X0 against X and
-    `h_reference` of X0 alone, so that errors and targets are measured against the original's output."""
+    `h_reference` of X0 alone, so that errors are measured against the original's output.
+
+    The reconstructions fit each layer to its own dense output on X, not to the original's output
+    W X0 (GPTAQ's asymmetric fit, argmin |W* X - W X0|, which the methods used until 2026-12-07): on
+    all-MiniLM-L6-v2 with 300 calibration sentences the asymmetric fit made SparseGPT at 50% 0.9947
+    cosine on those sentences but 0.9570 on held-out ones (0.9777 and 0.9616 without it), and
+    clusters at 3.75 bits a weight 0.9670 held out (0.9756 without). Undoing the earlier layers'
+    errors from a few hundred sentences fits those sentences, not the model."""
 
     h: torch.Tensor
     cross: torch.Tensor | None = None
@@ -105,22 +112,6 @@ def statistics(module: nn.Module, layer: nn.Module, batches: Iterable[Batch], re
 
 def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     return term if total is None else total + term
-
-
-def dense_target(weight: torch.Tensor, stats: LayerStatistics) -> torch.Tensor:
-    """The weight that, reading this layer's input X (through the layers already changed), best
-    reproduces the original layer's output W X0: argmin |W* X - W X0|^2 + damp |W* - W|^2, i.e.
-    (W C + damp W)(H + damp I)^-1 (GPTAQ's asymmetric calibration, Li et al. 2025). Snapping W* to a
-    mask or a codebook with error feedback then minimises the error against the original's output:
-    |Q X - W X0|^2 = |(Q - W*) X|^2 + |W* X - W X0|^2, the second term being what no weight of this
-    layer can remove. Without a reference, or where X is X0 (the first changed layer), W* is W."""
-    if stats.cross is None:
-        return weight.double()
-    w = weight.double()
-    damp = DAMP * torch.mean(torch.diag(stats.h))
-    eye = torch.eye(stats.h.shape[0], dtype=stats.h.dtype)
-    target = torch.linalg.solve(stats.h + damp * eye, (w @ stats.cross + damp * w).T).T  # H and C^T solve from the right; H is symmetric
-    return target
 
 
 def error_to_reference(candidate: torch.Tensor, original: torch.Tensor, stats: LayerStatistics) -> float:

@@ -13,6 +13,7 @@ from service.core.methods.cluster import ClusterReport
 from service.core.reported import STRICT
 from service.core.specs import ClusterStep
 from tests.builders import cnn, correlated_features, mlp, reference_outputs
+from workers.clustering import error_feedback
 from workers.clustering.error_feedback import assign
 from workers.methods import cluster
 from workers.steps import StepContext, StepData
@@ -29,6 +30,26 @@ def test_feedback_keeps_each_rows_codebook_and_cuts_the_output_error() -> None:
     relative = np.linalg.norm(x @ (computed - w).T) / np.linalg.norm(x @ w.T)
     assert errors["output_error"] == pytest.approx(relative, rel=1e-3)
     assert errors["output_error"] < 0.8 * errors["output_error_nearest"]
+
+
+def test_columns_go_loudest_first_and_the_labels_come_back_in_place() -> None:
+    # A diagonal Hessian spreads no error, so any visiting order must give nearest rounding in place;
+    # on features whose loudness varies, loudest first (GPTQ's act-order) leaves less error than in order.
+    rng = np.random.default_rng(1)
+    w = torch.from_numpy(rng.standard_normal((16, 96)))
+    books = torch.from_numpy(np.sort(rng.standard_normal((16, 8)), axis=1))
+    loudness = rng.permutation(np.geomspace(0.05, 20, 96))
+    labels, _ = assign(w, books, torch.diag(torch.from_numpy(loudness)))
+    assert torch.equal(labels, torch.argmin((w[:, :, None] - books[:, None, :]).abs(), dim=2))
+    x = correlated_features(rng, 4096, 96) * loudness
+    h = torch.from_numpy(2 * x.T @ x / len(x))
+    loudest_first = assign(w, books, h)[1]["output_error"]
+    try:
+        error_feedback.ACT_ORDER = False
+        in_order = assign(w, books, h)[1]["output_error"]
+    finally:
+        error_feedback.ACT_ORDER = True
+    assert loudest_first < in_order
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

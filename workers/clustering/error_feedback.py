@@ -18,6 +18,7 @@ import torch
 from workers.hessian import inverse_factor, output_error
 
 BLOCK = 128  # columns per lazy update, as in GPTQ
+ACT_ORDER = True
 
 
 def nearest(values: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
@@ -33,12 +34,15 @@ def assign(weight: torch.Tensor, codebooks: torch.Tensor, h: torch.Tensor) -> tu
     """Each weight's centroid index within its row's codebook (`weight` [rows, columns], `codebooks`
     [rows, k]), chosen with error feedback; and the layer's relative output error on the calibration
     data with nearest-centroid assignment and with this one."""
-    w = weight.double().clone()
     books = codebooks.double()
     h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    hinv = inverse_factor(h)
+    # GPTQ's act-order: the columns whose inputs carry the most energy are snapped first, while the
+    # most columns are left to absorb their error (transformers' few loud features matter most).
+    order = torch.argsort(torch.diag(h), descending=True) if ACT_ORDER else torch.arange(h.shape[0])
+    w = weight.double()[:, order].clone()
+    hinv = inverse_factor(h[order][:, order])
     labels = torch.empty(w.shape, dtype=torch.long)
     columns = w.shape[1]
     for i1 in range(0, columns, BLOCK):
@@ -53,6 +57,7 @@ def assign(weight: torch.Tensor, codebooks: torch.Tensor, h: torch.Tensor) -> tu
             w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    labels[:, order] = labels.clone()
     original = weight.double()
     snapped = books.gather(1, nearest(original, books))
     return labels, {"output_error_nearest": round(output_error(snapped, original, h), 6),

@@ -20,7 +20,7 @@ from service.core.specs import ClusterStep
 from workers.layer_names import require_known
 from workers.clustering import bit_allocation, error_feedback, storage
 from workers.clustering.kmeans import kmeans_1d
-from workers.hessian import Batch, dense_target, error_to_reference, statistics, supported
+from workers.hessian import Batch, error_to_reference, statistics, supported
 from workers.steps import StepContext, StepData, StepResult
 from workers.onnx_weights import as_rows, from_rows, weight_layers
 from workers.pruning.layers import weighted_layers
@@ -90,10 +90,10 @@ def _cluster_groups(weight: np.ndarray, bits: int, init: str, seed: int, group_s
 def _assign_with_feedback(layer: nn.Module, clustered: storage.Clustered, group_size: int | None, batches: list[Batch],
                           module: nn.Module, reference: nn.Module, reference_layer: nn.Module) -> tuple[storage.Clustered, dict[str, float]]:
     """The layer's weights snapped to its k-means codebooks with GPTQ's error feedback on the layer's
-    input Hessian, towards the weight that best reproduces the unclustered model's layer output from
-    this layer's input (hessian.dense_target), then the codebooks re-solved by least squares for those
-    assignments (workers/clustering/error_feedback.py). Errors are against the unclustered model's
-    layer output: nearest centroid, gptq assignment, and after the codebook refit."""
+    input Hessian, so the layer's output on the input it now gets (through the layers already
+    clustered) moves least, then the codebooks re-solved by least squares for those assignments
+    (workers/clustering/error_feedback.py). Errors are against the unclustered model's layer output:
+    nearest centroid, gptq assignment, and after the codebook refit."""
     weight = layer.weight.detach()
     rows = weight.reshape(weight.shape[0], -1).double()
     k = 2 ** clustered.bits
@@ -102,7 +102,7 @@ def _assign_with_feedback(layer: nn.Module, clustered: storage.Clustered, group_
     books = torch.from_numpy(clustered.codebook).reshape(-1, k) if grouped else torch.from_numpy(clustered.codebook)[None, :]
     group = torch.arange(rows.shape[0]) // group_size if grouped else torch.zeros(rows.shape[0], dtype=torch.long)
     stats = statistics(module, layer, batches, reference, reference_layer)
-    target = dense_target(rows, stats)
+    target = rows  # the layer's own dense output on the input it now gets (why not the original's: hessian.LayerStatistics)
     local, _ = error_feedback.assign(target, books[group], stats.h)
     refitted = error_feedback.refit_codebooks(target, local, books, group, stats.h)
     labels = (local + group[:, None] * k if grouped else local).reshape(weight.shape).numpy()
@@ -194,7 +194,7 @@ def _cluster_chosen(run: TrainableRun, chosen: dict[str, nn.Module], spec: Clust
     a parametrization reading its codebook: (the shared weights, each gptq layer's errors)."""
     shared: dict[str, SharedWeight] = {}
     errors: dict[str, dict[str, float]] = {}
-    # gptq assignment fits each layer to the unclustered model's output (hessian.dense_target).
+    # gptq's layer errors are measured against the unclustered model's outputs.
     reference = copy.deepcopy(run.module).eval() if assignment == "gptq" else None
     reference_layers = weighted_layers(reference) if reference is not None else {}
     for i, (layer_name, layer) in enumerate(chosen.items()):

@@ -185,7 +185,7 @@ def _unstructured(run: _Run) -> dict[str, Any]:
     spec = run.spec
     layers = selected_layers(run.module, spec)
     state: dict[str, Any] = {"masks": None, "thresholds": {}, "errors": None, "allocation": None}
-    # SparseGPT fits each layer to the unpruned model's output (hessian.dense_target): kept as it was before any round.
+    # SparseGPT's layer errors are measured against the unpruned model's outputs: kept as it was before any round.
     reference = copy.deepcopy(run.module).eval() if spec.importance == "sparsegpt" else None
     amounts = {n: spec.layer_amounts.get(n, spec.amount) for n in layers}
     if reference is not None and spec.scope == "global":

@@ -1,6 +1,6 @@
 """The kept weights of a pruned layer re-solved exactly for its mask: per output row r, the weights
 in the row's kept set K minimise (w - t)^T H (w - t) with the pruned ones held at zero, i.e.
-H_KK w_K = (H t)_K, where t is the weight the layer should match (hessian.dense_target) and H its
+H_KK w_K = (H t)_K, where t is the weight the layer should match (its dense weight) and H its
 damped input Hessian. SparseGPT's own update is a one-pass approximation of this (each column's
 error is spread only over the columns after it, with the mask still being chosen), so re-solving
 after the mask is fixed only lowers the layer's output error on the calibration data; the fixed-mask

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from workers.hessian import DAMP, Batch, dense_target, error_to_reference, inverse_factor, output_error, statistics
+from workers.hessian import DAMP, Batch, error_to_reference, inverse_factor, output_error, statistics
 from workers.pruning.masked_refit import refit_kept
 
 BLOCK = 128  # columns per lazy update and mask selection, as in the paper (32 and per-row choice measured the same on MiniLM)
@@ -79,11 +79,13 @@ def prune_layers(module: nn.Module, layers: dict[str, nn.Module], amounts: dict[
     """Each supported layer pruned in turn (in the order of `layers`, the graph's), its Hessian taken
     on inputs through the layers already pruned; returns each layer's output error before/after the
     update. Already-zero weights stay zero (a later round of an iterative schedule). With a
-    `reference` (the model before pruning, its layers by the same names), each layer is fitted to
-    the reference layer's output on the reference's own inputs (hessian.dense_target), so a layer
-    also makes up for what the layers before it lost, and the errors are measured against it. Once
-    SparseGPT has chosen a layer's mask, its kept weights are re-solved exactly for that mask
-    (masked_refit: the errors give SparseGPT's and the final one)."""
+    `reference` (the model before pruning, its layers by the same names), the errors are measured
+    against the reference layer's output on the reference's own inputs. Once SparseGPT has chosen a
+    layer's mask, its kept weights are re-solved exactly for that mask (masked_refit: the errors give
+    SparseGPT's and the final one).
+
+    Each layer reproduces its own dense output on the inputs it now gets (the paper's sequential
+    pass), not the reference's output: that generalises better (hessian.LayerStatistics)."""
     module.eval()
     errors = {}
     for index, (name, layer) in enumerate(layers.items()):
@@ -92,7 +94,7 @@ def prune_layers(module: nn.Module, layers: dict[str, nn.Module], amounts: dict[
         shape = weight.shape
         flat = weight.reshape(shape[0], -1)
         stats = statistics(module, layer, batches(), reference, (reference_layers or {}).get(name))
-        target = dense_target(flat, stats)
+        target = flat.double()
         swept, mask = _prune(target, stats.h, amounts[name], pruned=flat == 0)
         new = refit_kept(swept, target, ~mask, stats.h, DAMP)
         original = flat.double()
