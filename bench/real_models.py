@@ -84,6 +84,7 @@ METHODS = {
     "cluster-4bit-grouped-measured": {"method": "cluster", "bits": 4, "group_size": 32, "bit_allocation": "measured"},
     # deep_compression's default clusters (per-layer codebooks, measured bits) at 3.75 bits a weight: a finer rung of its ladder.
     "cluster-dc-avg3.75": {"method": "cluster", "bits": 4, "average_bits": 3.75, "finetune_epochs": 2, "training": {"lr": 1e-4}},
+    "cluster-dc-avg3.5": {"method": "cluster", "bits": 4, "average_bits": 3.5, "finetune_epochs": 2, "training": {"lr": 1e-4}},
     "dc-avg3.5": {"method": "deep_compression", "cluster": {"bits": 4, "average_bits": 3.5, "finetune_epochs": 2, "training": {"lr": 1e-4}}},
     # Towards 1.5x faster at batch 32: half the feed-forward units and 40% of the heads.
     "prune-half-wanda": {"method": "prune", "kind": "structured", "amount": 0.5, "heads": 0.4, "importance": "wanda"},
@@ -95,7 +96,7 @@ VARIANTS = ("prune-wanda", "cluster-4bit-grouped", "distill-depth", "cluster-4bi
             "prune-heads-oneshot", "prune-heads-norefit-oneshot", "prune-heads-norefit", "prune-ffn30-wanda-oneshot",
             "prune-heads-wanda-oneshot", "prune-heads-wanda", "prune-half-wanda", "prune-heads-wanda-norefit",
             "prune-heads-l1-refit", "cluster-5bit-emb3-grouped", "cluster-4bit-grouped-uniform", "dc-avg3.5",
-            "cluster-4bit-grouped-measured", "cluster-dc-avg3.75")
+            "cluster-4bit-grouped-measured", "cluster-dc-avg3.75", "cluster-dc-avg3.5")
 DEFAULT_METHODS = [m for m in METHODS if m not in VARIANTS]
 MEASURE = {"runs": 30, "warmup": 3, "batch_sizes": [1, 32], "max_eval_samples": 100}
 SEQ = 32

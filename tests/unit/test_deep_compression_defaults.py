@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.core.methods.deep_compression import AUTO_SCHEDULE, DEFAULT_QUALITY_DROP
+from service.core.methods.deep_compression import AUTO_FEWER_BITS, AUTO_SCHEDULE, DEFAULT_QUALITY_DROP
 from service.core.specs import DeepCompressionStep, PruneStep
 from tests.builders import mlp, reference_outputs
 from workers.methods import deep_compression
@@ -43,23 +43,36 @@ def test_the_default_pruning_stage_is_chosen_on_the_data(tmp_path: Path, budget:
     assert chosen["within_budget"] == (chosen["original"] - chosen["final"] <= budget + 1e-12)
     assert bool(result.report["warnings"]) == (not chosen["within_budget"])
     assert result.report["stages"][1]["sparsity"] == pytest.approx(chosen["sparsity"], abs=1e-6)
-    # The clusters: fewer bits a weight on average (3.5, then 3) are tried exactly when a first choice fit
-    # the budget (the wide budget: it did), each kept while it fits too and the file is smaller (on this
-    # tiny pruned MLP the second index plane's nodes can outweigh the bits saved).
+    # The clusters: fewer bits a weight on average (a quarter bit at a time, down to 3, then once halfway
+    # after the first that does not hold) are tried exactly when a first choice fit the budget (the wide
+    # budget: it did), each kept while it fits too and the file is smaller (on this tiny pruned MLP the
+    # second index plane's nodes can outweigh the bits saved).
     clusters = chosen["clusters"]
     tried = clusters["tried"]
     fit = [chosen["original"] - t["quality"] <= budget + 1e-12 for t in tried]
     fewer = [i for i, t in enumerate(tried) if t["average_bits"] is not None]
     first = len(tried) - len(fewer)
     assert bool(fewer) == any(fit[:first]), clusters
-    assert [tried[i]["average_bits"] for i in fewer] == [3.5, 3.0][:len(fewer)]
     kept = next(i for i in range(first) if fit[i]) if fewer else None
-    for i in fewer:  # each step kept while within the budget and smaller; the first that is not ends the ladder
+    average, step, failed = 4.0, AUTO_FEWER_BITS, None
+
+    def next_candidate() -> float | None:
+        nonlocal step
+        while step >= AUTO_FEWER_BITS / 2:
+            if average - step >= 3 and (failed is None or average - step > failed):
+                return average - step
+            step /= 2
+        return None
+
+    for i in fewer:  # the ladder replayed: each rung the one the last outcome calls for
+        candidate = next_candidate()
+        assert tried[i]["average_bits"] == candidate, clusters
         if fit[i] and tried[i]["size_bytes"] < tried[kept]["size_bytes"]:
-            kept = i
+            kept, average = i, candidate
         else:
-            assert i == fewer[-1]
-            break
+            failed, step = candidate, step / 2
+    if fewer:
+        assert next_candidate() is None, clusters  # and it stopped where it should
     if kept is not None:
         assert clusters["kept"] == tried[kept]
     if budget == 0.6:

@@ -93,7 +93,8 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
     weights differ in scale: MiniLM at 4 bits 0.960 -> 0.975), keeping the one within the budget or
     else the more faithful. When one is within the budget and each layer's bits were measured, the same
     is tried at AUTO_FEWER_BITS fewer bits a weight on average, then fewer again, down to one bit
-    fewer, while each stays within the budget and is smaller (the fewest bits the data supports)."""
+    fewer, while each stays within the budget and is smaller, then once halfway between the last kept
+    and the first that was not (the fewest bits the data supports)."""
     stage = spec.clusters()
     per_layer = cluster.apply(model, stage, data, _sub_context(ctx, 0.6, 0.75 if budget else 0.95, "cluster"))
     if budget is None or spec.cluster is not None:
@@ -112,18 +113,23 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
     fits = [i for i in range(len(tried)) if within(i)]
     kept = fits[0] if fits else max(range(len(tried)), key=lambda i: tried[i]["quality"])
     # Fewer bits a weight on average, a step at a time down to the allocation's floor (bits - 1), while
-    # each stays within the budget and makes the file smaller.
-    average = float(stage.bits)
-    while fits and results[kept].report.get("bit_allocation") and average - AUTO_FEWER_BITS >= stage.bits - 1:
-        average -= AUTO_FEWER_BITS
-        fewer = cluster.apply(model, stage.model_copy(update={"group_size": tried[kept]["group_size"], "average_bits": average}), data,
-                              _sub_context(ctx, 0.85, 0.95, f"cluster, {average:g} bits a weight on average"))
-        tried.append({"group_size": tried[kept]["group_size"], "average_bits": average, "quality": budget.quality(fewer.model),
+    # each stays within the budget and makes the file smaller; after the first that does not, the step
+    # is halved once between it and the last kept (the fewest bits the data supports, to an eighth).
+    average, step, failed = float(stage.bits), AUTO_FEWER_BITS, None
+    while fits and results[kept].report.get("bit_allocation") and step >= AUTO_FEWER_BITS / 2:
+        candidate = average - step
+        if candidate < stage.bits - 1 or (failed is not None and candidate <= failed):
+            step /= 2
+            continue
+        fewer = cluster.apply(model, stage.model_copy(update={"group_size": tried[kept]["group_size"], "average_bits": candidate}), data,
+                              _sub_context(ctx, 0.85, 0.95, f"cluster, {candidate:g} bits a weight on average"))
+        tried.append({"group_size": tried[kept]["group_size"], "average_bits": candidate, "quality": budget.quality(fewer.model),
                       "size_bytes": fewer.model.ByteSize()})
         results.append(fewer)
-        if not (within(len(tried) - 1) and tried[-1]["size_bytes"] < tried[kept]["size_bytes"]):
-            break
-        kept = len(tried) - 1
+        if within(len(tried) - 1) and tried[-1]["size_bytes"] < tried[kept]["size_bytes"]:
+            kept, average = len(tried) - 1, candidate
+        else:
+            failed, step = candidate, step / 2
     return results[kept], {"tried": tried, "kept": tried[kept]}
 
 
