@@ -79,9 +79,10 @@ class _Run(TrainableRun):
 
         config = dataclasses.replace(self.config, seed=self.config.seed + round_index)
         # Keep the best epoch on the evaluation data (the pruned state counts): never worse than no fine-tuning.
-        outcome: dict = {}
+        augment, augmented = self.augmentation(config, self.labels is not None)
+        outcome: dict = {"augmented": augmented}
         losses = train(self.module, self.inputs, self.labels, self.teacher, config, on_epoch, after_step, self.fixed_batch,
-                       keep_best=self.quality, outcome=outcome, kind=self.kind)
+                       keep_best=self.quality, outcome=outcome, kind=self.kind, augment=augment)
         self.finetune_log.append(outcome)
         return losses
 

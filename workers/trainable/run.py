@@ -5,6 +5,7 @@ way back into the user's ONNX graph."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -19,9 +20,10 @@ from workers.data import token_vocabularies
 from workers.evaluation import mask_input
 from workers.fixed_batch import chunks, exactly
 from workers.hessian import Batch
+from workers.trainable.augment import DEFAULT_COPIES, token_replacement
 from workers.trainable.from_onnx import OnnxGraphModule
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
-from workers.trainable.training import DISTILL_TEMPERATURE, FINETUNE_LR, finetune_epochs, output_kind, padding_mask, predict, reference_outputs, score, soft_loss, tensors, train, train_config
+from workers.trainable.training import DISTILL_TEMPERATURE, FINETUNE_LR, Targets, TrainConfig, finetune_epochs, output_kind, padding_mask, predict, reference_outputs, score, soft_loss, tensors, train, train_config
 from workers.trainable.verify import trainable
 from workers.trainable.write_back import trained_onnx
 
@@ -54,6 +56,10 @@ class TrainableRun:
         self.teacher = reference_outputs(self.module, self.inputs, self.kind)
         self.eval_teacher = self.teacher if data.evaluation is None else reference_outputs(self.module, self.eval_inputs, self.kind)
         self.metric = metric_for(self.kind, self.eval_labels is not None)
+        # With token ids in the data, the original is kept as a module too: it labels the replaced
+        # copies fine-tuning draws (workers.trainable.augment), one more copy of the weights in memory.
+        self.token_input = token_input(model, names) if data.available else None
+        self.original = copy.deepcopy(self.module).eval() if self.token_input is not None else None
 
     def quality(self, module: nn.Module | None = None) -> float:
         return score(module or self.module, self.eval_inputs, self.eval_labels, self.eval_teacher, self.kind)
@@ -123,15 +129,42 @@ class TrainableRun:
         epochs = finetune_epochs(asked_epochs, self.data.available)
         outcome: dict[str, Any] = {"epochs": epochs, "target": "the original model's outputs" if distil or self.labels is None else "labels", "losses": []}
         if epochs:
-            outcome["losses"] = train(self.module, self.inputs, None if distil else self.labels, self.teacher, train_config(training, epochs, default_lr),
+            labels = None if distil else self.labels
+            config = train_config(training, epochs, default_lr)
+            augment, outcome["augmented"] = self.augmentation(config, labels is not None)
+            outcome["losses"] = train(self.module, self.inputs, labels, self.teacher, config,
                                       lambda epoch, loss: on_epoch(epoch, epochs, loss), after_step, self.data.fixed_batch, keep_best=self.quality,
-                                      outcome=outcome, kind=self.kind)
+                                      outcome=outcome, kind=self.kind, augment=augment)
         return outcome
+
+    def augmentation(self, config: TrainConfig, labels_used: bool) -> tuple[Callable[[torch.Generator], tuple[list[torch.Tensor], Targets]] | None, dict | None]:
+        """What fine-tuning draws each epoch besides the data (`train`'s `augment`) and its report:
+        replaced copies of the token sequences labelled by the original, when the step distils towards
+        the original's outputs (not on labels) and the data has token ids; (None, None) otherwise."""
+        copies = DEFAULT_COPIES if config.augment_copies is None else config.augment_copies
+        if labels_used or self.original is None or self.token_input is None:
+            return None, None
+        replacement = token_replacement(self.inputs, self.token_input, padding_mask(self.module, self.inputs), copies, config.augment_share)
+        if replacement is None:
+            return None, None
+        original, inputs, kind = self.original, self.inputs, self.kind
+
+        def draw(generator: torch.Generator) -> tuple[list[torch.Tensor], Targets]:
+            extra = replacement.copies_of(inputs, generator)
+            return extra, reference_outputs(original, extra, kind)
+        return draw, replacement.describe(self.module.input_names[self.token_input], len(inputs[0]))
 
     def to_onnx(self) -> onnx.ModelProto:
         """The user's graph with the changed layers written in; a fresh export when that cannot be done."""
         module, example = self.module, self.example
         return trained_onnx(self.model, module, example, lambda: export(module, example, module.input_names, module.output_names, has_dynamic_batch(self.model)))
+
+
+def token_input(model: onnx.ModelProto, names: list[str]) -> int | None:
+    """Which of the module's inputs holds token ids: the one reading the largest embedding table
+    (token type ids read a table of two rows)."""
+    vocabularies = {name: rows for name, rows in token_vocabularies(model).items() if name in names and rows > 2}
+    return names.index(max(vocabularies, key=lambda n: vocabularies[n])) if vocabularies else None
 
 
 def metric_for(kind: str, has_labels: bool) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 
 from workers import output_kind as kinds
 from workers.fixed_batch import exactly, padded_order
+from workers.trainable.augment import DEFAULT_SHARE
 from workers.trainable.device import training_device
 from workers.steps import StepData
 
@@ -35,6 +36,8 @@ class TrainConfig:
     optimizer: str = "adam"
     weight_decay: float = 0.0
     seed: int = 0
+    augment_copies: int | None = None  # None: the default where augmentation applies (workers.trainable.augment)
+    augment_share: float = DEFAULT_SHARE
     auto_batch: bool = False  # the step did not set batch_size: small datasets get smaller batches
 
     def batch_for(self, samples: int) -> int:
@@ -115,6 +118,14 @@ class TopTokens:
 
 
 Targets = Union[torch.Tensor, TopTokens]
+
+
+def concatenated(first: Targets, second: Targets) -> Targets:
+    """Two sets of reference outputs as one (the training data's and an augmentation's)."""
+    if isinstance(first, TopTokens) and isinstance(second, TopTokens):
+        return TopTokens(*(torch.cat([getattr(first, f), getattr(second, f)]) for f in ("log_probs", "indices", "log_rest")), first.temperature)
+    assert isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor)
+    return torch.cat([first, second])
 
 
 def _log_rest(top_log_probs: torch.Tensor) -> torch.Tensor:
@@ -267,11 +278,16 @@ def train(
     keep_best: Callable[[], float] | None = None,
     outcome: dict | None = None,
     kind: str | None = None,
+    augment: Callable[[torch.Generator], tuple[list[torch.Tensor], Targets]] | None = None,
 ) -> list[float]:
     """Train for config.epochs; `on_epoch(epoch, loss)` runs after each epoch (progress, cancel);
     `after_step` after each optimiser step (e.g. re-applying pruning masks). With `keep_best` (a
     score on held-out data, higher is better), the weights of the best epoch, counting the state
-    before training as epoch 0, are restored at the end; `outcome` receives the scores and the pick."""
+    before training as epoch 0, are restored at the end; `outcome` receives the scores and the pick.
+    With `augment` (distillation only: no labels), each epoch also trains on the inputs and targets it
+    draws (workers.trainable.augment), at the batch size the data alone would get."""
+    if augment is not None and labels is not None:
+        raise ValueError("augmented inputs have no labels: augment only when distilling")
     best_score, best_state, best_epoch, scores = None, None, 0, []
     if keep_best is not None:
         best_score = keep_best()
@@ -282,12 +298,17 @@ def train(
     module.to(device)  # before the optimiser is built, so it holds the device's parameters
     optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad], config)
     label_tensor = torch.from_numpy(labels).long() if labels is not None else None
-    mask = padding_mask(module, inputs)
-    n = len(inputs[0])
     fixed_batch = fixed_batch or module_fixed_batch(module)
-    batch = fixed_batch or config.batch_for(n)
+    batch = fixed_batch or config.batch_for(len(inputs[0]))
     losses = []
     for epoch in range(config.epochs):
+        epoch_inputs, epoch_teacher = inputs, teacher
+        if augment is not None:
+            extra_inputs, extra_teacher = augment(generator)
+            epoch_inputs = [torch.cat([a, b]) for a, b in zip(inputs, extra_inputs)]
+            epoch_teacher = concatenated(teacher, extra_teacher)
+        mask = padding_mask(module, epoch_inputs)
+        n = len(epoch_inputs[0])
         module.train()
         order = torch.randperm(n, generator=generator)
         if fixed_batch:
@@ -297,9 +318,9 @@ def train(
             idx = order[start:start + batch]
             if len(idx) < 2 and not fixed_batch:
                 continue  # batch norm cannot train on one sample
-            out = module(*(t[idx].to(device) for t in inputs))
+            out = module(*(t[idx].to(device) for t in epoch_inputs))
             out = out[0] if isinstance(out, tuple) else out
-            loss = _loss(out, label_tensor[idx].to(device) if label_tensor is not None else None, teacher[idx].to(device), kind,
+            loss = _loss(out, label_tensor[idx].to(device) if label_tensor is not None else None, epoch_teacher[idx].to(device), kind,
                          None if mask is None else mask[idx].to(device))
             optimizer.zero_grad()
             loss.backward()

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.core.methods.common import MethodSpec, NameList, StepReport, TrainingSpec
-from service.core.methods.rows import ClusterLayer, Curve, PerLayer, per_layer
+from service.core.methods.rows import Augmentation, ClusterLayer, Curve, PerLayer, per_layer
 
 class AllocatedBits(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -42,6 +42,7 @@ class ClusterReport(StepReport):
     batch_size: int | None = None
     scores_by_epoch: list[float] | None = Field(None, description="Held-out quality after each epoch (the clustered state first).")
     kept_epoch: int | None = Field(None, description="The epoch kept (0: the clustered state before fine-tuning).")
+    augmented: Augmentation | None = Field(None, description="Replaced copies of the token sequences fine-tuning trained on besides them (a model that reads token ids).")
     assignment: str | None = Field(None, description="nearest or gptq: how weights took their centroids.")
     bit_allocation: BitAllocation | None = Field(None, description="measured bit allocation: each layer's bits and the costs they were chosen from.")
     reconstruction: dict[str, float] | None = Field(

@@ -112,3 +112,11 @@ class TrainingSpec(StrictModel):
     optimizer: Literal["adam", "sgd"] = "adam"
     weight_decay: float = Field(0.0, ge=0, le=1)
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    augment_copies: int | None = Field(
+        None, ge=0, le=16,
+        description="When fine-tuning distils towards the original model's outputs and the data holds token ids: copies of every training "
+        "sequence drawn each epoch with a share of their tokens replaced by tokens from the data, labelled by the original model. Default "
+        "(null): 3 (all-MiniLM-L6-v2 pruned 50%, 300 sentences: held-out cosine 0.965 -> 0.968 after 4 epochs); 0 trains on the data alone. "
+        "Each copy adds the data's length to an epoch.",
+    )
+    augment_share: float = Field(0.3, gt=0, le=1, description="Share of a copy's tokens replaced (the first and last real token and padding never are).")

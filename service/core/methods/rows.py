@@ -111,6 +111,16 @@ class QuantizeSensitivity(LayerRow):
     bits: int | None = Field(None, description="LLMs: the bits the layer got.")
 
 
+class Augmentation(Reported):
+    """Inputs fine-tuning drew besides the data: replaced copies of its token sequences, labelled by the original model."""
+
+    input: str = Field(description="The token-id input the copies differ in.")
+    copies: int = Field(description="Copies of every training sequence drawn each epoch.")
+    replaced_share: float = Field(description="Share of each copy's tokens (not the first or last, not padding) replaced by tokens drawn from the data.")
+    samples_per_epoch: int = Field(description="The training samples and their copies: what one epoch trains on.")
+    how: str
+
+
 class FinetuneLog(Reported):
     """One fine-tuning run: what it trained towards, the loss and held-out score per epoch, the epoch kept."""
 
@@ -120,6 +130,7 @@ class FinetuneLog(Reported):
     batch_size: int | None = None
     scores_by_epoch: list[float] | None = Field(None, description="Held-out quality before training (epoch 0) and after each epoch.")
     kept_epoch: int | None = Field(None, description="The epoch kept (0: the state before fine-tuning).")
+    augmented: Augmentation | None = Field(None, description="Replaced copies of the token sequences trained on besides them (distilling a model that reads token ids).")
 
 
 class DistillEpoch(Reported):
