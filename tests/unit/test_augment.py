@@ -72,6 +72,7 @@ def _bert_run(tmp_path: Path, labelled: bool = False) -> TrainableRun:
 def test_distilling_a_bert_export_trains_on_its_copies_and_reports_them(tmp_path: Path) -> None:
     run = _bert_run(tmp_path)
     assert run.module.input_names[run.token_input] == "input_ids"
+    assert run.original is None, "the original is converted again only for a step that fine-tunes"
     outcome = run.finetune(1, TrainingSpec(lr=1e-3), lambda *a: None)
     augmented = outcome["augmented"]
     assert augmented["input"] == "input_ids" and augmented["copies"] == 3 and augmented["samples_per_epoch"] == 96

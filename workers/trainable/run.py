@@ -5,7 +5,6 @@ way back into the user's ONNX graph."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +20,7 @@ from workers.evaluation import mask_input
 from workers.fixed_batch import chunks, exactly
 from workers.hessian import Batch
 from workers.trainable.augment import DEFAULT_COPIES, token_replacement
-from workers.trainable.from_onnx import OnnxGraphModule
+from workers.trainable.from_onnx import OnnxGraphModule, to_torch
 from workers.trainable.to_onnx import example_input, export, has_dynamic_batch
 from workers.trainable.training import DISTILL_TEMPERATURE, FINETUNE_LR, Targets, TrainConfig, finetune_epochs, output_kind, padding_mask, predict, reference_outputs, score, soft_loss, tensors, train, train_config
 from workers.trainable.verify import trainable
@@ -56,10 +55,11 @@ class TrainableRun:
         self.teacher = reference_outputs(self.module, self.inputs, self.kind)
         self.eval_teacher = self.teacher if data.evaluation is None else reference_outputs(self.module, self.eval_inputs, self.kind)
         self.metric = metric_for(self.kind, self.eval_labels is not None)
-        # With token ids in the data, the original is kept as a module too: it labels the replaced
-        # copies fine-tuning draws (workers.trainable.augment), one more copy of the weights in memory.
+        # With token ids in the data, fine-tuning draws replaced copies of the sequences
+        # (workers.trainable.augment), labelled by the original converted again from the untouched graph
+        # when first needed: one more copy of the weights in memory, only for steps that fine-tune.
         self.token_input = token_input(model, names) if data.available else None
-        self.original = copy.deepcopy(self.module).eval() if self.token_input is not None else None
+        self.original: nn.Module | None = None
 
     def quality(self, module: nn.Module | None = None) -> float:
         return score(module or self.module, self.eval_inputs, self.eval_labels, self.eval_teacher, self.kind)
@@ -142,11 +142,13 @@ class TrainableRun:
         replaced copies of the token sequences labelled by the original, when the step distils towards
         the original's outputs (not on labels) and the data has token ids; (None, None) otherwise."""
         copies = DEFAULT_COPIES if config.augment_copies is None else config.augment_copies
-        if labels_used or self.original is None or self.token_input is None:
+        if labels_used or self.token_input is None:
             return None, None
         replacement = token_replacement(self.inputs, self.token_input, padding_mask(self.module, self.inputs), copies, config.augment_share)
         if replacement is None:
             return None, None
+        if self.original is None:
+            self.original = to_torch(self.model).eval()
         original, inputs, kind = self.original, self.inputs, self.kind
 
         def draw(generator: torch.Generator) -> tuple[list[torch.Tensor], Targets]:
