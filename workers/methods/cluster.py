@@ -215,10 +215,12 @@ def _groups(rows: int, group_size: int | None) -> int:
 
 
 def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: list[str], spec: ClusterStep,
-                    ctx: StepContext) -> tuple[dict[str, int], dict[str, Any] | None]:
+                    ctx: StepContext, measured: dict[tuple, dict[str, dict[int, float]]] | None = None) -> tuple[dict[str, int], dict[str, Any] | None]:
     """Each layer's bits (and each embedding table's) from its measured cost, the clusters taking no
     more room than `bits` everywhere (workers/clustering/bit_allocation.py); layers named in
-    layer_bits keep theirs. Returns the bits by name and the report's `bit_allocation`."""
+    layer_bits keep theirs. Returns the bits by name and the report's `bit_allocation`. `measured`
+    holds curves already measured on this model (by bits, row groups and layers): a caller trying
+    several budgets on one model measures once."""
     weights: dict[str, torch.Tensor] = {n: layer.weight for n, layer in chosen.items() if n not in spec.layer_bits}
     for table in tables:
         buffer = run.module.constant(table)
@@ -250,8 +252,12 @@ def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: lis
 
     bits_measured = "/".join(map(str, bit_allocation.measured_bits(spec.bits)))
     started = time.perf_counter()
-    curves = bit_allocation.measure({n: entry(i, w) for i, (n, w) in enumerate(weights.items())}, spec.bits,
-                                    run.distance_to_original(SENSITIVITY_SAMPLES), progress)
+    key = (spec.bits, spec.group_size, spec.init, spec.training.seed, tuple(weights))
+    cached = measured.get(key) if measured is not None else None
+    curves = cached or bit_allocation.measure({n: entry(i, w) for i, (n, w) in enumerate(weights.items())}, spec.bits,
+                                              run.distance_to_original(SENSITIVITY_SAMPLES), progress)
+    if measured is not None:
+        measured[key] = curves
     costs = {n: (lambda b, w=w: bit_allocation.stored_bits(w.numel(), _groups(w.shape[0], spec.group_size), b)) for n, w in weights.items()}
     choice = bit_allocation.allocate(curves, costs, spec.budget_bits(), bit_allocation.shared_bits)
     uniform = {n: spec.bits for n in curves}
@@ -263,11 +269,15 @@ def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: lis
               "predicted_loss_uniform": round(bit_allocation.predicted_loss(curves, uniform), 8),
               "predicted_loss_allocated": round(bit_allocation.predicted_loss(curves, choice), 8),
               "seconds": round(time.perf_counter() - started, 1),
+              "reused": cached is not None,
               "layers": [{"layer": n, "bits": choice[n], "measured": {str(b): round(v, 8) for b, v in curves[n].items()}} for n in curves]}
     return choice, report
 
 
-def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepContext) -> StepResult:
+def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepContext,
+          measured: dict[tuple, dict[str, dict[int, float]]] | None = None) -> StepResult:
+    """The step; `measured` (see _allocated_bits) lets a caller that clusters the same model at several
+    average bits (deep_compression's ladder) measure each layer's cost once."""
     if spec.needs_dataset() and not data.available:
         raise CompressionFailed("centroid fine-tuning and gptq assignment work on data: submit the job with a dataset_id", code="dataset_required")
     epochs = finetune_epochs(spec.finetune_epochs, data.available)
@@ -289,7 +299,7 @@ def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepCo
     allocation = None
     if measured_bits:
         tables = [t for t in _embedding_tables(model) if t not in spec.skip_layers] if spec.embeddings else []
-        allocated, allocation = _allocated_bits(run, chosen, tables, spec, ctx)
+        allocated, allocation = _allocated_bits(run, chosen, tables, spec, ctx, measured)
         spec = spec.model_copy(update={"layer_bits": {**allocated, **spec.layer_bits}})
 
     shared, errors = _cluster_chosen(run, chosen, spec, assignment, ctx)

@@ -96,7 +96,8 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
     fewer, while each stays within the budget and is smaller, then once halfway between the last kept
     and the first that was not (the fewest bits the data supports)."""
     stage = spec.clusters()
-    per_layer = cluster.apply(model, stage, data, _sub_context(ctx, 0.6, 0.75 if budget else 0.95, "cluster"))
+    measured: dict = {}  # each layer's cost at the stage's bits, measured once per codebook layout for every rung below
+    per_layer = cluster.apply(model, stage, data, _sub_context(ctx, 0.6, 0.75 if budget else 0.95, "cluster"), measured)
     if budget is None or spec.cluster is not None:
         return per_layer, None
     tried = [{"group_size": None, "average_bits": None, "quality": budget.quality(per_layer.model), "size_bytes": per_layer.model.ByteSize()}]
@@ -107,7 +108,7 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
 
     if not within(0):
         grouped = cluster.apply(model, stage.model_copy(update={"group_size": AUTO_GROUP_SIZE}), data,
-                                _sub_context(ctx, 0.75, 0.85, f"cluster, a codebook per {AUTO_GROUP_SIZE} rows"))
+                                _sub_context(ctx, 0.75, 0.85, f"cluster, a codebook per {AUTO_GROUP_SIZE} rows"), measured)
         tried.append({"group_size": AUTO_GROUP_SIZE, "average_bits": None, "quality": budget.quality(grouped.model), "size_bytes": grouped.model.ByteSize()})
         results.append(grouped)
     fits = [i for i in range(len(tried)) if within(i)]
@@ -122,7 +123,7 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
             step /= 2
             continue
         fewer = cluster.apply(model, stage.model_copy(update={"group_size": tried[kept]["group_size"], "average_bits": candidate}), data,
-                              _sub_context(ctx, 0.85, 0.95, f"cluster, {candidate:g} bits a weight on average"))
+                              _sub_context(ctx, 0.85, 0.95, f"cluster, {candidate:g} bits a weight on average"), measured)
         tried.append({"group_size": tried[kept]["group_size"], "average_bits": candidate, "quality": budget.quality(fewer.model),
                       "size_bytes": fewer.model.ByteSize()})
         results.append(fewer)

@@ -25,6 +25,8 @@ class BitAllocation(BaseModel):
     predicted_loss_uniform: float = Field(description="The layers' measured losses added up at `bits` everywhere.")
     predicted_loss_allocated: float = Field(description="The same at the bits chosen (lower: the allocation's expected gain).")
     seconds: float = Field(description="How long measuring and choosing took.")
+    reused: bool = Field(False, description="The costs were measured earlier in the same step on the same model and used again (deep_compression's "
+                         "fewer-bits ladder measures once per codebook layout).")
     layers: list[AllocatedBits]
 
 
