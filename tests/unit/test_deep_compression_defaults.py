@@ -69,6 +69,8 @@ def test_the_default_pruning_stage_is_chosen_on_the_data(tmp_path: Path, budget:
         assert tried[i]["average_bits"] == candidate, clusters
         if fit[i] and tried[i]["size_bytes"] < tried[kept]["size_bytes"]:
             kept, average = i, candidate
+        elif fit[i] and tried[i]["size_bytes"] == tried[kept]["size_bytes"]:
+            average = candidate  # the same bits chosen again: on down
         else:
             failed, step = candidate, step / 2
     if fewer:

@@ -114,8 +114,9 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
     fits = [i for i in range(len(tried)) if within(i)]
     kept = fits[0] if fits else max(range(len(tried)), key=lambda i: tried[i]["quality"])
     # Fewer bits a weight on average, a step at a time down to the allocation's floor (bits - 1), while
-    # each stays within the budget and makes the file smaller; after the first that does not, the step
-    # is halved once between it and the last kept (the fewest bits the data supports, to an eighth).
+    # each stays within the budget and makes the file smaller (a rung of the same size passes on down);
+    # after the first that does not, the step is halved once between it and the last tried that fit
+    # (the fewest bits the data supports, to an eighth).
     average, step, failed = float(stage.bits), AUTO_FEWER_BITS, None
     while fits and results[kept].report.get("bit_allocation") and step >= AUTO_FEWER_BITS / 2:
         candidate = average - step
@@ -129,6 +130,10 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
         results.append(fewer)
         if within(len(tried) - 1) and tried[-1]["size_bytes"] < tried[kept]["size_bytes"]:
             kept, average = len(tried) - 1, candidate
+        elif within(len(tried) - 1) and tried[-1]["size_bytes"] == tried[kept]["size_bytes"]:
+            # The allocation chose the same bits as at the last kept (a model of few layers cannot spend a
+            # quarter bit): not a failure, the next rung down may still fit (LeNet-300-100 stopped at 3.75).
+            average = candidate
         else:
             failed, step = candidate, step / 2
     return results[kept], {"tried": tried, "kept": tried[kept]}

@@ -56,8 +56,8 @@ class DeepCompressionStep(MethodSpec):
         None, description="The clustering stage. Default: 4 bits (each layer's bits measured on the job's data), 2 epochs of centroid "
         "fine-tuning (lr 1e-4), a codebook per layer; with `prune` left to its default too, retried with a codebook per 32 rows when that "
         f"misses `max_quality_drop`; when within it, tried again at {AUTO_FEWER_BITS:g} fewer bits a weight on average (`average_bits`) and "
-        "again down to one bit fewer, each kept while it stays within it and makes the file smaller, then once halfway between the last "
-        "kept and the first that was not.")
+        "again down to one bit fewer, each kept while it stays within it and makes the file smaller (one of the same size passes on down), "
+        "then once halfway between the last that fit and the first that did not.")
     huffman: bool = True
     max_quality_drop: float | None = Field(
         None, gt=0, le=1,
