@@ -93,7 +93,9 @@ def test_layers_too_large_for_direct_solves_still_move_towards_them(monkeypatch:
     iterated = refit_kept(swept, w, ~mask, h, DAMP)
     assert (iterated[mask] == 0).all()
     errors = [output_error(c, w, h) for c in (swept, iterated, exact)]
-    assert errors[2] <= errors[1] < errors[0] and errors[1] == pytest.approx(errors[2], rel=0.01)
+    # Both solve the same damped system; the error is taken without the damping, so conjugate gradients
+    # stopped a hair short can land a few parts in a million either side of the exact solve.
+    assert errors[1] < errors[0] and errors[2] < errors[0] and errors[1] == pytest.approx(errors[2], rel=0.01)
 
 
 def test_a_layer_whose_inputs_are_all_zero_is_refitted_without_error() -> None:
