@@ -93,8 +93,9 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
     weights differ in scale: MiniLM at 4 bits 0.960 -> 0.975), keeping the one within the budget or
     else the more faithful. When one is within the budget and each layer's bits were measured, the same
     is tried at AUTO_FEWER_BITS fewer bits a weight on average, then fewer again, down to one bit
-    fewer, while each stays within the budget and is smaller, then once halfway between the last kept
-    and the first that was not (the fewest bits the data supports)."""
+    fewer, while each stays within the budget and is smaller (one of the same size passes on down), then
+    once halfway between the last that fit and the first that did not (the fewest bits the data
+    supports). Each layer's cost is measured once per codebook layout and reused by every rung."""
     stage = spec.clusters()
     measured: dict = {}  # each layer's cost at the stage's bits, measured once per codebook layout for every rung below
     per_layer = cluster.apply(model, stage, data, _sub_context(ctx, 0.6, 0.75 if budget else 0.95, "cluster"), measured)
