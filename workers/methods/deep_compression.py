@@ -129,9 +129,10 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
         tried.append({"group_size": tried[kept]["group_size"], "average_bits": candidate, "quality": budget.quality(fewer.model),
                       "size_bytes": fewer.model.ByteSize()})
         results.append(fewer)
-        if within(len(tried) - 1) and tried[-1]["size_bytes"] < tried[kept]["size_bytes"]:
+        fit = within(len(tried) - 1)
+        if fit and tried[-1]["size_bytes"] < tried[kept]["size_bytes"]:
             kept, average = len(tried) - 1, candidate
-        elif within(len(tried) - 1) and tried[-1]["size_bytes"] == tried[kept]["size_bytes"]:
+        elif fit and tried[-1]["size_bytes"] == tried[kept]["size_bytes"]:
             # The allocation chose the same bits as at the last kept (a model of few layers cannot spend a
             # quarter bit): not a failure, the next rung down may still fit (LeNet-300-100 stopped at 3.75).
             average = candidate
