@@ -120,7 +120,9 @@ def sentences(count: int, skip: int = 0) -> list[str]:
             continue
         for obj in [module, *vars(module).values()]:
             doc = getattr(obj, "__doc__", None) if callable(obj) or obj is module else None
-            for sentence in re.split(r"(?<=[.!?])\s+", " ".join((doc or "").split())):
+            if not isinstance(doc, str):  # some objects' __doc__ is a descriptor, not text
+                continue
+            for sentence in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
                 if 40 <= len(sentence) <= 200 and sentence[0].isupper() and sentence not in found:
                     found.append(sentence)
     return found[skip:skip + count]

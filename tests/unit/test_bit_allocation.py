@@ -95,6 +95,12 @@ def test_a_cluster_step_on_bert_moves_bits_to_where_they_cost_and_holds_the_size
     assert smaller.report["bit_allocation"]["budget_bits"] == 3.5 and smaller.report["bit_allocation"]["reused"]
     assert not result.report["bit_allocation"]["reused"] and not remeasured.report["bit_allocation"]["reused"]
     assert smaller.report["bit_allocation"]["layers"] == remeasured.report["bit_allocation"]["layers"]
+    # What a budget will choose is known from those costs before anything is clustered (the ladder skips a
+    # rung that would repeat the kept one); costs measured for another codebook layout say nothing.
+    chosen = lambda r: {row["layer"]: row["bits"] for row in r.report["bit_allocation"]["layers"]}  # noqa: E731
+    assert cluster.planned_bits(measured, step.model_copy(update={"average_bits": 3.5})) == chosen(smaller)
+    assert cluster.planned_bits(measured, step) == chosen(result)
+    assert cluster.planned_bits(measured, step.model_copy(update={"group_size": 8})) is None
     assert stored(smaller) < 0.92 * stored(uniform), (stored(smaller), stored(uniform))
     # A layer named in layer_bits keeps its bits and is not measured.
     named = cluster.apply(model, step.model_copy(update={"layer_bits": {table: 6}}), data, StepContext(work_dir=tmp_path / "named"))

@@ -67,6 +67,9 @@ def test_the_default_pruning_stage_is_chosen_on_the_data(tmp_path: Path, budget:
     for i in fewer:  # the ladder replayed: each rung the one the last outcome calls for
         candidate = next_candidate()
         assert tried[i]["average_bits"] == candidate, clusters
+        if "same_bits_as" in tried[i]:  # not clustered again: the kept rung's model, size and quality
+            assert tried[i]["same_bits_as"] == (tried[kept]["average_bits"] or 4.0)
+            assert (tried[i]["size_bytes"], tried[i]["quality"]) == (tried[kept]["size_bytes"], tried[kept]["quality"]), clusters
         if fit[i] and tried[i]["size_bytes"] < tried[kept]["size_bytes"]:
             kept, average = i, candidate
         elif fit[i] and tried[i]["size_bytes"] == tried[kept]["size_bytes"]:
@@ -94,3 +97,31 @@ def test_defaults_stay_defaults_through_the_stored_job() -> None:
     stored = DeepCompressionStep.model_validate(DeepCompressionStep().model_dump(mode="json"))
     assert stored.prune is None and stored.cluster is None and stored.clusters().bits == 4
     assert PruneStep.model_validate(PruneStep(kind="structured", amount=0.3).model_dump(mode="json")).importance is None
+
+
+def test_a_rung_whose_bits_repeat_the_kept_ones_is_not_clustered_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # On this MLP the measured allocation at 3.25 bits chooses what it chose at 3.5: the ladder knows
+    # that from the measured costs and reuses the kept rung instead of clustering and fine-tuning again.
+    model = mlp(in_features=32, hidden=128)
+    x, x_eval = (np.random.default_rng(s).standard_normal((n, 32)).astype(np.float32) for s, n in ((0, 256), (1, 128)))
+    data = StepData(inputs={"x": x}, labels=reference_outputs(model, x).argmax(-1),
+                    evaluation=StepData(inputs={"x": x_eval}, labels=reference_outputs(model, x_eval).argmax(-1)))
+    spec = DeepCompressionStep(max_quality_drop=0.6)
+    clustered: list[float | None] = []
+    real_apply = deep_compression.cluster.apply
+
+    def counted(model, step, data, ctx, measured=None):  # the real step, its calls counted
+        clustered.append(step.average_bits)
+        return real_apply(model, step, data, ctx, measured)
+
+    monkeypatch.setattr(deep_compression.cluster, "apply", counted)
+    ctx = StepContext(work_dir=tmp_path, report_progress=lambda f, m, milestone=False: None)
+    _, choice = deep_compression._cluster_stage(model, spec, data, ctx, deep_compression._Budget(model, spec, data.evaluation))
+    tried = choice["tried"]
+    repeated = [t for t in tried if "same_bits_as" in t]
+    assert repeated, tried
+    assert clustered == [t["average_bits"] for t in tried if "same_bits_as" not in t]
+    # What was skipped is what a run would have given: the same size as the rung it repeats.
+    rung = repeated[0]
+    again = real_apply(model, spec.clusters().model_copy(update={"average_bits": rung["average_bits"]}), data, ctx)
+    assert again.model.ByteSize() == rung["size_bytes"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -214,8 +215,31 @@ def _groups(rows: int, group_size: int | None) -> int:
     return -(-rows // group_size) if group_size and rows > group_size else 1
 
 
+@dataclass
+class MeasuredCosts:
+    """Each layer's measured cost at each number of bits (bit_allocation.measure), and the sizes its
+    storage cost depends on: enough to say which bits a budget chooses without the model."""
+
+    curves: dict[str, dict[int, float]]
+    sizes: dict[str, tuple[int, int]]  # per layer: weights, rows
+
+    def allocate(self, spec: ClusterStep) -> tuple[dict[str, int], dict[str, Any]]:
+        """The bits each layer gets under `spec`'s budget, and each layer's storage cost by bits."""
+        costs = {n: (lambda b, s=s: bit_allocation.stored_bits(s[0], _groups(s[1], spec.group_size), b)) for n, s in self.sizes.items()}
+        return bit_allocation.allocate(self.curves, costs, spec.budget_bits(), bit_allocation.shared_bits), costs
+
+
+def planned_bits(measured: dict[tuple, MeasuredCosts], spec: ClusterStep) -> dict[str, int] | None:
+    """The bits per layer `apply(..., spec, ..., measured)` would choose, when `measured` already holds
+    the costs it would use (same bits, codebook layout, init and seed, one model); None otherwise. Lets
+    a caller trying several budgets skip one whose choice it has already clustered."""
+    found = [costs for key, costs in measured.items()
+             if key[:4] == (spec.bits, spec.group_size, spec.init, spec.training.seed) and not set(key[4]) & set(spec.layer_bits)]
+    return found[0].allocate(spec)[0] if len(found) == 1 else None
+
+
 def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: list[str], spec: ClusterStep,
-                    ctx: StepContext, measured: dict[tuple, dict[str, dict[int, float]]] | None = None) -> tuple[dict[str, int], dict[str, Any] | None]:
+                    ctx: StepContext, measured: dict[tuple, MeasuredCosts] | None = None) -> tuple[dict[str, int], dict[str, Any] | None]:
     """Each layer's bits (and each embedding table's) from its measured cost, the clusters taking no
     more room than `bits` everywhere (workers/clustering/bit_allocation.py); layers named in
     layer_bits keep theirs. Returns the bits by name and the report's `bit_allocation`. `measured`
@@ -254,12 +278,13 @@ def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: lis
     started = time.perf_counter()
     key = (spec.bits, spec.group_size, spec.init, spec.training.seed, tuple(weights))
     cached = measured.get(key) if measured is not None else None
-    curves = cached or bit_allocation.measure({n: entry(i, w) for i, (n, w) in enumerate(weights.items())}, spec.bits,
-                                              run.distance_to_original(SENSITIVITY_SAMPLES), progress)
+    found = cached or MeasuredCosts(bit_allocation.measure({n: entry(i, w) for i, (n, w) in enumerate(weights.items())}, spec.bits,
+                                                           run.distance_to_original(SENSITIVITY_SAMPLES), progress),
+                                    {n: (w.numel(), w.shape[0]) for n, w in weights.items()})
     if measured is not None:
-        measured[key] = curves
-    costs = {n: (lambda b, w=w: bit_allocation.stored_bits(w.numel(), _groups(w.shape[0], spec.group_size), b)) for n, w in weights.items()}
-    choice = bit_allocation.allocate(curves, costs, spec.budget_bits(), bit_allocation.shared_bits)
+        measured[key] = found
+    curves = found.curves
+    choice, costs = found.allocate(spec)
     uniform = {n: spec.bits for n in curves}
     report = {"how": f"each layer's bits from its measured cost at {bits_measured} bits (alone, nearest centroids, the distillation loss "
                      f"to the original on {SENSITIVITY_SAMPLES} samples), the clusters taking no more room than {spec.budget_bits():g} bits a weight",
@@ -275,7 +300,7 @@ def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: lis
 
 
 def apply(model: onnx.ModelProto, spec: ClusterStep, data: StepData, ctx: StepContext,
-          measured: dict[tuple, dict[str, dict[int, float]]] | None = None) -> StepResult:
+          measured: dict[tuple, MeasuredCosts] | None = None) -> StepResult:
     """The step; `measured` (see _allocated_bits) lets a caller that clusters the same model at several
     average bits (deep_compression's ladder) measure each layer's cost once."""
     if spec.needs_dataset() and not data.available:

@@ -95,7 +95,8 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
     is tried at AUTO_FEWER_BITS fewer bits a weight on average, then fewer again, down to one bit
     fewer, while each stays within the budget and is smaller (one of the same size passes on down), then
     once halfway between the last that fit and the first that did not (the fewest bits the data
-    supports). Each layer's cost is measured once per codebook layout and reused by every rung."""
+    supports). Each layer's cost is measured once per codebook layout and reused by every rung; a rung
+whose allocation is the kept one's is not clustered again (cluster.planned_bits)."""
     stage = spec.clusters()
     measured: dict = {}  # each layer's cost at the stage's bits, measured once per codebook layout for every rung below
     per_layer = cluster.apply(model, stage, data, _sub_context(ctx, 0.6, 0.75 if budget else 0.95, "cluster"), measured)
@@ -124,11 +125,17 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
         if candidate < stage.bits - 1 or (failed is not None and candidate <= failed):
             step /= 2
             continue
-        fewer = cluster.apply(model, stage.model_copy(update={"group_size": tried[kept]["group_size"], "average_bits": candidate}), data,
-                              _sub_context(ctx, 0.85, 0.95, f"cluster, {candidate:g} bits a weight on average"), measured)
-        tried.append({"group_size": tried[kept]["group_size"], "average_bits": candidate, "quality": budget.quality(fewer.model),
-                      "size_bytes": fewer.model.ByteSize()})
-        results.append(fewer)
+        rung = stage.model_copy(update={"group_size": tried[kept]["group_size"], "average_bits": candidate})
+        if cluster.planned_bits(measured, rung) == _bits_of(results[kept]):
+            # The measured costs choose the same bits a layer as the kept rung: the same model, not clustered
+            # and fine-tuned again (2 of LeNet-5's 5 rungs).
+            tried.append({**tried[kept], "average_bits": candidate, "same_bits_as": tried[kept]["average_bits"] or float(stage.bits)})
+            results.append(results[kept])
+        else:
+            fewer = cluster.apply(model, rung, data, _sub_context(ctx, 0.85, 0.95, f"cluster, {candidate:g} bits a weight on average"), measured)
+            tried.append({"group_size": tried[kept]["group_size"], "average_bits": candidate, "quality": budget.quality(fewer.model),
+                          "size_bytes": fewer.model.ByteSize()})
+            results.append(fewer)
         fit = within(len(tried) - 1)
         if fit and tried[-1]["size_bytes"] < tried[kept]["size_bytes"]:
             kept, average = len(tried) - 1, candidate
@@ -139,6 +146,11 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
         else:
             failed, step = candidate, step / 2
     return results[kept], {"tried": tried, "kept": tried[kept]}
+
+
+def _bits_of(result: StepResult) -> dict[str, int]:
+    """The bits per layer a cluster step's measured allocation chose (its report's `bit_allocation`)."""
+    return {row["layer"]: row["bits"] for row in result.report["bit_allocation"]["layers"]}
 
 
 def _sub_context(ctx: StepContext, start: float, end: float, stage: str) -> StepContext:
