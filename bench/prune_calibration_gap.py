@@ -4,7 +4,10 @@ default: second-order updates, each layer's sparsity measured, the kept weights 
 as cosine to the original's sentence embeddings on the 300 calibration sentences the step saw and on 100
 held-out ones (the same sentences as bench/real_models.py).
 
-    python -m bench.prune_calibration_gap
+    python -m bench.prune_calibration_gap [--sentences 1300] [--methods sparsegpt]
+
+`--sentences` calibrates on more real sentences (the first 300 and more after the held-out 100): how
+much of the gap is the calibration set's size.
 
 Prints a table and writes bench/results/prune_calibration_gap.json. A method whose calibration score
 is far above its held-out score fitted the calibration sentences rather than the model (issue 25:
@@ -29,6 +32,12 @@ ROWS = [("magnitude (l1)", "l1", "layer"), ("wanda", "wanda", "layer"), ("sparse
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sentences", type=int, default=300, help="calibration sentences (300: the bench's)")
+    parser.add_argument("--methods", default=",".join(importance for _, importance, _ in ROWS), help="importances to run, comma-separated")
+    args = parser.parse_args()
     from service.core.specs import PruneStep
     from workers.methods import prune
     from workers.steps import StepContext, StepData
@@ -37,12 +46,14 @@ def main() -> None:
     logging.disable(logging.WARNING)
     warnings.filterwarnings("ignore")
     work = Path(tempfile.mkdtemp(prefix="prune-gap-"))
-    exp, train, held_out = minilm("torchscript", work)
+    exp, train, held_out = minilm("torchscript", work, calibration=args.sentences)
     arrays = lambda blob: dict(np.load(io.BytesIO(blob)))  # noqa: E731
     data = StepData(inputs=arrays(train), evaluation=StepData(inputs=arrays(held_out)))
     model = onnx.load(str(exp.path))
+    # The step takes its Hessians on at most CALIBRATION_SAMPLES samples: all of them here, to see what more data does.
+    prune.CALIBRATION_SAMPLES = max(prune.CALIBRATION_SAMPLES, args.sentences)
     rows = []
-    for label, importance, scope in ROWS:
+    for label, importance, scope in [row for row in ROWS if row[1] in args.methods.split(",")]:
         started = time.perf_counter()
         spec = PruneStep(kind="unstructured", amount=0.5, importance=importance, scope=scope, finetune_epochs=0)
         run = prune._Run(model, spec, data, StepContext(work_dir=work))
@@ -51,8 +62,9 @@ def main() -> None:
         held = run.quality()
         rows.append([label, calibration, held, calibration - held, round(time.perf_counter() - started, 1)])
         print(*rows[-1], flush=True)
-    report("prune_calibration_gap", "MiniLM 50% unstructured, one-shot: cosine on the calibration sentences and on held-out ones",
-           ["method", "calibration cosine", "held-out cosine", "gap", "seconds"], rows, {})
+    report("prune_calibration_gap" + (f"_{args.sentences}" if args.sentences != 300 else ""),
+           f"MiniLM 50% unstructured, one-shot, {args.sentences} calibration sentences: cosine on them and on 100 held-out ones",
+           ["method", "calibration cosine", "held-out cosine", "gap", "seconds"], rows, {"calibration_sentences": args.sentences})
 
 
 if __name__ == "__main__":
