@@ -229,12 +229,17 @@ class MeasuredCosts:
         return bit_allocation.allocate(self.curves, costs, spec.budget_bits(), bit_allocation.shared_bits), costs
 
 
+def _layout(spec: ClusterStep) -> tuple:
+    """What measured costs depend on besides the layers: a cache key's first part (`measured`)."""
+    return spec.bits, spec.group_size, spec.init, spec.training.seed
+
+
 def planned_bits(measured: dict[tuple, MeasuredCosts], spec: ClusterStep) -> dict[str, int] | None:
     """The bits per layer `apply(..., spec, ..., measured)` would choose, when `measured` already holds
     the costs it would use (same bits, codebook layout, init and seed, one model); None otherwise. Lets
     a caller trying several budgets skip one whose choice it has already clustered."""
     found = [costs for key, costs in measured.items()
-             if key[:4] == (spec.bits, spec.group_size, spec.init, spec.training.seed) and not set(key[4]) & set(spec.layer_bits)]
+             if key[:-1] == _layout(spec) and not set(key[-1]) & set(spec.layer_bits)]
     return found[0].allocate(spec)[0] if len(found) == 1 else None
 
 
@@ -276,7 +281,7 @@ def _allocated_bits(run: TrainableRun, chosen: dict[str, nn.Module], tables: lis
 
     bits_measured = "/".join(map(str, bit_allocation.measured_bits(spec.bits)))
     started = time.perf_counter()
-    key = (spec.bits, spec.group_size, spec.init, spec.training.seed, tuple(weights))
+    key = (*_layout(spec), tuple(weights))
     cached = measured.get(key) if measured is not None else None
     found = cached or MeasuredCosts(bit_allocation.measure({n: entry(i, w) for i, (n, w) in enumerate(weights.items())}, spec.bits,
                                                            run.distance_to_original(SENSITIVITY_SAMPLES), progress),

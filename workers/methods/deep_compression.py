@@ -96,7 +96,7 @@ def _cluster_stage(model: onnx.ModelProto, spec: DeepCompressionStep, data: Step
     fewer, while each stays within the budget and is smaller (one of the same size passes on down), then
     once halfway between the last that fit and the first that did not (the fewest bits the data
     supports). Each layer's cost is measured once per codebook layout and reused by every rung; a rung
-whose allocation is the kept one's is not clustered again (cluster.planned_bits)."""
+    whose allocation is the kept one's is not clustered again (cluster.planned_bits)."""
     stage = spec.clusters()
     measured: dict = {}  # each layer's cost at the stage's bits, measured once per codebook layout for every rung below
     per_layer = cluster.apply(model, stage, data, _sub_context(ctx, 0.6, 0.75 if budget else 0.95, "cluster"), measured)
