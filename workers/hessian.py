@@ -6,7 +6,7 @@ through the layers already changed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,22 +92,41 @@ class LayerStatistics:
 
 @torch.no_grad()
 def statistics(module: nn.Module, layer: nn.Module, batches: Iterable[Batch], reference: nn.Module | None = None,
-               reference_layer: nn.Module | None = None) -> LayerStatistics:
+               reference_layer: nn.Module | None = None, weights: Sequence[torch.Tensor] | None = None) -> LayerStatistics:
     """The layer's input statistics over the batches, the forward stopped at the layer; with a
-    `reference` module, its `reference_layer` is read on the same batches (same positions) too."""
+    `reference` module, its `reference_layer` is read on the same batches (same positions) too.
+    `weights` (workers.output_sensitivity: one tensor per batch, in the batches' order, over the
+    leading dimensions of the layer's output) weigh each position's row by how much the model's
+    output depends on it."""
     h = cross = h_ref = None
     positions = 0
-    for batch, real in batches:
-        rows = input_rows(layer, at_layer(module, layer, batch)[0].double(), real)
+    for index, (batch, real) in enumerate(batches):
+        scale = row_scale(weights[index] if weights is not None and index < len(weights) else None, real)
+        rows = _scaled(input_rows(layer, at_layer(module, layer, batch)[0].double(), real), scale)
         h = _add(h, rows.T @ rows)
         if reference is not None and reference_layer is not None:
-            rows_ref = input_rows(reference_layer, at_layer(reference, reference_layer, batch)[0].double(), real)
+            rows_ref = _scaled(input_rows(reference_layer, at_layer(reference, reference_layer, batch)[0].double(), real), scale)
             cross, h_ref = _add(cross, rows_ref.T @ rows), _add(h_ref, rows_ref.T @ rows_ref)
         positions += rows.shape[0]
     if h is None:
         raise ValueError("the calibration data never reached the layer")
     scale = 2 / max(1, positions)
     return LayerStatistics(scale * h, None if cross is None else scale * cross, None if h_ref is None else scale * h_ref)
+
+
+def row_scale(weights: torch.Tensor | None, real: torch.Tensor | None) -> torch.Tensor | None:
+    """The square roots of a batch's position weights, in the order input_rows() gives the rows."""
+    if weights is None:
+        return None
+    if real is not None and weights.dim() == 2 and tuple(weights.shape) == tuple(real.shape):
+        return weights[real.bool()].sqrt()
+    return weights.reshape(-1).sqrt()
+
+
+def _scaled(rows: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    # A count that does not match (a layer whose output has other leading dimensions than its input
+    # rows) leaves the rows unweighted rather than misaligned.
+    return rows * scale.to(rows.dtype)[:, None] if scale is not None and scale.shape[0] == rows.shape[0] else rows
 
 
 def _add(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:

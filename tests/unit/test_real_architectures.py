@@ -158,6 +158,10 @@ def test_method_on_real_architecture(arch: str, exporter: str, step: str, worksp
         assert (report.get("importance_chosen") is None) == (arch in CNNS) and (report.get("reconstruction") is None) == (arch in CNNS)
         # scope global (the default): SparseGPT's layers get sparsities from their measured sensitivity
         assert (report.get("allocation") is None) == (arch in CNNS), report.get("allocation")
+        if arch not in CNNS:  # every layer SparseGPT fitted was weighed by how much the output depends on it
+            weighed = {row["layer"] for row in report["output_sensitivity"]["layers"]}
+            fitted = {row["layer"] for row in report["layers"] if row.get("output_error") is not None}
+            assert fitted and fitted <= weighed, (fitted, weighed)
     if step == "prune-heads":  # one head of two gone in every block, and the feed-forward units narrowed too
         report = metrics["step_reports"][0]
         assert report["heads"]["removed"] == 2 and all(row["heads_after"] == 1 for row in report["heads"]["blocks"])

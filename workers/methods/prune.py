@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch import nn
 
 from service.core.errors import CompressionFailed
 from service.core.specs import PruneStep
-from workers import sparse_pack
+from workers import output_sensitivity, sparse_pack
 from workers.evaluation import mask_input
 from workers.fixed_batch import chunks, exactly
 from workers.hessian import Batch, supported
@@ -189,12 +190,17 @@ def _unstructured(run: _Run) -> dict[str, Any]:
     # SparseGPT's layer errors are measured against the unpruned model's outputs: kept as it was before any round.
     reference = copy.deepcopy(run.module).eval() if spec.importance == "sparsegpt" else None
     amounts = {n: spec.layer_amounts.get(n, spec.amount) for n in layers}
+    # SparseGPT's Hessians, taken on the same batches each time: the output sensitivity pairs its weights with them by index.
+    hessian_batches = run.calibration_batches(CALIBRATION_SAMPLES) if reference is not None else []
+    sensitivity = None
+    if reference is not None and spec.output_weighted:
+        sensitivity, state["output_sensitivity"] = _output_sensitivity(run, layers, hessian_batches)
     if reference is not None and spec.scope == "global":
-        amounts, state["allocation"] = _allocated_amounts(run, layers, amounts)
+        amounts, state["allocation"] = _allocated_amounts(run, layers, amounts, hessian_batches, sensitivity)
 
     def prune_round(r: int) -> dict[str, Any]:
         if reference is not None:
-            masks, state["errors"] = _sparsegpt_round(run, layers, amounts, spec.round_fraction(r), reference)
+            masks, state["errors"] = _sparsegpt_round(run, layers, amounts, spec.round_fraction(r), reference, hessian_batches, sensitivity)
             state["masks"] = masks
             return {"sparsity": unstructured.sparsity(layers)}
         grads = norms = None
@@ -216,13 +222,29 @@ def _unstructured(run: _Run) -> dict[str, Any]:
     rounds, best, stopped = _iterate(run, prune_round, after_step, lambda: copy.deepcopy(run.module.state_dict()))
     run.module.load_state_dict(best[0])
     return {"rounds": rounds, "kept_round": best[1], "stopped": stopped, "thresholds": state["thresholds"], "achieved": unstructured.sparsity(layers),
-            "errors": state["errors"], "allocation": state["allocation"]}
+            "errors": state["errors"], "allocation": state["allocation"], "output_sensitivity": state.get("output_sensitivity")}
 
 
-def _allocated_amounts(run: _Run, layers: dict[str, nn.Module], amounts: dict[str, float]) -> tuple[dict[str, float], dict[str, Any] | None]:
+def _output_sensitivity(run: _Run, layers: dict[str, nn.Module], batches: list[Batch]) -> tuple[dict[str, output_sensitivity.Sensitivity], dict[str, Any]]:
+    """How much the model's output depends on each layer's positions and output channels
+    (workers.output_sensitivity), on the unchanged model, and the report's `output_sensitivity`."""
+    run.ctx.progress(0.01, "measuring how much the output depends on each layer's positions and channels")
+    started = time.perf_counter()
+    second_order = {n: layer for n, layer in layers.items() if supported(layer)}
+    found = output_sensitivity.measure(run.module, second_order, batches, run.kind, seed=run.spec.training.seed)
+    report = {"how": "each layer's fit weighs its calibration positions and output channels by the model output's Gauss-Newton diagonal at the "
+                     f"layer's output ({output_sensitivity.OUTPUT_SPACE[run.kind]}), tempered",
+              "probes": output_sensitivity.PROBES, "power": output_sensitivity.POWER, "seconds": round(time.perf_counter() - started, 1),
+              "layers": [{"layer": n, "position_spread": s.spread(), "channel_spread": s.channel_spread()} for n, s in found.items()]}
+    return found, report
+
+
+def _allocated_amounts(run: _Run, layers: dict[str, nn.Module], amounts: dict[str, float], batches: list[Batch],
+                       sensitivity: dict[str, output_sensitivity.Sensitivity] | None) -> tuple[dict[str, float], dict[str, Any] | None]:
     """scope global with SparseGPT: each layer's sparsity from its measured sensitivity, the step's
     amounts holding over the layers together (workers/pruning/allocation.py); layers named in
-    layer_amounts keep theirs. Returns the amounts and the report's `allocation`."""
+    layer_amounts keep theirs. Returns the amounts and the report's `allocation`. The Hessians are
+    taken on the first of SparseGPT's `batches` that hold SENSITIVITY_HESSIAN_SAMPLES samples."""
     free = {n: layer for n, layer in layers.items() if supported(layer) and n not in run.spec.layer_amounts}
     if len(free) < 2:
         return amounts, None
@@ -230,8 +252,8 @@ def _allocated_amounts(run: _Run, layers: dict[str, nn.Module], amounts: dict[st
     def progress(index: int, total: int, layer_name: str) -> None:
         run.ctx.progress(0.01 + 0.04 * index / total, f"measuring each layer's sensitivity: {index + 1}/{total} ({layer_name})")
 
-    curves = allocation.measure(run.module, free, amounts, lambda: run.calibration_batches(SENSITIVITY_HESSIAN_SAMPLES),
-                                run.distance_to_original(SENSITIVITY_SAMPLES), progress)
+    first = batches[:len(run.calibration_batches(SENSITIVITY_HESSIAN_SAMPLES))]
+    curves = allocation.measure(run.module, free, amounts, lambda: first, run.distance_to_original(SENSITIVITY_SAMPLES), progress, sensitivity)
     chosen = allocation.allocate(curves, {n: layer.weight.numel() for n, layer in free.items()}, amounts)
     report = {"how": "each layer's sparsity from its measured sensitivity, the amount holding over the layers together (scope global)",
               "predicted_loss_uniform": round(allocation.predicted_loss(curves, amounts), 8),
@@ -240,8 +262,9 @@ def _allocated_amounts(run: _Run, layers: dict[str, nn.Module], amounts: dict[st
     return {**amounts, **chosen}, report
 
 
-def _sparsegpt_round(run: _Run, layers: dict[str, nn.Module], targets: dict[str, float], fraction_of_target: float,
-                     reference: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
+def _sparsegpt_round(run: _Run, layers: dict[str, nn.Module], targets: dict[str, float], fraction_of_target: float, reference: nn.Module,
+                     hessian_batches: list[Batch], sensitivity: dict[str, output_sensitivity.Sensitivity] | None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, float]]]:
     """One round of SparseGPT on the layers it supports (magnitude within each row on the others,
     e.g. depthwise convolutions): the masks that keep the result, and each layer's output errors."""
     spec = run.spec
@@ -253,13 +276,11 @@ def _sparsegpt_round(run: _Run, layers: dict[str, nn.Module], targets: dict[str,
         masks, _ = unstructured.masks_for(others, unstructured.scores(others, "l1", None), spec, fraction_of_target, current, per_row=True)
         unstructured.apply_masks(others, masks)
 
-    def batches() -> list[Batch]:
-        return run.calibration_batches(CALIBRATION_SAMPLES)
-
     def progress(index: int, total: int, name: str) -> None:
         run.ctx.progress(0.05 + 0.4 * index / max(1, total), f"SparseGPT: layer {index + 1}/{total} ({name})")
 
-    errors = sparsegpt.prune_layers(run.module, second_order, amounts, batches, progress, reference, selected_layers(reference, spec))
+    errors = sparsegpt.prune_layers(run.module, second_order, amounts, lambda: hessian_batches, progress, reference, selected_layers(reference, spec),
+                                    sensitivity)
     return {n: (layer.weight != 0).float() for n, layer in layers.items()}, errors
 
 
@@ -450,6 +471,8 @@ def _reconstruction_notes(outcome: dict[str, Any], importance_note: str | None) 
                                    for label, key in (("masked", "output_error_masked"), ("sparsegpt", "output_error_sparsegpt"), ("updated", "output_error"))}
     if outcome.get("allocation") is not None:
         notes["allocation"] = outcome["allocation"]
+    if outcome.get("output_sensitivity") is not None:
+        notes["output_sensitivity"] = outcome["output_sensitivity"]
     if outcome.get("refit") is not None:
         notes["refit"] = outcome["refit"]
     if importance_note is not None:

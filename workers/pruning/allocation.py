@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.hessian import Batch, hessian
+from workers.hessian import Batch, statistics
+from workers.output_sensitivity import Sensitivity
 from workers.pruning.sparsegpt import prune_weight
 
 SPREAD = 0.2  # the measured sparsities: target - SPREAD, target, target + SPREAD
@@ -37,18 +38,22 @@ def measured_points(target: float) -> tuple[float, ...]:
 
 @torch.no_grad()
 def measure(module: nn.Module, layers: dict[str, nn.Module], targets: dict[str, float], batches: Callable[[], list[Batch]],
-            loss: Callable[[], float], progress: Callable[[int, int, str], None]) -> dict[str, dict[float, float]]:
+            loss: Callable[[], float], progress: Callable[[int, int, str], None],
+            sensitivity: dict[str, Sensitivity] | None = None) -> dict[str, dict[float, float]]:
     """Per layer, the loss (`loss()`: the module's distance to the original's outputs) with that layer
-    alone pruned by SparseGPT at each of `measured_points(its target)`; the layer is restored after."""
+    alone pruned by SparseGPT at each of `measured_points(its target)`; the layer is restored after.
+    With `sensitivity` SparseGPT weighs its fit as the pruning itself will (sparsegpt.prune_layers)."""
     curves = {}
     for index, (name, layer) in enumerate(layers.items()):
         progress(index, len(layers), name)
         weight = layer.weight
         shape, kept = weight.shape, weight.detach().clone()
-        h = hessian(module, layer, batches())
+        weights = (sensitivity or {}).get(name)
+        h = statistics(module, layer, batches(), weights=weights.positions if weights else None).h
         curve = {}
         for sparsity in measured_points(targets[name]):
-            pruned, _ = prune_weight(kept.reshape(shape[0], -1), h, sparsity, pruned=kept.reshape(shape[0], -1) == 0)
+            pruned, _ = prune_weight(kept.reshape(shape[0], -1), h, sparsity, pruned=kept.reshape(shape[0], -1) == 0,
+                                     rows=weights.channels if weights else None)
             weight.copy_(pruned.reshape(shape))
             curve[sparsity] = max(FLOOR, loss())
         weight.copy_(kept)

@@ -20,25 +20,32 @@ import torch
 from torch import nn
 
 from workers.hessian import DAMP, Batch, error_to_reference, inverse_factor, output_error, statistics
+from workers.output_sensitivity import Sensitivity
 from workers.pruning.masked_refit import refit_kept
 
 BLOCK = 128  # columns per lazy update and mask selection, as in the paper (32 and per-row choice measured the same on MiniLM)
 
 
 @torch.no_grad()
-def prune_weight(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+def prune_weight(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: torch.Tensor | None = None,
+                 rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """`weight` [out, in] with `amount` of each block's weights set to zero and the rest updated to
-    make up for them; `pruned` marks weights already zero that must stay so. Returns the new weight
-    and the layer's output error on the calibration data, relative, before and after the update."""
-    w, mask = _prune(weight.double(), h, amount, pruned)
+    make up for them; `pruned` marks weights already zero that must stay so; `rows` weighs each
+    output row's error (workers.output_sensitivity's channels). Returns the new weight and the
+    layer's output error on the calibration data, relative, before and after the update."""
+    w, mask = _prune(weight.double(), h, amount, pruned, rows)
     original = weight.double()
     return w.to(weight.dtype), {"output_error_masked": round(output_error(original.masked_fill(mask, 0), original, h), 6),
                                 "output_error": round(output_error(w, original, h), 6)}
 
 
 @torch.no_grad()
-def _prune(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT's column loop on a float64 `weight`: the pruned and updated weight, and its mask."""
+def _prune(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: torch.Tensor | None,
+           rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's column loop on a float64 `weight`: the pruned and updated weight, and its mask. A
+    weight's cost of going, w^2 / [H^-1]_jj^2, is the error it adds to its row's output; with `rows`
+    that error is weighed by how much the row's output matters downstream, so the mask (chosen over
+    all rows of a block together) keeps more of the rows that matter more."""
     w = weight.clone()
     h = h.clone()
     dead = torch.diag(h) == 0
@@ -52,6 +59,8 @@ def _prune(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: torch.T
         w1, hinv1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
         q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
         score = w1 ** 2 / torch.diag(hinv1).reshape(1, -1) ** 2
+        if rows is not None:
+            score = score * rows.to(score.dtype).reshape(-1, 1)
         if pruned is not None:
             score[pruned[:, i1:i2]] = -1.0  # already pruned: first in line
         mask1 = torch.zeros_like(score, dtype=torch.bool)
@@ -75,7 +84,8 @@ def _prune(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: torch.T
 @torch.no_grad()
 def prune_layers(module: nn.Module, layers: dict[str, nn.Module], amounts: dict[str, float], batches: Callable[[], Iterable[Batch]],
                  progress: Callable[[int, int, str], None], reference: nn.Module | None = None,
-                 reference_layers: dict[str, nn.Module] | None = None) -> dict[str, dict[str, float]]:
+                 reference_layers: dict[str, nn.Module] | None = None,
+                 sensitivity: dict[str, Sensitivity] | None = None) -> dict[str, dict[str, float]]:
     """Each supported layer pruned in turn (in the order of `layers`, the graph's), its Hessian taken
     on inputs through the layers already pruned; returns each layer's output error before/after the
     update. Already-zero weights stay zero (a later round of an iterative schedule). With a
@@ -85,7 +95,11 @@ def prune_layers(module: nn.Module, layers: dict[str, nn.Module], amounts: dict[
     SparseGPT's and the final one).
 
     Each layer reproduces its own dense output on the inputs it now gets (the paper's sequential
-    pass), not the reference's output: that generalises better (hessian.LayerStatistics)."""
+    pass), not the reference's output: that generalises better (hessian.LayerStatistics).
+
+    With `sensitivity` (workers.output_sensitivity, measured on the same batches in the same order),
+    each layer's positions and output rows are weighed by how much the model's output depends on
+    them, and the errors returned are weighed the same way."""
     module.eval()
     errors = {}
     for index, (name, layer) in enumerate(layers.items()):
@@ -93,9 +107,10 @@ def prune_layers(module: nn.Module, layers: dict[str, nn.Module], amounts: dict[
         weight = layer.weight
         shape = weight.shape
         flat = weight.reshape(shape[0], -1)
-        stats = statistics(module, layer, batches(), reference, (reference_layers or {}).get(name))
+        weights = (sensitivity or {}).get(name)
+        stats = statistics(module, layer, batches(), reference, (reference_layers or {}).get(name), weights.positions if weights else None)
         target = flat.double()
-        swept, mask = _prune(target, stats.h, amounts[name], pruned=flat == 0)
+        swept, mask = _prune(target, stats.h, amounts[name], pruned=flat == 0, rows=weights.channels if weights else None)
         new = refit_kept(swept, target, ~mask, stats.h, DAMP)
         original = flat.double()
         errors[name] = {"output_error_masked": round(error_to_reference(original.masked_fill(mask, 0), original, stats), 6),

@@ -35,6 +35,22 @@ class SparsityAllocation(BaseModel):
     layers: list[AllocatedLayer]
 
 
+class WeightedLayer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: str
+    position_spread: float = Field(description="The 90th over the 10th percentile of the weights its calibration positions got (1: all alike).")
+    channel_spread: float = Field(description="The same over its output channels.")
+
+
+class OutputSensitivity(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    how: str
+    probes: int = Field(description="Random probes of the output per calibration batch (the Gauss-Newton diagonal's estimate).")
+    power: float = Field(description="The measured weights are raised to this power before use (tempered).")
+    seconds: float
+    layers: list[WeightedLayer]
+
+
 class PruneReport(StepReport):
     method: Literal["prune"] = "prune"
     kind: str | None = None
@@ -62,6 +78,9 @@ class PruneReport(StepReport):
     reconstruction: dict[str, float] | None = Field(
         None, description="sparsegpt: the pruned layers' mean relative output error on the calibration data: with the mask and no update (masked), after "
         "SparseGPT's update (sparsegpt), and with the kept weights re-solved for the mask (updated: what was kept).")
+    output_sensitivity: OutputSensitivity | None = Field(
+        None, description="sparsegpt with output_weighted: how unevenly each layer's fit weighed its calibration positions and output channels "
+        "by how much the model's output depends on them.")
     allocation: SparsityAllocation | None = Field(
         None, description="sparsegpt with scope global: each layer's sparsity chosen from its measured sensitivity so that the amount holds over the layers together.")
     finetune_by_round: list[FinetuneLog] = Field(default_factory=list, description="Each round's fine-tuning outcome: epochs, losses, the best epoch kept.")
@@ -134,6 +153,10 @@ class PruneStep(MethodSpec):
         "the report gives each layer's output error before and after. Default: on when the step does not fine-tune (one-shot: a residual "
         "CNN on MNIST at half its channels 67.2% -> 96.0%) and on transformers ranked by wanda (MiniLM fine-tuned: 0.928 -> 0.938); off "
         "otherwise (fine-tuned from the refit by l1, MiniLM and the CNN ended 0.2-2.5 points lower). Needs a dataset.")
+    output_weighted: bool = Field(
+        True, description="sparsegpt: weigh each layer's fit by how much the model's output depends on each calibration position (token, "
+        "pixel) and output channel, measured by gradient probes of the output on the data (output-aware layer objectives); false fits every "
+        "position alike, as the paper does. Measured on all-MiniLM-L6-v2 at 50%, no fine-tuning: held-out cosine 0.960 -> 0.968.")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
 
     @model_validator(mode="after")
