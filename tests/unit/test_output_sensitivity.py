@@ -122,3 +122,15 @@ def test_the_prune_step_reports_the_weights_its_fit_used_and_can_fit_every_posit
     assert "probabilities" in found.how
     assert reports[False].output_sensitivity is None
     assert reports[True].achieved == pytest.approx(0.5, abs=0.02) and reports[False].achieved == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_classifier_sure_enough_to_underflow_a_probability_still_gets_finite_weights() -> None:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    with torch.no_grad():
+        module[1].weight.mul_(1000)  # logits hundreds apart: float32 softmax gives exact zeros
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    assert bool((torch.softmax(module(x), -1) == 0).any())
+    found = output_sensitivity.measure(module, {"first": module[0], "second": module[1]}, [((x,), None)], "classifier", probes=4)
+    assert set(found) == {"first", "second"}
+    assert all(bool(torch.isfinite(t).all()) for s in found.values() for t in [*s.positions, s.channels])
