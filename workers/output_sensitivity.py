@@ -64,7 +64,7 @@ class Sensitivity:
 
 def _spread(weights: torch.Tensor) -> float:
     # Padded positions sit at the floor (their rows are never used): left out of the figure.
-    w = weights[weights > FLOOR ** POWER * (1 + 1e-9)].double().numpy()
+    w = weights[weights > FLOOR ** POWER * (1 + 1e-6)].double().numpy()
     if not w.size:
         return 1.0
     high, low = np.percentile(w, [90, 10])  # numpy: torch.quantile refuses more than 2^24 values (a large image's pixels)
@@ -150,7 +150,7 @@ def measure(module: nn.Module, layers: dict[str, nn.Module], batches: Sequence[B
 def _tempered(positions: list[torch.Tensor], channels: torch.Tensor) -> Sensitivity:
     """Mean 1, floored, raised to POWER (the module's docstring says why)."""
     def temper(t: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-        return (t / mean.clamp(min=1e-30)).clamp(min=FLOOR) ** POWER
+        return ((t / mean.clamp(min=1e-30)).clamp(min=FLOOR) ** POWER).float()  # float32: a large image has many positions per layer
 
     flat = torch.cat([p.flatten() for p in positions])
     mean = flat[flat > 0].mean() if bool((flat > 0).any()) else torch.tensor(1.0, dtype=flat.dtype)
