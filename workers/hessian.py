@@ -101,7 +101,7 @@ def statistics(module: nn.Module, layer: nn.Module, batches: Iterable[Batch], re
     h = cross = h_ref = None
     positions = 0
     for index, (batch, real) in enumerate(batches):
-        scale = row_scale(weights[index] if weights is not None and index < len(weights) else None, real)
+        scale = _row_scale(weights[index] if weights is not None and index < len(weights) else None, real)
         rows = _scaled(input_rows(layer, at_layer(module, layer, batch)[0].double(), real), scale)
         h = _add(h, rows.T @ rows)
         if reference is not None and reference_layer is not None:
@@ -114,7 +114,7 @@ def statistics(module: nn.Module, layer: nn.Module, batches: Iterable[Batch], re
     return LayerStatistics(scale * h, None if cross is None else scale * cross, None if h_ref is None else scale * h_ref)
 
 
-def row_scale(weights: torch.Tensor | None, real: torch.Tensor | None) -> torch.Tensor | None:
+def _row_scale(weights: torch.Tensor | None, real: torch.Tensor | None) -> torch.Tensor | None:
     """The square roots of a batch's position weights, in the order input_rows() gives the rows."""
     if weights is None:
         return None

@@ -134,3 +134,18 @@ def test_a_classifier_sure_enough_to_underflow_a_probability_still_gets_finite_w
     found = output_sensitivity.measure(module, {"first": module[0], "second": module[1]}, [((x,), None)], "classifier", probes=4)
     assert set(found) == {"first", "second"}
     assert all(bool(torch.isfinite(t).all()) for s in found.values() for t in [*s.positions, s.channels])
+
+
+def test_an_output_torch_cannot_differentiate_leaves_the_fits_unweighted_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Stands for a graph op without a torch derivative (autograd raises RuntimeError): the job still prunes.
+    def no_derivative(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("derivative for aten::some_op is not implemented\nmore")
+
+    monkeypatch.setattr(output_sensitivity, "measure", no_derivative)
+    x = correlated_features(np.random.default_rng(2), 128, 16).astype(np.float32)
+    step = PruneStep(kind="unstructured", amount=0.5, importance="sparsegpt", finetune_epochs=0)
+    result = prune.apply(mlp(in_features=16, hidden=32, classes=4), step, StepData(inputs={"x": x}), StepContext(work_dir=tmp_path))
+    report = PruneReport.model_validate({"index": 0, **result.report}, context=STRICT)
+    assert report.output_sensitivity is not None and report.output_sensitivity.layers == []
+    assert report.output_sensitivity.how.startswith("not measured") and "aten::some_op" in report.output_sensitivity.how
+    assert report.achieved == pytest.approx(0.5, abs=0.02)

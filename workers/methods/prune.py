@@ -231,9 +231,14 @@ def _output_sensitivity(run: _Run, layers: dict[str, nn.Module], batches: list[B
     run.ctx.progress(0.01, "measuring how much the output depends on each layer's positions and channels")
     started = time.perf_counter()
     second_order = {n: layer for n, layer in layers.items() if supported(layer)}
-    found = output_sensitivity.measure(run.module, second_order, batches, run.kind, seed=run.spec.training.seed)
-    report = {"how": "each layer's fit weighs its calibration positions and output channels by the model output's Gauss-Newton diagonal at the "
-                     f"layer's output ({output_sensitivity.OUTPUT_SPACE[run.kind]}), tempered",
+    how = ("each layer's fit weighs its calibration positions and output channels by the model output's Gauss-Newton diagonal at the "
+           f"layer's output ({output_sensitivity.OUTPUT_SPACE[run.kind]}), tempered")
+    try:
+        found = output_sensitivity.measure(run.module, second_order, batches, run.kind, seed=run.spec.training.seed)
+    except RuntimeError as exc:
+        # A graph op torch cannot differentiate: the fits go unweighted (the paper's), and the report says why.
+        found, how = {}, f"not measured, every position fitted alike: the output could not be differentiated ({str(exc).splitlines()[0][:200]})"
+    report = {"how": how,
               "probes": output_sensitivity.PROBES, "power": output_sensitivity.POWER, "seconds": round(time.perf_counter() - started, 1),
               "layers": [{"layer": n, "position_spread": s.spread(), "channel_spread": s.channel_spread()} for n, s in found.items()]}
     return found, report
