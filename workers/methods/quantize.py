@@ -375,8 +375,9 @@ def _quantize_measured(model: onnx.ModelProto, spec: QuantizeStep, data: StepDat
 
 
 def _reason(chosen: Measured, spec: QuantizeStep, target_met: bool, measured: list[Measured]) -> str:
-    best_at = ("smallest of the fastest (speed compared in steps the timing can resolve, 5%: clearly faster than the original, "
-               "as fast, or slower; geometric mean over batch sizes; among those of one size and speed, the most faithful)"
+    best_at = (f"smallest of the fastest (a larger candidate kept only when {selection.SIZE_TRADE - 1:.0%} or more faster than every "
+               "smaller one kept, close calls timed head to head; geometric mean over batch sizes; among those of one size and "
+               f"within {selection.LATENCY_NOISE - 1:.0%} of its fastest, the most faithful)"
                if spec.objective == "latency" else "smallest")
     met = sum(1 for c in measured if c.meets(spec.target))
     if not target_met:
