@@ -92,26 +92,33 @@ class LayerStatistics:
 
 @torch.no_grad()
 def statistics(module: nn.Module, layer: nn.Module, batches: Iterable[Batch], reference: nn.Module | None = None,
-               reference_layer: nn.Module | None = None, weights: Sequence[torch.Tensor] | None = None) -> LayerStatistics:
+               reference_layer: nn.Module | None = None, weights: Sequence[torch.Tensor] | None = None,
+               intercept: bool = False) -> LayerStatistics:
     """The layer's input statistics over the batches, the forward stopped at the layer; with a
     `reference` module, its `reference_layer` is read on the same batches (same positions) too.
     `weights` (workers.output_sensitivity: one tensor per batch, in the batches' order, over the
     leading dimensions of the layer's output) weigh each position's row by how much the model's
-    output depends on it."""
+    output depends on it. With `intercept`, every row gains a last input of 1: the statistics of
+    [W | b] acting on [x; 1], so that a fit can solve for the bias with the weights."""
     h = cross = h_ref = None
     positions = 0
     for index, (batch, real) in enumerate(batches):
         scale = _row_scale(weights[index] if weights is not None and index < len(weights) else None, real)
-        rows = _scaled(input_rows(layer, at_layer(module, layer, batch)[0].double(), real), scale)
+        rows = _scaled(_ones_appended(input_rows(layer, at_layer(module, layer, batch)[0].double(), real), intercept), scale)
         h = _add(h, rows.T @ rows)
         if reference is not None and reference_layer is not None:
-            rows_ref = _scaled(input_rows(reference_layer, at_layer(reference, reference_layer, batch)[0].double(), real), scale)
+            rows_ref = _scaled(_ones_appended(input_rows(reference_layer, at_layer(reference, reference_layer, batch)[0].double(), real), intercept),
+                               scale)
             cross, h_ref = _add(cross, rows_ref.T @ rows), _add(h_ref, rows_ref.T @ rows_ref)
         positions += rows.shape[0]
     if h is None:
         raise ValueError("the calibration data never reached the layer")
     scale = 2 / max(1, positions)
     return LayerStatistics(scale * h, None if cross is None else scale * cross, None if h_ref is None else scale * h_ref)
+
+
+def _ones_appended(rows: torch.Tensor, intercept: bool) -> torch.Tensor:
+    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1) if intercept else rows
 
 
 def _row_scale(weights: torch.Tensor | None, real: torch.Tensor | None) -> torch.Tensor | None:

@@ -285,7 +285,7 @@ def _sparsegpt_round(run: _Run, layers: dict[str, nn.Module], targets: dict[str,
         run.ctx.progress(0.05 + 0.4 * index / max(1, total), f"SparseGPT: layer {index + 1}/{total} ({name})")
 
     errors = sparsegpt.prune_layers(run.module, second_order, amounts, lambda: hessian_batches, progress, reference, selected_layers(reference, spec),
-                                    sensitivity)
+                                    sensitivity, spec.mask_rounds)
     return {n: (layer.weight != 0).float() for n, layer in layers.items()}, errors
 
 

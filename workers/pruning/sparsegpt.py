@@ -81,18 +81,52 @@ def _prune(weight: torch.Tensor, h: torch.Tensor, amount: float, pruned: torch.T
     return w, mask
 
 
+ROUNDS = 3  # rounds in which a layer's mask is chosen (PruneStep.mask_rounds' default; see prune_and_refit)
+
+
+@torch.no_grad()
+def prune_and_refit(target: torch.Tensor, h: torch.Tensor, columns: int, amount: float, pruned: torch.Tensor,
+                    rows: torch.Tensor | None = None, rounds: int = ROUNDS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's weights pruned to `amount` and the kept ones re-solved, in `rounds` rounds: each round
+    SparseGPT takes the mask 1/rounds of the way further (from the share `pruned` already holds) on the
+    weights the last round re-solved, and the kept weights are then re-solved exactly for it
+    (masked_refit). Choosing the whole mask in one pass ranks each weight against weights that have not
+    yet made up for the others going; in rounds, later choices see a layer that already did (Boza 2024's
+    gradual mask; on all-MiniLM-L6-v2 at 50% one-shot, three rounds with the bias below: held-out cosine
+    0.9677 -> 0.9715).
+
+    `target` [rows, columns (+ 1)] is the dense weight, with the bias as a last column when `h` (the
+    statistics with `intercept`) has one more input than `columns`: the bias is never pruned and is
+    re-solved with the kept weights, as a least-squares fit with an intercept is. Returns the final
+    weight (and bias), the last round's SparseGPT sweep before its re-solve, and the mask (of the
+    first `columns` columns)."""
+    extra = target.shape[1] - columns
+    start = float(pruned.double().mean())
+    current, mask = target[:, :columns], pruned
+    solved = swept = target
+    for k in range(1, rounds + 1):
+        sweep, mask = _prune(current, h[:columns, :columns], start + (amount - start) * k / rounds, mask, rows)
+        mask = mask | pruned  # a weight already zero stays zero, whatever this round's share
+        swept = torch.cat([sweep.masked_fill(mask, 0), target[:, columns:]], 1)
+        kept = torch.cat([~mask, torch.ones(mask.shape[0], extra, dtype=torch.bool)], 1)
+        solved = refit_kept(swept, target, kept, h, DAMP)
+        current = solved[:, :columns]
+    return solved, swept, mask
+
+
 @torch.no_grad()
 def prune_layers(module: nn.Module, layers: dict[str, nn.Module], amounts: dict[str, float], batches: Callable[[], Iterable[Batch]],
                  progress: Callable[[int, int, str], None], reference: nn.Module | None = None,
                  reference_layers: dict[str, nn.Module] | None = None,
-                 sensitivity: dict[str, Sensitivity] | None = None) -> dict[str, dict[str, float]]:
+                 sensitivity: dict[str, Sensitivity] | None = None, rounds: int = ROUNDS) -> dict[str, dict[str, float]]:
     """Each supported layer pruned in turn (in the order of `layers`, the graph's), its Hessian taken
     on inputs through the layers already pruned; returns each layer's output error before/after the
     update. Already-zero weights stay zero (a later round of an iterative schedule). With a
     `reference` (the model before pruning, its layers by the same names), the errors are measured
-    against the reference layer's output on the reference's own inputs. Once SparseGPT has chosen a
-    layer's mask, its kept weights are re-solved exactly for that mask (masked_refit: the errors give
-    SparseGPT's and the final one).
+    against the reference layer's output on the reference's own inputs. The mask is chosen in
+    `rounds` and the kept weights, with the layer's bias, re-solved exactly after each
+    (prune_and_refit); the errors give the mask alone, the last SparseGPT sweep and the final one,
+    each on the layer's whole output (bias included).
 
     Each layer reproduces its own dense output on the inputs it now gets (the paper's sequential
     pass), not the reference's output: that generalises better (hessian.LayerStatistics).
@@ -104,17 +138,20 @@ def prune_layers(module: nn.Module, layers: dict[str, nn.Module], amounts: dict[
     errors = {}
     for index, (name, layer) in enumerate(layers.items()):
         progress(index, len(layers), name)
-        weight = layer.weight
+        weight, bias = layer.weight, getattr(layer, "bias", None)
         shape = weight.shape
         flat = weight.reshape(shape[0], -1)
         weights = (sensitivity or {}).get(name)
-        stats = statistics(module, layer, batches(), reference, (reference_layers or {}).get(name), weights.positions if weights else None)
-        target = flat.double()
-        swept, mask = _prune(target, stats.h, amounts[name], pruned=flat == 0, rows=weights.channels if weights else None)
-        new = refit_kept(swept, target, ~mask, stats.h, DAMP)
-        original = flat.double()
-        errors[name] = {"output_error_masked": round(error_to_reference(original.masked_fill(mask, 0), original, stats), 6),
+        stats = statistics(module, layer, batches(), reference, (reference_layers or {}).get(name), weights.positions if weights else None,
+                           intercept=bias is not None)
+        original = flat.double() if bias is None else torch.cat([flat.double(), bias.double()[:, None]], 1)
+        new, swept, mask = prune_and_refit(original, stats.h, flat.shape[1], amounts[name], flat == 0,
+                                           weights.channels if weights else None, rounds)
+        masked = torch.cat([original[:, :flat.shape[1]].masked_fill(mask, 0), original[:, flat.shape[1]:]], 1)
+        errors[name] = {"output_error_masked": round(error_to_reference(masked, original, stats), 6),
                         "output_error_sparsegpt": round(error_to_reference(swept, original, stats), 6),
                         "output_error": round(error_to_reference(new, original, stats), 6)}
-        weight.copy_(new.to(weight.dtype).reshape(shape))
+        weight.copy_(new[:, :flat.shape[1]].to(weight.dtype).reshape(shape))
+        if bias is not None:
+            bias.copy_(new[:, -1].to(bias.dtype))
     return errors

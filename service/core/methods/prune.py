@@ -77,7 +77,8 @@ class PruneReport(StepReport):
     finetune_lr: float | None = None
     reconstruction: dict[str, float] | None = Field(
         None, description="sparsegpt: the pruned layers' mean relative output error on the calibration data: with the mask and no update (masked), after "
-        "SparseGPT's update (sparsegpt), and with the kept weights re-solved for the mask (updated: what was kept).")
+        "SparseGPT's update (sparsegpt: its last round's sweep) and with the kept weights and bias re-solved for the mask (updated: what was kept); "
+        "each on the layer's whole output, bias included.")
     output_sensitivity: OutputSensitivity | None = Field(
         None, description="sparsegpt with output_weighted: how unevenly each layer's fit weighed its calibration positions and output channels "
         "by how much the model's output depends on them.")
@@ -157,6 +158,11 @@ class PruneStep(MethodSpec):
         True, description="sparsegpt: weigh each layer's fit by how much the model's output depends on each calibration position (token, "
         "pixel) and output channel, measured by gradient probes of the output on the data (output-aware layer objectives); false fits every "
         "position alike, as the paper does. Measured on all-MiniLM-L6-v2 at 50%, no fine-tuning: held-out cosine 0.960 -> 0.968.")
+    mask_rounds: int = Field(
+        3, ge=1, le=10, description="sparsegpt: rounds in which each layer's mask is chosen, each taking 1/mask_rounds more of the layer's amount "
+        "on the weights the last round re-solved, the kept weights and the bias re-solved by least squares after each (Boza 2024's gradual "
+        "mask); 1 chooses the whole mask in one pass, as the paper does. Measured on all-MiniLM-L6-v2 at 50%, no fine-tuning: held-out cosine "
+        "0.9677 (one pass) -> 0.9715 (3 rounds, the bias re-solved too).")
     training: TrainingSpec = Field(default_factory=TrainingSpec)
 
     @model_validator(mode="after")

@@ -29,11 +29,13 @@ class PruneLayer(LayerRow):
     importance_threshold: float | None = Field(None, description="The importance below which weights were removed.")
     output_error_masked: float | None = Field(
         None, description="sparsegpt: the layer's relative output error on the calibration data with its mask and no weight update, against the unpruned "
-        "model's layer output (the layer reads its input through the layers pruned before it); with output_weighted, each calibration position "
-        "weighed as the fit weighed it.")
-    output_error_sparsegpt: float | None = Field(None, description="sparsegpt: the same after SparseGPT's column-by-column update, which chose the mask.")
+        "model's layer output, bias included (the layer reads its input through the layers pruned before it); with output_weighted, each calibration "
+        "position weighed as the fit weighed it.")
+    output_error_sparsegpt: float | None = Field(
+        None, description="sparsegpt: the same after SparseGPT's column-by-column update, which chose the mask (in its last round, with mask_rounds).")
     output_error: float | None = Field(
-        None, description="sparsegpt: the same once the kept weights are re-solved by least squares for that mask, towards the unpruned model's output (what was kept).")
+        None, description="sparsegpt: the same once the kept weights and the bias are re-solved by least squares for that mask, towards the unpruned "
+        "model's output (what was kept).")
 
 
 class ClusterLayer(LayerRow):
