@@ -103,7 +103,10 @@ class QuantizeStep(MethodSpec):
             "text in int8, and keeps the smallest within max_perplexity_increase; int4_weight_only / int8_weight_only quantize every layer's weights so."
         ),
     )
-    objective: Literal["latency", "size"] = Field("latency", description="What the kept candidate is best at, among those meeting the target.")
+    objective: Literal["latency", "size"] = Field(
+        "latency", description="What the kept candidate is best at, among those meeting the target. latency: from the smallest candidate up, "
+        "a larger one is kept only when it is at least 10% faster (geometric mean over batch sizes; close calls timed head to head) than "
+        "every smaller one kept, so that identical jobs keep one model; size: the smallest.")
     target: QualityTarget = Field(default_factory=QualityTarget)
     on_target_missed: Literal["fail", "keep_closest"] = Field(
         "fail",
