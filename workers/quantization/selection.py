@@ -45,7 +45,8 @@ def _size_groups(measured: list[Measured]) -> list[list[Measured]]:
 # Two candidates timed each against the original come out several percent apart by noise alone on a
 # loaded two-core machine (CI saw an unfused int8 BERT 5% faster than the fused one; timed against each
 # other they are 0-3.5% apart): a size trade whose gain looks within this factor is decided by timing
-# the two against each other (a ratio 12% off the truth would take three times the noise seen).
+# the two against each other (a pair under the 10% line measured beyond 25% would be 14% off, over three
+# times the noise seen).
 DOUBT = 1.25
 
 # first's time / second's, timed against each other; the int says which timing (0, 1, 2: fresh ones)
